@@ -1,0 +1,88 @@
+// AMX-BF16 GEMM: 32x32 output blocks held in four tile registers, A and B streamed as
+// 16x32 bf16 tiles. Packed weight blocks are laid out as AMX B tiles (see packing.h).
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-bf16,avx512f")
+#include <immintrin.h>
+
+#include "kt/isa.h"
+#include "kt/packing.h"
+
+namespace kt {
+namespace {
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Tiles 0-3: C (fp32 16x16), 4-5: A (16 rows x 32 bf16), 6-7: B (16 pair-rows x 16 columns).
+void configure_tiles() {
+  TileConfig cfg = {};
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// One block of 16*Rows rows by 16*Cols columns of C.
+template <int Rows, int Cols>
+void block(int64_t blocks, const uint16_t* a, int64_t lda, const uint16_t* w, float* c,
+           int64_t ldc, bool accumulate) {
+  const int64_t a_stride = lda * 2, c_stride = ldc * 4;
+  float* c1 = c + 16 * ldc;
+  if (accumulate) {
+    _tile_loadd(0, c, c_stride);
+    if (Cols == 2) _tile_loadd(1, c + 16, c_stride);
+    if (Rows == 2) _tile_loadd(2, c1, c_stride);
+    if (Rows == 2 && Cols == 2) _tile_loadd(3, c1 + 16, c_stride);
+  } else {
+    _tile_zero(0);
+    if (Cols == 2) _tile_zero(1);
+    if (Rows == 2) _tile_zero(2);
+    if (Rows == 2 && Cols == 2) _tile_zero(3);
+  }
+  for (int64_t b = 0; b < blocks; ++b) {
+    _tile_loadd(4, a + b * kBlockDepth, a_stride);
+    if (Rows == 2) _tile_loadd(5, a + 16 * lda + b * kBlockDepth, a_stride);
+    _tile_loadd(6, w + b * kBlockElems, 64);
+    if (Cols == 2) _tile_loadd(7, w + (blocks + b) * kBlockElems, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if (Cols == 2) _tile_dpbf16ps(1, 4, 7);
+    if (Rows == 2) _tile_dpbf16ps(2, 5, 6);
+    if (Rows == 2 && Cols == 2) _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, c_stride);
+  if (Cols == 2) _tile_stored(1, c + 16, c_stride);
+  if (Rows == 2) _tile_stored(2, c1, c_stride);
+  if (Rows == 2 && Cols == 2) _tile_stored(3, c1 + 16, c_stride);
+}
+
+}  // namespace
+
+void gemm_amx_bf16(int64_t m, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* w,
+                   int64_t panels, float* c, int64_t ldc, bool accumulate) {
+  const int64_t blocks = kp / kBlockDepth;
+  configure_tiles();
+  for (int64_t p = 0; p < panels; p += 2) {
+    const uint16_t* wp = w + p * blocks * kBlockElems;
+    const bool two_cols = p + 2 <= panels;
+    for (int64_t row = 0; row < m; row += 32) {
+      const uint16_t* ap = a + row * lda;
+      float* cp = c + row * ldc + p * kPanelRows;
+      const bool two_rows = row + 32 <= m;
+      if (two_rows && two_cols) block<2, 2>(blocks, ap, lda, wp, cp, ldc, accumulate);
+      else if (two_rows) block<2, 1>(blocks, ap, lda, wp, cp, ldc, accumulate);
+      else if (two_cols) block<1, 2>(blocks, ap, lda, wp, cp, ldc, accumulate);
+      else block<1, 1>(blocks, ap, lda, wp, cp, ldc, accumulate);
+    }
+  }
+  _tile_release();
+}
+
+}  // namespace kt
+#pragma GCC pop_options

@@ -1,0 +1,87 @@
+// Autograd-key kernel of kt.moe_sft_forward. Forward and backward both go through the
+// dispatcher, so torch.compile / AOTAutograd trace them as kt.moe_sft_forward and
+// kt.moe_sft_backward nodes.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+
+#include "ops.h"
+
+namespace kt_ops {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+const auto& forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("kt::moe_sft_forward", "")
+                             .typed<ForwardResult(KT_MOE_FORWARD_PARAMS)>();
+  return op;
+}
+
+const auto& backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("kt::moe_sft_backward", "")
+                             .typed<BackwardResult(const at::Tensor&, KT_MOE_FORWARD_PARAMS,
+                                                   const at::Tensor&, const at::Tensor&)>();
+  return op;
+}
+
+OptTensor optional_of(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+struct MoeSft : public torch::autograd::Function<MoeSft> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& topk_ids,
+                               const at::Tensor& topk_weights, const at::Tensor& gate_up,
+                               const at::Tensor& down, int64_t intermediate_size, const OptTensor& lora_gate_a,
+                               const OptTensor& lora_gate_b, const OptTensor& lora_up_a,
+                               const OptTensor& lora_up_b, const OptTensor& lora_down_a,
+                               const OptTensor& lora_down_b, double lora_scaling) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [y, gate_up_act, lora_act] =
+        forward_op().call(x, topk_ids, topk_weights, gate_up, down, intermediate_size, lora_gate_a,
+                          lora_gate_b, lora_up_a, lora_up_b, lora_down_a, lora_down_b, lora_scaling);
+    const auto saved_or_empty = [](const OptTensor& t) { return t.value_or(at::Tensor()); };
+    ctx->save_for_backward({x, topk_ids, topk_weights, gate_up, down, saved_or_empty(lora_gate_a),
+                            saved_or_empty(lora_gate_b), saved_or_empty(lora_up_a),
+                            saved_or_empty(lora_up_b), saved_or_empty(lora_down_a),
+                            saved_or_empty(lora_down_b), gate_up_act, lora_act});
+    ctx->saved_data["intermediate_size"] = intermediate_size;
+    ctx->saved_data["lora_scaling"] = lora_scaling;
+    ctx->mark_non_differentiable({gate_up_act, lora_act});
+    return {y, gate_up_act, lora_act};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    const auto grad = backward_op().call(
+        grads[0], s[0], s[1], s[2], s[3], s[4], ctx->saved_data["intermediate_size"].toInt(),
+        optional_of(s[5]), optional_of(s[6]), optional_of(s[7]), optional_of(s[8]), optional_of(s[9]),
+        optional_of(s[10]), ctx->saved_data["lora_scaling"].toDouble(), s[11], s[12]);
+    // One entry per forward argument; absent LoRA tensors get no gradient.
+    const auto lora_grad = [&](int i, const at::Tensor& g) { return s[5 + i].defined() ? g : at::Tensor(); };
+    return {std::get<0>(grad),
+            at::Tensor(),
+            std::get<1>(grad),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            lora_grad(0, std::get<2>(grad)),
+            lora_grad(1, std::get<3>(grad)),
+            lora_grad(2, std::get<4>(grad)),
+            lora_grad(3, std::get<5>(grad)),
+            lora_grad(4, std::get<6>(grad)),
+            lora_grad(5, std::get<7>(grad)),
+            at::Tensor()};
+  }
+};
+
+}  // namespace
+
+ForwardResult moe_sft_forward_autograd(KT_MOE_FORWARD_PARAMS) {
+  const variable_list out =
+      MoeSft::apply(x, topk_ids, topk_weights, gate_up, down, intermediate_size, lora_gate_a, lora_gate_b,
+                    lora_up_a, lora_up_b, lora_down_a, lora_down_b, lora_scaling);
+  return {out[0], out[1], out[2]};
+}
+
+}  // namespace kt_ops

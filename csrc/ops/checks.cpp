@@ -1,0 +1,126 @@
+#include "checks.h"
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <sstream>
+
+namespace kt_ops {
+
+const char* const kLoraNames[6] = {"lora_gate_a", "lora_gate_b", "lora_up_a",
+                                   "lora_up_b",   "lora_down_a", "lora_down_b"};
+
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kBFloat16: return "bfloat16";
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kLong: return "int64";
+    case at::kInt: return "int32";
+    case at::kShort: return "int16";
+    case at::kChar: return "int8";
+    case at::kByte: return "uint8";
+    case at::kBool: return "bool";
+    default: return c10::toString(t);
+  }
+}
+
+std::string describe(const at::Tensor& t) {
+  std::ostringstream s;
+  s << dtype_name(t.scalar_type()) << " [";
+  const auto sizes = t.sym_sizes();
+  for (size_t i = 0; i < sizes.size(); ++i) s << (i ? ", " : "") << sizes[i];
+  s << "]";
+  return s.str();
+}
+
+void check_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
+                  bool require_cpu) {
+  if (require_cpu) {
+    TORCH_CHECK(t.device().is_cpu(), "kt.", op, ": ", name,
+                " must be a CPU tensor (kt_ops runs the experts on the CPU), got a tensor on ",
+                t.device());
+  } else {
+    TORCH_CHECK(t.device() == x.device(), "kt.", op, ": ", name, " must be on ", x.device(),
+                " like x, got a tensor on ", t.device());
+  }
+}
+
+namespace {
+
+c10::SymInt padded(const c10::SymInt& v) { return (v + 31) / 32 * 32; }
+
+bool is_activation_dtype(at::ScalarType t) { return t == at::kBFloat16 || t == at::kFloat; }
+
+}  // namespace
+
+MoeSizes check_moe_args(const char* op, const at::Tensor& x, const at::Tensor& topk_ids,
+                        const at::Tensor& topk_weights, const at::Tensor& gate_up,
+                        const at::Tensor& down, int64_t intermediate_size,
+                        const LoraTensors& lora, double lora_scaling, bool require_cpu) {
+  TORCH_CHECK(is_activation_dtype(x.scalar_type()) && x.dim() == 2, "kt.", op,
+              ": x must be bfloat16 or float32 of shape [T, H], got ", describe(x));
+  TORCH_CHECK((topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong) &&
+                  topk_ids.dim() == 2,
+              "kt.", op, ": topk_ids must be int32 or int64 of shape [T, K], got ", describe(topk_ids));
+  TORCH_CHECK(topk_ids.sym_size(0) == x.sym_size(0), "kt.", op,
+              ": topk_ids must have one row per token of x (T = ", x.sym_size(0), "), got ",
+              describe(topk_ids));
+  TORCH_CHECK(is_activation_dtype(topk_weights.scalar_type()) && topk_weights.dim() == 2 &&
+                  topk_weights.sym_sizes() == topk_ids.sym_sizes(),
+              "kt.", op, ": topk_weights must be float32 or bfloat16 of the shape of topk_ids ",
+              describe(topk_ids), ", got ", describe(topk_weights));
+  TORCH_CHECK(intermediate_size > 0, "kt.", op, ": intermediate_size must be positive, got ",
+              intermediate_size);
+  TORCH_CHECK(std::isfinite(lora_scaling), "kt.", op, ": lora_scaling must be finite, got ",
+              lora_scaling);
+
+  MoeSizes s{x.sym_size(0), topk_ids.sym_size(1), x.sym_size(1), 0, intermediate_size, {0, 0, 0}};
+  const c10::SymInt I(intermediate_size);
+  TORCH_CHECK(gate_up.scalar_type() == at::kBFloat16 && gate_up.dim() == 3, "kt.", op,
+              ": gate_up must be the bfloat16 [E, 2*Ip, Hp] tensor made by kt.pack_experts, got ",
+              describe(gate_up));
+  s.experts = gate_up.sym_size(0);
+  TORCH_CHECK(gate_up.sym_size(1) == 2 * padded(I) && gate_up.sym_size(2) == padded(s.hidden),
+              "kt.", op, ": gate_up must be packed for H = ", s.hidden, " and I = ", I,
+              " (shape [E, ", 2 * padded(I), ", ", padded(s.hidden), "]), got ", describe(gate_up));
+  TORCH_CHECK(down.scalar_type() == at::kBFloat16 && down.dim() == 3 &&
+                  down.sym_size(0) == s.experts && down.sym_size(1) == padded(s.hidden) &&
+                  down.sym_size(2) == padded(I),
+              "kt.", op, ": down must be the bfloat16 tensor made by kt.pack_experts for E = ",
+              s.experts, ", H = ", s.hidden, ", I = ", I, " (shape [", s.experts, ", ",
+              padded(s.hidden), ", ", padded(I), "]), got ", describe(down));
+
+  const c10::SymInt in_dims[3] = {s.hidden, s.hidden, I}, out_dims[3] = {I, I, s.hidden};
+  for (int p = 0; p < 3; ++p) {
+    const auto &a = lora[2 * p], &b = lora[2 * p + 1];
+    const char *a_name = kLoraNames[2 * p], *b_name = kLoraNames[2 * p + 1];
+    TORCH_CHECK(a.has_value() == b.has_value(), "kt.", op, ": ", a_name, " and ", b_name,
+                " must be given together, got only ", a.has_value() ? a_name : b_name);
+    if (!a.has_value()) continue;
+    TORCH_CHECK(is_activation_dtype(a->scalar_type()) && a->dim() == 3 &&
+                    a->sym_size(0) == s.experts && a->sym_size(2) == in_dims[p] &&
+                    a->sym_size(1) > 0,
+                "kt.", op, ": ", a_name, " must be float32 or bfloat16 of shape [E, r, in] = [",
+                s.experts, ", r, ", in_dims[p], "], got ", describe(*a));
+    const c10::SymInt r = a->sym_size(1);
+    TORCH_CHECK(is_activation_dtype(b->scalar_type()) && b->dim() == 3 &&
+                    b->sym_size(0) == s.experts && b->sym_size(1) == out_dims[p] &&
+                    b->sym_size(2) == r,
+                "kt.", op, ": ", b_name, " must be float32 or bfloat16 of shape [E, out, r] = [",
+                s.experts, ", ", out_dims[p], ", ", r, "], got ", describe(*b));
+    s.rank[p] = r.guard_int(__FILE__, __LINE__);
+  }
+
+  check_device(op, "x", x, x, require_cpu);
+  check_device(op, "topk_ids", topk_ids, x, require_cpu);
+  check_device(op, "topk_weights", topk_weights, x, require_cpu);
+  check_device(op, "gate_up", gate_up, x, require_cpu);
+  check_device(op, "down", down, x, require_cpu);
+  for (int i = 0; i < 6; ++i)
+    if (lora[i].has_value()) check_device(op, kLoraNames[i], *lora[i], x, require_cpu);
+  return s;
+}
+
+}  // namespace kt_ops

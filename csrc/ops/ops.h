@@ -1,0 +1,40 @@
+// Kernels of the torch.ops.kt operators, registered in csrc/registration.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace kt_ops {
+
+using OptTensor = std::optional<at::Tensor>;
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                  at::Tensor, at::Tensor, at::Tensor>;
+
+std::string isa();
+
+std::tuple<at::Tensor, at::Tensor> pack_experts_cpu(const at::Tensor& w_gate, const at::Tensor& w_up,
+                                                    const at::Tensor& w_down);
+std::tuple<at::Tensor, at::Tensor> pack_experts_meta(const at::Tensor& w_gate, const at::Tensor& w_up,
+                                                     const at::Tensor& w_down);
+
+#define KT_MOE_FORWARD_PARAMS                                                                   \
+  const at::Tensor &x, const at::Tensor &topk_ids, const at::Tensor &topk_weights,              \
+      const at::Tensor &gate_up, const at::Tensor &down, int64_t intermediate_size,             \
+      const OptTensor &lora_gate_a, const OptTensor &lora_gate_b, const OptTensor &lora_up_a,   \
+      const OptTensor &lora_up_b, const OptTensor &lora_down_a, const OptTensor &lora_down_b,   \
+      double lora_scaling
+
+ForwardResult moe_sft_forward_cpu(KT_MOE_FORWARD_PARAMS);
+ForwardResult moe_sft_forward_meta(KT_MOE_FORWARD_PARAMS);
+ForwardResult moe_sft_forward_autograd(KT_MOE_FORWARD_PARAMS);
+
+BackwardResult moe_sft_backward_cpu(const at::Tensor& grad_y, KT_MOE_FORWARD_PARAMS,
+                                    const at::Tensor& gate_up_act, const at::Tensor& lora_act);
+BackwardResult moe_sft_backward_meta(const at::Tensor& grad_y, KT_MOE_FORWARD_PARAMS,
+                                     const at::Tensor& gate_up_act, const at::Tensor& lora_act);
+
+}  // namespace kt_ops

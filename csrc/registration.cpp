@@ -1,0 +1,57 @@
+// The kt operator library: every schema, and which kernel serves which dispatch key.
+#include <torch/library.h>
+
+#include "ops/ops.h"
+
+TORCH_LIBRARY(kt, m) {
+  // Name of the kernel path the MoE ops use now: "amx", "avx512", "avx2" or "scalar" - the
+  // best this CPU supports, capped by the environment variable KT_OPS_MAX_ISA.
+  m.def("isa() -> str", &kt_ops::isa);
+
+  // bf16 expert weights w_gate, w_up [E, I, H] and w_down [E, H, I] -> the packed layout of
+  // include/kt/packing.h: gate_up [E, 2*Ip, Hp] (gate and up panels interleaved) and down
+  // [E, Hp, Ip], where Hp, Ip are H, I rounded up to 32.
+  m.def("pack_experts(Tensor w_gate, Tensor w_up, Tensor w_down) -> (Tensor gate_up, Tensor down)");
+
+  // Routed experts forward with optional LoRA per projection (A [E, r, in], B [E, out, r]).
+  // Returns y [T, H] and what the backward needs: gate_up_act [T, K, 2I] (g then u, dtype of
+  // x) and lora_act [T, K, r_g + r_u + r_d] fp32 (x A_g^T, x A_u^T, z A_d^T).
+  m.def(
+      "moe_sft_forward(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor gate_up, Tensor down, "
+      "int intermediate_size, Tensor? lora_gate_a, Tensor? lora_gate_b, Tensor? lora_up_a, "
+      "Tensor? lora_up_b, Tensor? lora_down_a, Tensor? lora_down_b, float lora_scaling) "
+      "-> (Tensor y, Tensor gate_up_act, Tensor lora_act)");
+
+  // Gradients of moe_sft_forward's y: for x, topk_weights and the six LoRA tensors (each in
+  // its input's dtype; an empty tensor where that LoRA tensor was not given).
+  m.def(
+      "moe_sft_backward(Tensor grad_y, Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor gate_up, "
+      "Tensor down, int intermediate_size, Tensor? lora_gate_a, Tensor? lora_gate_b, Tensor? lora_up_a, "
+      "Tensor? lora_up_b, Tensor? lora_down_a, Tensor? lora_down_b, float lora_scaling, "
+      "Tensor gate_up_act, Tensor lora_act) -> (Tensor grad_x, Tensor grad_topk_weights, "
+      "Tensor grad_lora_gate_a, Tensor grad_lora_gate_b, Tensor grad_lora_up_a, Tensor grad_lora_up_b, "
+      "Tensor grad_lora_down_a, Tensor grad_lora_down_b)");
+}
+
+// CUDA inputs reach the CPU kernels too, whose first device check names the argument.
+TORCH_LIBRARY_IMPL(kt, CPU, m) {
+  m.impl("pack_experts", &kt_ops::pack_experts_cpu);
+  m.impl("moe_sft_forward", &kt_ops::moe_sft_forward_cpu);
+  m.impl("moe_sft_backward", &kt_ops::moe_sft_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(kt, CUDA, m) {
+  m.impl("pack_experts", &kt_ops::pack_experts_cpu);
+  m.impl("moe_sft_forward", &kt_ops::moe_sft_forward_cpu);
+  m.impl("moe_sft_backward", &kt_ops::moe_sft_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(kt, Meta, m) {
+  m.impl("pack_experts", &kt_ops::pack_experts_meta);
+  m.impl("moe_sft_forward", &kt_ops::moe_sft_forward_meta);
+  m.impl("moe_sft_backward", &kt_ops::moe_sft_backward_meta);
+}
+
+TORCH_LIBRARY_IMPL(kt, Autograd, m) {
+  m.impl("moe_sft_forward", &kt_ops::moe_sft_forward_autograd);
+}

@@ -1,0 +1,78 @@
+// Routed-experts forward and backward for supervised fine-tuning with LoRA on every expert's
+// gate/up/down projections. Raw pointers only; callers validate shapes first.
+//
+// Per routed pair (token t, slot j, expert e = ids[t,j], weight w = weights[t,j]),
+// with s = lora scaling and PEFT's layout A [r, in], B [out, r]:
+//   g = x Wg^T + s (x Ag^T) Bg^T,  u = x Wu^T + s (x Au^T) Bu^T,  z = silu(g) * u
+//   h = z Wd^T + s (z Ad^T) Bd^T,  y_t = sum_j w h
+#pragma once
+
+#include <cstdint>
+
+#include "kt/bf16.h"
+#include "kt/isa.h"
+
+namespace kt {
+
+struct MoeDims {
+  int64_t tokens;        // T
+  int64_t top_k;         // K
+  int64_t hidden;        // H
+  int64_t intermediate;  // I
+  int64_t experts;       // E
+};
+
+// LoRA of one projection, fp32, PEFT layout: a [E, rank, in], b [E, out, rank].
+// rank == 0 means the projection has no LoRA (a and b are then ignored).
+struct LoraWeights {
+  const float* a = nullptr;
+  const float* b = nullptr;
+  int64_t rank = 0;
+};
+
+enum Projection { kGate = 0, kUp = 1, kDown = 2 };
+
+struct MoeWeights {
+  const bf16* gate_up;  // [E, 2*Ip, Hp] packed (pack_gate_up)
+  const bf16* down;     // [E, Hp, Ip] packed (pack_weight)
+  LoraWeights lora[3];  // indexed by Projection
+  float lora_scaling;
+};
+
+// Columns of the saved LoRA activations, per routed pair: [x Ag^T | x Au^T | z Ad^T].
+inline int64_t lora_act_width(const MoeWeights& w) {
+  return w.lora[kGate].rank + w.lora[kUp].rank + w.lora[kDown].rank;
+}
+
+struct MoeForwardArgs {
+  MoeDims dims;
+  const void* x;         // [T, H], act_dtype
+  DType act_dtype;       // dtype of x, y and gate_up_act
+  const int64_t* ids;    // [T, K], each in [0, E)
+  const float* weights;  // [T, K]
+  MoeWeights w;
+  void* y;               // out [T, H], act_dtype
+  void* gate_up_act;     // out [T, K, 2I], act_dtype: g then u, saved for the backward
+  float* lora_act;       // out [T, K, lora_act_width]
+};
+
+struct MoeBackwardArgs {
+  MoeDims dims;
+  const void* grad_y;    // [T, H], act_dtype
+  const void* x;         // [T, H], act_dtype
+  DType act_dtype;
+  const int64_t* ids;
+  const float* weights;
+  MoeWeights w;
+  const void* gate_up_act;  // [T, K, 2I], act_dtype (from the forward)
+  const float* lora_act;    // [T, K, lora_act_width] (from the forward)
+  void* grad_x;             // out [T, H], act_dtype
+  float* grad_weights;      // out [T, K]
+  float* grad_lora_a[3];    // out [E, rank, in] per projection with rank > 0
+  float* grad_lora_b[3];    // out [E, out, rank] per projection with rank > 0
+};
+
+void moe_sft_forward(const Kernels& k, int num_threads, const MoeForwardArgs& args);
+void moe_sft_backward(const Kernels& k, int num_threads, const MoeBackwardArgs& args);
+
+}  // namespace kt

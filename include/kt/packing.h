@@ -1,0 +1,55 @@
+// The packed weight layout every GEMM path reads ("panel-VNNI").
+//
+// A weight W [N, K] used as y = x W^T is padded to Np = round_up(N, 32) rows and
+// Kp = round_up(K, 32) columns (zeros) and stored as panels of 16 output rows. A panel is
+// Kp/32 blocks of 32 reduction steps; a block is 16 rows of 64 bytes, row j holding the
+// pairs (W[n][2j], W[n][2j+1]) for the panel's 16 n. One block is exactly one AMX B tile,
+// and one of its rows is one AVX-512 vdpbf16ps operand, so AMX, AVX-512-BF16, AVX2 and the
+// scalar path all read the same bytes. Real model sizes are multiples of 32: no padding.
+#pragma once
+
+#include <cstdint>
+
+#include "kt/bf16.h"
+
+namespace kt {
+
+constexpr int64_t kPanelRows = 16;                         // output rows per panel
+constexpr int64_t kBlockDepth = 32;                        // reduction steps per block
+constexpr int64_t kBlockElems = kPanelRows * kBlockDepth;  // 512 bf16 = 1 KiB
+constexpr int64_t kPadTo = 32;                             // both dims are padded to this
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Offset of W[n][k] inside a packed matrix with padded depth kp.
+inline int64_t packed_offset(int64_t n, int64_t k, int64_t kp) {
+  return ((n / kPanelRows) * (kp / kBlockDepth) + k / kBlockDepth) * kBlockElems +
+         ((k % kBlockDepth) / 2) * (2 * kPanelRows) + (n % kPanelRows) * 2 + (k % 2);
+}
+
+// Packs W [n, k] (row stride ldw) into dst, which holds round_up(n,32) * round_up(k,32)
+// elements; padding is written as zeros.
+void pack_weight(const bf16* w, int64_t n, int64_t k, int64_t ldw, bf16* dst);
+
+// Inverse of pack_weight: writes W [n, k] (row stride ldw) from packed src.
+void unpack_weight(const bf16* src, int64_t n, int64_t k, int64_t ldw, bf16* w);
+
+// The fused gate/up matrix of one expert: rows interleave 16-row panels of gate and up
+// (gate panel j, up panel j, gate panel j+1, ...), so one GEMM pass yields g and u for the
+// same 16 intermediate columns side by side. Shape [2 * round_up(i,32), round_up(h,32)].
+void pack_gate_up(const bf16* w_gate, const bf16* w_up, int64_t i, int64_t h, bf16* dst);
+void unpack_gate_up(const bf16* src, int64_t i, int64_t h, bf16* w_gate, bf16* w_up);
+
+// Column index of gate (is_up = false) or up intermediate column c in the fused layout.
+inline int64_t gate_up_column(int64_t c, bool is_up) {
+  return (c / kPanelRows) * 2 * kPanelRows + (is_up ? kPanelRows : 0) + c % kPanelRows;
+}
+
+// The transposed use of a packed matrix (dX = dY W instead of y = x W^T): writes panels
+// [first_panel, first_panel + panel_count) of pack(W^T) into dst. np and kp are the padded
+// sizes of W; dst holds panel_count * 16 * np elements. The backward uses this to stream
+// transposed weights through a small buffer instead of keeping a second copy resident.
+void pack_transposed_panels(const bf16* packed, int64_t np, int64_t kp, int64_t first_panel,
+                            int64_t panel_count, bf16* dst);
+
+}  // namespace kt

@@ -1,0 +1,12 @@
+"""kt_ops: LoRA fine-tuning of Mixture-of-Experts models with the routed experts on the CPU.
+
+The expert kernels are PyTorch operators under ``torch.ops.kt`` (CPU, Meta and Autograd
+implementations), so eager mode, autograd, activation checkpointing and
+``torch.compile(fullgraph=True)`` all see ordinary ops. This package is the thin,
+typed Python face of those ops.
+"""
+from kt_ops import _C  # noqa: F401  (registers torch.ops.kt.*)
+from kt_ops.api import PackedExperts, isa, moe_sft, pack_experts
+
+__all__ = ["PackedExperts", "isa", "moe_sft", "pack_experts"]
+__version__ = "0.1.0"

@@ -1,0 +1,114 @@
+"""Typed Python API over the torch.ops.kt operators."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+LoraTuple = Sequence[torch.Tensor]  # (A_gate, B_gate, A_up, B_up, A_down, B_down)
+
+
+def isa() -> str:
+    """Name of the kernel path the ops use now: ``"amx"``, ``"avx512"``, ``"avx2"`` or ``"scalar"``.
+
+    It is the best path this CPU supports, capped by the environment variable
+    ``KT_OPS_MAX_ISA`` (read at every op call, so tests can switch paths in one process).
+    """
+    return torch.ops.kt.isa()
+
+
+@dataclass(frozen=True)
+class PackedExperts:
+    """Frozen expert weights of one MoE layer in the kernels' layout.
+
+    Attributes:
+        gate_up: bf16 ``[E, 2*Ip, Hp]``, gate and up projections, 16-row panels interleaved.
+        down: bf16 ``[E, Hp, Ip]``, the down projection.
+        intermediate_size: I, the experts' intermediate size (Ip is I rounded up to 32).
+
+    H and I are padded to multiples of 32 with zeros; real model sizes need no padding, so
+    the packed bytes equal the bf16 weight bytes there.
+    """
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    intermediate_size: int
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Resident bytes of the packed weights."""
+        return self.gate_up.nbytes + self.down.nbytes
+
+
+def pack_experts(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> PackedExperts:
+    """Packs one layer's expert weights for :func:`moe_sft`.
+
+    Args:
+        w_gate: bf16 ``[E, I, H]`` (PEFT/nn.Linear layout: out x in).
+        w_up: bf16 ``[E, I, H]``.
+        w_down: bf16 ``[E, H, I]``.
+
+    The inputs are not kept: once packed they can be freed.
+    """
+    gate_up, down = torch.ops.kt.pack_experts(w_gate, w_up, w_down)
+    return PackedExperts(gate_up, down, int(w_gate.shape[1]))
+
+
+def _lora_args(lora: Optional[LoraTuple]) -> list[Optional[torch.Tensor]]:
+    if lora is None:
+        return [None] * 6
+    lora = list(lora)
+    if len(lora) != 6:
+        raise ValueError(
+            "kt_ops.moe_sft: lora must be None or six tensors (A_gate, B_gate, A_up, B_up, A_down, "
+            f"B_down), got {len(lora)}"
+        )
+    return lora
+
+
+def moe_sft(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    experts: PackedExperts,
+    lora: Optional[LoraTuple] = None,
+    lora_scaling: float = 1.0,
+) -> torch.Tensor:
+    """Routed-experts MLP with LoRA, differentiable in x, topk_weights and every LoRA tensor.
+
+    For token t routed to experts e_1..e_K with weights w_t,j, and s = ``lora_scaling``::
+
+        g = x Wg^T + s (x Ag^T) Bg^T;  u = x Wu^T + s (x Au^T) Bu^T;  z = silu(g) * u
+        h = z Wd^T + s (z Ad^T) Bd^T;  y_t = sum_j w_t,j h_(e_j)
+
+    Args:
+        x: ``[T, H]`` bf16 or fp32 hidden states (CPU).
+        topk_ids: ``[T, K]`` int32/int64 expert ids, each in ``[0, E)``.
+        topk_weights: ``[T, K]`` fp32 or bf16 routing weights.
+        experts: from :func:`pack_experts`.
+        lora: ``None`` or ``(A_g, B_g, A_u, B_u, A_d, B_d)`` in PEFT layout, A ``[E, r, in]``
+            and B ``[E, out, r]`` (fp32 or bf16). A pair may be ``None`` to leave that
+            projection without LoRA; ranks may differ per projection.
+        lora_scaling: s, usually ``alpha / r``.
+
+    Returns:
+        ``[T, H]`` in x's dtype.
+
+    Numerics: fp32 accumulation everywhere. On the AMX and AVX-512 paths activations enter
+    the GEMMs rounded to bf16; on the AVX2 and scalar paths they stay fp32.
+
+    Memory: autograd keeps x, the routing tensors and, per token, ``K * 2I`` values in x's
+    dtype (g and u) plus ``K * (r_g + r_u + r_d)`` fp32 LoRA activations: for a
+    Qwen3-30B-A3B layer (K=8, I=768, r=16, bf16) that is 26,112 bytes per token.
+    """
+    a_g, b_g, a_u, b_u, a_d, b_d = _lora_args(lora)
+    y, _, _ = torch.ops.kt.moe_sft_forward(
+        x, topk_ids, topk_weights, experts.gate_up, experts.down, experts.intermediate_size,
+        a_g, b_g, a_u, b_u, a_d, b_d, float(lora_scaling),
+    )
+    return y
