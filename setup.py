@@ -27,9 +27,10 @@ setup(
     description="PyTorch custom ops for LoRA fine-tuning of Mixture-of-Experts models with CPU experts",
     license="Apache-2.0",
     packages=find_packages(include=["kt_ops", "kt_ops.*"]),
+    package_data={"kt_ops": ["shapes.json"]},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy"],
-    extras_require={"test": ["pytest", "expecttest"]},
+    extras_require={"test": ["pytest"]},
 )

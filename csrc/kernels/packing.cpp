@@ -42,10 +42,26 @@ void unpack_gate_up(const bf16* src, int64_t i, int64_t h, bf16* w_gate, bf16* w
 
 void pack_transposed_panels(const bf16* packed, int64_t np, int64_t kp, int64_t first_panel,
                             int64_t panel_count, bf16* dst) {
-  // Row r of W^T is column k = 16 * first_panel + r of W; its depth runs over W's np rows.
-  for (int64_t r = 0; r < panel_count * kPanelRows; ++r) {
-    const int64_t k = first_panel * kPanelRows + r;
-    for (int64_t n = 0; n < np; ++n) dst[packed_offset(r, n, np)] = packed[packed_offset(n, k, kp)];
+  // Output panel q holds W^T rows k0..k0+15 (columns of W), i.e. one half of a source
+  // block's depth. Each output block (32 n by those 16 k) is filled from the two source
+  // panels covering its 32 n: a 16x16 transpose of pairs per source panel.
+  const int64_t src_blocks = kp / kBlockDepth, dst_blocks = np / kBlockDepth;
+  for (int64_t q = 0; q < panel_count; ++q) {
+    const int64_t k0 = (first_panel + q) * kPanelRows;
+    const int64_t kb = k0 / kBlockDepth, k_half = (k0 % kBlockDepth) / kPanelRows;
+    for (int64_t nb = 0; nb < dst_blocks; ++nb) {
+      bf16* out = dst + (q * dst_blocks + nb) * kBlockElems;
+      for (int64_t half = 0; half < 2; ++half) {
+        const bf16* src = packed + ((2 * nb + half) * src_blocks + kb) * kBlockElems;
+        for (int64_t kk = 0; kk < kPanelRows; ++kk) {
+          const int64_t k_local = k_half * kPanelRows + kk;
+          const bf16* src_row = src + (k_local / 2) * 2 * kPanelRows + (k_local % 2);
+          bf16* out_col = out + half * (kPanelRows / 2) * 2 * kPanelRows + kk * 2;
+          for (int64_t n = 0; n < kPanelRows; ++n)
+            out_col[(n / 2) * 2 * kPanelRows + (n % 2)] = src_row[2 * n];
+        }
+      }
+    }
   }
 }
 

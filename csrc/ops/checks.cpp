@@ -35,15 +35,16 @@ std::string describe(const at::Tensor& t) {
   return s.str();
 }
 
-void check_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
-                  bool require_cpu) {
+void check_device(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                  const at::Tensor& ref, bool require_cpu) {
   if (require_cpu) {
     TORCH_CHECK(t.device().is_cpu(), "kt.", op, ": ", name,
                 " must be a CPU tensor (kt_ops runs the experts on the CPU), got a tensor on ",
                 t.device());
   } else {
-    TORCH_CHECK(t.device() == x.device(), "kt.", op, ": ", name, " must be on ", x.device(),
-                " like x, got a tensor on ", t.device());
+    TORCH_CHECK(t.device() == ref.device(), "kt.", op, ": ", name, " must be on ", ref_name,
+                "'s device (", ref.device(), "), got a tensor on ", t.device(),
+                "; the kt ops compute on CPU tensors");
   }
 }
 
@@ -113,13 +114,13 @@ MoeSizes check_moe_args(const char* op, const at::Tensor& x, const at::Tensor& t
     s.rank[p] = r.guard_int(__FILE__, __LINE__);
   }
 
-  check_device(op, "x", x, x, require_cpu);
-  check_device(op, "topk_ids", topk_ids, x, require_cpu);
-  check_device(op, "topk_weights", topk_weights, x, require_cpu);
-  check_device(op, "gate_up", gate_up, x, require_cpu);
-  check_device(op, "down", down, x, require_cpu);
+  check_device(op, "x", x, "x", x, require_cpu);
+  check_device(op, "topk_ids", topk_ids, "x", x, require_cpu);
+  check_device(op, "topk_weights", topk_weights, "x", x, require_cpu);
+  check_device(op, "gate_up", gate_up, "x", x, require_cpu);
+  check_device(op, "down", down, "x", x, require_cpu);
   for (int i = 0; i < 6; ++i)
-    if (lora[i].has_value()) check_device(op, kLoraNames[i], *lora[i], x, require_cpu);
+    if (lora[i].has_value()) check_device(op, kLoraNames[i], *lora[i], "x", x, require_cpu);
   return s;
 }
 

@@ -32,8 +32,9 @@ MoeSizes check_moe_args(const char* op, const at::Tensor& x, const at::Tensor& t
                         const at::Tensor& down, int64_t intermediate_size,
                         const LoraTensors& lora, double lora_scaling, bool require_cpu);
 
-// The same device rule for tensors beyond the common ones (backward-only arguments).
-void check_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
-                  bool require_cpu);
+// Device rule for every tensor argument: on the CPU for the CPU kernel, else on the device
+// of the reference argument `ref_name` (the Meta kernel: shape inference only).
+void check_device(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                  const at::Tensor& ref, bool require_cpu);
 
 }  // namespace kt_ops

@@ -98,9 +98,9 @@ void check_saved(const char* op, const at::Tensor& grad_y, const at::Tensor& x, 
                   lora_act.sym_size(2) == width,
               "kt.", op, ": lora_act must be the float32 [", s.tokens, ", ", s.top_k, ", ", width,
               "] tensor returned by kt.moe_sft_forward, got ", describe(lora_act));
-  check_device(op, "grad_y", grad_y, x, require_cpu);
-  check_device(op, "gate_up_act", gate_up_act, x, require_cpu);
-  check_device(op, "lora_act", lora_act, x, require_cpu);
+  check_device(op, "grad_y", grad_y, "x", x, require_cpu);
+  check_device(op, "gate_up_act", gate_up_act, "x", x, require_cpu);
+  check_device(op, "lora_act", lora_act, "x", x, require_cpu);
 }
 
 BackwardResult allocate_backward(const at::Tensor& x, const at::Tensor& topk_weights,

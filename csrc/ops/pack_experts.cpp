@@ -29,9 +29,9 @@ ExpertShape check_pack_args(const at::Tensor& w_gate, const at::Tensor& w_up, co
                   w_down.sym_size(2) == s.intermediate,
               "kt.", op, ": w_down must be bfloat16 of shape [E, H, I] = [", s.experts, ", ", s.hidden,
               ", ", s.intermediate, "], got ", describe(w_down));
-  check_device(op, "w_gate", w_gate, w_gate, require_cpu);
-  check_device(op, "w_up", w_up, w_gate, require_cpu);
-  check_device(op, "w_down", w_down, w_gate, require_cpu);
+  check_device(op, "w_gate", w_gate, "w_gate", w_gate, require_cpu);
+  check_device(op, "w_up", w_up, "w_gate", w_gate, require_cpu);
+  check_device(op, "w_down", w_down, "w_gate", w_gate, require_cpu);
   return s;
 }
 

@@ -1,0 +1,34 @@
+# Entry points a new user and CI type. `make deps install test` on a fresh Debian machine
+# (as root, or with sudo) installs everything, builds and runs both test suites.
+PY ?= python3
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+JOBS ?= 2
+export PATH := /usr/lib/ccache:$(PATH)
+export MAX_JOBS := $(JOBS)
+
+.PHONY: deps install test test-cpp test-py example bench
+
+deps:  ## compilers, GoogleTest, hwloc, torch (the exact CPU wheel) and the Python test tools
+	$(SUDO) apt-get update
+	$(SUDO) apt-get install -y --no-install-recommends build-essential cmake ninja-build ccache libgtest-dev libhwloc-dev
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install numpy pytest
+
+install:  ## build the extension in place against the installed torch
+	$(PY) -m pip install --no-build-isolation -e .
+
+test: test-cpp test-py
+
+test-cpp:  ## GoogleTest: kernel core vs scalar reference, per ISA
+	cmake -S tests/cpp -B build/cpp -G Ninja -DCMAKE_BUILD_TYPE=Release
+	cmake --build build/cpp -j $(JOBS)
+	build/cpp/kt_kernel_tests
+
+test-py:  ## pytest: ops vs reference, opcheck, gradcheck, compile, bad input
+	$(PY) -m pytest tests -q
+
+example:  ## one forward/backward of a Qwen3-30B-A3B-shaped MoE layer
+	$(PY) examples/moe_layer.py
+
+bench:
+	$(PY) benchmarks/bench_moe.py --shape qwen3-30b-a3b --tokens 2048

@@ -1,0 +1,110 @@
+"""Throughput of kt_ops.moe_sft forward + backward against the eager PyTorch reference.
+
+    python benchmarks/bench_moe.py --shape qwen3-30b-a3b --tokens 4096 --threads 16
+
+Both run in this process on the same layer (random bf16 weights, LoRA rank --rank on
+gate/up/down of every expert). The reference is kt_ops.reference in bf16 compute: the
+per-expert eager loop a user would write. Effective TFLOP/s counts only the base GEMMs
+of forward + backward (2 x 2*T*K*3*H*I, see PERF.md) so figures from different code compare.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+
+import kt_ops
+from kt_ops.reference import moe_flops, moe_sft_reference
+from kt_ops.shapes import model_shape
+from kt_ops.testing import random_layer
+
+
+def time_kt(layer, repeats: int):
+    x = layer.x.detach().requires_grad_()
+    w = layer.topk_weights.detach().requires_grad_()
+    lora = [t.detach().requires_grad_() for t in layer.lora] if layer.lora else None
+    leaves = [x, w] + (lora or [])
+    grad_y = torch.ones_like(x)
+    fwd, bwd = [], []
+    for _ in range(repeats + 1):  # the first run warms up
+        t0 = time.perf_counter()
+        y = kt_ops.moe_sft(x, layer.topk_ids, w, layer.experts, lora, layer.lora_scaling)
+        t1 = time.perf_counter()
+        torch.autograd.grad(y, leaves, grad_y)
+        t2 = time.perf_counter()
+        fwd.append(t1 - t0)
+        bwd.append(t2 - t1)
+    return statistics.median(fwd[1:]), statistics.median(bwd[1:]), y.detach()
+
+
+def time_reference(layer, repeats: int):
+    x = layer.x.detach().requires_grad_()
+    w = layer.topk_weights.detach().requires_grad_()
+    lora = [t.detach().requires_grad_() for t in layer.lora] if layer.lora else None
+    leaves = [x, w] + (lora or [])
+    grad_y = torch.ones_like(x)
+    fwd, bwd = [], []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        y = moe_sft_reference(x, layer.topk_ids, w, layer.w_gate, layer.w_up, layer.w_down, lora,
+                              layer.lora_scaling, compute_dtype=torch.bfloat16)
+        t1 = time.perf_counter()
+        torch.autograd.grad(y, leaves, grad_y)
+        t2 = time.perf_counter()
+        fwd.append(t1 - t0)
+        bwd.append(t2 - t1)
+    return statistics.median(fwd[1:]), statistics.median(bwd[1:]), y.detach()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="qwen3-30b-a3b")
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (0: no LoRA)")
+    p.add_argument("--repeats", type=int, default=3, help="timed kt_ops runs (median)")
+    p.add_argument("--ref-repeats", type=int, default=1, help="timed reference runs; 0 skips the reference")
+    p.add_argument("--peak-tflops", type=float, default=15.7,
+                   help="AMX bf16 peak for the %%-of-peak column (PERF.md: 15.7 on the 16-core host)")
+    p.add_argument("--json", help="also write the figures to this file")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    shape = model_shape(args.shape)
+    layer = random_layer(shape, args.tokens, args.rank or None)
+    flops = moe_flops(args.tokens, shape.top_k, shape.hidden, shape.intermediate)
+    rows = {"kt_ops": time_kt(layer, args.repeats)}
+    if args.ref_repeats:
+        rows["reference"] = time_reference(layer, args.ref_repeats)
+
+    print(f"{shape.name} T={args.tokens} r={args.rank} threads={args.threads} path={kt_ops.isa()} "
+          f"(E={shape.experts} H={shape.hidden} I={shape.intermediate} K={shape.top_k})")
+    print(f"{'':10} {'fwd s':>8} {'bwd s':>8} {'total s':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'% peak':>7}")
+    result = {"shape": shape.name, "tokens": args.tokens, "rank": args.rank, "threads": args.threads,
+              "isa": kt_ops.isa()}
+    for name, (f, b, _) in rows.items():
+        total = f + b
+        tflops = flops / total / 1e12
+        print(f"{name:10} {f:8.3f} {b:8.3f} {total:8.3f} {args.tokens / total:10,.0f} {tflops:8.3f} "
+              f"{100 * tflops / args.peak_tflops:6.1f}%")
+        result[name] = {"forward_s": f, "backward_s": b, "tokens_per_s": args.tokens / total, "tflops": tflops}
+    if "reference" in rows:
+        y_kt, y_ref = rows["kt_ops"][2].float(), rows["reference"][2].float()
+        rel = ((y_kt - y_ref).norm() / y_ref.norm()).item()
+        speedup = result["kt_ops"]["tokens_per_s"] / result["reference"]["tokens_per_s"]
+        print(f"kt_ops / reference: {speedup:.1f}x  (forward outputs agree to {rel:.1e} relative)")
+        result["speedup"] = speedup
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"peak RSS {rss:.2f} GiB (packed experts {layer.experts.nbytes / 2**30:.2f} GiB)")
+    result["peak_rss_gib"] = rss
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+import os
+
+import pytest
+import torch
+
+import kt_ops
+from moe_case import ALL_ISAS
+
+# torch.library.opcheck runs all of its checks on every kt op (tests/test_opcheck.py) but for:
+OPCHECK_EXEMPT = {
+    # isa() takes and returns no tensors: schema, fake-tensor and autograd checks have
+    # nothing to look at. tests/test_isa.py tests it directly.
+    "kt::isa": "no tensor arguments or results",
+}
+
+
+@pytest.fixture(params=ALL_ISAS)
+def isa_path(request, monkeypatch):
+    """Runs the test once per kernel path this CPU has, selected through KT_OPS_MAX_ISA."""
+    monkeypatch.setenv("KT_OPS_MAX_ISA", request.param)
+    if kt_ops.isa() != request.param:
+        pytest.skip(f"this CPU has no {request.param} path (best: {kt_ops.isa()})")
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

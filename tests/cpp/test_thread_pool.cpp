@@ -1,0 +1,44 @@
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <stdexcept>
+#include <vector>
+
+#include "kt/thread_pool.h"
+
+namespace {
+
+TEST(ThreadPool, RunsEveryTaskExactlyOnce) {
+  for (int threads : {1, 2, 3, 8}) {
+    std::vector<std::atomic<int>> hits(1000);
+    kt::parallel_for(1000, threads, [&](int64_t i) { hits[i].fetch_add(1); });
+    for (auto& h : hits) ASSERT_EQ(h.load(), 1) << "threads=" << threads;
+  }
+}
+
+TEST(ThreadPool, ManyConsecutiveJobs) {
+  std::atomic<int64_t> sum{0};
+  for (int job = 0; job < 200; ++job) kt::parallel_for(17, 4, [&](int64_t i) { sum += i; });
+  EXPECT_EQ(sum.load(), 200 * (16 * 17 / 2));
+}
+
+TEST(ThreadPool, RethrowsATaskException) {
+  std::atomic<int> ran{0};
+  EXPECT_THROW(kt::parallel_for(64, 4,
+                                [&](int64_t i) {
+                                  ran++;
+                                  if (i == 5) throw std::runtime_error("task 5 failed");
+                                }),
+               std::runtime_error);
+  EXPECT_EQ(ran.load(), 64);  // the other tasks still ran
+  // The pool is usable afterwards.
+  std::atomic<int> after{0};
+  kt::parallel_for(10, 4, [&](int64_t) { after++; });
+  EXPECT_EQ(after.load(), 10);
+}
+
+TEST(ThreadPool, EmptyRangeDoesNothing) {
+  kt::parallel_for(0, 4, [](int64_t) { FAIL() << "no task expected"; });
+}
+
+}  // namespace

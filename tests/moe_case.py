@@ -1,0 +1,105 @@
+"""Random MoE layers and the comparison rule shared by the pytest suite."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+import kt_ops
+from kt_ops.reference import TOLERANCES, moe_sft_reference
+
+ALL_ISAS = ["amx", "avx512", "avx2", "scalar"]
+
+
+@dataclass
+class MoeCase:
+    """One layer: unpacked weights, packed experts, routing, optional LoRA."""
+
+    x: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+    w_gate: torch.Tensor
+    w_up: torch.Tensor
+    w_down: torch.Tensor
+    experts: kt_ops.PackedExperts
+    lora: Optional[list] = None
+    scaling: float = 2.0
+    grad_y: torch.Tensor = field(default=None)
+
+    def inputs_requiring_grad(self) -> list[torch.Tensor]:
+        return [self.x, self.topk_weights] + (self.lora or [])
+
+
+def make_case(
+    hidden: int,
+    intermediate: int,
+    experts: int,
+    top_k: int,
+    tokens: int,
+    rank: Optional[int],
+    dtype: torch.dtype = torch.bfloat16,
+    ids_dtype: torch.dtype = torch.int64,
+    weights_dtype: torch.dtype = torch.float32,
+    lora_dtype: torch.dtype = torch.float32,
+    used_experts: Optional[int] = None,
+    seed: int = 0,
+) -> MoeCase:
+    """A layer with O(1) activations. Experts at or past ``used_experts`` get no tokens."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen) * scale
+
+    w_gate = randn(experts, intermediate, hidden, scale=hidden**-0.5).bfloat16()
+    w_up = randn(experts, intermediate, hidden, scale=hidden**-0.5).bfloat16()
+    w_down = randn(experts, hidden, intermediate, scale=intermediate**-0.5).bfloat16()
+    pool = used_experts or experts
+    scores = torch.rand(tokens, pool, generator=gen)
+    topk_ids = scores.topk(top_k, dim=1).indices.to(ids_dtype)  # distinct experts per token
+    topk_weights = torch.rand(tokens, top_k, generator=gen).to(weights_dtype).requires_grad_()
+    x = randn(tokens, hidden).to(dtype).requires_grad_()
+    lora = None
+    if rank is not None:
+        shapes = [(rank, hidden), (intermediate, rank), (rank, hidden), (intermediate, rank),
+                  (rank, intermediate), (hidden, rank)]
+        lora = [randn(experts, *s, scale=0.5 * s[-1] ** -0.5).to(lora_dtype).requires_grad_() for s in shapes]
+    case = MoeCase(x, topk_ids, topk_weights, w_gate, w_up, w_down,
+                   kt_ops.pack_experts(w_gate, w_up, w_down), lora)
+    case.grad_y = randn(tokens, hidden).to(dtype)
+    return case
+
+
+def run_kt(case: MoeCase):
+    """kt_ops forward and the gradients of <y, grad_y> for every input requiring grad."""
+    y = kt_ops.moe_sft(case.x, case.topk_ids, case.topk_weights, case.experts, case.lora, case.scaling)
+    grads = torch.autograd.grad(y, case.inputs_requiring_grad(), case.grad_y, allow_unused=True)
+    return y.detach(), list(grads)
+
+
+def run_reference(case: MoeCase):
+    """The same in fp32 through kt_ops.reference (gradients of unused inputs are zeros)."""
+    leaves = [t.detach().float().requires_grad_() for t in case.inputs_requiring_grad()]
+    x, w, lora = leaves[0], leaves[1], leaves[2:] or None
+    y = moe_sft_reference(x, case.topk_ids, w, case.w_gate, case.w_up, case.w_down, lora, case.scaling)
+    if y.requires_grad:  # with no tokens the reference never touches its inputs
+        grads = torch.autograd.grad(y, leaves, case.grad_y.float(), allow_unused=True)
+    else:
+        grads = [None] * len(leaves)
+    grads = [torch.zeros_like(l) if g is None else g for g, l in zip(grads, leaves)]
+    return y.detach(), grads
+
+
+def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    """The one comparison rule: relative norm and worst element, both scaled by the reference."""
+    tol = TOLERANCES[dtype]
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    got, ref = got.float(), ref.float()
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    diff = got - ref
+    ref_norm = ref.norm().item()
+    rel = diff.norm().item() / ref_norm if ref_norm > 0 else diff.norm().item()
+    ref_max = ref.abs().max().item() if ref.numel() else 0.0
+    worst = diff.abs().max().item() / ref_max if ref_max > 0 else (diff.abs().max().item() if diff.numel() else 0.0)
+    assert rel <= tol["rel"], f"{name}: relative error {rel:.2e} > {tol['rel']:.0e}"
+    assert worst <= tol["max"], f"{name}: worst element error {worst:.2e} > {tol['max']:.0e}"

@@ -1,0 +1,153 @@
+"""Every argument check: the op and argument are named, with what was expected and what came."""
+import re
+
+import pytest
+import torch
+
+import kt_ops
+from moe_case import make_case
+
+H, I, E, K, T, R = 70, 45, 6, 2, 7, 8
+
+
+@pytest.fixture
+def case():
+    return make_case(H, I, E, K, T, R)
+
+
+def call(case, **override):
+    """torch.ops.kt.moe_sft_forward with the case's arguments, some replaced."""
+    args = dict(x=case.x, topk_ids=case.topk_ids, topk_weights=case.topk_weights,
+                gate_up=case.experts.gate_up, down=case.experts.down, intermediate_size=I,
+                lora=list(case.lora), lora_scaling=case.scaling)
+    args.update(override)
+    return torch.ops.kt.moe_sft_forward(
+        args["x"], args["topk_ids"], args["topk_weights"], args["gate_up"], args["down"],
+        args["intermediate_size"], *args["lora"], args["lora_scaling"])
+
+
+def lora_with(case, index, tensor):
+    lora = list(case.lora)
+    lora[index] = tensor
+    return lora
+
+
+OP = "kt.moe_sft_forward: "
+BAD = {
+    "x_dtype": (lambda c: dict(x=c.x.double()),
+                "x must be bfloat16 or float32 of shape [T, H], got float64 [7, 70]"),
+    "x_rank": (lambda c: dict(x=c.x.unsqueeze(0)),
+               "x must be bfloat16 or float32 of shape [T, H], got bfloat16 [1, 7, 70]"),
+    "ids_dtype": (lambda c: dict(topk_ids=c.topk_ids.float()),
+                  "topk_ids must be int32 or int64 of shape [T, K], got float32 [7, 2]"),
+    "ids_rows": (lambda c: dict(topk_ids=c.topk_ids[:3]),
+                 "topk_ids must have one row per token of x (T = 7), got int64 [3, 2]"),
+    "weights_shape": (lambda c: dict(topk_weights=c.topk_weights[:, :1]),
+                      "topk_weights must be float32 or bfloat16 of the shape of topk_ids int64 [7, 2], got float32 [7, 1]"),
+    "weights_dtype": (lambda c: dict(topk_weights=c.topk_ids),
+                      "topk_weights must be float32 or bfloat16 of the shape of topk_ids int64 [7, 2], got int64 [7, 2]"),
+    "hidden_mismatch": (lambda c: dict(x=torch.randn(T, 100).bfloat16(), lora=[None] * 6),
+                        "gate_up must be packed for H = 100 and I = 45 (shape [E, 128, 128]), got bfloat16 [6, 128, 96]"),
+    "intermediate_mismatch": (lambda c: dict(intermediate_size=100),
+                              "gate_up must be packed for H = 70 and I = 100 (shape [E, 256, 96]), got bfloat16 [6, 128, 96]"),
+    "intermediate_nonpositive": (lambda c: dict(intermediate_size=0), "intermediate_size must be positive, got 0"),
+    "gate_up_dtype": (lambda c: dict(gate_up=c.experts.gate_up.float()),
+                      "gate_up must be the bfloat16 [E, 2*Ip, Hp] tensor made by kt.pack_experts, got float32 [6, 128, 96]"),
+    "down_experts": (lambda c: dict(down=c.experts.down[:4]),
+                     "down must be the bfloat16 tensor made by kt.pack_experts for E = 6, H = 70, I = 45 (shape [6, 96, 64]), got bfloat16 [4, 96, 64]"),
+    "lora_a_without_b": (lambda c: dict(lora=lora_with(c, 1, None)),
+                         "lora_gate_a and lora_gate_b must be given together, got only lora_gate_a"),
+    "lora_a_experts": (lambda c: dict(lora=lora_with(c, 2, c.lora[2][:3])),
+                       "lora_up_a must be float32 or bfloat16 of shape [E, r, in] = [6, r, 70], got float32 [3, 8, 70]"),
+    "lora_a_dtype": (lambda c: dict(lora=lora_with(c, 4, c.lora[4].long())),
+                     "lora_down_a must be float32 or bfloat16 of shape [E, r, in] = [6, r, 45], got int64 [6, 8, 45]"),
+    "lora_b_rank": (lambda c: dict(lora=lora_with(c, 5, c.lora[5][..., :4])),
+                    "lora_down_b must be float32 or bfloat16 of shape [E, out, r] = [6, 70, 8], got float32 [6, 70, 4]"),
+    "lora_b_out": (lambda c: dict(lora=lora_with(c, 1, c.lora[1][:, :40])),
+                   "lora_gate_b must be float32 or bfloat16 of shape [E, out, r] = [6, 45, 8], got float32 [6, 40, 8]"),
+    "scaling_nan": (lambda c: dict(lora_scaling=float("nan")), "lora_scaling must be finite, got nan"),
+    "ids_on_meta": (lambda c: dict(topk_ids=c.topk_ids.to("meta")),
+                    "topk_ids must be on x's device (cpu), got a tensor on meta; the kt ops compute on CPU tensors"),
+    "x_on_meta": (lambda c: dict(x=c.x.detach().to("meta")),
+                  "topk_ids must be on x's device (meta), got a tensor on cpu; the kt ops compute on CPU tensors"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_forward_argument_checks(case, name):
+    make_override, message = BAD[name]
+    with pytest.raises(RuntimeError, match=re.escape(OP + message)):
+        call(case, **make_override(case))
+
+
+@pytest.mark.parametrize("bad_id", [-1, E])
+def test_expert_id_out_of_range(case, bad_id):
+    ids = case.topk_ids.clone()
+    ids[3, 1] = bad_id
+    msg = f"kt.moe_sft_forward: topk_ids must be in [0, {E}) (the number of experts), got {bad_id} at [3, 1]"
+    with pytest.raises(RuntimeError, match=re.escape(msg)):
+        call(case, topk_ids=ids)
+
+
+def test_backward_checks_saved_tensors(case):
+    y, gate_up_act, lora_act = call(case)
+    args = [case.grad_y, case.x.detach(), case.topk_ids, case.topk_weights.detach(), case.experts.gate_up,
+            case.experts.down, I, *[t.detach() for t in case.lora], case.scaling]
+    with pytest.raises(RuntimeError, match=re.escape(
+            "kt.moe_sft_backward: gate_up_act must be the bfloat16 [7, 2, 90] tensor returned by "
+            "kt.moe_sft_forward, got bfloat16 [7, 2, 45]")):
+        torch.ops.kt.moe_sft_backward(*args, gate_up_act[..., :I], lora_act)
+    with pytest.raises(RuntimeError, match=re.escape(
+            "kt.moe_sft_backward: lora_act must be the float32 [7, 2, 24] tensor returned by "
+            "kt.moe_sft_forward, got bfloat16 [7, 2, 24]")):
+        torch.ops.kt.moe_sft_backward(*args, gate_up_act, lora_act.bfloat16())
+    with pytest.raises(RuntimeError, match=re.escape(
+            "kt.moe_sft_backward: grad_y must match x (bfloat16 [7, 70]), got float32 [7, 70]")):
+        torch.ops.kt.moe_sft_backward(case.grad_y.float(), *args[1:], gate_up_act, lora_act)
+
+
+@pytest.mark.parametrize("which,tensor_fn,message", [
+    ("w_gate", lambda w: w[0].float(), "w_gate must be bfloat16 of shape [E, I, H], got float32 [3, 45, 70]"),
+    ("w_up", lambda w: w[1][:, :44], "w_up must be bfloat16 of the shape of w_gate [3, 45, 70], got bfloat16 [3, 44, 70]"),
+    ("w_down", lambda w: w[2].transpose(1, 2), "w_down must be bfloat16 of shape [E, H, I] = [3, 70, 45], got bfloat16 [3, 45, 70]"),
+    ("w_down", lambda w: w[2].to("meta"),
+     "w_down must be on w_gate's device (cpu), got a tensor on meta; the kt ops compute on CPU tensors"),
+])
+def test_pack_experts_checks(which, tensor_fn, message):
+    w = [torch.randn(3, 45, 70).bfloat16(), torch.randn(3, 45, 70).bfloat16(), torch.randn(3, 70, 45).bfloat16()]
+    args = dict(zip(["w_gate", "w_up", "w_down"], w))
+    args[which] = tensor_fn(w)
+    with pytest.raises(RuntimeError, match=re.escape("kt.pack_experts: " + message)):
+        torch.ops.kt.pack_experts(args["w_gate"], args["w_up"], args["w_down"])
+
+
+def test_python_api_rejects_wrong_lora_length(case):
+    with pytest.raises(ValueError, match=re.escape("kt_ops.moe_sft: lora must be None or six tensors")):
+        kt_ops.moe_sft(case.x, case.topk_ids, case.topk_weights, case.experts, case.lora[:4])
+
+
+def test_invalid_isa_cap(case, monkeypatch):
+    monkeypatch.setenv("KT_OPS_MAX_ISA", "sse9")
+    with pytest.raises(RuntimeError, match=re.escape("KT_OPS_MAX_ISA must be one of amx, avx512, avx2, scalar; got 'sse9'")):
+        kt_ops.moe_sft(case.x, case.topk_ids, case.topk_weights, case.experts)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_input_names_the_argument(case):
+    with pytest.raises(RuntimeError, match=re.escape(
+            "kt.moe_sft_forward: x must be a CPU tensor (kt_ops runs the experts on the CPU), got a tensor on cuda:0")):
+        call(case, x=case.x.detach().cuda(), topk_ids=case.topk_ids.cuda(), topk_weights=case.topk_weights.detach().cuda())
+
+
+def test_non_contiguous_inputs_are_accepted(case):
+    """Strided inputs are copied to contiguous ones: same result as contiguous inputs."""
+    x_wide = torch.zeros(T, 2 * H, dtype=case.x.dtype)
+    x_wide[:, ::2] = case.x.detach()
+    ids_t = case.topk_ids.t().contiguous().t()
+    w_t = case.topk_weights.detach().t().contiguous().t()
+    lora_t = [t.detach().transpose(1, 2).contiguous().transpose(1, 2) for t in case.lora]
+    assert not (x_wide[:, ::2].is_contiguous() or ids_t.is_contiguous() or lora_t[0].is_contiguous())
+    got = kt_ops.moe_sft(x_wide[:, ::2], ids_t, w_t, case.experts, lora_t, case.scaling)
+    want = kt_ops.moe_sft(case.x.detach(), case.topk_ids, case.topk_weights.detach(), case.experts,
+                          [t.detach() for t in case.lora], case.scaling)
+    assert torch.equal(got, want)

@@ -1,0 +1,40 @@
+"""torch.library.opcheck on every kt op, with all of its checks (exemptions in conftest.py)."""
+import pytest
+import torch
+
+from conftest import OPCHECK_EXEMPT
+from moe_case import make_case
+
+
+def _forward_args(case):
+    lora = case.lora or [None] * 6
+    return (case.x, case.topk_ids, case.topk_weights, case.experts.gate_up, case.experts.down,
+            case.experts.intermediate_size, *lora, case.scaling)
+
+
+def test_every_op_is_covered():
+    tested = {"kt::pack_experts", "kt::moe_sft_forward", "kt::moe_sft_backward"}
+    ops = {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("kt::")}
+    assert ops == tested | set(OPCHECK_EXEMPT), ops
+
+
+def test_opcheck_pack_experts():
+    g = torch.Generator().manual_seed(0)
+    w = [torch.randn(*s, generator=g).bfloat16() for s in [(3, 45, 70), (3, 45, 70), (3, 70, 45)]]
+    torch.library.opcheck(torch.ops.kt.pack_experts.default, tuple(w))
+
+
+@pytest.mark.parametrize("rank", [None, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_opcheck_moe_sft_forward(rank, dtype):
+    case = make_case(70, 45, 6, 2, 11, rank, dtype=dtype)
+    torch.library.opcheck(torch.ops.kt.moe_sft_forward.default, _forward_args(case))
+
+
+def test_opcheck_moe_sft_backward():
+    case = make_case(70, 45, 6, 2, 11, 8)
+    with torch.no_grad():
+        _, gate_up_act, lora_act = torch.ops.kt.moe_sft_forward.default(*_forward_args(case))
+    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in _forward_args(case)]
+    args = (case.grad_y, *detached, gate_up_act, lora_act)
+    torch.library.opcheck(torch.ops.kt.moe_sft_backward.default, args)
