@@ -5,6 +5,8 @@ implementations), so eager mode, autograd, activation checkpointing and
 ``torch.compile(fullgraph=True)`` all see ordinary ops. This package is the thin,
 typed Python face of those ops.
 """
+import torch  # noqa: F401  (loads libtorch, which the extension links against)
+
 from kt_ops import _C  # noqa: F401  (registers torch.ops.kt.*)
 from kt_ops.api import PackedExperts, isa, moe_sft, pack_experts
 
