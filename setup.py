@@ -18,7 +18,7 @@ ext = CppExtension(
     name="kt_ops._C",
     sources=sources,
     include_dirs=[os.path.join(ROOT, "include"), os.path.join(ROOT, "csrc")],
-    extra_compile_args={"cxx": ["-O3", "-std=c++17", "-Wall", "-Wno-unknown-pragmas"]},
+    extra_compile_args={"cxx": ["-O3", "-Wall", "-Wno-unknown-pragmas"]},  # torch picks the C++ standard
 )
 
 setup(

@@ -1,9 +1,7 @@
 #include "checks.h"
 
-#include <c10/util/Exception.h>
 
 #include <cmath>
-#include <sstream>
 
 namespace kt_ops {
 
@@ -27,22 +25,20 @@ std::string dtype_name(at::ScalarType t) {
 }
 
 std::string describe(const at::Tensor& t) {
-  std::ostringstream s;
-  s << dtype_name(t.scalar_type()) << " [";
+  std::string s = dtype_name(t.scalar_type()) + " [";
   const auto sizes = t.sym_sizes();
-  for (size_t i = 0; i < sizes.size(); ++i) s << (i ? ", " : "") << sizes[i];
-  s << "]";
-  return s.str();
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + text::of(sizes[i]);
+  return s + "]";
 }
 
 void check_device(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
                   const at::Tensor& ref, bool require_cpu) {
   if (require_cpu) {
-    TORCH_CHECK(t.device().is_cpu(), "kt.", op, ": ", name,
+    KT_CHECK(t.device().is_cpu(), "kt.", op, ": ", name,
                 " must be a CPU tensor (kt_ops runs the experts on the CPU), got a tensor on ",
                 t.device());
   } else {
-    TORCH_CHECK(t.device() == ref.device(), "kt.", op, ": ", name, " must be on ", ref_name,
+    KT_CHECK(t.device() == ref.device(), "kt.", op, ": ", name, " must be on ", ref_name,
                 "'s device (", ref.device(), "), got a tensor on ", t.device(),
                 "; the kt ops compute on CPU tensors");
   }
@@ -60,33 +56,33 @@ MoeSizes check_moe_args(const char* op, const at::Tensor& x, const at::Tensor& t
                         const at::Tensor& topk_weights, const at::Tensor& gate_up,
                         const at::Tensor& down, int64_t intermediate_size,
                         const LoraTensors& lora, double lora_scaling, bool require_cpu) {
-  TORCH_CHECK(is_activation_dtype(x.scalar_type()) && x.dim() == 2, "kt.", op,
+  KT_CHECK(is_activation_dtype(x.scalar_type()) && x.dim() == 2, "kt.", op,
               ": x must be bfloat16 or float32 of shape [T, H], got ", describe(x));
-  TORCH_CHECK((topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong) &&
+  KT_CHECK((topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong) &&
                   topk_ids.dim() == 2,
               "kt.", op, ": topk_ids must be int32 or int64 of shape [T, K], got ", describe(topk_ids));
-  TORCH_CHECK(topk_ids.sym_size(0) == x.sym_size(0), "kt.", op,
+  KT_CHECK(topk_ids.sym_size(0) == x.sym_size(0), "kt.", op,
               ": topk_ids must have one row per token of x (T = ", x.sym_size(0), "), got ",
               describe(topk_ids));
-  TORCH_CHECK(is_activation_dtype(topk_weights.scalar_type()) && topk_weights.dim() == 2 &&
+  KT_CHECK(is_activation_dtype(topk_weights.scalar_type()) && topk_weights.dim() == 2 &&
                   topk_weights.sym_sizes() == topk_ids.sym_sizes(),
               "kt.", op, ": topk_weights must be float32 or bfloat16 of the shape of topk_ids ",
               describe(topk_ids), ", got ", describe(topk_weights));
-  TORCH_CHECK(intermediate_size > 0, "kt.", op, ": intermediate_size must be positive, got ",
+  KT_CHECK(intermediate_size > 0, "kt.", op, ": intermediate_size must be positive, got ",
               intermediate_size);
-  TORCH_CHECK(std::isfinite(lora_scaling), "kt.", op, ": lora_scaling must be finite, got ",
+  KT_CHECK(std::isfinite(lora_scaling), "kt.", op, ": lora_scaling must be finite, got ",
               lora_scaling);
 
   MoeSizes s{x.sym_size(0), topk_ids.sym_size(1), x.sym_size(1), 0, intermediate_size, {0, 0, 0}};
   const c10::SymInt I(intermediate_size);
-  TORCH_CHECK(gate_up.scalar_type() == at::kBFloat16 && gate_up.dim() == 3, "kt.", op,
+  KT_CHECK(gate_up.scalar_type() == at::kBFloat16 && gate_up.dim() == 3, "kt.", op,
               ": gate_up must be the bfloat16 [E, 2*Ip, Hp] tensor made by kt.pack_experts, got ",
               describe(gate_up));
   s.experts = gate_up.sym_size(0);
-  TORCH_CHECK(gate_up.sym_size(1) == 2 * padded(I) && gate_up.sym_size(2) == padded(s.hidden),
+  KT_CHECK(gate_up.sym_size(1) == 2 * padded(I) && gate_up.sym_size(2) == padded(s.hidden),
               "kt.", op, ": gate_up must be packed for H = ", s.hidden, " and I = ", I,
               " (shape [E, ", 2 * padded(I), ", ", padded(s.hidden), "]), got ", describe(gate_up));
-  TORCH_CHECK(down.scalar_type() == at::kBFloat16 && down.dim() == 3 &&
+  KT_CHECK(down.scalar_type() == at::kBFloat16 && down.dim() == 3 &&
                   down.sym_size(0) == s.experts && down.sym_size(1) == padded(s.hidden) &&
                   down.sym_size(2) == padded(I),
               "kt.", op, ": down must be the bfloat16 tensor made by kt.pack_experts for E = ",
@@ -97,16 +93,16 @@ MoeSizes check_moe_args(const char* op, const at::Tensor& x, const at::Tensor& t
   for (int p = 0; p < 3; ++p) {
     const auto &a = lora[2 * p], &b = lora[2 * p + 1];
     const char *a_name = kLoraNames[2 * p], *b_name = kLoraNames[2 * p + 1];
-    TORCH_CHECK(a.has_value() == b.has_value(), "kt.", op, ": ", a_name, " and ", b_name,
+    KT_CHECK(a.has_value() == b.has_value(), "kt.", op, ": ", a_name, " and ", b_name,
                 " must be given together, got only ", a.has_value() ? a_name : b_name);
     if (!a.has_value()) continue;
-    TORCH_CHECK(is_activation_dtype(a->scalar_type()) && a->dim() == 3 &&
+    KT_CHECK(is_activation_dtype(a->scalar_type()) && a->dim() == 3 &&
                     a->sym_size(0) == s.experts && a->sym_size(2) == in_dims[p] &&
                     a->sym_size(1) > 0,
                 "kt.", op, ": ", a_name, " must be float32 or bfloat16 of shape [E, r, in] = [",
                 s.experts, ", r, ", in_dims[p], "], got ", describe(*a));
     const c10::SymInt r = a->sym_size(1);
-    TORCH_CHECK(is_activation_dtype(b->scalar_type()) && b->dim() == 3 &&
+    KT_CHECK(is_activation_dtype(b->scalar_type()) && b->dim() == 3 &&
                     b->sym_size(0) == s.experts && b->sym_size(1) == out_dims[p] &&
                     b->sym_size(2) == r,
                 "kt.", op, ": ", b_name, " must be float32 or bfloat16 of shape [E, out, r] = [",

@@ -4,11 +4,47 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
+#include <cstdio>
 #include <optional>
 #include <string>
+#include <type_traits>
 
 namespace kt_ops {
+
+// Message text is assembled here as std::string and only then handed to TORCH_CHECK. Numbers,
+// SymInts and devices are never streamed into a std::ostream across the libc10 boundary: with
+// some toolchain / torch-wheel pairs (gcc 13 on Ubuntu 24.04 with torch 2.11) libc10's
+// operator<< on our stream crashed in the locale's number facet.
+namespace text {
+inline std::string of(const std::string& s) { return s; }
+inline std::string of(const char* s) { return s; }
+inline std::string of(const c10::Device& d) { return d.str(); }
+inline std::string of(const c10::SymInt& v) {
+  if (auto concrete = v.maybe_as_int()) return std::to_string(*concrete);
+  return v.toSymNode()->str();
+}
+inline std::string of(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+std::string of(T v) {
+  return std::to_string(v);
+}
+}  // namespace text
+
+template <typename... Args>
+std::string message(const Args&... args) {
+  std::string out;
+  ((out += text::of(args)), ...);
+  return out;
+}
+
+// TORCH_CHECK with the message built by message(): kt ops raise RuntimeError through it.
+#define KT_CHECK(cond, ...) TORCH_CHECK(cond, ::kt_ops::message(__VA_ARGS__))
 
 // "bfloat16 [4, 2]" - dtype and (possibly symbolic) shape, as messages show a tensor.
 std::string describe(const at::Tensor& t);

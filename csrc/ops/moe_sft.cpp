@@ -18,7 +18,7 @@ const kt::Kernels& current_kernels() {
   try {
     return kt::kernels_for(kt::select_isa(std::getenv("KT_OPS_MAX_ISA")));
   } catch (const std::invalid_argument& e) {
-    TORCH_CHECK(false, "kt_ops: ", e.what());
+    KT_CHECK(false, "kt_ops: ", e.what());
   }
 }
 
@@ -63,7 +63,7 @@ struct KernelInputs {
     const int64_t* p = ids.data_ptr<int64_t>();
     const int64_t n = ids.numel();
     for (int64_t i = 0; i < n; ++i) {
-      TORCH_CHECK(p[i] >= 0 && p[i] < dims.experts, "kt.", op, ": topk_ids must be in [0, ",
+      KT_CHECK(p[i] >= 0 && p[i] < dims.experts, "kt.", op, ": topk_ids must be in [0, ",
                   dims.experts, ") (the number of experts), got ", p[i], " at [", i / dims.top_k,
                   ", ", i % dims.top_k, "]");
     }
@@ -84,16 +84,16 @@ ForwardResult allocate_forward(const at::Tensor& x, const MoeSizes& s) {
 
 void check_saved(const char* op, const at::Tensor& grad_y, const at::Tensor& x, const MoeSizes& s,
                  const at::Tensor& gate_up_act, const at::Tensor& lora_act, bool require_cpu) {
-  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type() && grad_y.sym_sizes() == x.sym_sizes(), "kt.",
+  KT_CHECK(grad_y.scalar_type() == x.scalar_type() && grad_y.sym_sizes() == x.sym_sizes(), "kt.",
               op, ": grad_y must match x (", describe(x), "), got ", describe(grad_y));
   const c10::SymInt two_i(2 * s.intermediate), width(s.rank[0] + s.rank[1] + s.rank[2]);
-  TORCH_CHECK(gate_up_act.scalar_type() == x.scalar_type() && gate_up_act.dim() == 3 &&
+  KT_CHECK(gate_up_act.scalar_type() == x.scalar_type() && gate_up_act.dim() == 3 &&
                   gate_up_act.sym_size(0) == s.tokens && gate_up_act.sym_size(1) == s.top_k &&
                   gate_up_act.sym_size(2) == two_i,
               "kt.", op, ": gate_up_act must be the ", dtype_name(x.scalar_type()), " [", s.tokens,
               ", ", s.top_k, ", ", two_i, "] tensor returned by kt.moe_sft_forward, got ",
               describe(gate_up_act));
-  TORCH_CHECK(lora_act.scalar_type() == at::kFloat && lora_act.dim() == 3 &&
+  KT_CHECK(lora_act.scalar_type() == at::kFloat && lora_act.dim() == 3 &&
                   lora_act.sym_size(0) == s.tokens && lora_act.sym_size(1) == s.top_k &&
                   lora_act.sym_size(2) == width,
               "kt.", op, ": lora_act must be the float32 [", s.tokens, ", ", s.top_k, ", ", width,

@@ -16,15 +16,15 @@ struct ExpertShape {
 ExpertShape check_pack_args(const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
                             bool require_cpu) {
   constexpr const char* op = "pack_experts";
-  TORCH_CHECK(w_gate.scalar_type() == at::kBFloat16 && w_gate.dim() == 3, "kt.", op,
+  KT_CHECK(w_gate.scalar_type() == at::kBFloat16 && w_gate.dim() == 3, "kt.", op,
               ": w_gate must be bfloat16 of shape [E, I, H], got ", describe(w_gate));
   const ExpertShape s{w_gate.sym_size(0), w_gate.sym_size(1), w_gate.sym_size(2)};
-  TORCH_CHECK(s.intermediate > 0 && s.hidden > 0, "kt.", op,
+  KT_CHECK(s.intermediate > 0 && s.hidden > 0, "kt.", op,
               ": w_gate must have non-empty I and H, got ", describe(w_gate));
-  TORCH_CHECK(w_up.scalar_type() == at::kBFloat16 && w_up.sym_sizes() == w_gate.sym_sizes(), "kt.",
+  KT_CHECK(w_up.scalar_type() == at::kBFloat16 && w_up.sym_sizes() == w_gate.sym_sizes(), "kt.",
               op, ": w_up must be bfloat16 of the shape of w_gate [", s.experts, ", ", s.intermediate,
               ", ", s.hidden, "], got ", describe(w_up));
-  TORCH_CHECK(w_down.scalar_type() == at::kBFloat16 && w_down.dim() == 3 &&
+  KT_CHECK(w_down.scalar_type() == at::kBFloat16 && w_down.dim() == 3 &&
                   w_down.sym_size(0) == s.experts && w_down.sym_size(1) == s.hidden &&
                   w_down.sym_size(2) == s.intermediate,
               "kt.", op, ": w_down must be bfloat16 of shape [E, H, I] = [", s.experts, ", ", s.hidden,
