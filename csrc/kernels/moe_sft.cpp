@@ -29,27 +29,35 @@ template <typename Act> Act f32_to_act(float v);
 template <> inline float f32_to_act<float>(float v) { return v; }
 template <> inline bf16 f32_to_act<bf16>(float v) { return f32_to_bf16(v); }
 
-inline void gemm(const Kernels& k, int64_t m, int64_t kp, const bf16* a, int64_t lda,
-                 const bf16* w, int64_t panels, float* c, int64_t ldc) {
-  k.gemm_bf16(m, kp, a, lda, w, panels, c, ldc, false);
+// C (+)= A * W^T for the activation / weight element types of one path.
+inline void gemm(const Kernels& k, int64_t m, int64_t kp, const bf16* a, int64_t lda, const bf16* w,
+                 int64_t panels, float* c, int64_t ldc, bool accumulate = false) {
+  k.gemm_bf16(m, kp, a, lda, w, panels, c, ldc, accumulate);
 }
-inline void gemm(const Kernels& k, int64_t m, int64_t kp, const float* a, int64_t lda,
-                 const bf16* w, int64_t panels, float* c, int64_t ldc) {
-  k.gemm_f32(m, kp, a, lda, w, panels, c, ldc, false);
+inline void gemm(const Kernels& k, int64_t m, int64_t kp, const float* a, int64_t lda, const bf16* w,
+                 int64_t panels, float* c, int64_t ldc, bool accumulate = false) {
+  k.gemm_f32(m, kp, a, lda, w, panels, c, ldc, accumulate);
+}
+inline void gemm(const Kernels&, int64_t m, int64_t kp, const float* a, int64_t lda, const float* w,
+                 int64_t panels, float* c, int64_t ldc, bool accumulate = false) {
+  gemm_scalar_f32_f32w(m, kp, a, lda, w, panels, c, ldc, accumulate);
+}
+
+// Packs the np x kp matrix value(n, k) into the panel layout (LoRA operands, per call).
+template <typename T, typename F>
+void pack_elements(int64_t np, int64_t kp, T* dst, const F& value) {
+  for (int64_t n = 0; n < np; ++n)
+    for (int64_t k = 0; k < kp; ++k) dst[packed_offset(n, k, kp)] = f32_to_act<T>(value(n, k));
+}
+
+// Inverse of gate_up_column: which intermediate column a fused gate/up row holds.
+inline int64_t fused_to_column(int64_t row, bool* is_up) {
+  const int64_t panel = row / kPanelRows;
+  *is_up = panel % 2;
+  return (panel / 2) * kPanelRows + row % kPanelRows;
 }
 
 inline float sigmoid(float v) { return 1.f / (1.f + std::exp(-v)); }
-
-inline float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-// out[j] = sum_i v[i] * m[j * n + i] for j < rows: v times a row-major [rows, n] matrix^T.
-inline void project(const float* v, const float* m, int64_t rows, int64_t n, float* out) {
-  for (int64_t j = 0; j < rows; ++j) out[j] = dot(v, m + j * n, n);
-}
 
 // Which routed pairs (t * K + j) each expert serves, in ascending pair order, and where
 // each expert's rows start in the expert-sorted scratch buffers.
@@ -115,36 +123,84 @@ inline void load_row(const void* src, DType dt, int64_t row, int64_t cols, float
   for (int64_t c = 0; c < cols; ++c) out[c] = load_as_f32(src, dt, row * cols + c);
 }
 
+// LoRA sizes of a call; each LoRA product runs as a GEMM against operands packed per call in
+// the panel layout (their K padded to 32), gate and up side by side as one operand.
+struct LoraShape {
+  int64_t rg, ru, rd, rgu;  // ranks of gate, up, down; rgu = rg + ru
+  int64_t rgu_p, rd_p;      // padded to kPadTo (0 when absent)
+  explicit LoraShape(const MoeWeights& w)
+      : rg(w.lora[kGate].rank), ru(w.lora[kUp].rank), rd(w.lora[kDown].rank), rgu(rg + ru),
+        rgu_p(round_up(rgu, kPadTo)), rd_p(round_up(rd, kPadTo)) {}
+};
+
+// Element (rank row j, input column c) of [A_g; A_u] for expert e, zero outside.
+inline float lora_a_gu(const MoeWeights& w, const LoraShape& l, int64_t e, int64_t in, int64_t j,
+                       int64_t c) {
+  if (c >= in) return 0.f;
+  if (j < l.rg) return w.lora[kGate].a[(e * l.rg + j) * in + c];
+  if (j < l.rgu) return w.lora[kUp].a[(e * l.ru + j - l.rg) * in + c];
+  return 0.f;
+}
+
+// Element (fused gate/up row, rank column j) of blockdiag(B_g, B_u) for expert e.
+inline float lora_b_gu(const MoeWeights& w, const LoraShape& l, int64_t e, int64_t I, int64_t row,
+                       int64_t j) {
+  bool is_up;
+  const int64_t c = fused_to_column(row, &is_up);
+  if (c >= I) return 0.f;
+  if (!is_up && j < l.rg) return w.lora[kGate].b[(e * I + c) * l.rg + j];
+  if (is_up && j >= l.rg && j < l.rgu) return w.lora[kUp].b[(e * I + c) * l.ru + j - l.rg];
+  return 0.f;
+}
+
 template <typename Act>
 void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
   const MoeDims& d = args.dims;
   const MoeWeights& w = args.w;
-  const int64_t T = d.tokens, K = d.top_k, H = d.hidden, I = d.intermediate;
+  const int64_t T = d.tokens, K = d.top_k, H = d.hidden, I = d.intermediate, E = d.experts;
   const int64_t hp = round_up(H, kPadTo), ip = round_up(I, kPadTo), n_pairs = T * K;
   const float s = w.lora_scaling;
-  const LoraWeights &lg = w.lora[kGate], &lu = w.lora[kUp], &ld = w.lora[kDown];
+  const LoraShape l(w);
+  const LoraWeights& ld = w.lora[kDown];
   const LoraColumns lcol(w);
-  const Routing route(args.ids, n_pairs, d.experts);
+  const Routing route(args.ids, n_pairs, E);
+  const int64_t rows = route.rows();
 
-  // Phase 1, per expert: gather the expert's tokens; LoRA-A of gate and up (x A^T).
-  auto xs = uninitialized<Act>(route.rows() * hp);
+  // Phase 1, per expert: gather its tokens, pack its LoRA operands, x [A_g; A_u]^T.
+  auto xs = uninitialized<Act>(rows * hp);
+  auto xa = uninitialized<Act>(rows * l.rgu_p);  // s * x [A_g; A_u]^T
+  auto a_gu = uninitialized<Act>(E * l.rgu_p * hp), b_gu = uninitialized<Act>(E * 2 * ip * l.rgu_p);
+  auto a_d = uninitialized<Act>(E * l.rd_p * ip), b_d = uninitialized<Act>(E * hp * l.rd_p);
   parallel_for(route.active.size(), threads, [&](int64_t task) {
-    const int64_t e = route.active[task];
+    const int64_t e = route.active[task], n = route.count(e), m = route.padded_rows(e);
+    const int64_t row0 = route.first_row[e];
     gather_rows(route, e, args.x, args.act_dtype, K, H, xs.get(), hp);
-    if (lg.rank + lu.rank == 0) return;
-    std::vector<float> xrow(H);
-    for (int64_t i = 0; i < route.count(e); ++i) {
+    if (l.rd) {
+      pack_elements(l.rd_p, ip, a_d.get() + e * l.rd_p * ip, [&](int64_t j, int64_t c) {
+        return j < l.rd && c < I ? ld.a[(e * l.rd + j) * I + c] : 0.f;
+      });
+      pack_elements(hp, l.rd_p, b_d.get() + e * hp * l.rd_p, [&](int64_t o, int64_t j) {
+        return o < H && j < l.rd ? ld.b[(e * H + o) * l.rd + j] : 0.f;
+      });
+    }
+    if (!l.rgu) return;
+    Act* a_e = a_gu.get() + e * l.rgu_p * hp;
+    pack_elements(l.rgu_p, hp, a_e, [&](int64_t j, int64_t c) { return lora_a_gu(w, l, e, H, j, c); });
+    pack_elements(2 * ip, l.rgu_p, b_gu.get() + e * 2 * ip * l.rgu_p,
+                  [&](int64_t row, int64_t j) { return lora_b_gu(w, l, e, I, row, j); });
+    auto acc = uninitialized<float>(m * l.rgu_p);
+    gemm(k, m, hp, xs.get() + row0 * hp, hp, a_e, l.rgu_p / kPanelRows, acc.get(), l.rgu_p);
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t j = 0; j < l.rgu_p; ++j) xa[(row0 + i) * l.rgu_p + j] = f32_to_act<Act>(s * acc[i * l.rgu_p + j]);
+      if (i >= n) continue;
       const int64_t pair = route.pairs[route.first[e] + i];
-      load_row(args.x, args.act_dtype, pair / K, H, xrow.data());
-      float* la = args.lora_act + pair * lcol.width;
-      project(xrow.data(), lg.a + e * lg.rank * H, lg.rank, H, la + lcol.offset[kGate]);
-      project(xrow.data(), lu.a + e * lu.rank * H, lu.rank, H, la + lcol.offset[kUp]);
+      std::copy(acc.get() + i * l.rgu_p, acc.get() + i * l.rgu_p + l.rgu, args.lora_act + pair * lcol.width);
     }
   });
 
-  // Phase 2, per (expert, 16*kPanelsPerTask intermediate columns): fused gate/up GEMM, LoRA-B,
-  // save g and u, z = silu(g) * u.
-  auto zs = uninitialized<Act>(route.rows() * ip);
+  // Phase 2, per (expert, 16*kPanelsPerTask intermediate columns): fused gate/up GEMM plus the
+  // LoRA-B product into the same tile; save g and u; z = silu(g) * u.
+  auto zs = uninitialized<Act>(rows * ip);
   const int64_t i_panels = ip / kPanelRows;
   const auto gu_tasks = expert_panel_tasks(route, i_panels, kPanelsPerTask);
   parallel_for(gu_tasks.size(), threads, [&](int64_t task) {
@@ -154,18 +210,18 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
     auto acc = uninitialized<float>(m * 2 * cols);  // gate and up panels interleaved
     gemm(k, m, hp, xs.get() + row0 * hp, hp, w.gate_up + (e * 2 * ip + 2 * p0 * kPanelRows) * hp,
          2 * np, acc.get(), 2 * cols);
+    if (l.rgu)
+      gemm(k, m, l.rgu_p, xa.get() + row0 * l.rgu_p, l.rgu_p,
+           b_gu.get() + (e * 2 * ip + 2 * p0 * kPanelRows) * l.rgu_p, 2 * np, acc.get(), 2 * cols, true);
     const int64_t c0 = p0 * kPanelRows, c_end = std::min(c0 + cols, I);
     for (int64_t i = 0; i < m; ++i) {
       Act* z = zs.get() + (row0 + i) * ip;
       std::fill(z + c0, z + c0 + cols, Act(0));
       if (i >= n) continue;
       const int64_t pair = route.pairs[route.first[e] + i];
-      const float* la = args.lora_act + pair * lcol.width;
       for (int64_t c = c0; c < c_end; ++c) {
-        float g = acc[i * 2 * cols + gate_up_column(c - c0, false)];
-        float u = acc[i * 2 * cols + gate_up_column(c - c0, true)];
-        if (lg.rank) g += s * dot(la + lcol.offset[kGate], lg.b + (e * I + c) * lg.rank, lg.rank);
-        if (lu.rank) u += s * dot(la + lcol.offset[kUp], lu.b + (e * I + c) * lu.rank, lu.rank);
+        const float g = acc[i * 2 * cols + gate_up_column(c - c0, false)];
+        const float u = acc[i * 2 * cols + gate_up_column(c - c0, true)];
         store_from_f32(args.gate_up_act, args.act_dtype, pair * 2 * I + c, g);
         store_from_f32(args.gate_up_act, args.act_dtype, pair * 2 * I + I + c, u);
         z[c] = f32_to_act<Act>(g * sigmoid(g) * u);
@@ -173,22 +229,26 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
     }
   });
 
-  // Phase 3, per expert: LoRA-A of down (z A^T), from the same z the base GEMM reads.
-  if (ld.rank) {
+  // Phase 3, per expert: LoRA-A of down (z A_d^T), from the same z the base GEMM reads.
+  auto za = uninitialized<Act>(rows * l.rd_p);  // s * z A_d^T
+  if (l.rd) {
     parallel_for(route.active.size(), threads, [&](int64_t task) {
-      const int64_t e = route.active[task];
-      std::vector<float> zrow(I);
-      for (int64_t i = 0; i < route.count(e); ++i) {
-        const Act* z = zs.get() + (route.first_row[e] + i) * ip;
-        for (int64_t c = 0; c < I; ++c) zrow[c] = act_to_f32(z[c]);
+      const int64_t e = route.active[task], n = route.count(e), m = route.padded_rows(e);
+      const int64_t row0 = route.first_row[e];
+      auto acc = uninitialized<float>(m * l.rd_p);
+      gemm(k, m, ip, zs.get() + row0 * ip, ip, a_d.get() + e * l.rd_p * ip, l.rd_p / kPanelRows, acc.get(),
+           l.rd_p);
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t j = 0; j < l.rd_p; ++j) za[(row0 + i) * l.rd_p + j] = f32_to_act<Act>(s * acc[i * l.rd_p + j]);
+        if (i >= n) continue;
         const int64_t pair = route.pairs[route.first[e] + i];
-        project(zrow.data(), ld.a + e * ld.rank * I, ld.rank, I,
-                args.lora_act + pair * lcol.width + lcol.offset[kDown]);
+        std::copy(acc.get() + i * l.rd_p, acc.get() + i * l.rd_p + l.rd,
+                  args.lora_act + pair * lcol.width + lcol.offset[kDown]);
       }
     });
   }
 
-  // Phase 4, per (expert, hidden columns): down GEMM + LoRA-B into per-pair outputs.
+  // Phase 4, per (expert, hidden columns): down GEMM plus LoRA-B into per-pair outputs.
   auto h_pair = uninitialized<float>(n_pairs * H);
   const int64_t h_panels = hp / kPanelRows;
   const auto down_tasks = expert_panel_tasks(route, h_panels, kPanelsPerTask);
@@ -197,17 +257,14 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
     const int64_t np = std::min(kPanelsPerTask, h_panels - p0), cols = np * kPanelRows;
     const int64_t m = route.padded_rows(e), row0 = route.first_row[e];
     auto acc = uninitialized<float>(m * cols);
-    gemm(k, m, ip, zs.get() + row0 * ip, ip, w.down + (e * hp + p0 * kPanelRows) * ip, np,
-         acc.get(), cols);
+    gemm(k, m, ip, zs.get() + row0 * ip, ip, w.down + (e * hp + p0 * kPanelRows) * ip, np, acc.get(), cols);
+    if (l.rd)
+      gemm(k, m, l.rd_p, za.get() + row0 * l.rd_p, l.rd_p, b_d.get() + (e * hp + p0 * kPanelRows) * l.rd_p, np,
+           acc.get(), cols, true);
     const int64_t c0 = p0 * kPanelRows, c_end = std::min(c0 + cols, H);
     for (int64_t i = 0; i < route.count(e); ++i) {
       const int64_t pair = route.pairs[route.first[e] + i];
-      const float* za = args.lora_act + pair * lcol.width + lcol.offset[kDown];
-      for (int64_t c = c0; c < c_end; ++c) {
-        float h = acc[i * cols + c - c0];
-        if (ld.rank) h += s * dot(za, ld.b + (e * H + c) * ld.rank, ld.rank);
-        h_pair[pair * H + c] = h;
-      }
+      std::copy(acc.get() + i * cols, acc.get() + i * cols + (c_end - c0), h_pair.get() + pair * H + c0);
     }
   });
 
@@ -228,28 +285,38 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
   const int64_t T = d.tokens, K = d.top_k, H = d.hidden, I = d.intermediate, E = d.experts;
   const int64_t hp = round_up(H, kPadTo), ip = round_up(I, kPadTo), n_pairs = T * K;
   const float s = w.lora_scaling;
-  const LoraWeights &lg = w.lora[kGate], &lu = w.lora[kUp], &ld = w.lora[kDown];
+  const LoraShape l(w);
+  const LoraWeights& ld = w.lora[kDown];
   const LoraColumns lcol(w);
   const Routing route(args.ids, n_pairs, E);
-  const int64_t rank_gu = lg.rank + lu.rank;
+  const int64_t rows = route.rows();
 
-  // Phase 1, per expert: gather dy rows; dy B_d (LoRA path of the down projection).
-  auto dys = uninitialized<Act>(route.rows() * hp);
-  auto dy_b = uninitialized<float>(n_pairs * ld.rank);
+  // Phase 1, per expert: gather dy rows, pack the transposed LoRA operands, dy B_d.
+  auto dys = uninitialized<Act>(rows * hp);
+  auto dy_b = uninitialized<float>(rows * l.rd_p);  // dy B_d, expert-sorted rows
+  auto dy_bs = uninitialized<Act>(rows * l.rd_p);   // s * dy B_d
+  auto bt_d = uninitialized<Act>(E * l.rd_p * hp), at_d = uninitialized<Act>(E * ip * l.rd_p);
+  auto bt_gu = uninitialized<Act>(E * l.rgu_p * 2 * ip), at_gu = uninitialized<Act>(E * hp * l.rgu_p);
   parallel_for(route.active.size(), threads, [&](int64_t task) {
-    const int64_t e = route.active[task];
+    const int64_t e = route.active[task], m = route.padded_rows(e), row0 = route.first_row[e];
     gather_rows(route, e, args.grad_y, args.act_dtype, K, H, dys.get(), hp);
-    if (!ld.rank) return;
-    std::vector<float> dy(H);
-    for (int64_t i = 0; i < route.count(e); ++i) {
-      const int64_t pair = route.pairs[route.first[e] + i];
-      load_row(args.grad_y, args.act_dtype, pair / K, H, dy.data());
-      float* out = dy_b.get() + pair * ld.rank;
-      std::fill(out, out + ld.rank, 0.f);
-      const float* b = ld.b + e * H * ld.rank;
-      for (int64_t c = 0; c < H; ++c)
-        for (int64_t j = 0; j < ld.rank; ++j) out[j] += dy[c] * b[c * ld.rank + j];
+    if (l.rgu) {
+      pack_elements(l.rgu_p, 2 * ip, bt_gu.get() + e * l.rgu_p * 2 * ip,
+                    [&](int64_t j, int64_t row) { return lora_b_gu(w, l, e, I, row, j); });
+      pack_elements(hp, l.rgu_p, at_gu.get() + e * hp * l.rgu_p,
+                    [&](int64_t c, int64_t j) { return lora_a_gu(w, l, e, H, j, c); });
     }
+    if (!l.rd) return;
+    Act* bt = bt_d.get() + e * l.rd_p * hp;
+    pack_elements(l.rd_p, hp, bt, [&](int64_t j, int64_t o) {
+      return j < l.rd && o < H ? ld.b[(e * H + o) * l.rd + j] : 0.f;
+    });
+    pack_elements(ip, l.rd_p, at_d.get() + e * ip * l.rd_p, [&](int64_t c, int64_t j) {
+      return c < I && j < l.rd ? ld.a[(e * l.rd + j) * I + c] : 0.f;
+    });
+    float* out = dy_b.get() + row0 * l.rd_p;
+    gemm(k, m, hp, dys.get() + row0 * hp, hp, bt, l.rd_p / kPanelRows, out, l.rd_p);
+    for (int64_t i = 0; i < m * l.rd_p; ++i) dy_bs[row0 * l.rd_p + i] = f32_to_act<Act>(s * out[i]);
   });
 
   // Phase 2, per (expert, intermediate columns): q = dy W_d + s (dy B_d) A_d, the gradient
@@ -265,34 +332,26 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
     pack_transposed_panels(w.down + e * hp * ip, hp, ip, p0, np, wt.get());
     auto acc = uninitialized<float>(m * cols);
     gemm(k, m, hp, dys.get() + row0 * hp, hp, wt.get(), np, acc.get(), cols);
+    if (l.rd)
+      gemm(k, m, l.rd_p, dy_bs.get() + row0 * l.rd_p, l.rd_p, at_d.get() + (e * ip + p0 * kPanelRows) * l.rd_p,
+           np, acc.get(), cols, true);
     const int64_t c0 = p0 * kPanelRows, c_end = std::min(c0 + cols, I);
     for (int64_t i = 0; i < route.count(e); ++i) {
       const int64_t pair = route.pairs[route.first[e] + i];
-      for (int64_t c = c0; c < c_end; ++c) {
-        float q = acc[i * cols + c - c0];
-        if (ld.rank) {
-          const float* a = ld.a + e * ld.rank * I;
-          const float* yb = dy_b.get() + pair * ld.rank;
-          float lora = 0.f;
-          for (int64_t j = 0; j < ld.rank; ++j) lora += yb[j] * a[j * I + c];
-          q += s * lora;
-        }
-        q_pair[pair * I + c] = q;
-      }
+      std::copy(acc.get() + i * cols, acc.get() + i * cols + (c_end - c0), q_pair.get() + pair * I + c0);
     }
   });
 
   // Phase 3, per token: routing-weight gradient z.q, then dg and du through silu(g) * u.
-  // dgu (fp32, [pair, 2I]) feeds the LoRA gradients; dgus (Act, fused column order) the GEMM.
+  // dgu (fp32, [pair, 2I]) feeds the LoRA gradients; dgus (Act, fused column order) the GEMMs.
   auto dgu = uninitialized<float>(n_pairs * 2 * I);
-  auto dgus = uninitialized<Act>(route.rows() * 2 * ip);
-  auto dgu_b = uninitialized<float>(n_pairs * rank_gu);  // [dg B_g | du B_u]
+  auto dgus = uninitialized<Act>(rows * 2 * ip);
   std::vector<int64_t> row_of_pair(n_pairs);
   for (int64_t e : route.active)
     for (int64_t i = 0; i < route.count(e); ++i) row_of_pair[route.pairs[route.first[e] + i]] = route.first_row[e] + i;
   parallel_for(T, threads, [&](int64_t t) {
     for (int64_t j = 0; j < K; ++j) {
-      const int64_t pair = t * K + j, e = args.ids[pair];
+      const int64_t pair = t * K + j;
       const float* q = q_pair.get() + pair * I;
       float* dg = dgu.get() + pair * 2 * I;
       float* du = dg + I;
@@ -311,21 +370,23 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
         fused[gate_up_column(c, true)] = f32_to_act<Act>(du[c]);
       }
       args.grad_weights[pair] = z_dot_q;
-      float* b_out = dgu_b.get() + pair * rank_gu;
-      for (int64_t r = 0; r < lg.rank; ++r) b_out[r] = 0.f;
-      for (int64_t r = 0; r < lu.rank; ++r) b_out[lg.rank + r] = 0.f;
-      for (int64_t c = 0; c < I; ++c) {
-        for (int64_t r = 0; r < lg.rank; ++r) b_out[r] += dg[c] * lg.b[(e * I + c) * lg.rank + r];
-        for (int64_t r = 0; r < lu.rank; ++r) b_out[lg.rank + r] += du[c] * lu.b[(e * I + c) * lu.rank + r];
-      }
     }
   });
-  for (int64_t e : route.active) {  // padding rows of the fused gradient
-    Act* pad = dgus.get() + (route.first_row[e] + route.count(e)) * 2 * ip;
-    std::fill(pad, pad + (route.padded_rows(e) - route.count(e)) * 2 * ip, Act(0));
-  }
 
-  // Phase 4, per (expert, hidden columns): dx per pair = dg W_g + du W_u + LoRA terms.
+  // Phase 4, per expert: padding rows of the fused gradient; [dg B_g | du B_u].
+  auto dgu_b = uninitialized<float>(rows * l.rgu_p);  // expert-sorted rows
+  auto dgu_bs = uninitialized<Act>(rows * l.rgu_p);   // s * [dg B_g | du B_u]
+  parallel_for(route.active.size(), threads, [&](int64_t task) {
+    const int64_t e = route.active[task], m = route.padded_rows(e), row0 = route.first_row[e];
+    std::fill(dgus.get() + (row0 + route.count(e)) * 2 * ip, dgus.get() + (row0 + m) * 2 * ip, Act(0));
+    if (!l.rgu) return;
+    float* out = dgu_b.get() + row0 * l.rgu_p;
+    gemm(k, m, 2 * ip, dgus.get() + row0 * 2 * ip, 2 * ip, bt_gu.get() + e * l.rgu_p * 2 * ip,
+         l.rgu_p / kPanelRows, out, l.rgu_p);
+    for (int64_t i = 0; i < m * l.rgu_p; ++i) dgu_bs[row0 * l.rgu_p + i] = f32_to_act<Act>(s * out[i]);
+  });
+
+  // Phase 5, per (expert, hidden columns): dx per pair = dg W_g + du W_u + s [dgB|duB] [A_g;A_u].
   auto dx_pair = uninitialized<float>(n_pairs * H);
   const int64_t h_panels = hp / kPanelRows;
   const auto dx_tasks = expert_panel_tasks(route, h_panels, kPanelsPerTask);
@@ -337,21 +398,17 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
     pack_transposed_panels(w.gate_up + e * 2 * ip * hp, 2 * ip, hp, p0, np, wt.get());
     auto acc = uninitialized<float>(m * cols);
     gemm(k, m, 2 * ip, dgus.get() + row0 * 2 * ip, 2 * ip, wt.get(), np, acc.get(), cols);
+    if (l.rgu)
+      gemm(k, m, l.rgu_p, dgu_bs.get() + row0 * l.rgu_p, l.rgu_p,
+           at_gu.get() + (e * hp + p0 * kPanelRows) * l.rgu_p, np, acc.get(), cols, true);
     const int64_t c0 = p0 * kPanelRows, c_end = std::min(c0 + cols, H);
     for (int64_t i = 0; i < route.count(e); ++i) {
       const int64_t pair = route.pairs[route.first[e] + i];
-      const float* b = dgu_b.get() + pair * rank_gu;
-      for (int64_t c = c0; c < c_end; ++c) {
-        float dx = acc[i * cols + c - c0];
-        float lora = 0.f;
-        for (int64_t r = 0; r < lg.rank; ++r) lora += b[r] * lg.a[(e * lg.rank + r) * H + c];
-        for (int64_t r = 0; r < lu.rank; ++r) lora += b[lg.rank + r] * lu.a[(e * lu.rank + r) * H + c];
-        dx_pair[pair * H + c] = dx + s * lora;
-      }
+      std::copy(acc.get() + i * cols, acc.get() + i * cols + (c_end - c0), dx_pair.get() + pair * H + c0);
     }
   });
 
-  // Phase 5, per (expert, projection): the six LoRA gradients, summed over the expert's
+  // Phase 6, per (expert, projection): the six LoRA gradients, summed over the expert's
   // pairs in pair order. Experts without tokens get zeros.
   parallel_for(E * 3, threads, [&](int64_t task) {
     const int64_t e = task / 3;
@@ -366,14 +423,14 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
     std::fill(gb, gb + out * r, 0.f);
     std::vector<float> in_row(in), out_grad(out), coef(r);
     for (int64_t i = 0; i < route.count(e); ++i) {
-      const int64_t pair = route.pairs[route.first[e] + i], t = pair / K;
-      const float* act_a = args.lora_act + pair * lcol.width + lcol.offset[proj];  // in A^T
+      const int64_t pair = route.pairs[route.first[e] + i], t = pair / K, row = route.first_row[e] + i;
+      const float* act_a = args.lora_act + pair * lcol.width + lcol.offset[proj];  // input A^T
       if (proj == kDown) {
         // grad of h is w * dy; its B-side projection is w * (dy B_d); the input is z.
         const float wt = args.weights[pair];
         load_row(args.grad_y, args.act_dtype, t, H, out_grad.data());
         for (int64_t c = 0; c < H; ++c) out_grad[c] *= wt;
-        for (int64_t j = 0; j < r; ++j) coef[j] = wt * dy_b[pair * r + j];
+        for (int64_t j = 0; j < r; ++j) coef[j] = wt * dy_b[row * l.rd_p + j];
         for (int64_t c = 0; c < I; ++c) {
           const float g = load_as_f32(args.gate_up_act, args.act_dtype, pair * 2 * I + c);
           const float u = load_as_f32(args.gate_up_act, args.act_dtype, pair * 2 * I + I + c);
@@ -382,7 +439,7 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
       } else {
         const float* grad = dgu.get() + pair * 2 * I + (proj == kUp ? I : 0);
         std::copy(grad, grad + I, out_grad.begin());
-        const float* b = dgu_b.get() + pair * rank_gu + (proj == kUp ? lg.rank : 0);
+        const float* b = dgu_b.get() + row * l.rgu_p + (proj == kUp ? l.rg : 0);
         std::copy(b, b + r, coef.begin());
         load_row(args.x, args.act_dtype, t, H, in_row.data());
       }
@@ -397,7 +454,7 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
     }
   });
 
-  // Phase 6, per token: dx = sum over the token's slots, in slot order.
+  // Phase 7, per token: dx = sum over the token's slots, in slot order.
   parallel_for(T, threads, [&](int64_t t) {
     for (int64_t c = 0; c < H; ++c) {
       float dx = 0.f;

@@ -49,6 +49,9 @@ void gemm_scalar_bf16(int64_t, int64_t, const uint16_t*, int64_t, const uint16_t
                       float*, int64_t, bool);
 void gemm_scalar_f32(int64_t, int64_t, const float*, int64_t, const uint16_t*, int64_t, float*,
                      int64_t, bool);
+// fp32 weights in the same packed layout (LoRA on the fp32 paths).
+void gemm_scalar_f32_f32w(int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*,
+                          int64_t, bool);
 void gemm_avx2_f32(int64_t, int64_t, const float*, int64_t, const uint16_t*, int64_t, float*,
                    int64_t, bool);
 void gemm_avx512_bf16(int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t,
