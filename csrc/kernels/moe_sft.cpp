@@ -6,10 +6,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <memory>
 #include <vector>
 
 #include "kt/packing.h"
+#include "kt/scratch.h"
 #include "kt/thread_pool.h"
 
 namespace kt {
@@ -17,11 +17,6 @@ namespace {
 
 constexpr int64_t kRowAlign = 16;       // GEMM row blocks; each expert's rows are padded to it
 constexpr int64_t kPanelsPerTask = 4;   // output panels (16 columns each) per work item
-
-template <typename T>
-std::unique_ptr<T[]> uninitialized(int64_t n) {
-  return std::unique_ptr<T[]>(new T[std::max<int64_t>(n, 1)]);
-}
 
 inline float act_to_f32(float v) { return v; }
 inline float act_to_f32(bf16 v) { return bf16_to_f32(v); }
@@ -167,55 +162,57 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
   const int64_t rows = route.rows();
 
   // Phase 1, per expert: gather its tokens, pack its LoRA operands, x [A_g; A_u]^T.
-  auto xs = uninitialized<Act>(rows * hp);
-  auto xa = uninitialized<Act>(rows * l.rgu_p);  // s * x [A_g; A_u]^T
-  auto a_gu = uninitialized<Act>(E * l.rgu_p * hp), b_gu = uninitialized<Act>(E * 2 * ip * l.rgu_p);
-  auto a_d = uninitialized<Act>(E * l.rd_p * ip), b_d = uninitialized<Act>(E * hp * l.rd_p);
+  Act* xs = scratch<Act>(Scratch::kRowsA, rows * hp);
+  Act* xa = scratch<Act>(Scratch::kRowsB, rows * l.rgu_p);  // s * x [A_g; A_u]^T
+  Act* a_gu = scratch<Act>(Scratch::kLoraA, E * l.rgu_p * hp);
+  Act* b_gu = scratch<Act>(Scratch::kLoraB, E * 2 * ip * l.rgu_p);
+  Act* a_d = scratch<Act>(Scratch::kLoraC, E * l.rd_p * ip);
+  Act* b_d = scratch<Act>(Scratch::kLoraD, E * hp * l.rd_p);
   parallel_for(route.active.size(), threads, [&](int64_t task) {
     const int64_t e = route.active[task], n = route.count(e), m = route.padded_rows(e);
     const int64_t row0 = route.first_row[e];
-    gather_rows(route, e, args.x, args.act_dtype, K, H, xs.get(), hp);
+    gather_rows(route, e, args.x, args.act_dtype, K, H, xs, hp);
     if (l.rd) {
-      pack_elements(l.rd_p, ip, a_d.get() + e * l.rd_p * ip, [&](int64_t j, int64_t c) {
+      pack_elements(l.rd_p, ip, a_d + e * l.rd_p * ip, [&](int64_t j, int64_t c) {
         return j < l.rd && c < I ? ld.a[(e * l.rd + j) * I + c] : 0.f;
       });
-      pack_elements(hp, l.rd_p, b_d.get() + e * hp * l.rd_p, [&](int64_t o, int64_t j) {
+      pack_elements(hp, l.rd_p, b_d + e * hp * l.rd_p, [&](int64_t o, int64_t j) {
         return o < H && j < l.rd ? ld.b[(e * H + o) * l.rd + j] : 0.f;
       });
     }
     if (!l.rgu) return;
-    Act* a_e = a_gu.get() + e * l.rgu_p * hp;
+    Act* a_e = a_gu + e * l.rgu_p * hp;
     pack_elements(l.rgu_p, hp, a_e, [&](int64_t j, int64_t c) { return lora_a_gu(w, l, e, H, j, c); });
-    pack_elements(2 * ip, l.rgu_p, b_gu.get() + e * 2 * ip * l.rgu_p,
+    pack_elements(2 * ip, l.rgu_p, b_gu + e * 2 * ip * l.rgu_p,
                   [&](int64_t row, int64_t j) { return lora_b_gu(w, l, e, I, row, j); });
-    auto acc = uninitialized<float>(m * l.rgu_p);
-    gemm(k, m, hp, xs.get() + row0 * hp, hp, a_e, l.rgu_p / kPanelRows, acc.get(), l.rgu_p);
+    float* acc = scratch<float>(Scratch::kTaskAcc, m * l.rgu_p);
+    gemm(k, m, hp, xs + row0 * hp, hp, a_e, l.rgu_p / kPanelRows, acc, l.rgu_p);
     for (int64_t i = 0; i < m; ++i) {
       for (int64_t j = 0; j < l.rgu_p; ++j) xa[(row0 + i) * l.rgu_p + j] = f32_to_act<Act>(s * acc[i * l.rgu_p + j]);
       if (i >= n) continue;
       const int64_t pair = route.pairs[route.first[e] + i];
-      std::copy(acc.get() + i * l.rgu_p, acc.get() + i * l.rgu_p + l.rgu, args.lora_act + pair * lcol.width);
+      std::copy(acc + i * l.rgu_p, acc + i * l.rgu_p + l.rgu, args.lora_act + pair * lcol.width);
     }
   });
 
   // Phase 2, per (expert, 16*kPanelsPerTask intermediate columns): fused gate/up GEMM plus the
   // LoRA-B product into the same tile; save g and u; z = silu(g) * u.
-  auto zs = uninitialized<Act>(rows * ip);
+  Act* zs = scratch<Act>(Scratch::kRowsC, rows * ip);
   const int64_t i_panels = ip / kPanelRows;
   const auto gu_tasks = expert_panel_tasks(route, i_panels, kPanelsPerTask);
   parallel_for(gu_tasks.size(), threads, [&](int64_t task) {
     const auto [e, p0] = gu_tasks[task];
     const int64_t np = std::min(kPanelsPerTask, i_panels - p0), cols = np * kPanelRows;
     const int64_t m = route.padded_rows(e), n = route.count(e), row0 = route.first_row[e];
-    auto acc = uninitialized<float>(m * 2 * cols);  // gate and up panels interleaved
-    gemm(k, m, hp, xs.get() + row0 * hp, hp, w.gate_up + (e * 2 * ip + 2 * p0 * kPanelRows) * hp,
-         2 * np, acc.get(), 2 * cols);
+    float* acc = scratch<float>(Scratch::kTaskAcc, m * 2 * cols);  // gate and up panels interleaved
+    gemm(k, m, hp, xs + row0 * hp, hp, w.gate_up + (e * 2 * ip + 2 * p0 * kPanelRows) * hp,
+         2 * np, acc, 2 * cols);
     if (l.rgu)
-      gemm(k, m, l.rgu_p, xa.get() + row0 * l.rgu_p, l.rgu_p,
-           b_gu.get() + (e * 2 * ip + 2 * p0 * kPanelRows) * l.rgu_p, 2 * np, acc.get(), 2 * cols, true);
+      gemm(k, m, l.rgu_p, xa + row0 * l.rgu_p, l.rgu_p,
+           b_gu + (e * 2 * ip + 2 * p0 * kPanelRows) * l.rgu_p, 2 * np, acc, 2 * cols, true);
     const int64_t c0 = p0 * kPanelRows, c_end = std::min(c0 + cols, I);
     for (int64_t i = 0; i < m; ++i) {
-      Act* z = zs.get() + (row0 + i) * ip;
+      Act* z = zs + (row0 + i) * ip;
       std::fill(z + c0, z + c0 + cols, Act(0));
       if (i >= n) continue;
       const int64_t pair = route.pairs[route.first[e] + i];
@@ -230,41 +227,41 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
   });
 
   // Phase 3, per expert: LoRA-A of down (z A_d^T), from the same z the base GEMM reads.
-  auto za = uninitialized<Act>(rows * l.rd_p);  // s * z A_d^T
+  Act* za = scratch<Act>(Scratch::kRowsD, rows * l.rd_p);  // s * z A_d^T
   if (l.rd) {
     parallel_for(route.active.size(), threads, [&](int64_t task) {
       const int64_t e = route.active[task], n = route.count(e), m = route.padded_rows(e);
       const int64_t row0 = route.first_row[e];
-      auto acc = uninitialized<float>(m * l.rd_p);
-      gemm(k, m, ip, zs.get() + row0 * ip, ip, a_d.get() + e * l.rd_p * ip, l.rd_p / kPanelRows, acc.get(),
+      float* acc = scratch<float>(Scratch::kTaskAcc, m * l.rd_p);
+      gemm(k, m, ip, zs + row0 * ip, ip, a_d + e * l.rd_p * ip, l.rd_p / kPanelRows, acc,
            l.rd_p);
       for (int64_t i = 0; i < m; ++i) {
         for (int64_t j = 0; j < l.rd_p; ++j) za[(row0 + i) * l.rd_p + j] = f32_to_act<Act>(s * acc[i * l.rd_p + j]);
         if (i >= n) continue;
         const int64_t pair = route.pairs[route.first[e] + i];
-        std::copy(acc.get() + i * l.rd_p, acc.get() + i * l.rd_p + l.rd,
+        std::copy(acc + i * l.rd_p, acc + i * l.rd_p + l.rd,
                   args.lora_act + pair * lcol.width + lcol.offset[kDown]);
       }
     });
   }
 
   // Phase 4, per (expert, hidden columns): down GEMM plus LoRA-B into per-pair outputs.
-  auto h_pair = uninitialized<float>(n_pairs * H);
+  float* h_pair = scratch<float>(Scratch::kPairs, n_pairs * H);
   const int64_t h_panels = hp / kPanelRows;
   const auto down_tasks = expert_panel_tasks(route, h_panels, kPanelsPerTask);
   parallel_for(down_tasks.size(), threads, [&](int64_t task) {
     const auto [e, p0] = down_tasks[task];
     const int64_t np = std::min(kPanelsPerTask, h_panels - p0), cols = np * kPanelRows;
     const int64_t m = route.padded_rows(e), row0 = route.first_row[e];
-    auto acc = uninitialized<float>(m * cols);
-    gemm(k, m, ip, zs.get() + row0 * ip, ip, w.down + (e * hp + p0 * kPanelRows) * ip, np, acc.get(), cols);
+    float* acc = scratch<float>(Scratch::kTaskAcc, m * cols);
+    gemm(k, m, ip, zs + row0 * ip, ip, w.down + (e * hp + p0 * kPanelRows) * ip, np, acc, cols);
     if (l.rd)
-      gemm(k, m, l.rd_p, za.get() + row0 * l.rd_p, l.rd_p, b_d.get() + (e * hp + p0 * kPanelRows) * l.rd_p, np,
-           acc.get(), cols, true);
+      gemm(k, m, l.rd_p, za + row0 * l.rd_p, l.rd_p, b_d + (e * hp + p0 * kPanelRows) * l.rd_p, np,
+           acc, cols, true);
     const int64_t c0 = p0 * kPanelRows, c_end = std::min(c0 + cols, H);
     for (int64_t i = 0; i < route.count(e); ++i) {
       const int64_t pair = route.pairs[route.first[e] + i];
-      std::copy(acc.get() + i * cols, acc.get() + i * cols + (c_end - c0), h_pair.get() + pair * H + c0);
+      std::copy(acc + i * cols, acc + i * cols + (c_end - c0), h_pair + pair * H + c0);
     }
   });
 
@@ -292,70 +289,69 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
   const int64_t rows = route.rows();
 
   // Phase 1, per expert: gather dy rows, pack the transposed LoRA operands, dy B_d.
-  auto dys = uninitialized<Act>(rows * hp);
-  auto dy_b = uninitialized<float>(rows * l.rd_p);  // dy B_d, expert-sorted rows
-  auto dy_bs = uninitialized<Act>(rows * l.rd_p);   // s * dy B_d
-  auto bt_d = uninitialized<Act>(E * l.rd_p * hp), at_d = uninitialized<Act>(E * ip * l.rd_p);
-  auto bt_gu = uninitialized<Act>(E * l.rgu_p * 2 * ip), at_gu = uninitialized<Act>(E * hp * l.rgu_p);
+  Act* dys = scratch<Act>(Scratch::kRowsA, rows * hp);
+  float* dy_b = scratch<float>(Scratch::kRowsB, rows * l.rd_p);  // dy B_d, expert-sorted rows
+  Act* dy_bs = scratch<Act>(Scratch::kRowsC, rows * l.rd_p);  // s * dy B_d
+  Act* bt_d = scratch<Act>(Scratch::kLoraA, E * l.rd_p * hp);
+  Act* at_d = scratch<Act>(Scratch::kLoraB, E * ip * l.rd_p);
+  Act* bt_gu = scratch<Act>(Scratch::kLoraC, E * l.rgu_p * 2 * ip);
+  Act* at_gu = scratch<Act>(Scratch::kLoraD, E * hp * l.rgu_p);
   parallel_for(route.active.size(), threads, [&](int64_t task) {
     const int64_t e = route.active[task], m = route.padded_rows(e), row0 = route.first_row[e];
-    gather_rows(route, e, args.grad_y, args.act_dtype, K, H, dys.get(), hp);
+    gather_rows(route, e, args.grad_y, args.act_dtype, K, H, dys, hp);
     if (l.rgu) {
-      pack_elements(l.rgu_p, 2 * ip, bt_gu.get() + e * l.rgu_p * 2 * ip,
+      pack_elements(l.rgu_p, 2 * ip, bt_gu + e * l.rgu_p * 2 * ip,
                     [&](int64_t j, int64_t row) { return lora_b_gu(w, l, e, I, row, j); });
-      pack_elements(hp, l.rgu_p, at_gu.get() + e * hp * l.rgu_p,
+      pack_elements(hp, l.rgu_p, at_gu + e * hp * l.rgu_p,
                     [&](int64_t c, int64_t j) { return lora_a_gu(w, l, e, H, j, c); });
     }
     if (!l.rd) return;
-    Act* bt = bt_d.get() + e * l.rd_p * hp;
+    Act* bt = bt_d + e * l.rd_p * hp;
     pack_elements(l.rd_p, hp, bt, [&](int64_t j, int64_t o) {
       return j < l.rd && o < H ? ld.b[(e * H + o) * l.rd + j] : 0.f;
     });
-    pack_elements(ip, l.rd_p, at_d.get() + e * ip * l.rd_p, [&](int64_t c, int64_t j) {
+    pack_elements(ip, l.rd_p, at_d + e * ip * l.rd_p, [&](int64_t c, int64_t j) {
       return c < I && j < l.rd ? ld.a[(e * l.rd + j) * I + c] : 0.f;
     });
-    float* out = dy_b.get() + row0 * l.rd_p;
-    gemm(k, m, hp, dys.get() + row0 * hp, hp, bt, l.rd_p / kPanelRows, out, l.rd_p);
+    float* out = dy_b + row0 * l.rd_p;
+    gemm(k, m, hp, dys + row0 * hp, hp, bt, l.rd_p / kPanelRows, out, l.rd_p);
     for (int64_t i = 0; i < m * l.rd_p; ++i) dy_bs[row0 * l.rd_p + i] = f32_to_act<Act>(s * out[i]);
   });
 
   // Phase 2, per (expert, intermediate columns): q = dy W_d + s (dy B_d) A_d, the gradient
   // of z before the routing weight. W_d's transposed panels stream through a small buffer.
-  auto q_pair = uninitialized<float>(n_pairs * I);
+  float* q_pair = scratch<float>(Scratch::kPairs, n_pairs * I);
   const int64_t i_panels = ip / kPanelRows;
   const auto q_tasks = expert_panel_tasks(route, i_panels, kPanelsPerTask);
   parallel_for(q_tasks.size(), threads, [&](int64_t task) {
     const auto [e, p0] = q_tasks[task];
     const int64_t np = std::min(kPanelsPerTask, i_panels - p0), cols = np * kPanelRows;
     const int64_t m = route.padded_rows(e), row0 = route.first_row[e];
-    auto wt = uninitialized<bf16>(cols * hp);
-    pack_transposed_panels(w.down + e * hp * ip, hp, ip, p0, np, wt.get());
-    auto acc = uninitialized<float>(m * cols);
-    gemm(k, m, hp, dys.get() + row0 * hp, hp, wt.get(), np, acc.get(), cols);
+    bf16* wt = scratch<bf16>(Scratch::kTaskWeights, cols * hp);
+    pack_transposed_panels(w.down + e * hp * ip, hp, ip, p0, np, wt);
+    float* acc = scratch<float>(Scratch::kTaskAcc, m * cols);
+    gemm(k, m, hp, dys + row0 * hp, hp, wt, np, acc, cols);
     if (l.rd)
-      gemm(k, m, l.rd_p, dy_bs.get() + row0 * l.rd_p, l.rd_p, at_d.get() + (e * ip + p0 * kPanelRows) * l.rd_p,
-           np, acc.get(), cols, true);
+      gemm(k, m, l.rd_p, dy_bs + row0 * l.rd_p, l.rd_p, at_d + (e * ip + p0 * kPanelRows) * l.rd_p,
+           np, acc, cols, true);
     const int64_t c0 = p0 * kPanelRows, c_end = std::min(c0 + cols, I);
     for (int64_t i = 0; i < route.count(e); ++i) {
       const int64_t pair = route.pairs[route.first[e] + i];
-      std::copy(acc.get() + i * cols, acc.get() + i * cols + (c_end - c0), q_pair.get() + pair * I + c0);
+      std::copy(acc + i * cols, acc + i * cols + (c_end - c0), q_pair + pair * I + c0);
     }
   });
 
-  // Phase 3, per token: routing-weight gradient z.q, then dg and du through silu(g) * u.
-  // dgu (fp32, [pair, 2I]) feeds the LoRA gradients; dgus (Act, fused column order) the GEMMs.
-  auto dgu = uninitialized<float>(n_pairs * 2 * I);
-  auto dgus = uninitialized<Act>(rows * 2 * ip);
+  // Phase 3, per token: routing-weight gradient z.q, then dg and du through silu(g) * u, in
+  // the fused column order of the gate/up weights (padding columns zero).
+  Act* dgus = scratch<Act>(Scratch::kRowsD, rows * 2 * ip);
   std::vector<int64_t> row_of_pair(n_pairs);
   for (int64_t e : route.active)
     for (int64_t i = 0; i < route.count(e); ++i) row_of_pair[route.pairs[route.first[e] + i]] = route.first_row[e] + i;
   parallel_for(T, threads, [&](int64_t t) {
     for (int64_t j = 0; j < K; ++j) {
       const int64_t pair = t * K + j;
-      const float* q = q_pair.get() + pair * I;
-      float* dg = dgu.get() + pair * 2 * I;
-      float* du = dg + I;
-      Act* fused = dgus.get() + row_of_pair[pair] * 2 * ip;
+      const float* q = q_pair + pair * I;
+      Act* fused = dgus + row_of_pair[pair] * 2 * ip;
       std::fill(fused, fused + 2 * ip, Act(0));
       float z_dot_q = 0.f;
       for (int64_t c = 0; c < I; ++c) {
@@ -364,47 +360,45 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
         const float sg = sigmoid(g), silu = g * sg;
         z_dot_q += silu * u * q[c];
         const float dz = args.weights[pair] * q[c];
-        dg[c] = dz * u * sg * (1.f + g * (1.f - sg));
-        du[c] = dz * silu;
-        fused[gate_up_column(c, false)] = f32_to_act<Act>(dg[c]);
-        fused[gate_up_column(c, true)] = f32_to_act<Act>(du[c]);
+        fused[gate_up_column(c, false)] = f32_to_act<Act>(dz * u * sg * (1.f + g * (1.f - sg)));
+        fused[gate_up_column(c, true)] = f32_to_act<Act>(dz * silu);
       }
       args.grad_weights[pair] = z_dot_q;
     }
   });
 
   // Phase 4, per expert: padding rows of the fused gradient; [dg B_g | du B_u].
-  auto dgu_b = uninitialized<float>(rows * l.rgu_p);  // expert-sorted rows
-  auto dgu_bs = uninitialized<Act>(rows * l.rgu_p);   // s * [dg B_g | du B_u]
+  float* dgu_b = scratch<float>(Scratch::kRowsE, rows * l.rgu_p);  // expert-sorted rows
+  Act* dgu_bs = scratch<Act>(Scratch::kRowsF, rows * l.rgu_p);  // s * [dg B_g | du B_u]
   parallel_for(route.active.size(), threads, [&](int64_t task) {
     const int64_t e = route.active[task], m = route.padded_rows(e), row0 = route.first_row[e];
-    std::fill(dgus.get() + (row0 + route.count(e)) * 2 * ip, dgus.get() + (row0 + m) * 2 * ip, Act(0));
+    std::fill(dgus + (row0 + route.count(e)) * 2 * ip, dgus + (row0 + m) * 2 * ip, Act(0));
     if (!l.rgu) return;
-    float* out = dgu_b.get() + row0 * l.rgu_p;
-    gemm(k, m, 2 * ip, dgus.get() + row0 * 2 * ip, 2 * ip, bt_gu.get() + e * l.rgu_p * 2 * ip,
+    float* out = dgu_b + row0 * l.rgu_p;
+    gemm(k, m, 2 * ip, dgus + row0 * 2 * ip, 2 * ip, bt_gu + e * l.rgu_p * 2 * ip,
          l.rgu_p / kPanelRows, out, l.rgu_p);
     for (int64_t i = 0; i < m * l.rgu_p; ++i) dgu_bs[row0 * l.rgu_p + i] = f32_to_act<Act>(s * out[i]);
   });
 
   // Phase 5, per (expert, hidden columns): dx per pair = dg W_g + du W_u + s [dgB|duB] [A_g;A_u].
-  auto dx_pair = uninitialized<float>(n_pairs * H);
+  float* dx_pair = scratch<float>(Scratch::kPairs, n_pairs * H);  // q_pair is dead here
   const int64_t h_panels = hp / kPanelRows;
   const auto dx_tasks = expert_panel_tasks(route, h_panels, kPanelsPerTask);
   parallel_for(dx_tasks.size(), threads, [&](int64_t task) {
     const auto [e, p0] = dx_tasks[task];
     const int64_t np = std::min(kPanelsPerTask, h_panels - p0), cols = np * kPanelRows;
     const int64_t m = route.padded_rows(e), row0 = route.first_row[e];
-    auto wt = uninitialized<bf16>(cols * 2 * ip);
-    pack_transposed_panels(w.gate_up + e * 2 * ip * hp, 2 * ip, hp, p0, np, wt.get());
-    auto acc = uninitialized<float>(m * cols);
-    gemm(k, m, 2 * ip, dgus.get() + row0 * 2 * ip, 2 * ip, wt.get(), np, acc.get(), cols);
+    bf16* wt = scratch<bf16>(Scratch::kTaskWeights, cols * 2 * ip);
+    pack_transposed_panels(w.gate_up + e * 2 * ip * hp, 2 * ip, hp, p0, np, wt);
+    float* acc = scratch<float>(Scratch::kTaskAcc, m * cols);
+    gemm(k, m, 2 * ip, dgus + row0 * 2 * ip, 2 * ip, wt, np, acc, cols);
     if (l.rgu)
-      gemm(k, m, l.rgu_p, dgu_bs.get() + row0 * l.rgu_p, l.rgu_p,
-           at_gu.get() + (e * hp + p0 * kPanelRows) * l.rgu_p, np, acc.get(), cols, true);
+      gemm(k, m, l.rgu_p, dgu_bs + row0 * l.rgu_p, l.rgu_p,
+           at_gu + (e * hp + p0 * kPanelRows) * l.rgu_p, np, acc, cols, true);
     const int64_t c0 = p0 * kPanelRows, c_end = std::min(c0 + cols, H);
     for (int64_t i = 0; i < route.count(e); ++i) {
       const int64_t pair = route.pairs[route.first[e] + i];
-      std::copy(acc.get() + i * cols, acc.get() + i * cols + (c_end - c0), dx_pair.get() + pair * H + c0);
+      std::copy(acc + i * cols, acc + i * cols + (c_end - c0), dx_pair + pair * H + c0);
     }
   });
 
@@ -437,9 +431,9 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
           in_row[c] = g * sigmoid(g) * u;
         }
       } else {
-        const float* grad = dgu.get() + pair * 2 * I + (proj == kUp ? I : 0);
-        std::copy(grad, grad + I, out_grad.begin());
-        const float* b = dgu_b.get() + row * l.rgu_p + (proj == kUp ? l.rg : 0);
+        const Act* fused = dgus + row * 2 * ip;
+        for (int64_t c = 0; c < I; ++c) out_grad[c] = act_to_f32(fused[gate_up_column(c, proj == kUp)]);
+        const float* b = dgu_b + row * l.rgu_p + (proj == kUp ? l.rg : 0);
         std::copy(b, b + r, coef.begin());
         load_row(args.x, args.act_dtype, t, H, in_row.data());
       }
