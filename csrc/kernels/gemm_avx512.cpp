@@ -56,5 +56,13 @@ void gemm_avx512_bf16(int64_t m, int64_t kp, const uint16_t* a, int64_t lda, con
   }
 }
 
+void axpy_avx512(int64_t n, float a, const float* x, float* y) {
+  const __m512 av = _mm512_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+  const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
+  _mm512_mask_storeu_ps(y + i, tail, _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(tail, x + i), _mm512_maskz_loadu_ps(tail, y + i)));
+}
+
 }  // namespace kt
 #pragma GCC pop_options

@@ -48,6 +48,10 @@ void gemm_scalar_f32(int64_t m, int64_t kp, const float* a, int64_t lda, const u
   gemm_reference(m, kp, a, lda, w, panels, c, ldc, accumulate);
 }
 
+void axpy_scalar(int64_t n, float a, const float* x, float* y) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
 void gemm_scalar_f32_f32w(int64_t m, int64_t kp, const float* a, int64_t lda, const float* w,
                           int64_t panels, float* c, int64_t ldc, bool accumulate) {
   gemm_reference(m, kp, a, lda, w, panels, c, ldc, accumulate);

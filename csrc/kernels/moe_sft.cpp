@@ -414,8 +414,8 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
     float* ga = args.grad_lora_a[proj] + e * r * in;
     float* gb = args.grad_lora_b[proj] + e * out * r;
     std::fill(ga, ga + r * in, 0.f);
-    std::fill(gb, gb + out * r, 0.f);
-    std::vector<float> in_row(in), out_grad(out), coef(r);
+    // dB is summed as dB^T [r, out] so both reductions are long contiguous axpys.
+    std::vector<float> in_row(in), out_grad(out), coef(r), gb_t(r * out, 0.f);
     for (int64_t i = 0; i < route.count(e); ++i) {
       const int64_t pair = route.pairs[route.first[e] + i], t = pair / K, row = route.first_row[e] + i;
       const float* act_a = args.lora_act + pair * lcol.width + lcol.offset[proj];  // input A^T
@@ -437,15 +437,13 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
         std::copy(b, b + r, coef.begin());
         load_row(args.x, args.act_dtype, t, H, in_row.data());
       }
-      for (int64_t j = 0; j < r; ++j) {  // dA += s * (grad B)^T input
-        const float cj = s * coef[j];
-        for (int64_t c = 0; c < in; ++c) ga[j * in + c] += cj * in_row[c];
-      }
-      for (int64_t o = 0; o < out; ++o) {  // dB += s * grad^T (input A^T)
-        const float go = s * out_grad[o];
-        for (int64_t j = 0; j < r; ++j) gb[o * r + j] += go * act_a[j];
+      for (int64_t j = 0; j < r; ++j) {
+        k.axpy(in, s * coef[j], in_row.data(), ga + j * in);           // dA += s (grad B)^T input
+        k.axpy(out, s * act_a[j], out_grad.data(), gb_t.data() + j * out);  // dB^T += s (input A^T)^T grad
       }
     }
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t j = 0; j < r; ++j) gb[o * r + j] = gb_t[j * out + o];
   });
 
   // Phase 7, per token: dx = sum over the token's slots, in slot order.

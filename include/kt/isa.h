@@ -29,6 +29,9 @@ Isa select_isa(const char* cap);
 //   C[m, 16*p + c] (+)= sum_k A[m, k] * W[16*p + c, k]   for m < M, p < panels, c < 16
 // A is M x kp (row stride lda, columns past the real depth zero), the panels are
 // consecutive in `w`, C is fp32 with row stride ldc. M must be a multiple of 16.
+// y[i] += a * x[i] for i < n (fp32): the LoRA-gradient reductions.
+using AxpyFn = void (*)(int64_t n, float a, const float* x, float* y);
+
 template <typename Act>
 using GemmFn = void (*)(int64_t m, int64_t kp, const Act* a, int64_t lda, const uint16_t* w,
                         int64_t panels, float* c, int64_t ldc, bool accumulate);
@@ -40,6 +43,7 @@ struct Kernels {
   bool bf16_activations;
   GemmFn<uint16_t> gemm_bf16;  // null when bf16_activations is false
   GemmFn<float> gemm_f32;      // null when bf16_activations is true
+  AxpyFn axpy;
 };
 
 const Kernels& kernels_for(Isa isa);
@@ -49,6 +53,9 @@ void gemm_scalar_bf16(int64_t, int64_t, const uint16_t*, int64_t, const uint16_t
                       float*, int64_t, bool);
 void gemm_scalar_f32(int64_t, int64_t, const float*, int64_t, const uint16_t*, int64_t, float*,
                      int64_t, bool);
+void axpy_scalar(int64_t n, float a, const float* x, float* y);
+void axpy_avx2(int64_t n, float a, const float* x, float* y);
+void axpy_avx512(int64_t n, float a, const float* x, float* y);
 // fp32 weights in the same packed layout (LoRA on the fp32 paths).
 void gemm_scalar_f32_f32w(int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*,
                           int64_t, bool);

@@ -94,3 +94,29 @@ TEST(Isa, NamesRoundTrip) {
 }
 
 }  // namespace
+
+namespace {
+
+class IsaAxpy : public ::testing::TestWithParam<kt::Isa> {};
+
+TEST_P(IsaAxpy, MatchesScalarReference) {
+  const kt::Isa isa = GetParam();
+  if (!kt::isa_supported(isa)) GTEST_SKIP() << "CPU lacks " << kt::isa_name(isa);
+  for (int64_t n : {0, 1, 7, 16, 33, 100}) {
+    const auto xb = kt_test::random_bf16(n, 21), yb = kt_test::random_bf16(n, 22);
+    std::vector<float> x(n), y(n), want(n);
+    for (int64_t i = 0; i < n; ++i) {
+      x[i] = kt::bf16_to_f32(xb[i]);
+      y[i] = want[i] = kt::bf16_to_f32(yb[i]);
+    }
+    kt::axpy_scalar(n, 0.37f, x.data(), want.data());
+    kt::kernels_for(isa).axpy(n, 0.37f, x.data(), y.data());
+    for (int64_t i = 0; i < n; ++i) ASSERT_NEAR(y[i], want[i], 1e-6f * (1 + std::fabs(want[i]))) << "n=" << n << " i=" << i;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllIsas, IsaAxpy,
+                         ::testing::Values(kt::Isa::kScalar, kt::Isa::kAvx2, kt::Isa::kAvx512Bf16, kt::Isa::kAmx),
+                         [](const auto& info) { return std::string(kt::isa_name(info.param)); });
+
+}  // namespace
