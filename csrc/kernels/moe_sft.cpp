@@ -4,8 +4,12 @@
 #include "kt/moe_sft.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "kt/packing.h"
@@ -17,6 +21,32 @@ namespace {
 
 constexpr int64_t kRowAlign = 16;       // GEMM row blocks; each expert's rows are padded to it
 constexpr int64_t kPanelsPerTask = 4;   // output panels (16 columns each) per work item
+
+// With KT_OPS_PROFILE set, each call prints the wall time of its phases to stderr: the
+// accelerator host has no profiler, and this is what says which phase bounds a step.
+class PhaseTimer {
+ public:
+  PhaseTimer(const char* call, int64_t tokens) : enabled_(std::getenv("KT_OPS_PROFILE") != nullptr) {
+    if (enabled_) report_ = std::string(call) + " T=" + std::to_string(tokens) + ":";
+    last_ = std::chrono::steady_clock::now();
+  }
+  void mark(const char* phase) {
+    if (!enabled_) return;
+    const auto now = std::chrono::steady_clock::now();
+    char buf[64];
+    std::snprintf(buf, sizeof buf, " %s %.1f ms", phase, std::chrono::duration<double, std::milli>(now - last_).count());
+    report_ += buf;
+    last_ = now;
+  }
+  ~PhaseTimer() {
+    if (enabled_) std::fprintf(stderr, "%s\n", report_.c_str());
+  }
+
+ private:
+  bool enabled_;
+  std::string report_;
+  std::chrono::steady_clock::time_point last_;
+};
 
 inline float act_to_f32(float v) { return v; }
 inline float act_to_f32(bf16 v) { return bf16_to_f32(v); }
@@ -158,8 +188,10 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
   const LoraShape l(w);
   const LoraWeights& ld = w.lora[kDown];
   const LoraColumns lcol(w);
+  PhaseTimer timer("kt.moe_sft_forward", T);
   const Routing route(args.ids, n_pairs, E);
   const int64_t rows = route.rows();
+  timer.mark("route");
 
   // Phase 1, per expert: gather its tokens, pack its LoRA operands, x [A_g; A_u]^T.
   Act* xs = scratch<Act>(Scratch::kRowsA, rows * hp);
@@ -195,6 +227,8 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
     }
   });
 
+  timer.mark("gather+lora_a");
+
   // Phase 2, per (expert, 16*kPanelsPerTask intermediate columns): fused gate/up GEMM plus the
   // LoRA-B product into the same tile; save g and u; z = silu(g) * u.
   Act* zs = scratch<Act>(Scratch::kRowsC, rows * ip);
@@ -226,6 +260,8 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
     }
   });
 
+  timer.mark("gate_up");
+
   // Phase 3, per expert: LoRA-A of down (z A_d^T), from the same z the base GEMM reads.
   Act* za = scratch<Act>(Scratch::kRowsD, rows * l.rd_p);  // s * z A_d^T
   if (l.rd) {
@@ -244,6 +280,8 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
       }
     });
   }
+
+  timer.mark("lora_a_down");
 
   // Phase 4, per (expert, hidden columns): down GEMM plus LoRA-B into per-pair outputs.
   float* h_pair = scratch<float>(Scratch::kPairs, n_pairs * H);
@@ -265,6 +303,8 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
     }
   });
 
+  timer.mark("down");
+
   // Phase 5, per token: weighted sum over the token's slots in slot order.
   parallel_for(T, threads, [&](int64_t t) {
     for (int64_t c = 0; c < H; ++c) {
@@ -273,6 +313,7 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
       store_from_f32(args.y, args.act_dtype, t * H + c, y);
     }
   });
+  timer.mark("combine");
 }
 
 template <typename Act>
@@ -285,8 +326,10 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
   const LoraShape l(w);
   const LoraWeights& ld = w.lora[kDown];
   const LoraColumns lcol(w);
+  PhaseTimer timer("kt.moe_sft_backward", T);
   const Routing route(args.ids, n_pairs, E);
   const int64_t rows = route.rows();
+  timer.mark("route");
 
   // Phase 1, per expert: gather dy rows, pack the transposed LoRA operands, dy B_d.
   Act* dys = scratch<Act>(Scratch::kRowsA, rows * hp);
@@ -318,6 +361,8 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
     for (int64_t i = 0; i < m * l.rd_p; ++i) dy_bs[row0 * l.rd_p + i] = f32_to_act<Act>(s * out[i]);
   });
 
+  timer.mark("gather+pack");
+
   // Phase 2, per (expert, intermediate columns): q = dy W_d + s (dy B_d) A_d, the gradient
   // of z before the routing weight. W_d's transposed panels stream through a small buffer.
   float* q_pair = scratch<float>(Scratch::kPairs, n_pairs * I);
@@ -340,6 +385,8 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
       std::copy(acc + i * cols, acc + i * cols + (c_end - c0), q_pair + pair * I + c0);
     }
   });
+
+  timer.mark("down_t");
 
   // Phase 3, per token: routing-weight gradient z.q, then dg and du through silu(g) * u, in
   // the fused column order of the gate/up weights (padding columns zero).
@@ -367,6 +414,8 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
     }
   });
 
+  timer.mark("silu_grad");
+
   // Phase 4, per expert: padding rows of the fused gradient; [dg B_g | du B_u].
   float* dgu_b = scratch<float>(Scratch::kRowsE, rows * l.rgu_p);  // expert-sorted rows
   Act* dgu_bs = scratch<Act>(Scratch::kRowsF, rows * l.rgu_p);  // s * [dg B_g | du B_u]
@@ -379,6 +428,8 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
          l.rgu_p / kPanelRows, out, l.rgu_p);
     for (int64_t i = 0; i < m * l.rgu_p; ++i) dgu_bs[row0 * l.rgu_p + i] = f32_to_act<Act>(s * out[i]);
   });
+
+  timer.mark("lora_b_gu");
 
   // Phase 5, per (expert, hidden columns): dx per pair = dg W_g + du W_u + s [dgB|duB] [A_g;A_u].
   float* dx_pair = scratch<float>(Scratch::kPairs, n_pairs * H);  // q_pair is dead here
@@ -401,6 +452,8 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
       std::copy(acc + i * cols, acc + i * cols + (c_end - c0), dx_pair + pair * H + c0);
     }
   });
+
+  timer.mark("gate_up_t");
 
   // Phase 6, per (expert, projection): the six LoRA gradients, summed over the expert's
   // pairs in pair order. Experts without tokens get zeros.
@@ -446,6 +499,8 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
       for (int64_t j = 0; j < r; ++j) gb[o * r + j] = gb_t[j * out + o];
   });
 
+  timer.mark("lora_grads");
+
   // Phase 7, per token: dx = sum over the token's slots, in slot order.
   parallel_for(T, threads, [&](int64_t t) {
     for (int64_t c = 0; c < H; ++c) {
@@ -454,6 +509,7 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
       store_from_f32(args.grad_x, args.act_dtype, t * H + c, dx);
     }
   });
+  timer.mark("combine");
 }
 
 }  // namespace
