@@ -57,12 +57,5 @@ void gemm_avx2_f32(int64_t m, int64_t kp, const float* a, int64_t lda, const uin
                  c + row * ldc + p * kPanelRows, ldc, accumulate);
 }
 
-void axpy_avx2(int64_t n, float a, const float* x, float* y) {
-  const __m256 av = _mm256_set1_ps(a);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += a * x[i];
-}
-
 }  // namespace kt
 #pragma GCC pop_options

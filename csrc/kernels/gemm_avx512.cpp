@@ -2,6 +2,8 @@
 // one pair of reduction steps); each activation pair is broadcast as a 32-bit lane.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
+// gcc 12's avx512fintrin.h trips -Wmaybe-uninitialized on its own _mm512_undefined_ps().
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
 #include <cstring>
@@ -56,12 +58,75 @@ void gemm_avx512_bf16(int64_t m, int64_t kp, const uint16_t* a, int64_t lda, con
   }
 }
 
-void axpy_avx512(int64_t n, float a, const float* x, float* y) {
-  const __m512 av = _mm512_set1_ps(a);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
-  const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
-  _mm512_mask_storeu_ps(y + i, tail, _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(tail, x + i), _mm512_maskz_loadu_ps(tail, y + i)));
+namespace {
+
+// Rows x (16 * Vecs) block of C kept in registers over the whole depth: per step one load of
+// B per vector and one broadcast of A per row feed Rows * Vecs FMAs.
+template <int Rows, int Vecs>
+void rank_update_block(int64_t depth, const float* a, int64_t lda, const float* b, int64_t ldb,
+                       float* c, int64_t ldc, __mmask16 last_mask) {
+  __m512 acc[Rows][Vecs];
+  auto mask_of = [&](int v) { return v == Vecs - 1 ? last_mask : static_cast<__mmask16>(0xffff); };
+  for (int j = 0; j < Rows; ++j)
+    for (int v = 0; v < Vecs; ++v) acc[j][v] = _mm512_maskz_loadu_ps(mask_of(v), c + j * ldc + 16 * v);
+  for (int64_t p = 0; p < depth; ++p) {
+    __m512 bv[Vecs];
+    for (int v = 0; v < Vecs; ++v) bv[v] = _mm512_maskz_loadu_ps(mask_of(v), b + p * ldb + 16 * v);
+    for (int j = 0; j < Rows; ++j) {
+      const __m512 aj = _mm512_set1_ps(a[p * lda + j]);
+      for (int v = 0; v < Vecs; ++v) acc[j][v] = _mm512_fmadd_ps(aj, bv[v], acc[j][v]);
+    }
+  }
+  for (int j = 0; j < Rows; ++j)
+    for (int v = 0; v < Vecs; ++v) _mm512_mask_storeu_ps(c + j * ldc + 16 * v, mask_of(v), acc[j][v]);
+}
+
+template <int Rows>
+void rank_update_rows(int64_t n, int64_t depth, const float* a, int64_t lda, const float* b, int64_t ldb,
+                      float* c, int64_t ldc) {
+  int64_t col = 0;
+  for (; col + 64 <= n; col += 64) rank_update_block<Rows, 4>(depth, a, lda, b + col, ldb, c + col, ldc, 0xffff);
+  for (; col < n; col += 16) {
+    const int64_t left = n - col;
+    const __mmask16 mask = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
+    rank_update_block<Rows, 1>(depth, a, lda, b + col, ldb, c + col, ldc, mask);
+  }
+}
+
+}  // namespace
+
+// exp(x) = 2^n * e^f with n = round(x / ln 2), |f| <= ln(2) / 2, e^f by a degree-6
+// polynomial (relative error ~1e-7), 2^n applied by vscalefps; x is clamped to +-88.
+static inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-88.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 split in two parts
+  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, f), f, _mm512_add_ps(f, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+void sigmoid_avx512(int64_t n, const float* x, float* out) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), v));
+    _mm512_mask_storeu_ps(out + i, m, _mm512_div_ps(one, _mm512_add_ps(one, e)));
+  }
+}
+
+void rank_update_avx512(int64_t rows, int64_t n, int64_t depth, const float* a, int64_t lda,
+                        const float* b, int64_t ldb, float* c, int64_t ldc) {
+  int64_t j = 0;
+  for (; j + 4 <= rows; j += 4) rank_update_rows<4>(n, depth, a + j, lda, b, ldb, c + j * ldc, ldc);
+  for (; j < rows; ++j) rank_update_rows<1>(n, depth, a + j, lda, b, ldb, c + j * ldc, ldc);
 }
 
 }  // namespace kt

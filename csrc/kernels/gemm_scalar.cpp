@@ -1,6 +1,8 @@
 // Portable reference GEMM over the packed layout: the fallback path and the yardstick the
 // vector kernels are tested against. The fp32-weight variant serves the LoRA products of the
 // fp32 paths, whose LoRA matrices are packed per call in the same layout with fp32 elements.
+#include <cmath>
+
 #include "kt/isa.h"
 #include "kt/packing.h"
 
@@ -48,8 +50,18 @@ void gemm_scalar_f32(int64_t m, int64_t kp, const float* a, int64_t lda, const u
   gemm_reference(m, kp, a, lda, w, panels, c, ldc, accumulate);
 }
 
-void axpy_scalar(int64_t n, float a, const float* x, float* y) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+void sigmoid_scalar(int64_t n, const float* x, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = 1.f / (1.f + std::exp(-x[i]));
+}
+
+// Also the AVX2 path's: the contiguous inner loop vectorises as it is.
+void rank_update_scalar(int64_t rows, int64_t n, int64_t depth, const float* a, int64_t lda,
+                        const float* b, int64_t ldb, float* c, int64_t ldc) {
+  for (int64_t p = 0; p < depth; ++p)
+    for (int64_t j = 0; j < rows; ++j) {
+      const float aj = a[p * lda + j];
+      for (int64_t col = 0; col < n; ++col) c[j * ldc + col] += aj * b[p * ldb + col];
+    }
 }
 
 void gemm_scalar_f32_f32w(int64_t m, int64_t kp, const float* a, int64_t lda, const float* w,

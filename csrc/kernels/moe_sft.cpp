@@ -21,6 +21,7 @@ namespace {
 
 constexpr int64_t kRowAlign = 16;       // GEMM row blocks; each expert's rows are padded to it
 constexpr int64_t kPanelsPerTask = 4;   // output panels (16 columns each) per work item
+constexpr int64_t kPairBlock = 16;      // routed pairs per block of LoRA-gradient updates
 
 // With KT_OPS_PROFILE set, each call prints the wall time of its phases to stderr: the
 // accelerator host has no profiler, and this is what says which phase bounds a step.
@@ -82,7 +83,6 @@ inline int64_t fused_to_column(int64_t row, bool* is_up) {
   return (panel / 2) * kPanelRows + row % kPanelRows;
 }
 
-inline float sigmoid(float v) { return 1.f / (1.f + std::exp(-v)); }
 
 // Which routed pairs (t * K + j) each expert serves, in ascending pair order, and where
 // each expert's rows start in the expert-sorted scratch buffers.
@@ -136,17 +136,16 @@ void gather_rows(const Routing& r, int64_t e, const void* src, DType dt, int64_t
                  int64_t cols, Act* dst, int64_t ld) {
   const int64_t n = r.count(e), padded = r.padded_rows(e);
   Act* out = dst + r.first_row[e] * ld;
+  std::vector<float> row(cols);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t t = r.pairs[r.first[e] + i] / top_k;
-    for (int64_t c = 0; c < cols; ++c) out[i * ld + c] = f32_to_act<Act>(load_as_f32(src, dt, t * cols + c));
+    load_f32(src, dt, t * cols, cols, row.data());
+    for (int64_t c = 0; c < cols; ++c) out[i * ld + c] = f32_to_act<Act>(row[c]);
     std::fill(out + i * ld + cols, out + (i + 1) * ld, Act(0));
   }
   std::fill(out + n * ld, out + padded * ld, Act(0));
 }
 
-inline void load_row(const void* src, DType dt, int64_t row, int64_t cols, float* out) {
-  for (int64_t c = 0; c < cols; ++c) out[c] = load_as_f32(src, dt, row * cols + c);
-}
 
 // LoRA sizes of a call; each LoRA product runs as a GEMM against operands packed per call in
 // the panel layout (their K padded to 32), gate and up side by side as one operand.
@@ -244,19 +243,21 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
     if (l.rgu)
       gemm(k, m, l.rgu_p, xa + row0 * l.rgu_p, l.rgu_p,
            b_gu + (e * 2 * ip + 2 * p0 * kPanelRows) * l.rgu_p, 2 * np, acc, 2 * cols, true);
-    const int64_t c0 = p0 * kPanelRows, c_end = std::min(c0 + cols, I);
+    const int64_t c0 = p0 * kPanelRows, valid = std::min(c0 + cols, I) - c0;
+    std::vector<float> g(cols), u(cols), sg(cols);
     for (int64_t i = 0; i < m; ++i) {
-      Act* z = zs + (row0 + i) * ip;
-      std::fill(z + c0, z + c0 + cols, Act(0));
+      Act* z = zs + (row0 + i) * ip + c0;
+      std::fill(z, z + cols, Act(0));
       if (i >= n) continue;
       const int64_t pair = route.pairs[route.first[e] + i];
-      for (int64_t c = c0; c < c_end; ++c) {
-        const float g = acc[i * 2 * cols + gate_up_column(c - c0, false)];
-        const float u = acc[i * 2 * cols + gate_up_column(c - c0, true)];
-        store_from_f32(args.gate_up_act, args.act_dtype, pair * 2 * I + c, g);
-        store_from_f32(args.gate_up_act, args.act_dtype, pair * 2 * I + I + c, u);
-        z[c] = f32_to_act<Act>(g * sigmoid(g) * u);
+      for (int64_t c = 0; c < valid; ++c) {
+        g[c] = acc[i * 2 * cols + gate_up_column(c, false)];
+        u[c] = acc[i * 2 * cols + gate_up_column(c, true)];
       }
+      k.sigmoid(valid, g.data(), sg.data());
+      for (int64_t c = 0; c < valid; ++c) z[c] = f32_to_act<Act>(g[c] * sg[c] * u[c]);
+      store_f32(args.gate_up_act, args.act_dtype, pair * 2 * I + c0, valid, g.data());
+      store_f32(args.gate_up_act, args.act_dtype, pair * 2 * I + I + c0, valid, u.data());
     }
   });
 
@@ -307,11 +308,13 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
 
   // Phase 5, per token: weighted sum over the token's slots in slot order.
   parallel_for(T, threads, [&](int64_t t) {
-    for (int64_t c = 0; c < H; ++c) {
-      float y = 0.f;
-      for (int64_t j = 0; j < K; ++j) y += args.weights[t * K + j] * h_pair[(t * K + j) * H + c];
-      store_from_f32(args.y, args.act_dtype, t * H + c, y);
+    std::vector<float> y(H, 0.f);
+    for (int64_t j = 0; j < K; ++j) {
+      const float wt = args.weights[t * K + j];
+      const float* h = h_pair + (t * K + j) * H;
+      for (int64_t c = 0; c < H; ++c) y[c] += wt * h[c];
     }
+    store_f32(args.y, args.act_dtype, t * H, H, y.data());
   });
   timer.mark("combine");
 }
@@ -394,17 +397,22 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
   std::vector<int64_t> row_of_pair(n_pairs);
   for (int64_t e : route.active)
     for (int64_t i = 0; i < route.count(e); ++i) row_of_pair[route.pairs[route.first[e] + i]] = route.first_row[e] + i;
+  Act* z_rows = scratch<Act>(Scratch::kRowsG, rows * I);  // z again, for the down LoRA gradient
   parallel_for(T, threads, [&](int64_t t) {
+    std::vector<float> gu(2 * I), sig(I);
     for (int64_t j = 0; j < K; ++j) {
       const int64_t pair = t * K + j;
       const float* q = q_pair + pair * I;
       Act* fused = dgus + row_of_pair[pair] * 2 * ip;
+      Act* z = z_rows + row_of_pair[pair] * I;
       std::fill(fused, fused + 2 * ip, Act(0));
+      load_f32(args.gate_up_act, args.act_dtype, pair * 2 * I, 2 * I, gu.data());
+      k.sigmoid(I, gu.data(), sig.data());
       float z_dot_q = 0.f;
       for (int64_t c = 0; c < I; ++c) {
-        const float g = load_as_f32(args.gate_up_act, args.act_dtype, pair * 2 * I + c);
-        const float u = load_as_f32(args.gate_up_act, args.act_dtype, pair * 2 * I + I + c);
-        const float sg = sigmoid(g), silu = g * sg;
+        const float g = gu[c], u = gu[I + c];
+        const float sg = sig[c], silu = g * sg;
+        z[c] = f32_to_act<Act>(silu * u);
         z_dot_q += silu * u * q[c];
         const float dz = args.weights[pair] * q[c];
         fused[gate_up_column(c, false)] = f32_to_act<Act>(dz * u * sg * (1.f + g * (1.f - sg)));
@@ -467,33 +475,36 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
     float* ga = args.grad_lora_a[proj] + e * r * in;
     float* gb = args.grad_lora_b[proj] + e * out * r;
     std::fill(ga, ga + r * in, 0.f);
-    // dB is summed as dB^T [r, out] so both reductions are long contiguous axpys.
-    std::vector<float> in_row(in), out_grad(out), coef(r), gb_t(r * out, 0.f);
-    for (int64_t i = 0; i < route.count(e); ++i) {
-      const int64_t pair = route.pairs[route.first[e] + i], t = pair / K, row = route.first_row[e] + i;
-      const float* act_a = args.lora_act + pair * lcol.width + lcol.offset[proj];  // input A^T
-      if (proj == kDown) {
-        // grad of h is w * dy; its B-side projection is w * (dy B_d); the input is z.
-        const float wt = args.weights[pair];
-        load_row(args.grad_y, args.act_dtype, t, H, out_grad.data());
-        for (int64_t c = 0; c < H; ++c) out_grad[c] *= wt;
-        for (int64_t j = 0; j < r; ++j) coef[j] = wt * dy_b[row * l.rd_p + j];
-        for (int64_t c = 0; c < I; ++c) {
-          const float g = load_as_f32(args.gate_up_act, args.act_dtype, pair * 2 * I + c);
-          const float u = load_as_f32(args.gate_up_act, args.act_dtype, pair * 2 * I + I + c);
-          in_row[c] = g * sigmoid(g) * u;
+    // Per block of pairs: dA += (s grad B)^T input and dB^T += (s input A^T)^T grad, each a
+    // block of rank-1 updates; dB is summed transposed so both run along long rows.
+    std::vector<float> coef(kPairBlock * r), act_s(kPairBlock * r), in_rows(kPairBlock * in),
+        grads(kPairBlock * out), gb_t(r * out, 0.f);
+    const int64_t n = route.count(e);
+    for (int64_t i0 = 0; i0 < n; i0 += kPairBlock) {
+      const int64_t depth = std::min(kPairBlock, n - i0);
+      for (int64_t b = 0; b < depth; ++b) {
+        const int64_t i = i0 + b, pair = route.pairs[route.first[e] + i], t = pair / K, row = route.first_row[e] + i;
+        const float* act_a = args.lora_act + pair * lcol.width + lcol.offset[proj];  // input A^T
+        float *cf = coef.data() + b * r, *in_row = in_rows.data() + b * in, *grad = grads.data() + b * out;
+        for (int64_t j = 0; j < r; ++j) act_s[b * r + j] = s * act_a[j];
+        if (proj == kDown) {
+          // grad of h is w * dy; its B-side projection is w * (dy B_d); the input is z.
+          const float wt = args.weights[pair];
+          load_f32(args.grad_y, args.act_dtype, t * H, H, grad);
+          for (int64_t c = 0; c < H; ++c) grad[c] *= wt;
+          for (int64_t j = 0; j < r; ++j) cf[j] = s * wt * dy_b[row * l.rd_p + j];
+          for (int64_t c = 0; c < I; ++c) in_row[c] = act_to_f32(z_rows[row * I + c]);
+        } else {
+          const Act* fused = dgus + row * 2 * ip + (proj == kUp ? kPanelRows : 0);
+          for (int64_t c0 = 0; c0 < I; c0 += kPanelRows)  // one 16-column panel at a time
+            for (int64_t c = c0; c < std::min(c0 + kPanelRows, I); ++c) grad[c] = act_to_f32(fused[2 * c0 + c - c0]);
+          const float* bp = dgu_b + row * l.rgu_p + (proj == kUp ? l.rg : 0);
+          for (int64_t j = 0; j < r; ++j) cf[j] = s * bp[j];
+          load_f32(args.x, args.act_dtype, t * H, H, in_row);
         }
-      } else {
-        const Act* fused = dgus + row * 2 * ip;
-        for (int64_t c = 0; c < I; ++c) out_grad[c] = act_to_f32(fused[gate_up_column(c, proj == kUp)]);
-        const float* b = dgu_b + row * l.rgu_p + (proj == kUp ? l.rg : 0);
-        std::copy(b, b + r, coef.begin());
-        load_row(args.x, args.act_dtype, t, H, in_row.data());
       }
-      for (int64_t j = 0; j < r; ++j) {
-        k.axpy(in, s * coef[j], in_row.data(), ga + j * in);           // dA += s (grad B)^T input
-        k.axpy(out, s * act_a[j], out_grad.data(), gb_t.data() + j * out);  // dB^T += s (input A^T)^T grad
-      }
+      k.rank_update(r, in, depth, coef.data(), r, in_rows.data(), in, ga, in);
+      k.rank_update(r, out, depth, act_s.data(), r, grads.data(), out, gb_t.data(), out);
     }
     for (int64_t o = 0; o < out; ++o)
       for (int64_t j = 0; j < r; ++j) gb[o * r + j] = gb_t[j * out + o];
@@ -503,11 +514,12 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
 
   // Phase 7, per token: dx = sum over the token's slots, in slot order.
   parallel_for(T, threads, [&](int64_t t) {
-    for (int64_t c = 0; c < H; ++c) {
-      float dx = 0.f;
-      for (int64_t j = 0; j < K; ++j) dx += dx_pair[(t * K + j) * H + c];
-      store_from_f32(args.grad_x, args.act_dtype, t * H + c, dx);
+    std::vector<float> dx(H, 0.f);
+    for (int64_t j = 0; j < K; ++j) {
+      const float* part = dx_pair + (t * K + j) * H;
+      for (int64_t c = 0; c < H; ++c) dx[c] += part[c];
     }
+    store_f32(args.grad_x, args.act_dtype, t * H, H, dx.data());
   });
   timer.mark("combine");
 }

@@ -28,16 +28,24 @@ inline bf16 f32_to_bf16(float f) {
 // Element type tag for activations crossing the kernel boundary.
 enum class DType { kBF16, kF32 };
 
-inline float load_as_f32(const void* base, DType dt, int64_t i) {
-  return dt == DType::kBF16 ? bf16_to_f32(static_cast<const bf16*>(base)[i])
-                            : static_cast<const float*>(base)[i];
+// n values from element `offset` of `base` (dtype dt) as fp32. Whole rows at a time, so the
+// dtype is decided once and the conversion loop vectorises.
+inline void load_f32(const void* base, DType dt, int64_t offset, int64_t n, float* out) {
+  if (dt == DType::kF32) {
+    std::memcpy(out, static_cast<const float*>(base) + offset, sizeof(float) * n);
+    return;
+  }
+  const bf16* p = static_cast<const bf16*>(base) + offset;
+  for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_f32(p[i]);
 }
 
-inline void store_from_f32(void* base, DType dt, int64_t i, float v) {
-  if (dt == DType::kBF16)
-    static_cast<bf16*>(base)[i] = f32_to_bf16(v);
-  else
-    static_cast<float*>(base)[i] = v;
+inline void store_f32(void* base, DType dt, int64_t offset, int64_t n, const float* in) {
+  if (dt == DType::kF32) {
+    std::memcpy(static_cast<float*>(base) + offset, in, sizeof(float) * n);
+    return;
+  }
+  bf16* p = static_cast<bf16*>(base) + offset;
+  for (int64_t i = 0; i < n; ++i) p[i] = f32_to_bf16(in[i]);
 }
 
 }  // namespace kt

@@ -29,8 +29,14 @@ Isa select_isa(const char* cap);
 //   C[m, 16*p + c] (+)= sum_k A[m, k] * W[16*p + c, k]   for m < M, p < panels, c < 16
 // A is M x kp (row stride lda, columns past the real depth zero), the panels are
 // consecutive in `w`, C is fp32 with row stride ldc. M must be a multiple of 16.
-// y[i] += a * x[i] for i < n (fp32): the LoRA-gradient reductions.
-using AxpyFn = void (*)(int64_t n, float a, const float* x, float* y);
+// fp32 C[j, col] += sum_p A[p, j] * B[p, col] for j < rows, col < n, p < depth: a block of
+// rank-1 updates, the LoRA-gradient reductions over tokens. A[p, j] = a[p * lda + j],
+// B[p, col] = b[p * ldb + col], C[j, col] = c[j * ldc + col].
+using RankUpdateFn = void (*)(int64_t rows, int64_t n, int64_t depth, const float* a, int64_t lda,
+                              const float* b, int64_t ldb, float* c, int64_t ldc);
+
+// out[i] = 1 / (1 + exp(-x[i])) for i < n (SiLU and its gradient).
+using SigmoidFn = void (*)(int64_t n, const float* x, float* out);
 
 template <typename Act>
 using GemmFn = void (*)(int64_t m, int64_t kp, const Act* a, int64_t lda, const uint16_t* w,
@@ -43,7 +49,8 @@ struct Kernels {
   bool bf16_activations;
   GemmFn<uint16_t> gemm_bf16;  // null when bf16_activations is false
   GemmFn<float> gemm_f32;      // null when bf16_activations is true
-  AxpyFn axpy;
+  RankUpdateFn rank_update;
+  SigmoidFn sigmoid;
 };
 
 const Kernels& kernels_for(Isa isa);
@@ -53,9 +60,12 @@ void gemm_scalar_bf16(int64_t, int64_t, const uint16_t*, int64_t, const uint16_t
                       float*, int64_t, bool);
 void gemm_scalar_f32(int64_t, int64_t, const float*, int64_t, const uint16_t*, int64_t, float*,
                      int64_t, bool);
-void axpy_scalar(int64_t n, float a, const float* x, float* y);
-void axpy_avx2(int64_t n, float a, const float* x, float* y);
-void axpy_avx512(int64_t n, float a, const float* x, float* y);
+void rank_update_scalar(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
+                        float*, int64_t);
+void sigmoid_scalar(int64_t n, const float* x, float* out);
+void sigmoid_avx512(int64_t n, const float* x, float* out);
+void rank_update_avx512(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
+                        float*, int64_t);
 // fp32 weights in the same packed layout (LoRA on the fp32 paths).
 void gemm_scalar_f32_f32w(int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*,
                           int64_t, bool);

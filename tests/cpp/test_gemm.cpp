@@ -97,25 +97,57 @@ TEST(Isa, NamesRoundTrip) {
 
 namespace {
 
-class IsaAxpy : public ::testing::TestWithParam<kt::Isa> {};
+class IsaSigmoid : public ::testing::TestWithParam<kt::Isa> {};
 
-TEST_P(IsaAxpy, MatchesScalarReference) {
+TEST_P(IsaSigmoid, MatchesScalarReference) {
   const kt::Isa isa = GetParam();
   if (!kt::isa_supported(isa)) GTEST_SKIP() << "CPU lacks " << kt::isa_name(isa);
-  for (int64_t n : {0, 1, 7, 16, 33, 100}) {
-    const auto xb = kt_test::random_bf16(n, 21), yb = kt_test::random_bf16(n, 22);
-    std::vector<float> x(n), y(n), want(n);
-    for (int64_t i = 0; i < n; ++i) {
-      x[i] = kt::bf16_to_f32(xb[i]);
-      y[i] = want[i] = kt::bf16_to_f32(yb[i]);
-    }
-    kt::axpy_scalar(n, 0.37f, x.data(), want.data());
-    kt::kernels_for(isa).axpy(n, 0.37f, x.data(), y.data());
-    for (int64_t i = 0; i < n; ++i) ASSERT_NEAR(y[i], want[i], 1e-6f * (1 + std::fabs(want[i]))) << "n=" << n << " i=" << i;
+  std::vector<float> x;
+  for (float v = -120.f; v <= 120.f; v += 0.0371f) x.push_back(v);
+  x.push_back(0.f);
+  std::vector<float> want(x.size()), got(x.size() + 1, -1.f);
+  kt::sigmoid_scalar(x.size(), x.data(), want.data());
+  kt::kernels_for(isa).sigmoid(x.size(), x.data(), got.data());
+  for (size_t i = 0; i < x.size(); ++i) ASSERT_NEAR(got[i], want[i], 2e-7f + 2e-7f * want[i]) << "x=" << x[i];
+  EXPECT_EQ(got[x.size()], -1.f) << "wrote past n";
+}
+
+INSTANTIATE_TEST_SUITE_P(AllIsas, IsaSigmoid,
+                         ::testing::Values(kt::Isa::kScalar, kt::Isa::kAvx2, kt::Isa::kAvx512Bf16, kt::Isa::kAmx),
+                         [](const auto& info) { return std::string(kt::isa_name(info.param)); });
+
+class IsaRankUpdate : public ::testing::TestWithParam<kt::Isa> {};
+
+TEST_P(IsaRankUpdate, MatchesScalarReference) {
+  const kt::Isa isa = GetParam();
+  if (!kt::isa_supported(isa)) GTEST_SKIP() << "CPU lacks " << kt::isa_name(isa);
+  struct Case { int64_t rows, n, depth; };
+  for (const Case cs : {Case{1, 1, 1}, Case{16, 2048, 16}, Case{5, 100, 7}, Case{8, 64, 0}, Case{64, 33, 16}}) {
+    const int64_t lda = cs.rows + 3, ldb = cs.n + 5, ldc = cs.n + 2;  // strides wider than the data
+    auto to_f32 = [](const std::vector<kt::bf16>& v) {
+      std::vector<float> out(v.size());
+      for (size_t i = 0; i < v.size(); ++i) out[i] = kt::bf16_to_f32(v[i]);
+      return out;
+    };
+    const auto a = to_f32(kt_test::random_bf16(std::max<int64_t>(cs.depth, 1) * lda, 31));
+    const auto b = to_f32(kt_test::random_bf16(std::max<int64_t>(cs.depth, 1) * ldb, 32));
+    auto want = to_f32(kt_test::random_bf16(cs.rows * ldc, 33));
+    auto got = want;
+    kt::rank_update_scalar(cs.rows, cs.n, cs.depth, a.data(), lda, b.data(), ldb, want.data(), ldc);
+    kt::kernels_for(isa).rank_update(cs.rows, cs.n, cs.depth, a.data(), lda, b.data(), ldb, got.data(), ldc);
+    for (int64_t j = 0; j < cs.rows; ++j)
+      for (int64_t col = 0; col < ldc; ++col) {
+        const float w = want[j * ldc + col], g = got[j * ldc + col];
+        if (col >= cs.n) {
+          ASSERT_EQ(g, w) << "wrote past n at " << j << "," << col;
+        } else {
+          ASSERT_NEAR(g, w, 1e-5f * (cs.depth + 1) * (1 + std::fabs(w))) << j << "," << col;
+        }
+      }
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(AllIsas, IsaAxpy,
+INSTANTIATE_TEST_SUITE_P(AllIsas, IsaRankUpdate,
                          ::testing::Values(kt::Isa::kScalar, kt::Isa::kAvx2, kt::Isa::kAvx512Bf16, kt::Isa::kAmx),
                          [](const auto& info) { return std::string(kt::isa_name(info.param)); });
 
