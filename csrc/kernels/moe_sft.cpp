@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "kt/packing.h"
@@ -22,6 +23,9 @@ namespace {
 constexpr int64_t kRowAlign = 16;       // GEMM row blocks; each expert's rows are padded to it
 constexpr int64_t kPanelsPerTask = 4;   // output panels (16 columns each) per work item
 constexpr int64_t kPairBlock = 16;      // routed pairs per block of LoRA-gradient updates
+// Extra elements per row of the activation buffers the GEMMs read as A. Without them a row of
+// 2048 bf16 is 4 KiB, and the 16 rows of one AMX tile load all fall in one L1 set.
+constexpr int64_t kRowSkew = 32;
 
 // With KT_OPS_PROFILE set, each call prints the wall time of its phases to stderr: the
 // accelerator host has no profiler, and this is what says which phase bounds a step.
@@ -136,11 +140,16 @@ void gather_rows(const Routing& r, int64_t e, const void* src, DType dt, int64_t
                  int64_t cols, Act* dst, int64_t ld) {
   const int64_t n = r.count(e), padded = r.padded_rows(e);
   Act* out = dst + r.first_row[e] * ld;
+  const bool same_type = (dt == DType::kBF16) == std::is_same_v<Act, bf16>;
   std::vector<float> row(cols);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t t = r.pairs[r.first[e] + i] / top_k;
-    load_f32(src, dt, t * cols, cols, row.data());
-    for (int64_t c = 0; c < cols; ++c) out[i * ld + c] = f32_to_act<Act>(row[c]);
+    if (same_type) {
+      std::memcpy(out + i * ld, static_cast<const Act*>(src) + t * cols, sizeof(Act) * cols);
+    } else {
+      load_f32(src, dt, t * cols, cols, row.data());
+      for (int64_t c = 0; c < cols; ++c) out[i * ld + c] = f32_to_act<Act>(row[c]);
+    }
     std::fill(out + i * ld + cols, out + (i + 1) * ld, Act(0));
   }
   std::fill(out + n * ld, out + padded * ld, Act(0));
@@ -183,6 +192,7 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
   const MoeWeights& w = args.w;
   const int64_t T = d.tokens, K = d.top_k, H = d.hidden, I = d.intermediate, E = d.experts;
   const int64_t hp = round_up(H, kPadTo), ip = round_up(I, kPadTo), n_pairs = T * K;
+  const int64_t ld_h = hp + kRowSkew, ld_i = ip + kRowSkew, ld_gu = 2 * ip + kRowSkew;
   const float s = w.lora_scaling;
   const LoraShape l(w);
   const LoraWeights& ld = w.lora[kDown];
@@ -193,7 +203,7 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
   timer.mark("route");
 
   // Phase 1, per expert: gather its tokens, pack its LoRA operands, x [A_g; A_u]^T.
-  Act* xs = scratch<Act>(Scratch::kRowsA, rows * hp);
+  Act* xs = scratch<Act>(Scratch::kRowsA, rows * ld_h);
   Act* xa = scratch<Act>(Scratch::kRowsB, rows * l.rgu_p);  // s * x [A_g; A_u]^T
   Act* a_gu = scratch<Act>(Scratch::kLoraA, E * l.rgu_p * hp);
   Act* b_gu = scratch<Act>(Scratch::kLoraB, E * 2 * ip * l.rgu_p);
@@ -202,7 +212,7 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
   parallel_for(route.active.size(), threads, [&](int64_t task) {
     const int64_t e = route.active[task], n = route.count(e), m = route.padded_rows(e);
     const int64_t row0 = route.first_row[e];
-    gather_rows(route, e, args.x, args.act_dtype, K, H, xs, hp);
+    gather_rows(route, e, args.x, args.act_dtype, K, H, xs, ld_h);
     if (l.rd) {
       pack_elements(l.rd_p, ip, a_d + e * l.rd_p * ip, [&](int64_t j, int64_t c) {
         return j < l.rd && c < I ? ld.a[(e * l.rd + j) * I + c] : 0.f;
@@ -217,7 +227,7 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
     pack_elements(2 * ip, l.rgu_p, b_gu + e * 2 * ip * l.rgu_p,
                   [&](int64_t row, int64_t j) { return lora_b_gu(w, l, e, I, row, j); });
     float* acc = scratch<float>(Scratch::kTaskAcc, m * l.rgu_p);
-    gemm(k, m, hp, xs + row0 * hp, hp, a_e, l.rgu_p / kPanelRows, acc, l.rgu_p);
+    gemm(k, m, hp, xs + row0 * ld_h, ld_h, a_e, l.rgu_p / kPanelRows, acc, l.rgu_p);
     for (int64_t i = 0; i < m; ++i) {
       for (int64_t j = 0; j < l.rgu_p; ++j) xa[(row0 + i) * l.rgu_p + j] = f32_to_act<Act>(s * acc[i * l.rgu_p + j]);
       if (i >= n) continue;
@@ -230,7 +240,7 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
 
   // Phase 2, per (expert, 16*kPanelsPerTask intermediate columns): fused gate/up GEMM plus the
   // LoRA-B product into the same tile; save g and u; z = silu(g) * u.
-  Act* zs = scratch<Act>(Scratch::kRowsC, rows * ip);
+  Act* zs = scratch<Act>(Scratch::kRowsC, rows * ld_i);
   const int64_t i_panels = ip / kPanelRows;
   const auto gu_tasks = expert_panel_tasks(route, i_panels, kPanelsPerTask);
   parallel_for(gu_tasks.size(), threads, [&](int64_t task) {
@@ -238,7 +248,7 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
     const int64_t np = std::min(kPanelsPerTask, i_panels - p0), cols = np * kPanelRows;
     const int64_t m = route.padded_rows(e), n = route.count(e), row0 = route.first_row[e];
     float* acc = scratch<float>(Scratch::kTaskAcc, m * 2 * cols);  // gate and up panels interleaved
-    gemm(k, m, hp, xs + row0 * hp, hp, w.gate_up + (e * 2 * ip + 2 * p0 * kPanelRows) * hp,
+    gemm(k, m, hp, xs + row0 * ld_h, ld_h, w.gate_up + (e * 2 * ip + 2 * p0 * kPanelRows) * hp,
          2 * np, acc, 2 * cols);
     if (l.rgu)
       gemm(k, m, l.rgu_p, xa + row0 * l.rgu_p, l.rgu_p,
@@ -246,7 +256,7 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
     const int64_t c0 = p0 * kPanelRows, valid = std::min(c0 + cols, I) - c0;
     std::vector<float> g(cols), u(cols), sg(cols);
     for (int64_t i = 0; i < m; ++i) {
-      Act* z = zs + (row0 + i) * ip + c0;
+      Act* z = zs + (row0 + i) * ld_i + c0;
       std::fill(z, z + cols, Act(0));
       if (i >= n) continue;
       const int64_t pair = route.pairs[route.first[e] + i];
@@ -270,7 +280,7 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
       const int64_t e = route.active[task], n = route.count(e), m = route.padded_rows(e);
       const int64_t row0 = route.first_row[e];
       float* acc = scratch<float>(Scratch::kTaskAcc, m * l.rd_p);
-      gemm(k, m, ip, zs + row0 * ip, ip, a_d + e * l.rd_p * ip, l.rd_p / kPanelRows, acc,
+      gemm(k, m, ip, zs + row0 * ld_i, ld_i, a_d + e * l.rd_p * ip, l.rd_p / kPanelRows, acc,
            l.rd_p);
       for (int64_t i = 0; i < m; ++i) {
         for (int64_t j = 0; j < l.rd_p; ++j) za[(row0 + i) * l.rd_p + j] = f32_to_act<Act>(s * acc[i * l.rd_p + j]);
@@ -293,7 +303,7 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
     const int64_t np = std::min(kPanelsPerTask, h_panels - p0), cols = np * kPanelRows;
     const int64_t m = route.padded_rows(e), row0 = route.first_row[e];
     float* acc = scratch<float>(Scratch::kTaskAcc, m * cols);
-    gemm(k, m, ip, zs + row0 * ip, ip, w.down + (e * hp + p0 * kPanelRows) * ip, np, acc, cols);
+    gemm(k, m, ip, zs + row0 * ld_i, ld_i, w.down + (e * hp + p0 * kPanelRows) * ip, np, acc, cols);
     if (l.rd)
       gemm(k, m, l.rd_p, za + row0 * l.rd_p, l.rd_p, b_d + (e * hp + p0 * kPanelRows) * l.rd_p, np,
            acc, cols, true);
@@ -325,6 +335,7 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
   const MoeWeights& w = args.w;
   const int64_t T = d.tokens, K = d.top_k, H = d.hidden, I = d.intermediate, E = d.experts;
   const int64_t hp = round_up(H, kPadTo), ip = round_up(I, kPadTo), n_pairs = T * K;
+  const int64_t ld_h = hp + kRowSkew, ld_i = ip + kRowSkew, ld_gu = 2 * ip + kRowSkew;
   const float s = w.lora_scaling;
   const LoraShape l(w);
   const LoraWeights& ld = w.lora[kDown];
@@ -335,7 +346,7 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
   timer.mark("route");
 
   // Phase 1, per expert: gather dy rows, pack the transposed LoRA operands, dy B_d.
-  Act* dys = scratch<Act>(Scratch::kRowsA, rows * hp);
+  Act* dys = scratch<Act>(Scratch::kRowsA, rows * ld_h);
   float* dy_b = scratch<float>(Scratch::kRowsB, rows * l.rd_p);  // dy B_d, expert-sorted rows
   Act* dy_bs = scratch<Act>(Scratch::kRowsC, rows * l.rd_p);  // s * dy B_d
   Act* bt_d = scratch<Act>(Scratch::kLoraA, E * l.rd_p * hp);
@@ -344,7 +355,7 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
   Act* at_gu = scratch<Act>(Scratch::kLoraD, E * hp * l.rgu_p);
   parallel_for(route.active.size(), threads, [&](int64_t task) {
     const int64_t e = route.active[task], m = route.padded_rows(e), row0 = route.first_row[e];
-    gather_rows(route, e, args.grad_y, args.act_dtype, K, H, dys, hp);
+    gather_rows(route, e, args.grad_y, args.act_dtype, K, H, dys, ld_h);
     if (l.rgu) {
       pack_elements(l.rgu_p, 2 * ip, bt_gu + e * l.rgu_p * 2 * ip,
                     [&](int64_t j, int64_t row) { return lora_b_gu(w, l, e, I, row, j); });
@@ -360,7 +371,7 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
       return c < I && j < l.rd ? ld.a[(e * l.rd + j) * I + c] : 0.f;
     });
     float* out = dy_b + row0 * l.rd_p;
-    gemm(k, m, hp, dys + row0 * hp, hp, bt, l.rd_p / kPanelRows, out, l.rd_p);
+    gemm(k, m, hp, dys + row0 * ld_h, ld_h, bt, l.rd_p / kPanelRows, out, l.rd_p);
     for (int64_t i = 0; i < m * l.rd_p; ++i) dy_bs[row0 * l.rd_p + i] = f32_to_act<Act>(s * out[i]);
   });
 
@@ -378,7 +389,7 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
     bf16* wt = scratch<bf16>(Scratch::kTaskWeights, cols * hp);
     pack_transposed_panels(w.down + e * hp * ip, hp, ip, p0, np, wt);
     float* acc = scratch<float>(Scratch::kTaskAcc, m * cols);
-    gemm(k, m, hp, dys + row0 * hp, hp, wt, np, acc, cols);
+    gemm(k, m, hp, dys + row0 * ld_h, ld_h, wt, np, acc, cols);
     if (l.rd)
       gemm(k, m, l.rd_p, dy_bs + row0 * l.rd_p, l.rd_p, at_d + (e * ip + p0 * kPanelRows) * l.rd_p,
            np, acc, cols, true);
@@ -393,7 +404,7 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
 
   // Phase 3, per token: routing-weight gradient z.q, then dg and du through silu(g) * u, in
   // the fused column order of the gate/up weights (padding columns zero).
-  Act* dgus = scratch<Act>(Scratch::kRowsD, rows * 2 * ip);
+  Act* dgus = scratch<Act>(Scratch::kRowsD, rows * ld_gu);
   std::vector<int64_t> row_of_pair(n_pairs);
   for (int64_t e : route.active)
     for (int64_t i = 0; i < route.count(e); ++i) row_of_pair[route.pairs[route.first[e] + i]] = route.first_row[e] + i;
@@ -403,7 +414,7 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
     for (int64_t j = 0; j < K; ++j) {
       const int64_t pair = t * K + j;
       const float* q = q_pair + pair * I;
-      Act* fused = dgus + row_of_pair[pair] * 2 * ip;
+      Act* fused = dgus + row_of_pair[pair] * ld_gu;
       Act* z = z_rows + row_of_pair[pair] * I;
       std::fill(fused, fused + 2 * ip, Act(0));
       load_f32(args.gate_up_act, args.act_dtype, pair * 2 * I, 2 * I, gu.data());
@@ -429,10 +440,10 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
   Act* dgu_bs = scratch<Act>(Scratch::kRowsF, rows * l.rgu_p);  // s * [dg B_g | du B_u]
   parallel_for(route.active.size(), threads, [&](int64_t task) {
     const int64_t e = route.active[task], m = route.padded_rows(e), row0 = route.first_row[e];
-    std::fill(dgus + (row0 + route.count(e)) * 2 * ip, dgus + (row0 + m) * 2 * ip, Act(0));
+    std::fill(dgus + (row0 + route.count(e)) * ld_gu, dgus + (row0 + m) * ld_gu, Act(0));
     if (!l.rgu) return;
     float* out = dgu_b + row0 * l.rgu_p;
-    gemm(k, m, 2 * ip, dgus + row0 * 2 * ip, 2 * ip, bt_gu + e * l.rgu_p * 2 * ip,
+    gemm(k, m, 2 * ip, dgus + row0 * ld_gu, ld_gu, bt_gu + e * l.rgu_p * 2 * ip,
          l.rgu_p / kPanelRows, out, l.rgu_p);
     for (int64_t i = 0; i < m * l.rgu_p; ++i) dgu_bs[row0 * l.rgu_p + i] = f32_to_act<Act>(s * out[i]);
   });
@@ -450,7 +461,7 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
     bf16* wt = scratch<bf16>(Scratch::kTaskWeights, cols * 2 * ip);
     pack_transposed_panels(w.gate_up + e * 2 * ip * hp, 2 * ip, hp, p0, np, wt);
     float* acc = scratch<float>(Scratch::kTaskAcc, m * cols);
-    gemm(k, m, 2 * ip, dgus + row0 * 2 * ip, 2 * ip, wt, np, acc, cols);
+    gemm(k, m, 2 * ip, dgus + row0 * ld_gu, ld_gu, wt, np, acc, cols);
     if (l.rgu)
       gemm(k, m, l.rgu_p, dgu_bs + row0 * l.rgu_p, l.rgu_p,
            at_gu + (e * hp + p0 * kPanelRows) * l.rgu_p, np, acc, cols, true);
@@ -495,7 +506,7 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
           for (int64_t j = 0; j < r; ++j) cf[j] = s * wt * dy_b[row * l.rd_p + j];
           for (int64_t c = 0; c < I; ++c) in_row[c] = act_to_f32(z_rows[row * I + c]);
         } else {
-          const Act* fused = dgus + row * 2 * ip + (proj == kUp ? kPanelRows : 0);
+          const Act* fused = dgus + row * ld_gu + (proj == kUp ? kPanelRows : 0);
           for (int64_t c0 = 0; c0 < I; c0 += kPanelRows)  // one 16-column panel at a time
             for (int64_t c = c0; c < std::min(c0 + kPanelRows, I); ++c) grad[c] = act_to_f32(fused[2 * c0 + c - c0]);
           const float* bp = dgu_b + row * l.rgu_p + (proj == kUp ? l.rg : 0);
