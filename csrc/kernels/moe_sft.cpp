@@ -192,7 +192,7 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
   const MoeWeights& w = args.w;
   const int64_t T = d.tokens, K = d.top_k, H = d.hidden, I = d.intermediate, E = d.experts;
   const int64_t hp = round_up(H, kPadTo), ip = round_up(I, kPadTo), n_pairs = T * K;
-  const int64_t ld_h = hp + kRowSkew, ld_i = ip + kRowSkew, ld_gu = 2 * ip + kRowSkew;
+  const int64_t ld_h = hp + kRowSkew, ld_i = ip + kRowSkew;
   const float s = w.lora_scaling;
   const LoraShape l(w);
   const LoraWeights& ld = w.lora[kDown];
@@ -335,7 +335,7 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
   const MoeWeights& w = args.w;
   const int64_t T = d.tokens, K = d.top_k, H = d.hidden, I = d.intermediate, E = d.experts;
   const int64_t hp = round_up(H, kPadTo), ip = round_up(I, kPadTo), n_pairs = T * K;
-  const int64_t ld_h = hp + kRowSkew, ld_i = ip + kRowSkew, ld_gu = 2 * ip + kRowSkew;
+  const int64_t ld_h = hp + kRowSkew, ld_gu = 2 * ip + kRowSkew;
   const float s = w.lora_scaling;
   const LoraShape l(w);
   const LoraWeights& ld = w.lora[kDown];
