@@ -4,6 +4,8 @@
 #pragma GCC target("amx-tile,amx-bf16,avx512f")
 #include <immintrin.h>
 
+#include <cstdlib>
+
 #include "kt/isa.h"
 #include "kt/packing.h"
 
@@ -29,10 +31,18 @@ void configure_tiles() {
   _tile_loadconfig(&cfg);
 }
 
-// Reduction steps per pass: a 32-row piece of A (16 KiB) stays in L1 while it meets every
-// panel pair of B; only B streams from L2. A full-depth pass (K = 2048: 128 KiB of A and of B
-// per 32x32 block) ran the gate/up GEMM at a fifth of the tile peak.
-constexpr int64_t kChunkBlocks = 8;
+// Reduction depth per pass, in blocks of 32: a 32-row piece of A (16 KiB at 8 blocks) stays
+// in L1 while it meets every panel pair of B, so only B streams from L2. Each chunk adds into
+// C in ascending k, so the chunk size never changes results, only speed; KT_OPS_AMX_KCHUNK
+// (blocks, 0 = whole depth) overrides it for tuning runs.
+int64_t chunk_blocks() {
+  static const int64_t blocks = [] {
+    const char* env = std::getenv("KT_OPS_AMX_KCHUNK");
+    const long v = env ? std::strtol(env, nullptr, 10) : 8;
+    return v > 0 ? static_cast<int64_t>(v) : (int64_t{1} << 40);
+  }();
+  return blocks;
+}
 
 // One block of 16*Rows rows by 16*Cols columns of C over `blocks` blocks of depth. The second
 // panel of B starts panel_stride elements after the first.
@@ -74,8 +84,9 @@ void gemm_amx_bf16(int64_t m, int64_t kp, const uint16_t* a, int64_t lda, const 
                    int64_t panels, float* c, int64_t ldc, bool accumulate) {
   const int64_t blocks = kp / kBlockDepth, panel_stride = blocks * kBlockElems;
   configure_tiles();
-  for (int64_t k0 = 0; k0 < blocks; k0 += kChunkBlocks) {
-    const int64_t depth = blocks - k0 < kChunkBlocks ? blocks - k0 : kChunkBlocks;
+  const int64_t chunk = chunk_blocks();
+  for (int64_t k0 = 0; k0 < blocks; k0 += chunk) {
+    const int64_t depth = blocks - k0 < chunk ? blocks - k0 : chunk;
     const bool acc = accumulate || k0 > 0;
     for (int64_t row = 0; row < m; row += 32) {
       const uint16_t* ap = a + row * lda + k0 * kBlockDepth;
