@@ -23,7 +23,9 @@ from kt_ops.shapes import model_shape
 from kt_ops.testing import random_layer
 
 
-def time_kt(layer, repeats: int):
+def time_forward_backward(layer, forward, repeats: int):
+    """Median forward and backward seconds of `forward(x, topk_weights, lora)` and its
+    gradients for x, topk_weights and LoRA over `repeats` runs after a warm-up, and the output."""
     x = layer.x.detach().requires_grad_()
     w = layer.topk_weights.detach().requires_grad_()
     lora = [t.detach().requires_grad_() for t in layer.lora] if layer.lora else None
@@ -32,32 +34,26 @@ def time_kt(layer, repeats: int):
     fwd, bwd = [], []
     for _ in range(repeats + 1):  # the first run warms up
         t0 = time.perf_counter()
-        y = kt_ops.moe_sft(x, layer.topk_ids, w, layer.experts, lora, layer.lora_scaling)
+        y = forward(x, w, lora)
         t1 = time.perf_counter()
         torch.autograd.grad(y, leaves, grad_y)
         t2 = time.perf_counter()
         fwd.append(t1 - t0)
         bwd.append(t2 - t1)
     return statistics.median(fwd[1:]), statistics.median(bwd[1:]), y.detach()
+
+
+def time_kt(layer, repeats: int):
+    return time_forward_backward(
+        layer, lambda x, w, lora: kt_ops.moe_sft(x, layer.topk_ids, w, layer.experts, lora, layer.lora_scaling),
+        repeats)
 
 
 def time_reference(layer, repeats: int):
-    x = layer.x.detach().requires_grad_()
-    w = layer.topk_weights.detach().requires_grad_()
-    lora = [t.detach().requires_grad_() for t in layer.lora] if layer.lora else None
-    leaves = [x, w] + (lora or [])
-    grad_y = torch.ones_like(x)
-    fwd, bwd = [], []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        y = moe_sft_reference(x, layer.topk_ids, w, layer.w_gate, layer.w_up, layer.w_down, lora,
-                              layer.lora_scaling, compute_dtype=torch.bfloat16)
-        t1 = time.perf_counter()
-        torch.autograd.grad(y, leaves, grad_y)
-        t2 = time.perf_counter()
-        fwd.append(t1 - t0)
-        bwd.append(t2 - t1)
-    return statistics.median(fwd[1:]), statistics.median(bwd[1:]), y.detach()
+    return time_forward_backward(
+        layer, lambda x, w, lora: moe_sft_reference(x, layer.topk_ids, w, layer.w_gate, layer.w_up, layer.w_down,
+                                                    lora, layer.lora_scaling, compute_dtype=torch.bfloat16),
+        repeats)
 
 
 def main() -> None:

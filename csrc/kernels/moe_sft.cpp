@@ -121,6 +121,14 @@ std::vector<std::pair<int64_t, int64_t>> expert_panel_tasks(const Routing& r, in
   return tasks;
 }
 
+// Copies a work item's accumulator rows (one per pair of expert e, `cols` wide, starting at
+// output column c0) into the per-pair rows of `out` ([pairs, width]), dropping padding columns.
+void scatter_to_pairs(const Routing& r, int64_t e, const float* acc, int64_t cols, int64_t c0, int64_t width,
+                      float* out) {
+  const int64_t n = std::min(c0 + cols, width) - c0;
+  for (int64_t i = 0; i < r.count(e); ++i) std::copy(acc + i * cols, acc + i * cols + n, out + r.pairs[r.first[e] + i] * width + c0);
+}
+
 // Offsets of each projection's LoRA columns in the saved lora activations.
 struct LoraColumns {
   int64_t offset[3];
@@ -188,9 +196,9 @@ inline float lora_b_gu(const MoeWeights& w, const LoraShape& l, int64_t e, int64
 
 template <typename Act>
 void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
-  const MoeDims& d = args.dims;
   const MoeWeights& w = args.w;
-  const int64_t T = d.tokens, K = d.top_k, H = d.hidden, I = d.intermediate, E = d.experts;
+  const int64_t T = args.dims.tokens, K = args.dims.top_k, H = args.dims.hidden;
+  const int64_t I = args.dims.intermediate, E = args.dims.experts;
   const int64_t hp = round_up(H, kPadTo), ip = round_up(I, kPadTo), n_pairs = T * K;
   const int64_t ld_h = hp + kRowSkew, ld_i = ip + kRowSkew;
   const float s = w.lora_scaling;
@@ -307,11 +315,7 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
     if (l.rd)
       gemm(k, m, l.rd_p, za + row0 * l.rd_p, l.rd_p, b_d + (e * hp + p0 * kPanelRows) * l.rd_p, np,
            acc, cols, true);
-    const int64_t c0 = p0 * kPanelRows, c_end = std::min(c0 + cols, H);
-    for (int64_t i = 0; i < route.count(e); ++i) {
-      const int64_t pair = route.pairs[route.first[e] + i];
-      std::copy(acc + i * cols, acc + i * cols + (c_end - c0), h_pair + pair * H + c0);
-    }
+    scatter_to_pairs(route, e, acc, cols, p0 * kPanelRows, H, h_pair);
   });
 
   timer.mark("down");
@@ -331,9 +335,9 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
 
 template <typename Act>
 void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
-  const MoeDims& d = args.dims;
   const MoeWeights& w = args.w;
-  const int64_t T = d.tokens, K = d.top_k, H = d.hidden, I = d.intermediate, E = d.experts;
+  const int64_t T = args.dims.tokens, K = args.dims.top_k, H = args.dims.hidden;
+  const int64_t I = args.dims.intermediate, E = args.dims.experts;
   const int64_t hp = round_up(H, kPadTo), ip = round_up(I, kPadTo), n_pairs = T * K;
   const int64_t ld_h = hp + kRowSkew, ld_gu = 2 * ip + kRowSkew;
   const float s = w.lora_scaling;
@@ -393,11 +397,7 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
     if (l.rd)
       gemm(k, m, l.rd_p, dy_bs + row0 * l.rd_p, l.rd_p, at_d + (e * ip + p0 * kPanelRows) * l.rd_p,
            np, acc, cols, true);
-    const int64_t c0 = p0 * kPanelRows, c_end = std::min(c0 + cols, I);
-    for (int64_t i = 0; i < route.count(e); ++i) {
-      const int64_t pair = route.pairs[route.first[e] + i];
-      std::copy(acc + i * cols, acc + i * cols + (c_end - c0), q_pair + pair * I + c0);
-    }
+    scatter_to_pairs(route, e, acc, cols, p0 * kPanelRows, I, q_pair);
   });
 
   timer.mark("down_t");
@@ -465,11 +465,7 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
     if (l.rgu)
       gemm(k, m, l.rgu_p, dgu_bs + row0 * l.rgu_p, l.rgu_p,
            at_gu + (e * hp + p0 * kPanelRows) * l.rgu_p, np, acc, cols, true);
-    const int64_t c0 = p0 * kPanelRows, c_end = std::min(c0 + cols, H);
-    for (int64_t i = 0; i < route.count(e); ++i) {
-      const int64_t pair = route.pairs[route.first[e] + i];
-      std::copy(acc + i * cols, acc + i * cols + (c_end - c0), dx_pair + pair * H + c0);
-    }
+    scatter_to_pairs(route, e, acc, cols, p0 * kPanelRows, H, dx_pair);
   });
 
   timer.mark("gate_up_t");
