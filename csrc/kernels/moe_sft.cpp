@@ -129,17 +129,6 @@ void scatter_to_pairs(const Routing& r, int64_t e, const float* acc, int64_t col
   for (int64_t i = 0; i < r.count(e); ++i) std::copy(acc + i * cols, acc + i * cols + n, out + r.pairs[r.first[e] + i] * width + c0);
 }
 
-// Offsets of each projection's LoRA columns in the saved lora activations.
-struct LoraColumns {
-  int64_t offset[3];
-  int64_t width;
-  explicit LoraColumns(const MoeWeights& w) {
-    offset[kGate] = 0;
-    offset[kUp] = w.lora[kGate].rank;
-    offset[kDown] = offset[kUp] + w.lora[kUp].rank;
-    width = offset[kDown] + w.lora[kDown].rank;
-  }
-};
 
 // Copies the rows of `src` ([T, cols], dtype dt) that expert e's pairs read into the
 // expert's block of `dst` ([rows, ld] Act), zero-filling padding rows and columns.
@@ -169,9 +158,11 @@ void gather_rows(const Routing& r, int64_t e, const void* src, DType dt, int64_t
 struct LoraShape {
   int64_t rg, ru, rd, rgu;  // ranks of gate, up, down; rgu = rg + ru
   int64_t rgu_p, rd_p;      // padded to kPadTo (0 when absent)
+  int64_t width;            // columns of the saved lora activations: [x A_g^T | x A_u^T | z A_d^T]
   explicit LoraShape(const MoeWeights& w)
       : rg(w.lora[kGate].rank), ru(w.lora[kUp].rank), rd(w.lora[kDown].rank), rgu(rg + ru),
-        rgu_p(round_up(rgu, kPadTo)), rd_p(round_up(rd, kPadTo)) {}
+        rgu_p(round_up(rgu, kPadTo)), rd_p(round_up(rd, kPadTo)), width(rgu + rd) {}
+  int64_t offset(int proj) const { return proj == kGate ? 0 : proj == kUp ? rg : rgu; }
 };
 
 // Element (rank row j, input column c) of [A_g; A_u] for expert e, zero outside.
@@ -204,7 +195,6 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
   const float s = w.lora_scaling;
   const LoraShape l(w);
   const LoraWeights& ld = w.lora[kDown];
-  const LoraColumns lcol(w);
   PhaseTimer timer("kt.moe_sft_forward", T);
   const Routing route(args.ids, n_pairs, E);
   const int64_t rows = route.rows();
@@ -240,7 +230,7 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
       for (int64_t j = 0; j < l.rgu_p; ++j) xa[(row0 + i) * l.rgu_p + j] = f32_to_act<Act>(s * acc[i * l.rgu_p + j]);
       if (i >= n) continue;
       const int64_t pair = route.pairs[route.first[e] + i];
-      std::copy(acc + i * l.rgu_p, acc + i * l.rgu_p + l.rgu, args.lora_act + pair * lcol.width);
+      std::copy(acc + i * l.rgu_p, acc + i * l.rgu_p + l.rgu, args.lora_act + pair * l.width);
     }
   });
 
@@ -295,7 +285,7 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
         if (i >= n) continue;
         const int64_t pair = route.pairs[route.first[e] + i];
         std::copy(acc + i * l.rd_p, acc + i * l.rd_p + l.rd,
-                  args.lora_act + pair * lcol.width + lcol.offset[kDown]);
+                  args.lora_act + pair * l.width + l.offset(kDown));
       }
     });
   }
@@ -343,7 +333,6 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
   const float s = w.lora_scaling;
   const LoraShape l(w);
   const LoraWeights& ld = w.lora[kDown];
-  const LoraColumns lcol(w);
   PhaseTimer timer("kt.moe_sft_backward", T);
   const Routing route(args.ids, n_pairs, E);
   const int64_t rows = route.rows();
@@ -491,7 +480,7 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
       const int64_t depth = std::min(kPairBlock, n - i0);
       for (int64_t b = 0; b < depth; ++b) {
         const int64_t i = i0 + b, pair = route.pairs[route.first[e] + i], t = pair / K, row = route.first_row[e] + i;
-        const float* act_a = args.lora_act + pair * lcol.width + lcol.offset[proj];  // input A^T
+        const float* act_a = args.lora_act + pair * l.width + l.offset(proj);  // input A^T
         float *cf = coef.data() + b * r, *in_row = in_rows.data() + b * in, *grad = grads.data() + b * out;
         for (int64_t j = 0; j < r; ++j) act_s[b * r + j] = s * act_a[j];
         if (proj == kDown) {

@@ -39,11 +39,6 @@ struct MoeWeights {
   float lora_scaling;
 };
 
-// Columns of the saved LoRA activations, per routed pair: [x Ag^T | x Au^T | z Ad^T].
-inline int64_t lora_act_width(const MoeWeights& w) {
-  return w.lora[kGate].rank + w.lora[kUp].rank + w.lora[kDown].rank;
-}
-
 struct MoeForwardArgs {
   MoeDims dims;
   const void* x;         // [T, H], act_dtype
@@ -53,7 +48,7 @@ struct MoeForwardArgs {
   MoeWeights w;
   void* y;               // out [T, H], act_dtype
   void* gate_up_act;     // out [T, K, 2I], act_dtype: g then u, saved for the backward
-  float* lora_act;       // out [T, K, lora_act_width]
+  float* lora_act;       // out [T, K, r_g + r_u + r_d]: x A_g^T | x A_u^T | z A_d^T
 };
 
 struct MoeBackwardArgs {
@@ -65,7 +60,7 @@ struct MoeBackwardArgs {
   const float* weights;
   MoeWeights w;
   const void* gate_up_act;  // [T, K, 2I], act_dtype (from the forward)
-  const float* lora_act;    // [T, K, lora_act_width] (from the forward)
+  const float* lora_act;    // [T, K, r_g + r_u + r_d] (from the forward)
   void* grad_x;             // out [T, H], act_dtype
   float* grad_weights;      // out [T, K]
   float* grad_lora_a[3];    // out [E, rank, in] per projection with rank > 0
