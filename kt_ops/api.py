@@ -99,8 +99,9 @@ def moe_sft(
     Returns:
         ``[T, H]`` in x's dtype.
 
-    Numerics: fp32 accumulation everywhere. On the AMX and AVX-512 paths activations enter
-    the GEMMs rounded to bf16; on the AVX2 and scalar paths they stay fp32.
+    Numerics: fp32 accumulation everywhere. On the AMX and AVX-512 paths activations and
+    the LoRA matrices enter the GEMMs rounded to bf16; on the AVX2 and scalar paths they stay
+    fp32. LoRA gradients are accumulated in fp32 and returned in each LoRA tensor's dtype.
 
     Memory: autograd keeps x, the routing tensors and, per token, ``K * 2I`` values in x's
     dtype (g and u) plus ``K * (r_g + r_u + r_d)`` fp32 LoRA activations: for a
