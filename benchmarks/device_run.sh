@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One batched run on the 16-core accelerator host: build from source, both test suites
 # (the AMX path included), then the benchmark figures. Logs go to $OUT (or ./out).
-# GoogleTest is built from sources carried in .devcarry/googletest (no package manager there).
+# GoogleTest is built from sources carried in .devcarry/googletest (no package manager there):
+#   mkdir -p .devcarry && cp -r /usr/src/googletest .devcarry/   # then carry ".devcarry"
+# kt-kernel for bench_vs_kt_kernel.py: its cp312 wheel and gguf's in .whl/ (carry ".whl"),
+#   installed with pip --no-index --no-deps --target /tmp/site and put on PYTHONPATH.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export MAX_JOBS=16 PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
