@@ -7,7 +7,7 @@
 #   installed with pip --no-index --no-deps --target /tmp/site and put on PYTHONPATH.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
-export MAX_JOBS=16 PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+export MAX_JOBS=16 PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 lscpu | grep -E "Model name|^CPU\(s\)|NUMA node\(s\)"; grep -o -w -E "amx_(tile|bf16)" /proc/cpuinfo | sort -u | tr '\n' ' '; echo
 gcc --version | head -1; python3 -c "import torch; print('torch', torch.__version__)"
 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
