@@ -380,7 +380,7 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
     const int64_t np = std::min(kPanelsPerTask, i_panels - p0), cols = np * kPanelRows;
     const int64_t m = route.padded_rows(e), row0 = route.first_row[e];
     bf16* wt = scratch<bf16>(Scratch::kTaskWeights, cols * hp);
-    pack_transposed_panels(w.down + e * hp * ip, hp, ip, p0, np, wt);
+    k.pack_transposed(w.down + e * hp * ip, hp, ip, p0, np, wt);
     float* acc = scratch<float>(Scratch::kTaskAcc, m * cols);
     gemm(k, m, hp, dys + row0 * ld_h, ld_h, wt, np, acc, cols);
     if (l.rd)
@@ -448,7 +448,7 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
     const int64_t np = std::min(kPanelsPerTask, h_panels - p0), cols = np * kPanelRows;
     const int64_t m = route.padded_rows(e), row0 = route.first_row[e];
     bf16* wt = scratch<bf16>(Scratch::kTaskWeights, cols * 2 * ip);
-    pack_transposed_panels(w.gate_up + e * 2 * ip * hp, 2 * ip, hp, p0, np, wt);
+    k.pack_transposed(w.gate_up + e * 2 * ip * hp, 2 * ip, hp, p0, np, wt);
     float* acc = scratch<float>(Scratch::kTaskAcc, m * cols);
     gemm(k, m, 2 * ip, dgus + row0 * ld_gu, ld_gu, wt, np, acc, cols);
     if (l.rgu)

@@ -35,6 +35,10 @@ Isa select_isa(const char* cap);
 using RankUpdateFn = void (*)(int64_t rows, int64_t n, int64_t depth, const float* a, int64_t lda,
                               const float* b, int64_t ldb, float* c, int64_t ldc);
 
+// pack_transposed_panels (packing.h) for one ISA.
+using PackTransposedFn = void (*)(const uint16_t* packed, int64_t np, int64_t kp, int64_t first_panel,
+                                  int64_t panel_count, uint16_t* dst);
+
 // out[i] = 1 / (1 + exp(-x[i])) for i < n (SiLU and its gradient).
 using SigmoidFn = void (*)(int64_t n, const float* x, float* out);
 
@@ -51,6 +55,7 @@ struct Kernels {
   GemmFn<float> gemm_f32;      // null when bf16_activations is true
   RankUpdateFn rank_update;
   SigmoidFn sigmoid;
+  PackTransposedFn pack_transposed;
 };
 
 const Kernels& kernels_for(Isa isa);
@@ -62,6 +67,8 @@ void gemm_scalar_f32(int64_t, int64_t, const float*, int64_t, const uint16_t*, i
                      int64_t, bool);
 void rank_update_scalar(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
                         float*, int64_t);
+void pack_transposed_panels_avx512(const uint16_t* packed, int64_t np, int64_t kp, int64_t first_panel,
+                                   int64_t panel_count, uint16_t* dst);
 void sigmoid_scalar(int64_t n, const float* x, float* out);
 void sigmoid_avx512(int64_t n, const float* x, float* out);
 void rank_update_avx512(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t,

@@ -98,6 +98,30 @@ TEST(Isa, NamesRoundTrip) {
 
 namespace {
 
+class IsaPackTransposed : public ::testing::TestWithParam<kt::Isa> {};
+
+TEST_P(IsaPackTransposed, MatchesGenericRepack) {
+  const kt::Isa isa = GetParam();
+  if (!kt::isa_supported(isa)) GTEST_SKIP() << "CPU lacks " << kt::isa_name(isa);
+  for (const auto& [n, k] : {std::make_pair(32, 32), std::make_pair(64, 96), std::make_pair(100, 70)}) {
+    const int64_t np = kt::round_up(n, 32), kp = kt::round_up(k, 32);
+    const auto w = kt_test::random_bf16(n * k, 41);
+    std::vector<kt::bf16> packed(np * kp);
+    kt::pack_weight(w.data(), n, k, k, packed.data());
+    for (const auto& [first, count] : {std::make_pair<int64_t, int64_t>(0, kp / 16), std::make_pair<int64_t, int64_t>(1, kp / 16 - 1)}) {
+      std::vector<kt::bf16> want(count * 16 * np), got(count * 16 * np + 32, 0x7777);
+      kt::pack_transposed_panels(packed.data(), np, kp, first, count, want.data());
+      kt::kernels_for(isa).pack_transposed(packed.data(), np, kp, first, count, got.data());
+      for (size_t i = 0; i < want.size(); ++i) ASSERT_EQ(got[i], want[i]) << "n=" << n << " k=" << k << " first=" << first << " at " << i;
+      EXPECT_EQ(got[want.size()], 0x7777) << "wrote past the panels";
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllIsas, IsaPackTransposed,
+                         ::testing::Values(kt::Isa::kScalar, kt::Isa::kAvx2, kt::Isa::kAvx512Bf16, kt::Isa::kAmx),
+                         [](const auto& info) { return std::string(kt::isa_name(info.param)); });
+
 class IsaSigmoid : public ::testing::TestWithParam<kt::Isa> {};
 
 TEST_P(IsaSigmoid, MatchesScalarReference) {
