@@ -121,6 +121,13 @@ def test_pack_experts_checks(which, tensor_fn, message):
         torch.ops.kt.pack_experts(args["w_gate"], args["w_up"], args["w_down"])
 
 
+def test_pack_experts_rejects_empty_dimensions():
+    w = [torch.zeros(2, 0, 8).bfloat16(), torch.zeros(2, 0, 8).bfloat16(), torch.zeros(2, 8, 0).bfloat16()]
+    with pytest.raises(RuntimeError, match=re.escape(
+            "kt.pack_experts: w_gate must have non-empty I and H, got bfloat16 [2, 0, 8]")):
+        torch.ops.kt.pack_experts(*w)
+
+
 def test_python_api_rejects_wrong_lora_length(case):
     with pytest.raises(ValueError, match=re.escape("kt_ops.moe_sft: lora must be None or six tensors")):
         kt_ops.moe_sft(case.x, case.topk_ids, case.topk_weights, case.experts, case.lora[:4])
