@@ -19,6 +19,7 @@ ext = CppExtension(
     sources=sources,
     include_dirs=[os.path.join(ROOT, "include"), os.path.join(ROOT, "csrc")],
     extra_compile_args={"cxx": ["-O3", "-Wall", "-Wno-unknown-pragmas"]},  # torch picks the C++ standard
+    libraries=["hwloc"],  # machine topology: thread pinning and NUMA placement
 )
 
 setup(

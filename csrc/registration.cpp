@@ -8,10 +8,15 @@ TORCH_LIBRARY(kt, m) {
   // best this CPU supports, capped by the environment variable KT_OPS_MAX_ISA.
   m.def("isa() -> str", &kt_ops::isa);
 
+  // The machine as the kernels see it: NUMA nodes and the cores the pool pins threads to.
+  m.def("topology() -> str", &kt_ops::topology);
+
   // bf16 expert weights w_gate, w_up [E, I, H] and w_down [E, H, I] -> the packed layout of
-  // include/kt/packing.h: gate_up [E, 2*Ip, Hp] (gate and up panels interleaved) and down
-  // [E, Hp, Ip], where Hp, Ip are H, I rounded up to 32.
-  m.def("pack_experts(Tensor w_gate, Tensor w_up, Tensor w_down) -> (Tensor gate_up, Tensor down)");
+  // include/kt/packing.h (ExpertLayout), split along I into S slices, one per NUMA node
+  // (numa_nodes = 0: as many as this machine has): gate_up [S, E, 2*Is, Hp] (gate and up
+  // panels interleaved) and down [S, E, Hp, Is], where Hp is H rounded up to 32 and Is is
+  // I / S rounded up to 32.
+  m.def("pack_experts(Tensor w_gate, Tensor w_up, Tensor w_down, int numa_nodes=0) -> (Tensor gate_up, Tensor down)");
 
   // Routed experts forward with optional LoRA per projection (A [E, r, in], B [E, out, r]).
   // Returns y [T, H] and what the backward needs: gate_up_act [T, K, 2I] (g then u, dtype of

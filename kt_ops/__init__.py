@@ -8,7 +8,7 @@ typed Python face of those ops.
 import torch  # noqa: F401  (loads libtorch, which the extension links against)
 
 from kt_ops import _C  # noqa: F401  (registers torch.ops.kt.*)
-from kt_ops.api import PackedExperts, isa, moe_sft, pack_experts
+from kt_ops.api import PackedExperts, isa, moe_sft, pack_experts, topology
 
-__all__ = ["PackedExperts", "isa", "moe_sft", "pack_experts"]
+__all__ = ["PackedExperts", "isa", "moe_sft", "pack_experts", "topology"]
 __version__ = "0.1.0"

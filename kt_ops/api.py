@@ -18,17 +18,33 @@ def isa() -> str:
     return torch.ops.kt.isa()
 
 
+def topology() -> str:
+    """The machine as the kernels see it, e.g. ``"1 NUMA node: node 0 cores {0,1}"``.
+
+    The kernels' thread pool pins its workers to these cores, spread round-robin over the
+    NUMA nodes (``KT_OPS_PIN_THREADS=0`` leaves them unpinned), and :func:`pack_experts` splits
+    each layer's experts into one slice per node, placed in that node's memory. The variable
+    ``KT_OPS_TOPOLOGY``, read once per process, replaces the machine with an hwloc synthetic
+    topology such as ``"pack:2 numa:1 core:4 pu:1"`` (for testing multi-node behaviour; then
+    nothing is pinned or bound).
+    """
+    return torch.ops.kt.topology()
+
+
 @dataclass(frozen=True)
 class PackedExperts:
     """Frozen expert weights of one MoE layer in the kernels' layout.
 
-    Attributes:
-        gate_up: bf16 ``[E, 2*Ip, Hp]``, gate and up projections, 16-row panels interleaved.
-        down: bf16 ``[E, Hp, Ip]``, the down projection.
-        intermediate_size: I, the experts' intermediate size (Ip is I rounded up to 32).
+    The intermediate dimension is split into S slices of padded width Is, one per NUMA
+    node, each in its node's memory and computed by its node's threads.
 
-    H and I are padded to multiples of 32 with zeros; real model sizes need no padding, so
-    the packed bytes equal the bf16 weight bytes there.
+    Attributes:
+        gate_up: bf16 ``[S, E, 2*Is, Hp]``, gate and up projections, 16-row panels interleaved.
+        down: bf16 ``[S, E, Hp, Is]``, the down projection.
+        intermediate_size: I, the experts' intermediate size.
+
+    Hp is H rounded up to 32 and Is is I / S rounded up to 32, padded with zeros; real
+    model sizes need no padding, so the packed bytes equal the bf16 weight bytes there.
     """
 
     gate_up: torch.Tensor
@@ -37,6 +53,11 @@ class PackedExperts:
 
     @property
     def num_experts(self) -> int:
+        return self.gate_up.shape[1]
+
+    @property
+    def numa_slices(self) -> int:
+        """S, the slices of the intermediate dimension (one per NUMA node)."""
         return self.gate_up.shape[0]
 
     @property
@@ -45,17 +66,20 @@ class PackedExperts:
         return self.gate_up.nbytes + self.down.nbytes
 
 
-def pack_experts(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> PackedExperts:
+def pack_experts(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                 numa_nodes: int = 0) -> PackedExperts:
     """Packs one layer's expert weights for :func:`moe_sft`.
 
     Args:
         w_gate: bf16 ``[E, I, H]`` (PEFT/nn.Linear layout: out x in).
         w_up: bf16 ``[E, I, H]``.
         w_down: bf16 ``[E, H, I]``.
+        numa_nodes: slices to split the intermediate dimension into; 0 (the default) gives
+            one per NUMA node of :func:`topology`. Never more than I / 32.
 
     The inputs are not kept: once packed they can be freed.
     """
-    gate_up, down = torch.ops.kt.pack_experts(w_gate, w_up, w_down)
+    gate_up, down = torch.ops.kt.pack_experts(w_gate, w_up, w_down, numa_nodes)
     return PackedExperts(gate_up, down, int(w_gate.shape[1]))
 
 

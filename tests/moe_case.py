@@ -44,8 +44,10 @@ def make_case(
     lora_dtype: torch.dtype = torch.float32,
     used_experts: Optional[int] = None,
     seed: int = 0,
+    numa_nodes: int = 0,
 ) -> MoeCase:
-    """A layer with O(1) activations. Experts at or past ``used_experts`` get no tokens."""
+    """A layer with O(1) activations. Experts at or past ``used_experts`` get no tokens;
+    ``numa_nodes`` is passed to pack_experts (0: one slice per NUMA node of this machine)."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape, scale=1.0):
@@ -65,7 +67,7 @@ def make_case(
                   (rank, intermediate), (hidden, rank)]
         lora = [randn(experts, *s, scale=0.5 * s[-1] ** -0.5).to(lora_dtype).requires_grad_() for s in shapes]
     case = MoeCase(x, topk_ids, topk_weights, w_gate, w_up, w_down,
-                   kt_ops.pack_experts(w_gate, w_up, w_down), lora)
+                   kt_ops.pack_experts(w_gate, w_up, w_down, numa_nodes), lora)
     case.grad_y = randn(tokens, hidden).to(dtype)
     return case
 

@@ -12,7 +12,7 @@ H, I, E, K, T, R = 70, 45, 6, 2, 7, 8
 
 @pytest.fixture
 def case():
-    return make_case(H, I, E, K, T, R)
+    return make_case(H, I, E, K, T, R, numa_nodes=1)  # one slice: the messages below name shapes
 
 
 def call(case, **override):
@@ -47,14 +47,18 @@ BAD = {
     "weights_dtype": (lambda c: dict(topk_weights=c.topk_ids),
                       "topk_weights must be float32 or bfloat16 of the shape of topk_ids int64 [7, 2], got int64 [7, 2]"),
     "hidden_mismatch": (lambda c: dict(x=torch.randn(T, 100).bfloat16(), lora=[None] * 6),
-                        "gate_up must be packed for H = 100 and I = 45 (shape [E, 128, 128]), got bfloat16 [6, 128, 96]"),
+                        "gate_up must be packed for H = 100 and I = 45 (shape [1, E, 128, 128]), got bfloat16 [1, 6, 128, 96]"),
     "intermediate_mismatch": (lambda c: dict(intermediate_size=100),
-                              "gate_up must be packed for H = 70 and I = 100 (shape [E, 256, 96]), got bfloat16 [6, 128, 96]"),
+                              "gate_up must be packed for H = 70 and I = 100 (shape [1, E, 256, 96]), got bfloat16 [1, 6, 128, 96]"),
     "intermediate_nonpositive": (lambda c: dict(intermediate_size=0), "intermediate_size must be positive, got 0"),
     "gate_up_dtype": (lambda c: dict(gate_up=c.experts.gate_up.float()),
-                      "gate_up must be the bfloat16 [E, 2*Ip, Hp] tensor made by kt.pack_experts, got float32 [6, 128, 96]"),
-    "down_experts": (lambda c: dict(down=c.experts.down[:4]),
-                     "down must be the bfloat16 tensor made by kt.pack_experts for E = 6, H = 70, I = 45 (shape [6, 96, 64]), got bfloat16 [4, 96, 64]"),
+                      "gate_up must be the bfloat16 [S, E, 2*Is, Hp] tensor made by kt.pack_experts, got float32 [1, 6, 128, 96]"),
+    "gate_up_no_slices": (lambda c: dict(gate_up=c.experts.gate_up[:0]),
+                          "gate_up must be the bfloat16 [S, E, 2*Is, Hp] tensor made by kt.pack_experts, got bfloat16 [0, 6, 128, 96]"),
+    "down_experts": (lambda c: dict(down=c.experts.down[:, :4]),
+                     "down must be the bfloat16 tensor made by kt.pack_experts with gate_up for E = 6, H = 70, I = 45 (shape [1, 6, 96, 64]), got bfloat16 [1, 4, 96, 64]"),
+    "down_slices": (lambda c: dict(down=c.experts.down.expand(2, -1, -1, -1)),
+                    "down must be the bfloat16 tensor made by kt.pack_experts with gate_up for E = 6, H = 70, I = 45 (shape [1, 6, 96, 64]), got bfloat16 [2, 6, 96, 64]"),
     "lora_a_without_b": (lambda c: dict(lora=lora_with(c, 1, None)),
                          "lora_gate_a and lora_gate_b must be given together, got only lora_gate_a"),
     "lora_a_experts": (lambda c: dict(lora=lora_with(c, 2, c.lora[2][:3])),
@@ -119,6 +123,13 @@ def test_pack_experts_checks(which, tensor_fn, message):
     args[which] = tensor_fn(w)
     with pytest.raises(RuntimeError, match=re.escape("kt.pack_experts: " + message)):
         torch.ops.kt.pack_experts(args["w_gate"], args["w_up"], args["w_down"])
+
+
+def test_pack_experts_rejects_negative_numa_nodes():
+    w = [torch.zeros(2, 32, 8).bfloat16(), torch.zeros(2, 32, 8).bfloat16(), torch.zeros(2, 8, 32).bfloat16()]
+    with pytest.raises(RuntimeError, match=re.escape(
+            "kt.pack_experts: numa_nodes must be >= 0 (0: one slice per NUMA node), got -1")):
+        torch.ops.kt.pack_experts(*w, -1)
 
 
 def test_pack_experts_rejects_empty_dimensions():

@@ -18,6 +18,9 @@ CASES = {
     "t513_rank16": (96, 64, 16, 4, 513, 16, {}),
     "t513_rank64_odd": (40, 72, 5, 3, 513, 64, {"ids_dtype": torch.int32}),
     "bf16_lora": (48, 40, 4, 2, 33, 8, {"lora_dtype": torch.bfloat16, "weights_dtype": torch.bfloat16}),
+    # Experts split into NUMA slices along I (whatever this machine's node count).
+    "two_numa_slices": (70, 100, 6, 2, 33, 8, {"numa_nodes": 2}),
+    "three_numa_slices_idle": (64, 96, 8, 3, 65, 16, {"numa_nodes": 3, "used_experts": 5}),
 }
 
 

@@ -1,4 +1,5 @@
 """kt.pack_experts: layout facts the kernels rely on and the memory contract."""
+import pytest
 import torch
 
 import kt_ops
@@ -19,25 +20,45 @@ def test_packed_bytes_equal_bf16_bytes_for_model_sizes():
 
 
 def test_odd_sizes_pad_to_32():
-    packed = kt_ops.pack_experts(*_weights(3, 45, 70))
-    assert packed.gate_up.shape == (3, 2 * 64, 96)
-    assert packed.down.shape == (3, 96, 64)
-    assert packed.intermediate_size == 45 and packed.num_experts == 3
+    packed = kt_ops.pack_experts(*_weights(3, 45, 70), numa_nodes=1)
+    assert packed.gate_up.shape == (1, 3, 2 * 64, 96)
+    assert packed.down.shape == (1, 3, 96, 64)
+    assert packed.intermediate_size == 45 and packed.num_experts == 3 and packed.numa_slices == 1
 
 
-def test_packing_is_a_permutation_of_the_weights():
+@pytest.mark.parametrize("intermediate,nodes,slices,width", [
+    (128, 2, 2, 64),   # even split, no padding
+    (45, 2, 2, 32),    # 32 + 13 columns
+    (100, 3, 2, 64),   # a third slice would hold padding only
+    (20, 4, 1, 32),    # too narrow to split
+])
+def test_numa_slices_split_the_intermediate_dimension(intermediate, nodes, slices, width):
+    packed = kt_ops.pack_experts(*_weights(3, intermediate, 70), numa_nodes=nodes)
+    assert packed.numa_slices == slices
+    assert packed.gate_up.shape == (slices, 3, 2 * width, 96)
+    assert packed.down.shape == (slices, 3, 96, width)
+
+
+def test_numa_slices_cost_no_memory_for_model_sizes():
+    w = _weights(4, 128, 64)
+    assert kt_ops.pack_experts(*w, numa_nodes=2).nbytes == sum(t.nbytes for t in w)
+
+
+@pytest.mark.parametrize("numa_nodes", [1, 2])
+def test_packing_is_a_permutation_of_the_weights(numa_nodes):
     """Every weight appears once; the rest is zero padding."""
     w_gate, w_up, w_down = _weights(2, 40, 36)
-    packed = kt_ops.pack_experts(w_gate, w_up, w_down)
+    packed = kt_ops.pack_experts(w_gate, w_up, w_down, numa_nodes)
     got = torch.cat([packed.gate_up.flatten(), packed.down.flatten()]).float()
     want = torch.cat([w_gate.flatten(), w_up.flatten(), w_down.flatten()]).float()
     assert (got != 0).sum() == (want != 0).sum()
     assert torch.equal(got[got != 0].sort().values, want[want != 0].sort().values)
 
 
-def test_meta_shapes_match_cpu():
+@pytest.mark.parametrize("numa_nodes", [0, 2])
+def test_meta_shapes_match_cpu(numa_nodes):
     w = _weights(3, 45, 70)
-    cpu = torch.ops.kt.pack_experts(*w)
-    meta = torch.ops.kt.pack_experts(*[t.to("meta") for t in w])
+    cpu = torch.ops.kt.pack_experts(*w, numa_nodes)
+    meta = torch.ops.kt.pack_experts(*[t.to("meta") for t in w], numa_nodes)
     for a, b in zip(cpu, meta):
         assert a.shape == b.shape and a.dtype == b.dtype and b.device.type == "meta"

@@ -112,14 +112,36 @@ struct Routing {
   int64_t rows() const { return first_row.back(); }
 };
 
-// Work items (expert, first panel) covering `panels` output panels of every active expert.
-std::vector<std::pair<int64_t, int64_t>> expert_panel_tasks(const Routing& r, int64_t panels,
-                                                            int64_t panels_per_task) {
-  std::vector<std::pair<int64_t, int64_t>> tasks;
-  for (int64_t e : r.active)
-    for (int64_t p = 0; p < panels; p += panels_per_task) tasks.emplace_back(e, p);
-  return tasks;
-}
+// A GEMM work item: output panels [panel, panel + panels) of expert `expert`, reading the
+// weights of intermediate slice `slice`.
+struct Task {
+  int64_t slice, expert, panel, panels;
+};
+
+// A phase's work items grouped by slice: slice s's items are [range_first[s],
+// range_first[s + 1]), and run first on the threads of the NUMA node holding that slice.
+struct SliceTasks {
+  std::vector<Task> items;
+  std::vector<int64_t> range_first{0};
+
+  // Items covering `panels` output panels per slice of every active expert, kPanelsPerTask
+  // at a time. Slice s's panels are numbered from s * panel_stride: intermediate columns are
+  // divided between the slices (stride = panels), hidden columns are not (stride 0: each
+  // slice computes a partial sum over its part of the intermediate dimension).
+  SliceTasks(const Routing& r, int64_t slices, int64_t panels, int64_t panel_stride) {
+    for (int64_t s = 0; s < slices; ++s) {
+      for (int64_t e : r.active)
+        for (int64_t p = 0; p < panels; p += kPanelsPerTask)
+          items.push_back({s, e, s * panel_stride + p, std::min(kPanelsPerTask, panels - p)});
+      range_first.push_back(static_cast<int64_t>(items.size()));
+    }
+  }
+
+  template <typename F>
+  void run(int threads, const F& fn) const {
+    parallel_for_ranges(range_first, threads, [&](int64_t i) { fn(items[i]); });
+  }
+};
 
 // Copies a work item's accumulator rows (one per pair of expert e, `cols` wide, starting at
 // output column c0) into the per-pair rows of `out` ([pairs, width]), dropping padding columns.
@@ -189,8 +211,9 @@ template <typename Act>
 void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
   const MoeWeights& w = args.w;
   const int64_t T = args.dims.tokens, K = args.dims.top_k, H = args.dims.hidden;
-  const int64_t I = args.dims.intermediate, E = args.dims.experts;
-  const int64_t hp = round_up(H, kPadTo), ip = round_up(I, kPadTo), n_pairs = T * K;
+  const int64_t I = args.dims.intermediate, E = args.dims.experts, S = w.slices;
+  const ExpertLayout layout{E, H, I, S};
+  const int64_t hp = layout.hp(), is = layout.slice_width(), ip = S * is, n_pairs = T * K;
   const int64_t ld_h = hp + kRowSkew, ld_i = ip + kRowSkew;
   const float s = w.lora_scaling;
   const LoraShape l(w);
@@ -239,19 +262,17 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
   // Phase 2, per (expert, 16*kPanelsPerTask intermediate columns): fused gate/up GEMM plus the
   // LoRA-B product into the same tile; save g and u; z = silu(g) * u.
   Act* zs = scratch<Act>(Scratch::kRowsC, rows * ld_i);
-  const int64_t i_panels = ip / kPanelRows;
-  const auto gu_tasks = expert_panel_tasks(route, i_panels, kPanelsPerTask);
-  parallel_for(gu_tasks.size(), threads, [&](int64_t task) {
-    const auto [e, p0] = gu_tasks[task];
-    const int64_t np = std::min(kPanelsPerTask, i_panels - p0), cols = np * kPanelRows;
+  SliceTasks(route, S, is / kPanelRows, is / kPanelRows).run(threads, [&](const Task& task) {
+    const int64_t e = task.expert, np = task.panels, cols = np * kPanelRows, c0 = task.panel * kPanelRows;
     const int64_t m = route.padded_rows(e), n = route.count(e), row0 = route.first_row[e];
     float* acc = scratch<float>(Scratch::kTaskAcc, m * 2 * cols);  // gate and up panels interleaved
-    gemm(k, m, hp, xs + row0 * ld_h, ld_h, w.gate_up + (e * 2 * ip + 2 * p0 * kPanelRows) * hp,
-         2 * np, acc, 2 * cols);
+    gemm(k, m, hp, xs + row0 * ld_h, ld_h,
+         w.gate_up + layout.gate_up_offset(task.slice, e) + 2 * (c0 - task.slice * is) * hp, 2 * np, acc,
+         2 * cols);
     if (l.rgu)
-      gemm(k, m, l.rgu_p, xa + row0 * l.rgu_p, l.rgu_p,
-           b_gu + (e * 2 * ip + 2 * p0 * kPanelRows) * l.rgu_p, 2 * np, acc, 2 * cols, true);
-    const int64_t c0 = p0 * kPanelRows, valid = std::min(c0 + cols, I) - c0;
+      gemm(k, m, l.rgu_p, xa + row0 * l.rgu_p, l.rgu_p, b_gu + (e * 2 * ip + 2 * c0) * l.rgu_p, 2 * np, acc,
+           2 * cols, true);
+    const int64_t valid = std::max<int64_t>(0, std::min(c0 + cols, I) - c0);
     std::vector<float> g(cols), u(cols), sg(cols);
     for (int64_t i = 0; i < m; ++i) {
       Act* z = zs + (row0 + i) * ld_i + c0;
@@ -292,31 +313,32 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
 
   timer.mark("lora_a_down");
 
-  // Phase 4, per (expert, hidden columns): down GEMM plus LoRA-B into per-pair outputs.
-  float* h_pair = scratch<float>(Scratch::kPairs, n_pairs * H);
-  const int64_t h_panels = hp / kPanelRows;
-  const auto down_tasks = expert_panel_tasks(route, h_panels, kPanelsPerTask);
-  parallel_for(down_tasks.size(), threads, [&](int64_t task) {
-    const auto [e, p0] = down_tasks[task];
-    const int64_t np = std::min(kPanelsPerTask, h_panels - p0), cols = np * kPanelRows;
+  // Phase 4, per (slice, expert, hidden columns): down GEMM over the slice's intermediate
+  // columns, plus LoRA-B (once, in slice 0), into per-pair partial outputs, one set per slice.
+  float* h_pair = scratch<float>(Scratch::kPairs, S * n_pairs * H);
+  SliceTasks(route, S, hp / kPanelRows, 0).run(threads, [&](const Task& task) {
+    const int64_t e = task.expert, np = task.panels, cols = np * kPanelRows, c0 = task.panel * kPanelRows;
     const int64_t m = route.padded_rows(e), row0 = route.first_row[e];
     float* acc = scratch<float>(Scratch::kTaskAcc, m * cols);
-    gemm(k, m, ip, zs + row0 * ld_i, ld_i, w.down + (e * hp + p0 * kPanelRows) * ip, np, acc, cols);
-    if (l.rd)
-      gemm(k, m, l.rd_p, za + row0 * l.rd_p, l.rd_p, b_d + (e * hp + p0 * kPanelRows) * l.rd_p, np,
-           acc, cols, true);
-    scatter_to_pairs(route, e, acc, cols, p0 * kPanelRows, H, h_pair);
+    gemm(k, m, is, zs + row0 * ld_i + task.slice * is, ld_i, w.down + layout.down_offset(task.slice, e) + c0 * is,
+         np, acc, cols);
+    if (l.rd && task.slice == 0)
+      gemm(k, m, l.rd_p, za + row0 * l.rd_p, l.rd_p, b_d + (e * hp + c0) * l.rd_p, np, acc, cols, true);
+    scatter_to_pairs(route, e, acc, cols, c0, H, h_pair + task.slice * n_pairs * H);
   });
 
   timer.mark("down");
 
-  // Phase 5, per token: weighted sum over the token's slots in slot order.
+  // Phase 5, per token: weighted sum over the token's slots and the slices' partial outputs,
+  // in slot then slice order.
   parallel_for(T, threads, [&](int64_t t) {
     std::vector<float> y(H, 0.f);
     for (int64_t j = 0; j < K; ++j) {
       const float wt = args.weights[t * K + j];
-      const float* h = h_pair + (t * K + j) * H;
-      for (int64_t c = 0; c < H; ++c) y[c] += wt * h[c];
+      for (int64_t sl = 0; sl < S; ++sl) {
+        const float* h = h_pair + (sl * n_pairs + t * K + j) * H;
+        for (int64_t c = 0; c < H; ++c) y[c] += wt * h[c];
+      }
     }
     store_f32(args.y, args.act_dtype, t * H, H, y.data());
   });
@@ -327,8 +349,9 @@ template <typename Act>
 void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
   const MoeWeights& w = args.w;
   const int64_t T = args.dims.tokens, K = args.dims.top_k, H = args.dims.hidden;
-  const int64_t I = args.dims.intermediate, E = args.dims.experts;
-  const int64_t hp = round_up(H, kPadTo), ip = round_up(I, kPadTo), n_pairs = T * K;
+  const int64_t I = args.dims.intermediate, E = args.dims.experts, S = w.slices;
+  const ExpertLayout layout{E, H, I, S};
+  const int64_t hp = layout.hp(), is = layout.slice_width(), ip = S * is, n_pairs = T * K;
   const int64_t ld_h = hp + kRowSkew, ld_gu = 2 * ip + kRowSkew;
   const float s = w.lora_scaling;
   const LoraShape l(w);
@@ -373,20 +396,17 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
   // Phase 2, per (expert, intermediate columns): q = dy W_d + s (dy B_d) A_d, the gradient
   // of z before the routing weight. W_d's transposed panels stream through a small buffer.
   float* q_pair = scratch<float>(Scratch::kPairs, n_pairs * I);
-  const int64_t i_panels = ip / kPanelRows;
-  const auto q_tasks = expert_panel_tasks(route, i_panels, kPanelsPerTask);
-  parallel_for(q_tasks.size(), threads, [&](int64_t task) {
-    const auto [e, p0] = q_tasks[task];
-    const int64_t np = std::min(kPanelsPerTask, i_panels - p0), cols = np * kPanelRows;
+  SliceTasks(route, S, is / kPanelRows, is / kPanelRows).run(threads, [&](const Task& task) {
+    const int64_t e = task.expert, np = task.panels, cols = np * kPanelRows, c0 = task.panel * kPanelRows;
     const int64_t m = route.padded_rows(e), row0 = route.first_row[e];
     bf16* wt = scratch<bf16>(Scratch::kTaskWeights, cols * hp);
-    k.pack_transposed(w.down + e * hp * ip, hp, ip, p0, np, wt);
+    k.pack_transposed(w.down + layout.down_offset(task.slice, e), hp, is, (c0 - task.slice * is) / kPanelRows,
+                      np, wt);
     float* acc = scratch<float>(Scratch::kTaskAcc, m * cols);
     gemm(k, m, hp, dys + row0 * ld_h, ld_h, wt, np, acc, cols);
     if (l.rd)
-      gemm(k, m, l.rd_p, dy_bs + row0 * l.rd_p, l.rd_p, at_d + (e * ip + p0 * kPanelRows) * l.rd_p,
-           np, acc, cols, true);
-    scatter_to_pairs(route, e, acc, cols, p0 * kPanelRows, I, q_pair);
+      gemm(k, m, l.rd_p, dy_bs + row0 * l.rd_p, l.rd_p, at_d + (e * ip + c0) * l.rd_p, np, acc, cols, true);
+    scatter_to_pairs(route, e, acc, cols, c0, I, q_pair);
   });
 
   timer.mark("down_t");
@@ -439,22 +459,20 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
 
   timer.mark("lora_b_gu");
 
-  // Phase 5, per (expert, hidden columns): dx per pair = dg W_g + du W_u + s [dgB|duB] [A_g;A_u].
-  float* dx_pair = scratch<float>(Scratch::kPairs, n_pairs * H);  // q_pair is dead here
-  const int64_t h_panels = hp / kPanelRows;
-  const auto dx_tasks = expert_panel_tasks(route, h_panels, kPanelsPerTask);
-  parallel_for(dx_tasks.size(), threads, [&](int64_t task) {
-    const auto [e, p0] = dx_tasks[task];
-    const int64_t np = std::min(kPanelsPerTask, h_panels - p0), cols = np * kPanelRows;
+  // Phase 5, per (slice, expert, hidden columns): dx per pair = dg W_g + du W_u over the
+  // slice's intermediate columns, plus s [dgB|duB] [A_g;A_u] once (slice 0); partial sums
+  // per slice.
+  float* dx_pair = scratch<float>(Scratch::kPairs, S * n_pairs * H);  // q_pair is dead here
+  SliceTasks(route, S, hp / kPanelRows, 0).run(threads, [&](const Task& task) {
+    const int64_t e = task.expert, np = task.panels, cols = np * kPanelRows, c0 = task.panel * kPanelRows;
     const int64_t m = route.padded_rows(e), row0 = route.first_row[e];
-    bf16* wt = scratch<bf16>(Scratch::kTaskWeights, cols * 2 * ip);
-    k.pack_transposed(w.gate_up + e * 2 * ip * hp, 2 * ip, hp, p0, np, wt);
+    bf16* wt = scratch<bf16>(Scratch::kTaskWeights, cols * 2 * is);
+    k.pack_transposed(w.gate_up + layout.gate_up_offset(task.slice, e), 2 * is, hp, task.panel, np, wt);
     float* acc = scratch<float>(Scratch::kTaskAcc, m * cols);
-    gemm(k, m, 2 * ip, dgus + row0 * ld_gu, ld_gu, wt, np, acc, cols);
-    if (l.rgu)
-      gemm(k, m, l.rgu_p, dgu_bs + row0 * l.rgu_p, l.rgu_p,
-           at_gu + (e * hp + p0 * kPanelRows) * l.rgu_p, np, acc, cols, true);
-    scatter_to_pairs(route, e, acc, cols, p0 * kPanelRows, H, dx_pair);
+    gemm(k, m, 2 * is, dgus + row0 * ld_gu + 2 * task.slice * is, ld_gu, wt, np, acc, cols);
+    if (l.rgu && task.slice == 0)
+      gemm(k, m, l.rgu_p, dgu_bs + row0 * l.rgu_p, l.rgu_p, at_gu + (e * hp + c0) * l.rgu_p, np, acc, cols, true);
+    scatter_to_pairs(route, e, acc, cols, c0, H, dx_pair + task.slice * n_pairs * H);
   });
 
   timer.mark("gate_up_t");
@@ -508,12 +526,14 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
 
   timer.mark("lora_grads");
 
-  // Phase 7, per token: dx = sum over the token's slots, in slot order.
+  // Phase 7, per token: dx = sum over the token's slots and the slices, in that order.
   parallel_for(T, threads, [&](int64_t t) {
     std::vector<float> dx(H, 0.f);
     for (int64_t j = 0; j < K; ++j) {
-      const float* part = dx_pair + (t * K + j) * H;
-      for (int64_t c = 0; c < H; ++c) dx[c] += part[c];
+      for (int64_t sl = 0; sl < S; ++sl) {
+        const float* part = dx_pair + (sl * n_pairs + t * K + j) * H;
+        for (int64_t c = 0; c < H; ++c) dx[c] += part[c];
+      }
     }
     store_f32(args.grad_x, args.act_dtype, t * H, H, dx.data());
   });

@@ -4,8 +4,8 @@
 
 namespace kt {
 
-void pack_weight(const bf16* w, int64_t n, int64_t k, int64_t ldw, bf16* dst) {
-  const int64_t np = round_up(n, kPadTo), kp = round_up(k, kPadTo);
+void pack_weight(const bf16* w, int64_t n, int64_t k, int64_t ldw, int64_t kp, bf16* dst) {
+  const int64_t np = round_up(n, kPadTo);
   std::memset(dst, 0, sizeof(bf16) * np * kp);
   for (int64_t r = 0; r < n; ++r)
     for (int64_t c = 0; c < k; ++c) dst[packed_offset(r, c, kp)] = w[r * ldw + c];
@@ -63,6 +63,17 @@ void pack_transposed_panels(const bf16* packed, int64_t np, int64_t kp, int64_t 
       }
     }
   }
+}
+
+void pack_expert_slice(const ExpertLayout& layout, const bf16* w_gate, const bf16* w_up,
+                       const bf16* w_down, int64_t e, int64_t s, bf16* gate_up, bf16* down) {
+  const int64_t H = layout.hidden, I = layout.intermediate, is = layout.slice_width(), hp = layout.hp();
+  const int64_t c0 = s * is, cols = layout.slice_columns(s);
+  bf16* gu = gate_up + layout.gate_up_offset(s, e);
+  // pack_gate_up fills round_up(cols, 32) of the slice's Is rows; the rest stays zero.
+  std::memset(gu, 0, sizeof(bf16) * 2 * is * hp);
+  if (cols > 0) pack_gate_up(w_gate + (e * I + c0) * H, w_up + (e * I + c0) * H, cols, H, gu);
+  pack_weight(w_down + e * H * I + c0, H, cols, I, is, down + layout.down_offset(s, e));
 }
 
 }  // namespace kt

@@ -4,15 +4,26 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <cstdlib>
+#include <cstring>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <thread>
+
+#include "kt/topology.h"
 
 namespace kt {
 namespace {
 
+bool pinning_enabled() {
+  const char* v = std::getenv("KT_OPS_PIN_THREADS");
+  return !(v && std::strcmp(v, "0") == 0);
+}
+
 // Workers sleep on a condition variable between jobs; a job is published by bumping
-// `generation_`. Worker w takes part in a job when w < participants_.
+// `generation_`. Worker w runs as thread slot w + 1 and takes part in a job when
+// w < participants_.
 class Pool {
  public:
   static Pool& instance() {
@@ -25,11 +36,13 @@ class Pool {
     return *pool;
   }
 
-  void run(int64_t n, int num_threads, const std::function<void(int64_t)>& fn) {
+  void run(const std::vector<int64_t>& range_first, int num_threads, const std::function<void(int64_t)>& fn) {
     std::lock_guard<std::mutex> one_job_at_a_time(job_mutex_);
+    nodes_ = machine_topology().nodes();  // loads it (or throws) before any worker starts
+    const int64_t n = range_first.back() - range_first.front();
     const int helpers = static_cast<int>(std::min<int64_t>(num_threads, n)) - 1;
     if (helpers <= 0) {
-      for (int64_t i = 0; i < n; ++i) fn(i);
+      for (int64_t i = range_first.front(); i < range_first.back(); ++i) fn(i);
       return;
     }
     while (workers_ < helpers) {
@@ -40,15 +53,23 @@ class Pool {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       fn_ = &fn;
-      tasks_ = n;
-      next_task_.store(0);
+      ranges_ = static_cast<int>(range_first.size()) - 1;
+      if (ranges_ > capacity_) {
+        next_.reset(new std::atomic<int64_t>[ranges_]);
+        end_.reset(new int64_t[ranges_]);
+        capacity_ = ranges_;
+      }
+      for (int r = 0; r < ranges_; ++r) {
+        next_[r].store(range_first[r]);
+        end_[r] = range_first[r + 1];
+      }
       error_ = nullptr;
       participants_ = helpers;
       busy_ = helpers;
       ++generation_;
     }
     wake_.notify_all();
-    do_tasks();
+    do_tasks(0);
     std::unique_lock<std::mutex> lock(mutex_);
     done_.wait(lock, [this] { return busy_ == 0; });
     fn_ = nullptr;
@@ -57,6 +78,7 @@ class Pool {
 
  private:
   void worker_loop(int index, uint64_t seen) {
+    if (pinning_enabled()) machine_topology().pin_current_thread(index + 1);
     for (;;) {
       {
         std::unique_lock<std::mutex> lock(mutex_);
@@ -64,19 +86,24 @@ class Pool {
         seen = generation_;
         if (index >= participants_) continue;
       }
-      do_tasks();
+      do_tasks(index + 1);
       std::lock_guard<std::mutex> lock(mutex_);
       if (--busy_ == 0) done_.notify_one();
     }
   }
 
-  void do_tasks() {
-    for (int64_t i = next_task_.fetch_add(1); i < tasks_; i = next_task_.fetch_add(1)) {
-      try {
-        (*fn_)(i);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(mutex_);
-        if (!error_) error_ = std::current_exception();
+  // Drains the slot's own range first, then the others in order.
+  void do_tasks(int slot) {
+    const int home = slot % nodes_ % ranges_;  // the slot's node (Topology::node_of_slot)
+    for (int step = 0; step < ranges_; ++step) {
+      const int r = (home + step) % ranges_;
+      for (int64_t i = next_[r].fetch_add(1); i < end_[r]; i = next_[r].fetch_add(1)) {
+        try {
+          (*fn_)(i);
+        } catch (...) {
+          std::lock_guard<std::mutex> lock(mutex_);
+          if (!error_) error_ = std::current_exception();
+        }
       }
     }
   }
@@ -96,8 +123,9 @@ class Pool {
   int workers_ = 0, participants_ = 0, busy_ = 0;
   uint64_t generation_ = 0;
   const std::function<void(int64_t)>* fn_ = nullptr;
-  int64_t tasks_ = 0;
-  std::atomic<int64_t> next_task_{0};
+  int nodes_ = 1, ranges_ = 0, capacity_ = 0;
+  std::unique_ptr<std::atomic<int64_t>[]> next_;
+  std::unique_ptr<int64_t[]> end_;
   std::exception_ptr error_;
 };
 
@@ -105,7 +133,13 @@ class Pool {
 
 void parallel_for(int64_t n, int num_threads, const std::function<void(int64_t)>& fn) {
   if (n <= 0) return;
-  Pool::instance().run(n, num_threads, fn);
+  Pool::instance().run({0, n}, num_threads, fn);
+}
+
+void parallel_for_ranges(const std::vector<int64_t>& range_first, int num_threads,
+                         const std::function<void(int64_t)>& fn) {
+  if (range_first.size() < 2 || range_first.back() <= range_first.front()) return;
+  Pool::instance().run(range_first, num_threads, fn);
 }
 
 }  // namespace kt

@@ -75,19 +75,20 @@ MoeSizes check_moe_args(const char* op, const at::Tensor& x, const at::Tensor& t
 
   MoeSizes s{x.sym_size(0), topk_ids.sym_size(1), x.sym_size(1), 0, intermediate_size, {0, 0, 0}};
   const c10::SymInt I(intermediate_size);
-  KT_CHECK(gate_up.scalar_type() == at::kBFloat16 && gate_up.dim() == 3, "kt.", op,
-              ": gate_up must be the bfloat16 [E, 2*Ip, Hp] tensor made by kt.pack_experts, got ",
+  KT_CHECK(gate_up.scalar_type() == at::kBFloat16 && gate_up.dim() == 4 && gate_up.sym_size(0) > 0, "kt.", op,
+              ": gate_up must be the bfloat16 [S, E, 2*Is, Hp] tensor made by kt.pack_experts, got ",
               describe(gate_up));
-  s.experts = gate_up.sym_size(0);
-  KT_CHECK(gate_up.sym_size(1) == 2 * padded(I) && gate_up.sym_size(2) == padded(s.hidden),
-              "kt.", op, ": gate_up must be packed for H = ", s.hidden, " and I = ", I,
-              " (shape [E, ", 2 * padded(I), ", ", padded(s.hidden), "]), got ", describe(gate_up));
-  KT_CHECK(down.scalar_type() == at::kBFloat16 && down.dim() == 3 &&
-                  down.sym_size(0) == s.experts && down.sym_size(1) == padded(s.hidden) &&
-                  down.sym_size(2) == padded(I),
-              "kt.", op, ": down must be the bfloat16 tensor made by kt.pack_experts for E = ",
-              s.experts, ", H = ", s.hidden, ", I = ", I, " (shape [", s.experts, ", ",
-              padded(s.hidden), ", ", padded(I), "]), got ", describe(down));
+  const c10::SymInt slices = gate_up.sym_size(0), width = padded((I + slices - 1) / slices);
+  s.experts = gate_up.sym_size(1);
+  KT_CHECK(gate_up.sym_size(2) == 2 * width && gate_up.sym_size(3) == padded(s.hidden), "kt.", op,
+              ": gate_up must be packed for H = ", s.hidden, " and I = ", I, " (shape [", slices, ", E, ",
+              2 * width, ", ", padded(s.hidden), "]), got ", describe(gate_up));
+  KT_CHECK(down.scalar_type() == at::kBFloat16 && down.dim() == 4 && down.sym_size(0) == slices &&
+                  down.sym_size(1) == s.experts && down.sym_size(2) == padded(s.hidden) &&
+                  down.sym_size(3) == width,
+              "kt.", op, ": down must be the bfloat16 tensor made by kt.pack_experts with gate_up for E = ",
+              s.experts, ", H = ", s.hidden, ", I = ", I, " (shape [", slices, ", ", s.experts, ", ",
+              padded(s.hidden), ", ", width, "]), got ", describe(down));
 
   const c10::SymInt in_dims[3] = {s.hidden, s.hidden, I}, out_dims[3] = {I, I, s.hidden};
   for (int p = 0; p < 3; ++p) {

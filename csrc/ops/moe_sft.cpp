@@ -9,6 +9,7 @@
 #include "checks.h"
 #include "kt/isa.h"
 #include "kt/moe_sft.h"
+#include "kt/topology.h"
 #include "ops.h"
 
 namespace kt_ops {
@@ -49,6 +50,7 @@ struct KernelInputs {
     down = down_.contiguous();
     w.gate_up = reinterpret_cast<const kt::bf16*>(gate_up.data_ptr());
     w.down = reinterpret_cast<const kt::bf16*>(down.data_ptr());
+    w.slices = gate_up.size(0);
     w.lora_scaling = static_cast<float>(scaling);
     for (int p = 0; p < 3; ++p) {
       if (!lora_[2 * p].has_value()) continue;
@@ -120,6 +122,10 @@ BackwardResult allocate_backward(const at::Tensor& x, const at::Tensor& topk_wei
 
 std::string isa() {
   return kt::isa_name(current_kernels().isa);
+}
+
+std::string topology() {
+  return kt::machine_topology().describe();
 }
 
 ForwardResult moe_sft_forward_cpu(KT_MOE_FORWARD_PARAMS) {

@@ -16,10 +16,12 @@ using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor
 
 std::string isa();
 
+std::string topology();
+
 std::tuple<at::Tensor, at::Tensor> pack_experts_cpu(const at::Tensor& w_gate, const at::Tensor& w_up,
-                                                    const at::Tensor& w_down);
+                                                    const at::Tensor& w_down, int64_t numa_nodes);
 std::tuple<at::Tensor, at::Tensor> pack_experts_meta(const at::Tensor& w_gate, const at::Tensor& w_up,
-                                                     const at::Tensor& w_down);
+                                                     const at::Tensor& w_down, int64_t numa_nodes);
 
 #define KT_MOE_FORWARD_PARAMS                                                                   \
   const at::Tensor &x, const at::Tensor &topk_ids, const at::Tensor &topk_weights,              \

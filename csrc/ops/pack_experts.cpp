@@ -4,6 +4,7 @@
 #include "checks.h"
 #include "kt/packing.h"
 #include "kt/thread_pool.h"
+#include "kt/topology.h"
 #include "ops.h"
 
 namespace kt_ops {
@@ -37,35 +38,57 @@ ExpertShape check_pack_args(const at::Tensor& w_gate, const at::Tensor& w_up, co
 
 c10::SymInt padded(const c10::SymInt& v) { return (v + 31) / 32 * 32; }
 
-std::tuple<at::Tensor, at::Tensor> allocate(const ExpertShape& s, const at::TensorOptions& opts) {
-  const auto ip = padded(s.intermediate), hp = padded(s.hidden);
-  return {at::empty_symint({s.experts, 2 * ip, hp}, opts), at::empty_symint({s.experts, hp, ip}, opts)};
+// Slices of the intermediate dimension: one per NUMA node unless the caller asks otherwise.
+// The count depends on I, which shape inference may only see symbolically: it is read as a
+// concrete value (guarding on it), as the layout of the weights needs.
+int64_t slice_count(const ExpertShape& s, int64_t numa_nodes) {
+  KT_CHECK(numa_nodes >= 0, "kt.pack_experts: numa_nodes must be >= 0 (0: one slice per NUMA node), got ",
+           numa_nodes);
+  const int64_t nodes = numa_nodes ? numa_nodes : kt::machine_topology().nodes();
+  return kt::slices_for(s.intermediate.guard_int(__FILE__, __LINE__), nodes);
+}
+
+std::tuple<at::Tensor, at::Tensor> allocate(const ExpertShape& s, int64_t slices, const at::TensorOptions& opts) {
+  const c10::SymInt width = padded((s.intermediate + slices - 1) / slices), hp = padded(s.hidden);
+  return {at::empty_symint({slices, s.experts, 2 * width, hp}, opts),
+          at::empty_symint({slices, s.experts, hp, width}, opts)};
 }
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> pack_experts_cpu(const at::Tensor& w_gate, const at::Tensor& w_up,
-                                                    const at::Tensor& w_down) {
+                                                    const at::Tensor& w_down, int64_t numa_nodes) {
   const ExpertShape s = check_pack_args(w_gate, w_up, w_down, /*require_cpu=*/true);
-  auto [gate_up, down] = allocate(s, w_gate.options());
+  const int64_t slices = slice_count(s, numa_nodes);
+  auto [gate_up, down] = allocate(s, slices, w_gate.options());
   const at::Tensor g = w_gate.contiguous(), u = w_up.contiguous(), dn = w_down.contiguous();
-  const int64_t E = s.experts.expect_int(), I = s.intermediate.expect_int(), H = s.hidden.expect_int();
-  const int64_t ip = kt::round_up(I, kt::kPadTo), hp = kt::round_up(H, kt::kPadTo);
+  const kt::ExpertLayout layout{s.experts.expect_int(), s.hidden.expect_int(), s.intermediate.expect_int(), slices};
   const auto* gp = reinterpret_cast<const kt::bf16*>(g.data_ptr());
   const auto* up = reinterpret_cast<const kt::bf16*>(u.data_ptr());
   const auto* dp = reinterpret_cast<const kt::bf16*>(dn.data_ptr());
   auto* gu_out = reinterpret_cast<kt::bf16*>(gate_up.data_ptr());
   auto* d_out = reinterpret_cast<kt::bf16*>(down.data_ptr());
-  kt::parallel_for(E, at::get_num_threads(), [&](int64_t e) {
-    kt::pack_gate_up(gp + e * I * H, up + e * I * H, I, H, gu_out + e * 2 * ip * hp);
-    kt::pack_weight(dp + e * H * I, H, I, I, d_out + e * hp * ip);
+  // Slice sl's pages go to its node before anything touches them; its node's threads pack it.
+  const kt::Topology& topology = kt::machine_topology();
+  const int64_t E = layout.experts;
+  std::vector<int64_t> range_first;
+  for (int64_t sl = 0; sl < slices; ++sl) {
+    const int node = static_cast<int>(sl % topology.nodes());
+    topology.bind_memory(gu_out + layout.gate_up_offset(sl, 0), sizeof(kt::bf16) * layout.gate_up_elems() / slices, node);
+    topology.bind_memory(d_out + layout.down_offset(sl, 0), sizeof(kt::bf16) * layout.down_elems() / slices, node);
+    range_first.push_back(sl * E);
+  }
+  range_first.push_back(slices * E);
+  kt::parallel_for_ranges(range_first, at::get_num_threads(), [&](int64_t task) {
+    kt::pack_expert_slice(layout, gp, up, dp, task % E, task / E, gu_out, d_out);
   });
   return {gate_up, down};
 }
 
 std::tuple<at::Tensor, at::Tensor> pack_experts_meta(const at::Tensor& w_gate, const at::Tensor& w_up,
-                                                     const at::Tensor& w_down) {
-  return allocate(check_pack_args(w_gate, w_up, w_down, /*require_cpu=*/false), w_gate.options());
+                                                     const at::Tensor& w_down, int64_t numa_nodes) {
+  const ExpertShape s = check_pack_args(w_gate, w_up, w_down, /*require_cpu=*/false);
+  return allocate(s, slice_count(s, numa_nodes), w_gate.options());
 }
 
 }  // namespace kt_ops

@@ -33,8 +33,9 @@ struct LoraWeights {
 enum Projection { kGate = 0, kUp = 1, kDown = 2 };
 
 struct MoeWeights {
-  const bf16* gate_up;  // [E, 2*Ip, Hp] packed (pack_gate_up)
-  const bf16* down;     // [E, Hp, Ip] packed (pack_weight)
+  const bf16* gate_up;  // [S, E, 2*Is, Hp] packed (ExpertLayout)
+  const bf16* down;     // [S, E, Hp, Is] packed (ExpertLayout)
+  int64_t slices;       // S, intermediate slices (one per NUMA node)
   LoraWeights lora[3];  // indexed by Projection
   float lora_scaling;
 };

@@ -27,9 +27,9 @@ inline int64_t packed_offset(int64_t n, int64_t k, int64_t kp) {
          ((k % kBlockDepth) / 2) * (2 * kPanelRows) + (n % kPanelRows) * 2 + (k % 2);
 }
 
-// Packs W [n, k] (row stride ldw) into dst, which holds round_up(n,32) * round_up(k,32)
-// elements; padding is written as zeros.
-void pack_weight(const bf16* w, int64_t n, int64_t k, int64_t ldw, bf16* dst);
+// Packs W [n, k] (row stride ldw) into dst as a matrix of depth kp (a multiple of 32, at
+// least k): dst holds round_up(n,32) * kp elements; padding is written as zeros.
+void pack_weight(const bf16* w, int64_t n, int64_t k, int64_t ldw, int64_t kp, bf16* dst);
 
 // Inverse of pack_weight: writes W [n, k] (row stride ldw) from packed src.
 void unpack_weight(const bf16* src, int64_t n, int64_t k, int64_t ldw, bf16* w);
@@ -51,5 +51,41 @@ inline int64_t gate_up_column(int64_t c, bool is_up) {
 // transposed weights through a small buffer instead of keeping a second copy resident.
 void pack_transposed_panels(const bf16* packed, int64_t np, int64_t kp, int64_t first_panel,
                             int64_t panel_count, bf16* dst);
+
+
+// One layer's experts split along the intermediate dimension into `slices` slices of equal
+// padded width Is, one per NUMA node, so each node's threads read only their node's memory:
+//   gate_up [S, E, 2*Is, Hp]: slice s holds pack_gate_up of intermediate rows [s*Is, (s+1)*Is)
+//   down    [S, E, Hp, Is]:   slice s holds pack_weight of the same columns of W_down
+// With one slice this is the plain [E, 2*Ip, Hp] / [E, Hp, Ip] layout.
+struct ExpertLayout {
+  int64_t experts, hidden, intermediate, slices;
+
+  int64_t hp() const { return round_up(hidden, kPadTo); }
+  int64_t slice_width() const { return round_up((intermediate + slices - 1) / slices, kPadTo); }
+  // Intermediate columns of slice s that hold weights (the rest is padding).
+  int64_t slice_columns(int64_t s) const {
+    const int64_t left = intermediate - s * slice_width();
+    return left <= 0 ? 0 : left < slice_width() ? left : slice_width();
+  }
+  int64_t gate_up_elems() const { return slices * experts * 2 * slice_width() * hp(); }
+  int64_t down_elems() const { return slices * experts * hp() * slice_width(); }
+  // Offsets of expert e's slice s inside the packed tensors.
+  int64_t gate_up_offset(int64_t s, int64_t e) const { return (s * experts + e) * 2 * slice_width() * hp(); }
+  int64_t down_offset(int64_t s, int64_t e) const { return (s * experts + e) * hp() * slice_width(); }
+};
+
+// How many slices a layer of this intermediate size gets on a machine of `nodes` NUMA nodes:
+// one per node, but never a slice of padding only.
+inline int64_t slices_for(int64_t intermediate, int64_t nodes) {
+  int64_t s = nodes < 1 ? 1 : nodes;
+  while (s > 1 && (s - 1) * round_up((intermediate + s - 1) / s, kPadTo) >= intermediate) --s;
+  return s;
+}
+
+// Packs expert e's slice s from w_gate, w_up [E, I, H] and w_down [E, H, I] into the
+// tensors gate_up and down of `layout`.
+void pack_expert_slice(const ExpertLayout& layout, const bf16* w_gate, const bf16* w_up,
+                       const bf16* w_down, int64_t e, int64_t s, bf16* gate_up, bf16* down);
 
 }  // namespace kt

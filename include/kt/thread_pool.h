@@ -1,10 +1,15 @@
 // A persistent worker pool for the kernel core. Work is a count of independent tasks; a
 // task's result never depends on which thread ran it, so results are identical for any
 // thread count (the kernels give each output element exactly one owner).
+//
+// Workers are pinned to cores of machine_topology(), spread round-robin over the NUMA nodes
+// (KT_OPS_PIN_THREADS=0 leaves them unpinned). The calling thread takes part as slot 0 and is
+// never re-pinned: it belongs to the caller.
 #pragma once
 
 #include <cstdint>
 #include <functional>
+#include <vector>
 
 namespace kt {
 
@@ -12,5 +17,12 @@ namespace kt {
 // returns when all are done. Calls from several threads at once are serialised. The first
 // exception a task throws is rethrown here after the rest have finished.
 void parallel_for(int64_t n, int num_threads, const std::function<void(int64_t)>& fn);
+
+// The same over tasks [0, range_first.back()) grouped into ranges, range r being
+// [range_first[r], range_first[r + 1]): range r holds the work whose data lives on NUMA node
+// r. Threads of node r take tasks of range r first, then help with the other ranges, so a
+// node that finishes early does not sit idle.
+void parallel_for_ranges(const std::vector<int64_t>& range_first, int num_threads,
+                         const std::function<void(int64_t)>& fn);
 
 }  // namespace kt

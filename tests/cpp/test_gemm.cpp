@@ -26,7 +26,7 @@ TEST_P(IsaGemm, MatchesScalarReference) {
   const int64_t np = kt::round_up(gc.n, 32), kp = kt::round_up(gc.k, 32);
   const auto w = kt_test::random_bf16(gc.n * gc.k, 11);
   std::vector<bf16> packed(np * kp);
-  kt::pack_weight(w.data(), gc.n, gc.k, gc.k, packed.data());
+  kt::pack_weight(w.data(), gc.n, gc.k, gc.k, kt::round_up(gc.k, kt::kPadTo), packed.data());
   // A is zero beyond column k, as the driver guarantees.
   const auto a_vals = kt_test::random_bf16(gc.m * kp, 12);
   std::vector<bf16> a_bf16(gc.m * kp, 0);
@@ -107,7 +107,7 @@ TEST_P(IsaPackTransposed, MatchesGenericRepack) {
     const int64_t np = kt::round_up(n, 32), kp = kt::round_up(k, 32);
     const auto w = kt_test::random_bf16(n * k, 41);
     std::vector<kt::bf16> packed(np * kp);
-    kt::pack_weight(w.data(), n, k, k, packed.data());
+    kt::pack_weight(w.data(), n, k, k, kt::round_up(k, kt::kPadTo), packed.data());
     for (const auto& [first, count] : {std::make_pair<int64_t, int64_t>(0, kp / 16), std::make_pair<int64_t, int64_t>(1, kp / 16 - 1)}) {
       std::vector<kt::bf16> want(count * 16 * np), got(count * 16 * np + 32, 0x7777);
       kt::pack_transposed_panels(packed.data(), np, kp, first, count, want.data());

@@ -14,7 +14,7 @@ TEST_P(PackingShapes, WeightRoundTripAndZeroPadding) {
   const auto w = kt_test::random_bf16(n * k, 1);
   const int64_t np = kt::round_up(n, 32), kp = kt::round_up(k, 32);
   std::vector<bf16> packed(np * kp, 0xffff);
-  kt::pack_weight(w.data(), n, k, k, packed.data());
+  kt::pack_weight(w.data(), n, k, k, kt::round_up(k, kt::kPadTo), packed.data());
   std::vector<bf16> back(n * k);
   kt::unpack_weight(packed.data(), n, k, k, back.data());
   EXPECT_EQ(back, w);
@@ -48,12 +48,12 @@ TEST_P(PackingShapes, TransposedPanelsEqualPackingTheTranspose) {
   const auto w = kt_test::random_bf16(n * k, 4);
   const int64_t np = kt::round_up(n, 32), kp = kt::round_up(k, 32);
   std::vector<bf16> packed(np * kp);
-  kt::pack_weight(w.data(), n, k, k, packed.data());
+  kt::pack_weight(w.data(), n, k, k, kt::round_up(k, kt::kPadTo), packed.data());
   std::vector<bf16> wt(k * n);
   for (int64_t r = 0; r < n; ++r)
     for (int64_t c = 0; c < k; ++c) wt[c * n + r] = w[r * k + c];
   std::vector<bf16> expected(kp * np);
-  kt::pack_weight(wt.data(), k, n, n, expected.data());
+  kt::pack_weight(wt.data(), k, n, n, kt::round_up(n, kt::kPadTo), expected.data());
   // Whole matrix at once, and panel by panel from an offset.
   std::vector<bf16> got(kp * np);
   kt::pack_transposed_panels(packed.data(), np, kp, 0, kp / 16, got.data());

@@ -41,4 +41,20 @@ TEST(ThreadPool, EmptyRangeDoesNothing) {
   kt::parallel_for(0, 4, [](int64_t) { FAIL() << "no task expected"; });
 }
 
+TEST(ThreadPool, RangesRunEveryTaskExactlyOnce) {
+  // Ranges of unequal size, an empty one among them, more ranges than nodes.
+  const std::vector<int64_t> first = {0, 5, 5, 300, 301, 1000};
+  for (int threads : {1, 2, 3, 8}) {
+    std::vector<std::atomic<int>> hits(1000);
+    kt::parallel_for_ranges(first, threads, [&](int64_t i) { hits[i].fetch_add(1); });
+    for (auto& h : hits) ASSERT_EQ(h.load(), 1) << "threads=" << threads;
+  }
+}
+
+TEST(ThreadPool, RangesMayStartPastZero) {
+  std::vector<std::atomic<int>> hits(20);
+  kt::parallel_for_ranges({10, 15, 20}, 4, [&](int64_t i) { hits[i].fetch_add(1); });
+  for (int i = 0; i < 20; ++i) ASSERT_EQ(hits[i].load(), i >= 10 ? 1 : 0) << i;
+}
+
 }  // namespace
