@@ -66,18 +66,21 @@ def main() -> None:
     p.add_argument("--ref-repeats", type=int, default=1, help="timed reference runs; 0 skips the reference")
     p.add_argument("--peak-tflops", type=float, default=15.7,
                    help="AMX bf16 peak for the %%-of-peak column (PERF.md: 15.7 on the 16-core host)")
+    p.add_argument("--numa-nodes", type=int, default=0,
+                   help="intermediate slices of the packed experts (0: one per NUMA node of this machine)")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
     shape = model_shape(args.shape)
-    layer = random_layer(shape, args.tokens, args.rank or None)
+    layer = random_layer(shape, args.tokens, args.rank or None, numa_nodes=args.numa_nodes)
     flops = moe_flops(args.tokens, shape.top_k, shape.hidden, shape.intermediate)
     rows = {"kt_ops": time_kt(layer, args.repeats)}
     if args.ref_repeats:
         rows["reference"] = time_reference(layer, args.ref_repeats)
 
     print(f"{shape.name} T={args.tokens} r={args.rank} threads={args.threads} path={kt_ops.isa()} "
+          f"slices={layer.experts.numa_slices} "
           f"(E={shape.experts} H={shape.hidden} I={shape.intermediate} K={shape.top_k})")
     print(f"{'':10} {'fwd s':>8} {'bwd s':>8} {'total s':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'% peak':>7}")
     result = {"shape": shape.name, "tokens": args.tokens, "rank": args.rank, "threads": args.threads,

@@ -2,16 +2,18 @@
 
     python benchmarks/bench_vs_kt_kernel.py --shape qwen3-30b-a3b --tokens 4096 --threads 16
 
-Both run in this process on one layer from kt_ops.testing.random_layer: the same bf16 expert
-weights, expert ids, routing weights and LoRA (rank --rank, alpha --alpha, on gate, up and
-down of every expert). kt-kernel keeps LoRA in bf16, so the LoRA values are rounded to bf16
-and both libraries get those. kt-kernel runs through its public SFT wrapper,
+Both get one layer from kt_ops.testing.random_layer: the same bf16 expert weights, expert
+ids, routing weights and LoRA (rank --rank, alpha --alpha, on gate, up and down of every
+expert). kt-kernel keeps LoRA in bf16, so the LoRA values are rounded to bf16 and both
+libraries get those. kt-kernel runs through its public SFT wrapper,
 KTMoEWrapper(mode="sft", method="AMXBF16_SFT"), on its own thread pool of --threads threads;
 kt_ops runs on torch's --threads threads.
 
-The script compares y and the gradients of x, of the routing weights and of the six LoRA
-tensors (||kt_kernel - kt_ops|| / ||kt_ops||, tolerance 3e-2, bf16 level), then times
-forward and backward of each (one warm-up run, then the median of --repeats).
+The script first runs both in this process and compares y and the gradients of x, of the
+routing weights and of the six LoRA tensors (||kt_kernel - kt_ops|| / ||kt_ops||, tolerance
+3e-2, bf16 level). It then times forward and backward of each (one warm-up run, then the
+median of --repeats) in a fresh process per library, rebuilding the same layer there: in
+one process, the idle library's pool threads poll for work and take cores from the other.
 
 kt-kernel is no dependency of kt_ops and this script installs nothing: without it, it says
 how to install it and exits 0. A failing kt-kernel call is reported with the step that
@@ -23,6 +25,7 @@ import argparse
 import faulthandler
 import json
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -237,6 +240,19 @@ def compare(kt_k: Run, kt_o: Run) -> dict[str, Optional[float]]:
     return errors
 
 
+def time_in_child(args: argparse.Namespace, library: str) -> tuple[float, float]:
+    """Median forward and backward seconds of `library`, measured in a fresh process."""
+    cmd = [sys.executable, __file__, "--time-only", library] + [
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("time_only", "json") and v is not None]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(out.stdout + out.stderr, file=sys.stderr)
+        print(f"timing {library} in a child process failed (exit {out.returncode})", file=sys.stderr)
+        sys.exit(2)
+    timing = json.loads(out.stdout.strip().splitlines()[-1])
+    return timing["forward_s"], timing["backward_s"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="qwen3-30b-a3b")
@@ -248,6 +264,8 @@ def main() -> None:
     p.add_argument("--kt-numa-pools", type=int, default=1,
                    help="kt-kernel's threadpool_count: NUMA sub-pools sharing the --threads threads")
     p.add_argument("--json", help="also write the figures to this file")
+    p.add_argument("--time-only", choices=["kt_ops", "kt_kernel"],
+                   help="(internal) time one library in this process and print its JSON")
     args = p.parse_args()
     if args.rank < 1 or args.repeats < 1 or args.tokens < 1:
         p.error("--rank, --repeats and --tokens must be >= 1")
@@ -270,17 +288,22 @@ def main() -> None:
     print(f"kt_ops path={kt_ops.isa()} on {torch.get_num_threads()} torch threads; kt-kernel {version} "
           f"variant={variant} {KT_METHOD} on {args.threads} threads in {args.kt_numa_pools} pool(s)", flush=True)
 
+    if args.time_only == "kt_ops":  # no kt-kernel pool exists in this process
+        f, b, _ = bench(lambda: kt_ops_run(layer, lora, grad_y), args.repeats)
+        print(json.dumps({"forward_s": f, "backward_s": b}))
+        return
     wrapper = kt_make_wrapper(kt_kernel, shape, args.tokens, args.rank, args.alpha, args.threads,
                               args.kt_numa_pools)
     kt_load_weights(wrapper, layer)
     lora_grads = kt_init_lora(wrapper, lora)
+    if args.time_only == "kt_kernel":  # kt_ops's pool is never started in this process
+        f, b, _ = bench(lambda: kt_kernel_run(wrapper, lora_grads, layer, grad_y), args.repeats)
+        print(json.dumps({"forward_s": f, "backward_s": b}))
+        return
 
-    rows = {
-        "kt_ops": bench(lambda: kt_ops_run(layer, lora, grad_y), args.repeats),
-        "kt_kernel": bench(lambda: kt_kernel_run(wrapper, lora_grads, layer, grad_y), args.repeats),
-    }
-
-    errors = compare(rows["kt_kernel"][2], rows["kt_ops"][2])
+    errors = compare(kt_kernel_run(wrapper, lora_grads, layer, grad_y), kt_ops_run(layer, lora, grad_y))
+    del wrapper  # its pool threads would otherwise stay in this process
+    rows = {name: time_in_child(args, name) for name in ("kt_ops", "kt_kernel")}
     bad = [n for n, e in errors.items() if e is not None and not e <= TOLERANCE]  # NaN is bad too
     ok = not bad
     print(f"\nagreement ||kt_kernel - kt_ops|| / ||kt_ops||, tolerance {TOLERANCE:.0e}:")
@@ -294,7 +317,7 @@ def main() -> None:
               "threads": args.threads, "isa": kt_ops.isa(), "kt_kernel_version": version,
               "kt_kernel_variant": variant, "kt_kernel_method": KT_METHOD,
               "kt_kernel_numa_pools": args.kt_numa_pools}
-    for name, (f, b, _) in rows.items():
+    for name, (f, b) in rows.items():
         total = f + b
         print(f"{name:10} {f:8.3f} {b:8.3f} {total:8.3f} {args.tokens / total:10,.0f}")
         result[name] = {"forward_s": f, "backward_s": b, "tokens_per_s": args.tokens / total}
