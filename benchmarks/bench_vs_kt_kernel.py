@@ -249,7 +249,8 @@ def time_in_child(args: argparse.Namespace, library: str) -> tuple[float, float]
         print(out.stdout + out.stderr, file=sys.stderr)
         print(f"timing {library} in a child process failed (exit {out.returncode})", file=sys.stderr)
         sys.exit(2)
-    timing = json.loads(out.stdout.strip().splitlines()[-1])
+    # kt-kernel prints to stdout as its pool shuts down: take the line the child wrote.
+    timing = json.loads(next(line for line in reversed(out.stdout.splitlines()) if line.startswith('{"forward_s"')))
     return timing["forward_s"], timing["backward_s"]
 
 
