@@ -8,11 +8,11 @@ export MAX_JOBS := $(JOBS)
 
 .PHONY: deps install test test-cpp test-py example bench
 
-deps:  ## compilers, GoogleTest, hwloc, torch (the exact CPU wheel) and the Python test tools
+deps:  ## compilers, GoogleTest, hwloc, torch (the exact CPU wheel), the HF stack and the test tools
 	$(SUDO) apt-get update
 	$(SUDO) apt-get install -y --no-install-recommends build-essential cmake ninja-build ccache libgtest-dev libhwloc-dev
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install numpy pytest
+	$(PY) -m pip install numpy pytest transformers peft safetensors
 
 install:  ## build the extension in place against the installed torch
 	$(PY) -m pip install --no-build-isolation -e .

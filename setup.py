@@ -32,6 +32,6 @@ setup(
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "numpy"],
+    install_requires=["torch>=2.6", "numpy", "transformers>=5", "peft>=0.17", "safetensors"],
     extras_require={"test": ["pytest"]},
 )

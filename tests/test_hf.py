@@ -1,0 +1,281 @@
+"""kt_ops.patch_model / save_adapter / load_adapter on tiny models of every family, against
+the unpatched model with the same LoRA applied by stock PEFT."""
+import copy
+import json
+import os
+import re
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import kt_ops
+from hf_models import FAMILIES, VOCAB, tiny_model
+from kt_ops.hf import KtExperts, moe_layers, to_peft_layout
+from moe_case import assert_close
+
+R, ALPHA = 4, 8.0
+
+
+def randomize_lora(model, seed=1):
+    """LoRA values that change the model's function clearly but do not swamp the weights: with
+    much larger ones, bf16 rounding in one layer flips near-tied top-k choices in the next."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def tokens(seed=2, batch=2, length=11):
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(params=FAMILIES)
+def pair(request, tmp_path):
+    """(kt-patched model, unpatched model with the same adapter loaded by stock PEFT)."""
+    ref = tiny_model(request.param)
+    kt = kt_ops.patch_model(copy.deepcopy(ref), lora_rank=R, lora_alpha=ALPHA)
+    randomize_lora(kt)
+    kt_ops.save_adapter(kt, tmp_path)
+    peft_model = peft.PeftModel.from_pretrained(ref, tmp_path, is_trainable=True)
+    for name, p in peft_model.named_parameters():
+        if name.endswith("mlp.gate.weight"):
+            p.requires_grad_(True)
+    return kt, peft_model
+
+
+def routers(model):
+    return {re.sub(r"^base_model\.model\.", "", n): p for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")}
+
+
+def test_patched_model_matches_peft_lora_logits_loss_and_gradients(pair):
+    kt, ref = pair
+    ids = tokens()
+    out_kt, out_ref = kt(ids, labels=ids), ref(ids, labels=ids)
+    assert_close("logits", out_kt.logits, out_ref.logits, torch.bfloat16)
+    assert abs(out_kt.loss.item() - out_ref.loss.item()) < 1e-2 * out_ref.loss.item()
+    out_kt.loss.backward()
+    out_ref.loss.backward()
+    ref_params = dict(ref.named_parameters())
+    for name, m in moe_layers(kt).items():
+        prefix = f"base_model.model.{name}."
+        for base, (a, b) in [("base_layer.", (m.lora_gate_up_A, m.lora_gate_up_B)), ("", (m.lora_down_A, m.lora_down_B))]:
+            ga, gb = to_peft_layout(a.grad, b.grad)
+            assert_close(f"{name} {base}lora_A grad", ga, ref_params[prefix + base + "lora_A.default.weight"].grad, torch.bfloat16)
+            assert_close(f"{name} {base}lora_B grad", gb, ref_params[prefix + base + "lora_B.default.weight"].grad, torch.bfloat16)
+    kt_routers, ref_routers = routers(kt), routers(ref)
+    assert kt_routers and kt_routers.keys() == ref_routers.keys()
+    for name, p in kt_routers.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"router {name} got no gradient"
+        assert_close(f"router {name} grad", p.grad, ref_routers[name].grad, torch.bfloat16)
+
+
+def test_generate_runs(pair):
+    kt, _ = pair
+    kt.eval()
+    out = kt.generate(tokens(batch=1, length=5), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 9)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_saved_by_peft_loads_into_patched_model(family, tmp_path):
+    ref = tiny_model(family)
+    kt = kt_ops.patch_model(copy.deepcopy(ref), lora_rank=R, lora_alpha=ALPHA)
+    cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=[], init_lora_weights=False,
+                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    peft_model = peft.get_peft_model(ref, cfg)
+    randomize_lora(peft_model, seed=5)
+    peft_model.save_pretrained(tmp_path)
+    kt_ops.load_adapter(kt, tmp_path)
+    ids = tokens()
+    with torch.no_grad():
+        assert_close("logits", kt(ids).logits, peft_model(ids).logits, torch.bfloat16)
+
+
+def test_per_expert_adapter_loads(tmp_path):
+    """PEFT LoRA on per-expert nn.Linear modules (transformers 4.x models): keys
+    ...experts.{e}.gate_proj.lora_A.weight etc., gate and up sharing A."""
+    kt = kt_ops.patch_model(tiny_model("mixtral"), lora_rank=R, lora_alpha=ALPHA)
+    g = torch.Generator().manual_seed(3)
+    tensors, want = {}, {}
+    for name, m in moe_layers(kt).items():
+        prefix = "base_model.model." + name.replace("mlp.experts", "block_sparse_moe.experts")
+        h, i = m.hidden_size, m.intermediate_size
+        for e in range(m.num_experts):
+            a = torch.randn(R, h, generator=g)
+            vals = {"w1.lora_A": a, "w3.lora_A": a.clone(), "w1.lora_B": torch.randn(i, R, generator=g),
+                    "w3.lora_B": torch.randn(i, R, generator=g), "w2.lora_A": torch.randn(R, i, generator=g),
+                    "w2.lora_B": torch.randn(h, R, generator=g)}
+            for k, v in vals.items():
+                tensors[f"{prefix}.{e}.{k}.weight"] = v
+            want[(name, e)] = vals
+    save_file(tensors, os.path.join(tmp_path, "adapter_model.safetensors"))
+    peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["w1", "w2", "w3"]).save_pretrained(tmp_path)
+    kt_ops.load_adapter(kt, tmp_path)
+    for (name, e), vals in want.items():
+        m = moe_layers(kt)[name]
+        i = m.intermediate_size
+        assert torch.equal(m.lora_gate_up_A[e], vals["w1.lora_A"])
+        assert torch.equal(m.lora_gate_up_B[e, :i], vals["w1.lora_B"])
+        assert torch.equal(m.lora_gate_up_B[e, i:], vals["w3.lora_B"])
+        assert torch.equal(m.lora_down_A[e], vals["w2.lora_A"]) and torch.equal(m.lora_down_B[e], vals["w2.lora_B"])
+
+
+def test_user_peft_lora_on_attention_is_saved_with_the_experts(tmp_path):
+    ref = tiny_model("qwen3_moe")
+    kt = kt_ops.patch_model(copy.deepcopy(ref), lora_rank=R, lora_alpha=ALPHA)
+    kt = peft.get_peft_model(kt, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"]))
+    randomize_lora(kt, seed=7)
+    kt_ops.save_adapter(kt, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(ref, tmp_path)
+    ids = tokens()
+    with torch.no_grad():
+        assert_close("logits", kt(ids).logits, loaded(ids).logits, torch.bfloat16)
+
+
+def test_only_lora_and_routers_train_and_lora_is_found_by_name():
+    kt = kt_ops.patch_model(tiny_model("deepseek_v3"), lora_rank=R, lora_alpha=ALPHA)
+    trainable = {n for n, p in kt.named_parameters() if p.requires_grad}
+    lora = {n for n in trainable if "lora" in n}
+    assert lora == {f"{name}.{p}" for name in moe_layers(kt) for p in
+                    ["lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B"]}
+    assert trainable - lora == {n for n, _ in kt.named_parameters() if n.endswith("mlp.gate.weight")}
+    no_router = kt_ops.patch_model(tiny_model("deepseek_v3"), config=kt_ops.ExpertLoraConfig(R, ALPHA, train_router=False))
+    assert all("lora" in n for n, p in no_router.named_parameters() if p.requires_grad)
+
+
+def test_fresh_adapter_leaves_the_function_unchanged():
+    ref = tiny_model("qwen2_moe")
+    kt = kt_ops.patch_model(copy.deepcopy(ref), config=peft.LoraConfig(r=R, lora_alpha=ALPHA))
+    ids = tokens()
+    with torch.no_grad():
+        assert_close("logits", kt(ids).logits, ref(ids).logits, torch.bfloat16)
+
+
+def test_model_to_never_moves_packed_experts():
+    kt = kt_ops.patch_model(tiny_model("qwen3_moe"), lora_rank=R, lora_alpha=ALPHA)
+    packed = {name: m.packed.gate_up for name, m in moe_layers(kt).items()}
+    kt.to(torch.bfloat16)
+    for name, m in moe_layers(kt).items():
+        assert m.packed.gate_up is packed[name] and m.packed.gate_up.dtype == torch.bfloat16
+    assert kt(tokens()).logits.dtype == torch.bfloat16
+    assert not any(t is m.packed.gate_up for m in moe_layers(kt).values() for t in kt.state_dict().values())
+
+
+def test_bad_inputs_are_named(tmp_path):
+    kt = kt_ops.patch_model(tiny_model("qwen3_moe"), lora_rank=R, lora_alpha=ALPHA)
+    with pytest.raises(ValueError, match="model.layers.0.mlp.experts is already patched"):
+        kt_ops.patch_model(kt, lora_rank=R)
+    with pytest.raises(ValueError, match="give either config or lora_rank/lora_alpha"):
+        kt_ops.patch_model(tiny_model("mixtral"), lora_rank=4, config=peft.LoraConfig(r=4))
+    with pytest.raises(ValueError, match="lora_rank must be >= 1, got 0"):
+        kt_ops.patch_model(tiny_model("mixtral"), lora_rank=0)
+    llama = tiny_model("qwen3_moe")
+    llama.config.model_type = "llama"
+    with pytest.raises(ValueError, match="no MoE family for model_type 'llama'; supported: deepseek_v2"):
+        kt_ops.patch_model(llama)
+    gelu = tiny_model("mixtral")
+    gelu.config.hidden_act = "gelu"
+    with pytest.raises(ValueError, match="this model's hidden_act is 'gelu'"):
+        kt_ops.patch_model(gelu)
+
+    kt_ops.save_adapter(kt, tmp_path)
+    other_rank = kt_ops.patch_model(tiny_model("qwen3_moe"), lora_rank=8, lora_alpha=ALPHA)
+    with pytest.raises(ValueError, match=r"adapter has r=4, lora_alpha=8.0; model.layers.0.mlp.experts has r=8"):
+        kt_ops.load_adapter(other_rank, tmp_path)
+    tensors = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.1.mlp.experts.lora_B.weight"
+    save_file({k: v for k, v in tensors.items() if k != key}, os.path.join(tmp_path, "adapter_model.safetensors"))
+    with pytest.raises(KeyError, match=re.escape(f"missing key {key}")):
+        kt_ops.load_adapter(kt, tmp_path)
+    tensors[key] = tensors[key][:, :3].contiguous()
+    save_file(tensors, os.path.join(tmp_path, "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=re.escape(f"{key} has shape (64, 3), expected (64, 24)")):
+        kt_ops.load_adapter(kt, tmp_path)
+    with open(os.path.join(tmp_path, "adapter_config.json")) as fh:
+        cfg = json.load(fh)
+    cfg["target_parameters"] = ["mlp.experts.down_proj"]
+    with open(os.path.join(tmp_path, "adapter_config.json"), "w") as fh:
+        json.dump(cfg, fh)
+    with pytest.raises(ValueError, match=r"adapter targets \['down_proj'\] only"):
+        kt_ops.load_adapter(kt, tmp_path)
+    with pytest.raises(ValueError, match="is not patched"):
+        kt_ops.save_adapter(tiny_model("qwen3_moe"), tmp_path)
+
+
+def packed_equal(a, b):
+    return torch.equal(a.gate_up, b.gate_up) and torch.equal(a.down, b.down)
+
+
+@pytest.mark.parametrize("family,shard", [("mixtral", "60KB"), ("qwen3_moe", None), ("deepseek_v2", "40KB")])
+def test_load_experts_from_written_checkpoint_equals_in_memory_weights(family, shard, tmp_path):
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
+    assert os.path.exists(tmp_path / ("model.safetensors.index.json" if shard else "model.safetensors"))
+    loaded = kt_ops.load_experts(tmp_path, progress=False)
+    patched = kt_ops.patch_model(copy.deepcopy(model), lora_rank=R, lora_alpha=ALPHA)
+    want = {int(re.search(r"layers\.(\d+)\.", n).group(1)): m.packed for n, m in moe_layers(patched).items()}
+    assert sorted(loaded) == sorted(want)
+    assert all(packed_equal(loaded[layer], want[layer]) for layer in want)
+    # patch_model takes them instead of the model's weights, which may then be on the meta device.
+    with torch.device("meta"):
+        from transformers import AutoModelForCausalLM
+        skeleton = AutoModelForCausalLM.from_config(model.config)
+    skeleton.load_state_dict({k: v for k, v in model.state_dict().items() if ".experts." not in k}, strict=False, assign=True)
+    for name, b in model.named_buffers():
+        skeleton.get_submodule(name.rpartition(".")[0]).register_buffer(name.rpartition(".")[2], b.clone())
+    kt_ops.patch_model(skeleton, lora_rank=R, lora_alpha=ALPHA, experts=loaded)
+    randomize_lora(skeleton)
+    randomize_lora(patched)
+    ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(skeleton(ids).logits, patched(ids).logits)
+
+
+def test_load_experts_fused_and_fp8_checkpoints(tmp_path):
+    """Fused 3-D expert tensors, and fp8 per-expert tensors with 128x128 block scales."""
+    model = tiny_model("qwen3_moe")
+    (tmp_path / "fused").mkdir()
+    (tmp_path / "fp8").mkdir()
+    for d in ("fused", "fp8"):
+        model.config.save_pretrained(tmp_path / d)
+    fused, fp8, want = {}, {}, {}
+    g = torch.Generator().manual_seed(4)
+    for name, m in moe_layers(model).items():
+        fused[name + ".gate_up_proj"] = m.gate_up_proj.detach().bfloat16().contiguous()
+        fused[name + ".down_proj"] = m.down_proj.detach().bfloat16().contiguous()
+        e, h, i = m.down_proj.shape
+        w = {p: torch.randn(e, *s, generator=g) for p, s in [("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i))]}
+        for p, t in w.items():
+            q = t.to(torch.float8_e4m3fn)
+            scale = torch.rand((q.shape[1] + 127) // 128, (q.shape[2] + 127) // 128, generator=g) + 0.5
+            for x in range(e):
+                fp8[f"{name}.{x}.{p}.weight"] = q[x].contiguous()
+                fp8[f"{name}.{x}.{p}.weight_scale_inv"] = scale.clone()
+            w[p] = (q.float() * scale.repeat_interleave(128, 0)[: q.shape[1]].repeat_interleave(128, 1)[:, : q.shape[2]]).bfloat16()
+        want[int(re.search(r"layers\.(\d+)\.", name).group(1))] = kt_ops.pack_experts(w["gate_proj"], w["up_proj"], w["down_proj"])
+    save_file(fused, tmp_path / "fused" / "model.safetensors")
+    save_file(fp8, tmp_path / "fp8" / "model.safetensors")
+    got_fused = kt_ops.load_experts(tmp_path / "fused", progress=False)
+    patched = kt_ops.patch_model(model, lora_rank=R, lora_alpha=ALPHA)
+    for name, m in moe_layers(patched).items():
+        assert packed_equal(got_fused[int(re.search(r"layers\.(\d+)\.", name).group(1))], m.packed)
+    got_fp8 = kt_ops.load_experts(tmp_path / "fp8", progress=False)
+    assert sorted(got_fp8) == sorted(want) and all(packed_equal(got_fp8[k], want[k]) for k in want)
+
+
+def test_load_experts_errors_name_the_problem(tmp_path):
+    model = tiny_model("mixtral")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(KeyError, match=r"no expert weights for layer\(s\) \[5\]"):
+        kt_ops.load_experts(tmp_path, layers=[5], progress=False)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(KeyError, match=re.escape("missing key model.layers.1.block_sparse_moe.experts.2.w3.weight")):
+        kt_ops.load_experts(tmp_path, progress=False)
+    model.config.save_pretrained(tmp_path / "config_only")
+    with pytest.raises(FileNotFoundError, match="has neither model.safetensors nor model.safetensors.index.json"):
+        kt_ops.load_experts(tmp_path / "config_only", progress=False)
