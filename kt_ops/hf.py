@@ -143,8 +143,11 @@ def moe_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Module path -> experts module of every MoE layer (patched or not), in model order."""
     _, family = _family(model)
     suffix = "." + family.experts
-    return {name: m for name, m in model.named_modules() if name.endswith(suffix)
-            and (isinstance(m, KtExperts) or getattr(getattr(m, "gate_up_proj", None), "dim", lambda: 0)() == 3)}
+    def is_experts(m: nn.Module) -> bool:
+        fused = getattr(m, "gate_up_proj", None)
+        return isinstance(m, KtExperts) or (isinstance(fused, torch.Tensor) and fused.dim() == 3)
+
+    return {name: m for name, m in model.named_modules() if name.endswith(suffix) and is_experts(m)}
 
 
 def patch_model(model: nn.Module, lora_rank: Optional[int] = None, lora_alpha: Optional[float] = None, *,

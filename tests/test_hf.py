@@ -279,3 +279,34 @@ def test_load_experts_errors_name_the_problem(tmp_path):
     model.config.save_pretrained(tmp_path / "config_only")
     with pytest.raises(FileNotFoundError, match="has neither model.safetensors nor model.safetensors.index.json"):
         kt_ops.load_experts(tmp_path / "config_only", progress=False)
+
+
+def test_patch_model_errors_for_missing_or_mismatched_experts(tmp_path):
+    dense = tiny_model("qwen3_moe")
+    dense.config.mlp_only_layers = [0, 1]
+    from transformers import AutoModelForCausalLM
+    dense = AutoModelForCausalLM.from_config(dense.config)
+    with pytest.raises(ValueError, match=r"found no fused experts module \('mlp.experts' with a 3-D gate_up_proj\)"):
+        kt_ops.patch_model(dense)
+    model = tiny_model("qwen3_moe")
+    model.save_pretrained(tmp_path)
+    loaded = kt_ops.load_experts(tmp_path, layers=[1], progress=False)
+    with pytest.raises(KeyError, match=re.escape("experts has no layer 0 (for model.layers.0.mlp.experts); it has [1]")):
+        kt_ops.patch_model(copy.deepcopy(model), experts=loaded)
+    other = kt_ops.load_experts(tmp_path, progress=False)
+    other[0] = kt_ops.pack_experts(torch.zeros(3, 32, 64).bfloat16(), torch.zeros(3, 32, 64).bfloat16(),
+                                   torch.zeros(3, 64, 32).bfloat16())
+    with pytest.raises(ValueError, match=re.escape("experts[0] holds 3 experts of intermediate size 32; "
+                                                   "model.layers.0.mlp.experts has 6 of 32")):
+        kt_ops.patch_model(copy.deepcopy(model), experts=other)
+
+
+def test_fp8_weight_without_scale_is_named(tmp_path):
+    model = tiny_model("mixtral")
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    key = "model.layers.0.block_sparse_moe.experts.0.w1.weight"
+    tensors[key] = tensors[key].to(torch.float8_e4m3fn)
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(KeyError, match=re.escape(f"{key} is fp8 but the checkpoint has no {key}_scale_inv")):
+        kt_ops.load_experts(tmp_path, progress=False)
