@@ -6,26 +6,35 @@ JOBS ?= 2
 export PATH := /usr/lib/ccache:$(PATH)
 export MAX_JOBS := $(JOBS)
 
-.PHONY: deps install test test-cpp test-py example bench
+# transformers 4.x (per-expert nn.Linear experts) beside the installed 5.x, for the HF tests'
+# second run; with the huggingface_hub and tokenizers it needs.
+TRANSFORMERS4 := .transformers4
+TRANSFORMERS4_PINS := transformers==4.57.6 huggingface_hub==0.36.0 tokenizers==0.22.1
+
+.PHONY: deps install test test-cpp test-py test-hf-v4 example bench
 
 deps:  ## compilers, GoogleTest, hwloc, torch (the exact CPU wheel), the HF stack and the test tools
 	$(SUDO) apt-get update
 	$(SUDO) apt-get install -y --no-install-recommends build-essential cmake ninja-build ccache libgtest-dev libhwloc-dev
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install numpy pytest transformers peft safetensors
+	$(PY) -m pip install --upgrade --no-deps --target $(TRANSFORMERS4) $(TRANSFORMERS4_PINS)
 
 install:  ## build the extension in place against the installed torch
 	$(PY) -m pip install --no-build-isolation -e .
 
-test: test-cpp test-py
+test: test-cpp test-py test-hf-v4
 
 test-cpp:  ## GoogleTest: kernel core vs scalar reference, per ISA
 	cmake -S tests/cpp -B build/cpp -G Ninja -DCMAKE_BUILD_TYPE=Release
 	cmake --build build/cpp -j $(JOBS)
 	build/cpp/kt_kernel_tests
 
-test-py:  ## pytest: ops vs reference, opcheck, gradcheck, compile, bad input
+test-py:  ## pytest: ops vs reference, opcheck, gradcheck, compile, bad input, HF models (transformers 5.x)
 	$(PY) -m pytest tests -q
+
+test-hf-v4:  ## the HF model tests again on transformers 4.x models (per-expert expert lists)
+	PYTHONPATH=$(TRANSFORMERS4) $(PY) -m pytest tests/test_hf.py -q
 
 example:  ## one forward/backward of a Qwen3-30B-A3B-shaped MoE layer
 	$(PY) examples/moe_layer.py

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import types
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -24,33 +25,45 @@ from kt_ops.api import PackedExperts, moe_sft, pack_experts
 
 @dataclass(frozen=True)
 class Family:
-    """Where one MoE family keeps its routed experts and router, per decoder layer.
+    """Where one MoE family keeps its routed experts, per decoder layer, and how its
+    transformers 4.x MoE block routes.
 
-    ``experts`` and ``router`` are module paths inside a decoder layer (transformers 5.x
-    fused experts: ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``). ``expert_linears``
-    names the per-expert ``nn.Linear`` projections (gate, up, down) of the checkpoints and of
-    transformers 4.x ModuleLists, under ``checkpoint_experts``.
+    ``experts`` is the path of the transformers 5.x fused experts module (``gate_up_proj
+    [E, 2I, H]``, ``down_proj [E, H, I]``). ``expert_list`` is the path of the per-expert
+    ``nn.ModuleList`` of transformers 4.x models, which is also where checkpoints and
+    per-expert PEFT adapters keep per-expert tensors; ``expert_linears`` names its (gate, up,
+    down) ``nn.Linear`` projections. The router is the ``gate`` module beside the experts.
+
+    ``per_expert_routing`` says how kt_ops drives a 4.x MoE block once its expert list is
+    replaced: ``"softmax_topk"`` (the block computes softmax, top-k and the optional
+    normalisation inline: Qwen-MoE, Mixtral; kt_ops runs the same steps, then one kt call) or
+    ``"moe_method"`` (the block's gate returns expert ids and weights and the block calls
+    ``self.moe(hidden, ids, weights)``: DeepSeek; kt_ops replaces ``moe`` only).
     """
 
     experts: str = "mlp.experts"
-    router: str = "mlp.gate"
-    checkpoint_experts: str = "mlp.experts"
+    expert_list: str = "mlp.experts"
     expert_linears: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    per_expert_routing: str = "softmax_topk"
 
 
 # model_type -> Family. Adding a family is one entry.
 ARCHITECTURES: dict[str, Family] = {
     "qwen3_moe": Family(),
     "qwen2_moe": Family(),
-    "mixtral": Family(checkpoint_experts="block_sparse_moe.experts", expert_linears=("w1", "w3", "w2")),
-    "deepseek_v2": Family(),
-    "deepseek_v3": Family(),
+    "mixtral": Family(expert_list="block_sparse_moe.experts", expert_linears=("w1", "w3", "w2")),
+    "deepseek_v2": Family(per_expert_routing="moe_method"),
+    "deepseek_v3": Family(per_expert_routing="moe_method"),
 }
 
 # PEFT names of the fused expert parameters, in the order the experts modules define them.
 # PEFT wraps the first one innermost (its keys carry "base_layer."), whatever the order in
 # adapter_config.json.
 FUSED_PARAMETERS = ("gate_up_proj", "down_proj")
+
+# The fused-layout LoRA parameters of KtExperts, and the per-expert ones (transformers 4.x).
+FUSED_LORA = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B")
+PER_EXPERT_LORA = ("lora_gate_A", "lora_gate_B", "lora_up_A", "lora_up_B", "lora_down_A", "lora_down_B")
 
 
 @dataclass(frozen=True)
@@ -70,22 +83,62 @@ def _family(model: nn.Module) -> tuple[str, Family]:
     return model_type, ARCHITECTURES[model_type]
 
 
+class _ViaPinnedMemory(torch.autograd.Function):
+    """Moves a tensor between a CUDA device and the CPU through page-locked staging buffers
+    (asynchronous DMA rather than a pageable copy); the gradient goes back the same way."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        ctx.source = t.device
+        return _copy_via_pinned(t, device)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _copy_via_pinned(grad, ctx.source), None
+
+
+def _copy_via_pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    if device.type == "cpu":
+        staged.copy_(t, non_blocking=True)
+        torch.cuda.current_stream(t.device).synchronize()  # the CPU reads it next
+        return staged
+    staged.copy_(t)
+    # The caching host allocator keeps the staging buffer until the copy has run.
+    return staged.to(device, non_blocking=True)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if t.device == device:
+        return t
+    if "cuda" in (t.device.type, device.type):
+        return _ViaPinnedMemory.apply(t, device)
+    return t.to(device)
+
+
 class KtExperts(nn.Module):
     """A routed-experts module computed by ``torch.ops.kt`` on the CPU.
 
-    It is called like the transformers 5.x experts modules it replaces:
+    It is called like the transformers 5.x experts modules:
     ``experts(hidden_states [N, H], top_k_index [N, K], top_k_weights [N, K]) -> [N, H]``,
-    on any device; the expert work runs on the CPU and the result returns to the input's
-    device and dtype. The frozen weights are held packed (``self.packed``), outside the
-    module's parameters and buffers, so ``model.to(...)`` never moves or copies them.
+    on any device. The expert work runs on the CPU; from and to a CUDA device the tensors
+    cross through pinned staging buffers, and the result returns in the input's device and
+    dtype. The frozen weights are held packed (``self.packed``), outside the module's
+    parameters and buffers, so ``model.to(...)`` never moves or copies them.
 
-    LoRA parameters follow PEFT's ``target_parameters`` LoRA on the fused weights, per expert
-    e: ``gate_up_proj[e] += s * lora_gate_up_B[e] @ lora_gate_up_A[e]`` (one A shared by gate
-    and up, B of 2I rows: gate rows first) and ``down_proj[e] += s * lora_down_B[e] @
-    lora_down_A[e]``, with s = alpha / r.
+    LoRA parameters follow PEFT's LoRA on the layout they replace, with s = alpha / r:
+
+    - fused (transformers 5.x; ``target_parameters`` LoRA): per expert e,
+      ``gate_up_proj[e] += s * lora_gate_up_B[e] @ lora_gate_up_A[e]`` (one A shared by gate
+      and up, B of 2I rows: gate rows first) and ``down_proj[e] += s * lora_down_B[e] @
+      lora_down_A[e]``;
+    - per expert (``per_expert=True``, transformers 4.x ``nn.Linear`` lists;
+      ``target_modules`` LoRA): ``lora_gate_A/B``, ``lora_up_A/B``, ``lora_down_A/B``, A
+      ``[E, r, in]`` and B ``[E, out, r]``, one A per projection.
     """
 
-    def __init__(self, packed: PackedExperts, hidden_size: int, rank: int, alpha: float):
+    def __init__(self, packed: PackedExperts, hidden_size: int, rank: int, alpha: float, *,
+                 per_expert: bool = False):
         super().__init__()
         if rank < 1:
             raise ValueError(f"kt_ops: lora_rank must be >= 1, got {rank}")
@@ -94,37 +147,88 @@ class KtExperts(nn.Module):
         self.intermediate_size = packed.intermediate_size
         self.num_experts = packed.num_experts
         self.rank, self.alpha = rank, float(alpha)
+        self.per_expert = per_expert
         e, h, i = self.num_experts, hidden_size, self.intermediate_size
-        self.lora_gate_up_A = nn.Parameter(torch.empty(e, rank, h))
-        self.lora_gate_up_B = nn.Parameter(torch.zeros(e, 2 * i, rank))
-        self.lora_down_A = nn.Parameter(torch.empty(e, rank, i))
-        self.lora_down_B = nn.Parameter(torch.zeros(e, h, rank))
-        # PEFT's default: A as nn.Linear's kaiming-uniform init (bound 1/sqrt(in)), B zero,
-        # so a fresh adapter leaves the model's function unchanged.
-        for a in (self.lora_gate_up_A, self.lora_down_A):
-            nn.init.uniform_(a, -1 / math.sqrt(a.shape[-1]), 1 / math.sqrt(a.shape[-1]))
+        shapes = {"gate_up_A": (e, rank, h), "gate_up_B": (e, 2 * i, rank), "gate_A": (e, rank, h),
+                  "gate_B": (e, i, rank), "up_A": (e, rank, h), "up_B": (e, i, rank),
+                  "down_A": (e, rank, i), "down_B": (e, h, rank)}
+        for name in self.lora_names:
+            # PEFT's default: A as nn.Linear's kaiming-uniform init (bound 1/sqrt(in)), B zero,
+            # so a fresh adapter leaves the model's function unchanged.
+            shape = shapes[name[len("lora_"):]]
+            p = nn.Parameter(torch.zeros(shape))
+            if name.endswith("A"):
+                nn.init.uniform_(p, -1 / math.sqrt(shape[-1]), 1 / math.sqrt(shape[-1]))
+            setattr(self, name, p)
+
+    @property
+    def lora_names(self) -> tuple[str, ...]:
+        """Names of this module's LoRA parameters."""
+        return PER_EXPERT_LORA if self.per_expert else FUSED_LORA
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
 
     def lora_tensors(self) -> list[torch.Tensor]:
-        """(A_g, B_g, A_u, B_u, A_d, B_d) for kt_ops.moe_sft, on the CPU: gate and up share A."""
+        """(A_g, B_g, A_u, B_u, A_d, B_d), each ``[E, ...]``, as kt_ops.moe_sft takes them."""
+        if self.per_expert:
+            return [getattr(self, n) for n in PER_EXPERT_LORA]
         i = self.intermediate_size
-        a_gu, b_gu = self.lora_gate_up_A.cpu(), self.lora_gate_up_B.cpu()
-        return [a_gu, b_gu[:, :i], a_gu, b_gu[:, i:], self.lora_down_A.cpu(), self.lora_down_B.cpu()]
+        a_gu, b_gu = self.lora_gate_up_A, self.lora_gate_up_B
+        return [a_gu, b_gu[:, :i], a_gu, b_gu[:, i:], self.lora_down_A, self.lora_down_B]
+
+    @torch.no_grad()
+    def set_lora(self, tensors: list[torch.Tensor], source: str) -> None:
+        """Sets (A_g, B_g, A_u, B_u, A_d, B_d); in the fused layout A_g and A_u must be equal
+        (``source`` names them in the error)."""
+        if not self.per_expert and not torch.equal(tensors[0], tensors[2]):
+            raise ValueError(f"kt_ops.load_adapter: {source}: gate and up have different lora_A; the fused "
+                             "experts of this model share one A between gate and up (PEFT's target_parameters "
+                             "LoRA on gate_up_proj)")
+        for dst, src in zip(self.lora_tensors(), tensors):
+            dst.copy_(src)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        device = hidden_states.device
-        y = moe_sft(hidden_states.cpu(), top_k_index.cpu(), top_k_weights.cpu(), self.packed,
-                    self.lora_tensors(), self.scaling)
-        return y.to(device)
+        cpu = torch.device("cpu")
+        lora = [_to_device(t, cpu) for t in self.lora_tensors()]
+        y = moe_sft(_to_device(hidden_states, cpu), top_k_index.cpu(), _to_device(top_k_weights, cpu),
+                    self.packed, lora, self.scaling)
+        return _to_device(y, hidden_states.device)
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
-                f"r={self.rank}, alpha={self.alpha:g}, numa_slices={self.packed.numa_slices}")
+                f"r={self.rank}, alpha={self.alpha:g}, layout={'per_expert' if self.per_expert else 'fused'}, "
+                f"numa_slices={self.packed.numa_slices}")
 
+
+def _softmax_topk_forward(block: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of a transformers 4.x Qwen3-MoE / Qwen2-MoE / Mixtral sparse-MoE block whose
+    expert list is a KtExperts: the block's own routing steps, then one kt call instead of
+    the loop over experts. Returns (hidden states, router logits) as the block does."""
+    batch, seq, hidden = hidden_states.shape
+    jitter = getattr(block, "jitter_noise", 0)  # Mixtral
+    if block.training and jitter > 0:
+        hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - jitter, 1.0 + jitter)
+    x = hidden_states.view(-1, hidden)
+    router_logits = block.gate(x)
+    weights = torch.softmax(router_logits, dim=1, dtype=torch.float)
+    weights, ids = torch.topk(weights, block.top_k, dim=-1)
+    if getattr(block, "norm_topk_prob", True):  # Mixtral always normalises
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    out = block.experts(x, ids, weights.to(x.dtype))
+    if getattr(block, "shared_expert", None) is not None:  # Qwen2-MoE
+        out = out + torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+    return out.view(batch, seq, hidden), router_logits
+
+
+def _experts_call(block: nn.Module, hidden_states: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``moe`` of a transformers 4.x DeepSeek MoE block whose expert list is a KtExperts."""
+    return block.experts(hidden_states, ids, weights)
+
+
+_PER_EXPERT_ROUTING = {"softmax_topk": ("forward", _softmax_topk_forward), "moe_method": ("moe", _experts_call)}
 
 def _resolve_config(lora_rank: Optional[int], lora_alpha: Optional[float], config: Any) -> ExpertLoraConfig:
     if config is not None and (lora_rank is not None or lora_alpha is not None):
@@ -139,15 +243,51 @@ def _resolve_config(lora_rank: Optional[int], lora_alpha: Optional[float], confi
                     f"{type(config).__name__}")
 
 
+def _is_expert_list(m: nn.Module, family: Family) -> bool:
+    return (isinstance(m, nn.ModuleList) and len(m) > 0
+            and all(isinstance(getattr(m[0], p, None), nn.Linear) for p in family.expert_linears))
+
+
 def moe_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Module path -> experts module of every MoE layer (patched or not), in model order."""
+    """Module path -> routed-experts module of every MoE layer, in model order: transformers
+    5.x fused experts modules, 4.x per-expert ``nn.ModuleList``s, or the KtExperts that
+    replaced either."""
     _, family = _family(model)
-    suffix = "." + family.experts
+    suffixes = ("." + family.experts, "." + family.expert_list)
+
     def is_experts(m: nn.Module) -> bool:
         fused = getattr(m, "gate_up_proj", None)
-        return isinstance(m, KtExperts) or (isinstance(fused, torch.Tensor) and fused.dim() == 3)
+        return (isinstance(m, KtExperts) or (isinstance(fused, torch.Tensor) and fused.dim() == 3)
+                or _is_expert_list(m, family))
 
-    return {name: m for name, m in model.named_modules() if name.endswith(suffix) and is_experts(m)}
+    return {name: m for name, m in model.named_modules() if name.endswith(suffixes) and is_experts(m)}
+
+
+def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The frozen weights of an unpatched experts module (5.x fused or 4.x per-expert list)
+    as bf16 CPU tensors ``(w_gate [E, I, H], w_up [E, I, H], w_down [E, H, I])``, the inputs
+    of :func:`kt_ops.pack_experts`."""
+    if isinstance(experts, nn.ModuleList):
+        for gate, up, down in {f.expert_linears for f in ARCHITECTURES.values()}:
+            if all(isinstance(getattr(experts[0], p, None), nn.Linear) for p in (gate, up, down)):
+                linears = [[getattr(m, p) for m in experts] for p in (gate, up, down)]
+                if any(lin.bias is not None for group in linears for lin in group):
+                    raise ValueError("kt_ops: the kt experts have no bias; these expert projections have one")
+                return tuple(torch.stack([lin.weight.detach().to("cpu", torch.bfloat16) for lin in group])
+                             for group in linears)
+        raise ValueError(f"kt_ops: {type(experts[0]).__name__} has none of the expert projection names "
+                         f"{sorted({f.expert_linears for f in ARCHITECTURES.values()})}")
+    gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    i = down.shape[2]
+    return tuple(t.to("cpu", torch.bfloat16) for t in (gate_up[:, :i], gate_up[:, i:], down))
+
+
+def _experts_shape(experts: nn.Module, family: Family) -> tuple[int, int, int]:
+    """(E, H, I) of an unpatched experts module, read from shapes only (weights may be on meta)."""
+    if isinstance(experts, nn.ModuleList):
+        down = getattr(experts[0], family.expert_linears[2]).weight
+        return len(experts), down.shape[0], down.shape[1]
+    return tuple(experts.down_proj.shape)
 
 
 def patch_model(model: nn.Module, lora_rank: Optional[int] = None, lora_alpha: Optional[float] = None, *,
@@ -156,9 +296,9 @@ def patch_model(model: nn.Module, lora_rank: Optional[int] = None, lora_alpha: O
     """Replaces the routed experts of every MoE layer with :class:`KtExperts`, in place.
 
     Args:
-        model: a transformers 5.x MoE model of a family in :data:`ARCHITECTURES`, with its
-            expert weights on the CPU or any device (they are copied to the CPU and packed
-            to bf16; the originals are released).
+        model: a transformers MoE model of a family in :data:`ARCHITECTURES`, with 5.x fused
+            experts or 4.x per-expert ``nn.Linear`` lists, its expert weights on the CPU or any
+            device (they are copied to the CPU and packed to bf16; the originals are released).
         lora_rank, lora_alpha: LoRA rank and alpha on every expert's gate/up/down (default 16
             and 32).
         config: instead of the two above, an :class:`ExpertLoraConfig` or a
@@ -171,7 +311,8 @@ def patch_model(model: nn.Module, lora_rank: Optional[int] = None, lora_alpha: O
 
     Returns the model. Every parameter is then frozen except the expert LoRA tensors (named
     ``...experts.lora_*``, so ``"lora" in name`` finds them) and, unless
-    ``config.train_router`` is False, the routers.
+    ``config.train_router`` is False, the routers. In 4.x models the MoE block's expert loop
+    is replaced too (see :class:`Family`); its routing and outputs stay the block's.
     """
     cfg = _resolve_config(lora_rank, lora_alpha, config)
     _, family = _family(model)
@@ -180,18 +321,17 @@ def patch_model(model: nn.Module, lora_rank: Optional[int] = None, lora_alpha: O
         raise ValueError(f"kt_ops.patch_model: the kt experts compute silu(g) * u; this model's hidden_act is {act!r}")
     layers = moe_layers(model)
     if not layers:
-        raise ValueError(f"kt_ops.patch_model: found no fused experts module ('{family.experts}' with a 3-D "
-                         "gate_up_proj) in the model; kt_ops supports transformers 5.x MoE models")
+        raise ValueError(f"kt_ops.patch_model: found no routed experts in the model (a '{family.experts}' module "
+                         f"with a 3-D gate_up_proj, or a '{family.expert_list}' list of "
+                         f"{'/'.join(family.expert_linears)} nn.Linear experts)")
     for p in model.parameters():
         p.requires_grad_(False)
     for name, module in layers.items():
         if isinstance(module, KtExperts):
             raise ValueError(f"kt_ops.patch_model: {name} is already patched")
-        gate_up, down = module.gate_up_proj.detach(), module.down_proj.detach()
-        e, h, i = down.shape
+        e, h, i = _experts_shape(module, family)
         if experts is None:
-            packed = pack_experts(gate_up[:, :i].to("cpu", torch.bfloat16), gate_up[:, i:].to("cpu", torch.bfloat16),
-                                  down.to("cpu", torch.bfloat16), numa_nodes)
+            packed = pack_experts(*expert_weights(module), numa_nodes)
         else:
             index = int(re.search(r"layers\.(\d+)\.", name).group(1))
             if index not in experts:
@@ -200,36 +340,52 @@ def patch_model(model: nn.Module, lora_rank: Optional[int] = None, lora_alpha: O
             if (packed.num_experts, packed.intermediate_size) != (e, i):
                 raise ValueError(f"kt_ops.patch_model: experts[{index}] holds {packed.num_experts} experts of "
                                  f"intermediate size {packed.intermediate_size}; {name} has {e} of {i}")
-        device = gate_up.device if gate_up.device.type != "meta" else torch.device("cpu")
-        new = KtExperts(packed, h, cfg.r, cfg.lora_alpha).to(device=device)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, new)
+        weight = next(module.parameters(), None)
+        device = weight.device if weight is not None and weight.device.type != "meta" else torch.device("cpu")
+        per_expert = isinstance(module, nn.ModuleList)
+        new = KtExperts(packed, h, cfg.r, cfg.lora_alpha, per_expert=per_expert).to(device=device)
+        block_name, _, child = name.rpartition(".")
+        block = model.get_submodule(block_name)
+        setattr(block, child, new)
+        if per_expert:
+            method, fn = _PER_EXPERT_ROUTING[family.per_expert_routing]
+            setattr(block, method, types.MethodType(fn, block))
         if cfg.train_router:
-            decoder_layer = name[: -len(family.experts)]  # "model.layers.3."
-            for p in model.get_submodule(decoder_layer + family.router).parameters():
+            for p in block.gate.parameters():
                 p.requires_grad_(True)
     return model
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The expert LoRA tensors as PEFT saves them (keys and layouts of ``target_parameters``
-    LoRA on ``gate_up_proj`` and ``down_proj``), fp32 on the CPU."""
+def lora_state_dict(model: nn.Module, *, gradients: bool = False) -> dict[str, torch.Tensor]:
+    """The expert LoRA tensors as PEFT saves them for this model, fp32 on the CPU: keys and
+    layouts of ``target_parameters`` LoRA on ``gate_up_proj`` / ``down_proj`` for fused
+    experts, of ``target_modules`` LoRA on each expert's ``nn.Linear`` for per-expert lists.
+    With ``gradients=True``, the same for the tensors' ``.grad`` (to compare with a PEFT
+    model's gradients)."""
+    _, family = _family(model)
     out = {}
     for name, m in moe_layers(model).items():
         if not isinstance(m, KtExperts):
             raise ValueError(f"kt_ops: {name} is not patched (call kt_ops.patch_model first)")
         prefix = f"base_model.model.{_unwrapped_name(name)}."
-        e, r = m.num_experts, m.rank
-        for depth, (a, b) in enumerate([(m.lora_gate_up_A, m.lora_gate_up_B), (m.lora_down_A, m.lora_down_B)]):
+        value = {n: (getattr(m, n).grad if gradients else getattr(m, n)) for n in m.lora_names}
+        if m.per_expert:
+            for e in range(m.num_experts):
+                for proj, stem in zip(family.expert_linears, ("gate", "up", "down")):
+                    for ab in "AB":
+                        out[f"{prefix}{e}.{proj}.lora_{ab}.weight"] = value[f"lora_{stem}_{ab}"][e].detach().cpu().float()
+            continue
+        for depth, stem in enumerate(("gate_up", "down")):
             base = "base_layer." * (len(FUSED_PARAMETERS) - 1 - depth)
-            out[prefix + base + "lora_A.weight"], out[prefix + base + "lora_B.weight"] = to_peft_layout(a, b)
+            out[prefix + base + "lora_A.weight"], out[prefix + base + "lora_B.weight"] = to_peft_layout(
+                value[f"lora_{stem}_A"], value[f"lora_{stem}_B"])
     return out
 
 
 def to_peft_layout(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """KtExperts' A [E, r, in] and B [E, out, r] as PEFT's fused-experts ``lora_A.weight``
-    [E*r, in] (rows expert-major) and ``lora_B.weight`` [out, r*E] (column j*E + e is rank j
-    of expert e); fp32 on the CPU. Also maps gradients."""
+    """KtExperts' fused-layout A [E, r, in] and B [E, out, r] as PEFT's fused-experts
+    ``lora_A.weight`` [E*r, in] (rows expert-major) and ``lora_B.weight`` [out, r*E] (column
+    j*E + e is rank j of expert e); fp32 on the CPU."""
     e, r = a.shape[0], a.shape[1]
     a_w = a.detach().cpu().float().reshape(e * r, -1).contiguous()
     b_w = b.detach().cpu().float().permute(1, 2, 0).reshape(b.shape[1], r * e).contiguous()
@@ -242,33 +398,50 @@ def _unwrapped_name(name: str) -> str:
     return name[len("base_model.model."):] if name.startswith("base_model.model.") else name
 
 
+def _per_expert_targets(family: Family, user_targets: Any) -> str:
+    """PEFT ``target_modules`` regex matching every routed expert's linears exactly (not the
+    shared experts' or dense layers' ones), plus the user's own targets."""
+    experts = rf".*\.{re.escape(family.expert_list)}\.\d+\.({'|'.join(family.expert_linears)})"
+    if not user_targets:
+        return experts
+    if isinstance(user_targets, str):  # already a regex
+        return f"(?:{user_targets})|(?:{experts})"
+    # PEFT's list matching: the module name is the target or ends with "." + target.
+    return f"(?:(.*\\.)?({'|'.join(map(re.escape, sorted(user_targets)))}))|(?:{experts})"
+
+
 def save_adapter(model: nn.Module, out_dir: Union[str, os.PathLike]) -> None:
     """Writes ``adapter_model.safetensors`` and ``adapter_config.json`` in PEFT's format.
 
-    Stock PEFT loads it with ``PeftModel.from_pretrained(unpatched_model, out_dir)`` (LoRA
-    through ``target_parameters`` on the fused experts). If the user also wrapped the patched
-    model with PEFT LoRA on other modules (attention, say), those tensors and their
-    ``target_modules`` are saved in the same adapter.
+    Stock PEFT loads it with ``PeftModel.from_pretrained(unpatched_model, out_dir)``: LoRA
+    through ``target_parameters`` on fused experts (transformers 5.x), through
+    ``target_modules`` on each expert's ``nn.Linear`` for per-expert lists (4.x). If the user
+    also wrapped the patched model with PEFT LoRA on other modules (attention, say), those
+    tensors and their targets are saved in the same adapter.
     """
     import peft
     from safetensors.torch import save_file
 
     tensors = lora_state_dict(model)
-    layers = list(moe_layers(model).values())
-    m = layers[0]
-    target_modules: list[str] = []
+    m = next(iter(moe_layers(model).values()))
+    user_targets: Any = []
     if isinstance(model, peft.PeftModel):
         user_cfg = model.peft_config[model.active_adapter]
         if user_cfg.r != m.rank or user_cfg.lora_alpha != m.alpha:
             raise ValueError(f"kt_ops.save_adapter: PEFT LoRA on other modules has r={user_cfg.r}, "
                              f"alpha={user_cfg.lora_alpha}; the experts have r={m.rank}, alpha={m.alpha:g}. "
                              "One adapter file holds one r and alpha")
-        target_modules = sorted(user_cfg.target_modules or [])
+        user_targets = user_cfg.target_modules or []
         for k, v in peft.get_peft_model_state_dict(model).items():
             tensors[k] = v.detach().cpu().contiguous()
     base = model.get_base_model() if isinstance(model, peft.PeftModel) else model
-    cfg = peft.LoraConfig(r=m.rank, lora_alpha=m.alpha, lora_dropout=0.0, target_modules=target_modules,
-                          target_parameters=[f"{ARCHITECTURES[base.config.model_type].experts}.{p}" for p in FUSED_PARAMETERS],
+    _, family = _family(base)
+    if m.per_expert:
+        targets = dict(target_modules=_per_expert_targets(family, user_targets))
+    else:
+        targets = dict(target_modules=sorted(user_targets) if not isinstance(user_targets, str) else user_targets,
+                       target_parameters=[f"{family.experts}.{p}" for p in FUSED_PARAMETERS])
+    cfg = peft.LoraConfig(r=m.rank, lora_alpha=m.alpha, lora_dropout=0.0, **targets,
                           base_model_name_or_path=getattr(base.config, "_name_or_path", None) or None)
     os.makedirs(out_dir, exist_ok=True)
     cfg.save_pretrained(out_dir)
@@ -281,9 +454,11 @@ def load_adapter(model: nn.Module, in_dir: Union[str, os.PathLike]) -> nn.Module
 
     The layout is read from ``adapter_config.json``: ``target_parameters`` LoRA on fused
     ``gate_up_proj`` / ``down_proj``, or per-expert ``target_modules`` LoRA
-    (``experts.{e}.gate_proj`` ... as PEFT writes for transformers 4.x models). Rank, alpha
-    and every tensor's shape must match the patched model, and every expert LoRA tensor must
-    be present: a mismatch or a missing key raises an error naming it.
+    (``experts.{e}.gate_proj`` ... as PEFT writes for transformers 4.x models). Either loads
+    into either kind of patched model, except that fused 5.x experts share one A between
+    gate and up, so a per-expert adapter whose gate and up A differ cannot load there. Rank,
+    alpha and every tensor's shape must match the patched model, and every expert LoRA
+    tensor must be present: a mismatch or a missing key raises an error naming it.
     """
     from safetensors.torch import load_file
 
@@ -300,13 +475,14 @@ def load_adapter(model: nn.Module, in_dir: Union[str, os.PathLike]) -> nn.Module
                              f"{name} has r={m.rank}, alpha={m.alpha:g}")
     targets = cfg.get("target_parameters") or []
     fused = [p for p in FUSED_PARAMETERS if any(t == p or t.endswith("." + p) for t in targets)]
-    if fused:
-        if len(fused) != len(FUSED_PARAMETERS):
-            raise ValueError(f"kt_ops.load_adapter: adapter targets {fused} only; the kt experts carry LoRA on "
-                             f"{list(FUSED_PARAMETERS)}")
-        _load_fused(layers, tensors)
-    else:
-        _load_per_expert(layers, tensors, family)
+    if fused and len(fused) != len(FUSED_PARAMETERS):
+        raise ValueError(f"kt_ops.load_adapter: adapter targets {fused} only; the kt experts carry LoRA on "
+                         f"{list(FUSED_PARAMETERS)}")
+    for name, m in layers.items():
+        if fused:
+            m.set_lora(_read_fused(tensors, name, m), name)
+        else:
+            m.set_lora(_read_per_expert(tensors, name, m, family), name)
     return model
 
 
@@ -319,37 +495,34 @@ def _take(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...]) ->
     return t.float()
 
 
-def _load_fused(layers: dict[str, KtExperts], tensors: dict[str, torch.Tensor]) -> None:
-    for name, m in layers.items():
-        prefix = f"base_model.model.{_unwrapped_name(name)}."
-        e, r = m.num_experts, m.rank
-        pairs = [(m.lora_gate_up_A, m.lora_gate_up_B), (m.lora_down_A, m.lora_down_B)]
-        with torch.no_grad():
-            for depth, (a, b) in enumerate(pairs):
-                base = "base_layer." * (len(FUSED_PARAMETERS) - 1 - depth)
-                a_w = _take(tensors, prefix + base + "lora_A.weight", (e * r, a.shape[2]))
-                b_w = _take(tensors, prefix + base + "lora_B.weight", (b.shape[1], r * e))
-                a.copy_(a_w.reshape(e, r, -1))
-                b.copy_(b_w.reshape(b.shape[1], r, e).permute(2, 0, 1))
+def _read_fused(tensors: dict[str, torch.Tensor], name: str, m: KtExperts) -> list[torch.Tensor]:
+    """(A_g, B_g, A_u, B_u, A_d, B_d) of one layer from PEFT's fused-experts keys."""
+    prefix = f"base_model.model.{_unwrapped_name(name)}."
+    e, r, h, i = m.num_experts, m.rank, m.hidden_size, m.intermediate_size
+    pairs = []
+    for depth, (fan_in, fan_out) in enumerate([(h, 2 * i), (i, h)]):
+        base = "base_layer." * (len(FUSED_PARAMETERS) - 1 - depth)
+        a_w = _take(tensors, prefix + base + "lora_A.weight", (e * r, fan_in))
+        b_w = _take(tensors, prefix + base + "lora_B.weight", (fan_out, r * e))
+        pairs.append((a_w.reshape(e, r, fan_in), b_w.reshape(fan_out, r, e).permute(2, 0, 1)))
+    (a_gu, b_gu), (a_d, b_d) = pairs
+    return [a_gu, b_gu[:, :i], a_gu, b_gu[:, i:], a_d, b_d]
 
 
-def _load_per_expert(layers: dict[str, KtExperts], tensors: dict[str, torch.Tensor], family: Family) -> None:
-    """PEFT LoRA on per-expert nn.Linear modules: gate and up have separate A matrices there,
-    which the fused layout holds only when they are equal."""
-    gate, up, down = family.expert_linears
-    ckpt_suffix = family.checkpoint_experts
-    for name, m in layers.items():
-        layer_prefix = f"base_model.model.{_unwrapped_name(name)[: -len(family.experts)]}{ckpt_suffix}."
-        i, h, r = m.intermediate_size, m.hidden_size, m.rank
-        with torch.no_grad():
-            for e in range(m.num_experts):
-                key = lambda proj, ab: f"{layer_prefix}{e}.{proj}.lora_{ab}.weight"  # noqa: E731
-                a_g, a_u = _take(tensors, key(gate, "A"), (r, h)), _take(tensors, key(up, "A"), (r, h))
-                if not torch.equal(a_g, a_u):
-                    raise ValueError(f"kt_ops.load_adapter: {key(gate, 'A')} and {key(up, 'A')} differ; the kt "
-                                     "experts share one A between gate and up (PEFT's fused-experts LoRA)")
-                m.lora_gate_up_A[e].copy_(a_g)
-                m.lora_gate_up_B[e, :i].copy_(_take(tensors, key(gate, "B"), (i, r)))
-                m.lora_gate_up_B[e, i:].copy_(_take(tensors, key(up, "B"), (i, r)))
-                m.lora_down_A[e].copy_(_take(tensors, key(down, "A"), (r, i)))
-                m.lora_down_B[e].copy_(_take(tensors, key(down, "B"), (h, r)))
+def _read_per_expert(tensors: dict[str, torch.Tensor], name: str, m: KtExperts, family: Family) -> list[torch.Tensor]:
+    """(A_g, B_g, A_u, B_u, A_d, B_d) of one layer from PEFT LoRA keys on per-expert nn.Linear
+    modules (``...experts.{e}.gate_proj.lora_A.weight``)."""
+    layer = _unwrapped_name(name)
+    for suffix in (family.experts, family.expert_list):
+        if layer.endswith("." + suffix):
+            layer = layer[: -len(suffix)]
+            break
+    prefix = f"base_model.model.{layer}{family.expert_list}."
+    i, h, r = m.intermediate_size, m.hidden_size, m.rank
+    shapes = {"A": [(r, h), (r, h), (r, i)], "B": [(i, r), (i, r), (h, r)]}
+    out = []
+    for j, proj in enumerate(family.expert_linears):
+        for ab in "AB":
+            out.append(torch.stack([_take(tensors, f"{prefix}{e}.{proj}.lora_{ab}.weight", shapes[ab][j])
+                                    for e in range(m.num_experts)]))
+    return out

@@ -12,10 +12,27 @@ from safetensors.torch import load_file, save_file
 
 import kt_ops
 from hf_models import FAMILIES, VOCAB, tiny_model
-from kt_ops.hf import KtExperts, moe_layers, to_peft_layout
+from kt_ops.hf import KtExperts, expert_weights, lora_state_dict, moe_layers
 from moe_case import assert_close
 
 R, ALPHA = 4, 8.0
+ROUTER = re.compile(r"\.(mlp|block_sparse_moe)\.gate\.weight$")
+# PEFT LoRA on every routed expert's linears of a transformers 4.x model (per-expert lists).
+PER_EXPERT_TARGETS = r".*\.(mlp|block_sparse_moe)\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)"
+
+
+def per_expert_layout(model) -> bool:
+    """True for transformers 4.x models, patched or not: routed experts as nn.ModuleLists of nn.Linear."""
+    experts = next(iter(moe_layers(model).values()))
+    return experts.per_expert if isinstance(experts, KtExperts) else isinstance(experts, torch.nn.ModuleList)
+
+
+def peft_expert_config(model, **kw) -> peft.LoraConfig:
+    """PEFT's own LoRA on the routed experts of an unpatched model, in its layout."""
+    if per_expert_layout(model):
+        return peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=PER_EXPERT_TARGETS, **kw)
+    return peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=[], **kw,
+                           target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
 
 
 def randomize_lora(model, seed=1):
@@ -41,13 +58,13 @@ def pair(request, tmp_path):
     kt_ops.save_adapter(kt, tmp_path)
     peft_model = peft.PeftModel.from_pretrained(ref, tmp_path, is_trainable=True)
     for name, p in peft_model.named_parameters():
-        if name.endswith("mlp.gate.weight"):
+        if ROUTER.search(name):
             p.requires_grad_(True)
     return kt, peft_model
 
 
 def routers(model):
-    return {re.sub(r"^base_model\.model\.", "", n): p for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")}
+    return {re.sub(r"^base_model\.model\.", "", n): p for n, p in model.named_parameters() if ROUTER.search(n)}
 
 
 def test_patched_model_matches_peft_lora_logits_loss_and_gradients(pair):
@@ -59,12 +76,14 @@ def test_patched_model_matches_peft_lora_logits_loss_and_gradients(pair):
     out_kt.loss.backward()
     out_ref.loss.backward()
     ref_params = dict(ref.named_parameters())
-    for name, m in moe_layers(kt).items():
-        prefix = f"base_model.model.{name}."
-        for base, (a, b) in [("base_layer.", (m.lora_gate_up_A, m.lora_gate_up_B)), ("", (m.lora_down_A, m.lora_down_B))]:
-            ga, gb = to_peft_layout(a.grad, b.grad)
-            assert_close(f"{name} {base}lora_A grad", ga, ref_params[prefix + base + "lora_A.default.weight"].grad, torch.bfloat16)
-            assert_close(f"{name} {base}lora_B grad", gb, ref_params[prefix + base + "lora_B.default.weight"].grad, torch.bfloat16)
+    grads = lora_state_dict(kt, gradients=True)
+    assert grads
+    for key, grad in grads.items():
+        ref_grad = ref_params[key.replace(".weight", ".default.weight")].grad
+        if ref_grad is None:  # transformers 4.x loops over routed experts only: an idle expert's is None
+            assert per_expert_layout(kt) and not grad.any(), key
+            continue
+        assert_close(f"{key} grad", grad, ref_grad, torch.bfloat16)
     kt_routers, ref_routers = routers(kt), routers(ref)
     assert kt_routers and kt_routers.keys() == ref_routers.keys()
     for name, p in kt_routers.items():
@@ -83,9 +102,7 @@ def test_generate_runs(pair):
 def test_adapter_saved_by_peft_loads_into_patched_model(family, tmp_path):
     ref = tiny_model(family)
     kt = kt_ops.patch_model(copy.deepcopy(ref), lora_rank=R, lora_alpha=ALPHA)
-    cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=[], init_lora_weights=False,
-                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-    peft_model = peft.get_peft_model(ref, cfg)
+    peft_model = peft.get_peft_model(ref, peft_expert_config(ref, init_lora_weights=False))
     randomize_lora(peft_model, seed=5)
     peft_model.save_pretrained(tmp_path)
     kt_ops.load_adapter(kt, tmp_path)
@@ -94,9 +111,11 @@ def test_adapter_saved_by_peft_loads_into_patched_model(family, tmp_path):
         assert_close("logits", kt(ids).logits, peft_model(ids).logits, torch.bfloat16)
 
 
-def test_per_expert_adapter_loads(tmp_path):
+@pytest.mark.parametrize("same_gate_up_a", [True, False])
+def test_per_expert_adapter_loads(same_gate_up_a, tmp_path):
     """PEFT LoRA on per-expert nn.Linear modules (transformers 4.x models): keys
-    ...experts.{e}.gate_proj.lora_A.weight etc., gate and up sharing A."""
+    ...experts.{e}.w1.lora_A.weight etc. Fused 5.x experts share one A between gate and up,
+    so there the adapter loads only when the two are equal."""
     kt = kt_ops.patch_model(tiny_model("mixtral"), lora_rank=R, lora_alpha=ALPHA)
     g = torch.Generator().manual_seed(3)
     tensors, want = {}, {}
@@ -105,7 +124,8 @@ def test_per_expert_adapter_loads(tmp_path):
         h, i = m.hidden_size, m.intermediate_size
         for e in range(m.num_experts):
             a = torch.randn(R, h, generator=g)
-            vals = {"w1.lora_A": a, "w3.lora_A": a.clone(), "w1.lora_B": torch.randn(i, R, generator=g),
+            vals = {"w1.lora_A": a, "w3.lora_A": a.clone() if same_gate_up_a else torch.randn(R, h, generator=g),
+                    "w1.lora_B": torch.randn(i, R, generator=g),
                     "w3.lora_B": torch.randn(i, R, generator=g), "w2.lora_A": torch.randn(R, i, generator=g),
                     "w2.lora_B": torch.randn(h, R, generator=g)}
             for k, v in vals.items():
@@ -113,14 +133,16 @@ def test_per_expert_adapter_loads(tmp_path):
             want[(name, e)] = vals
     save_file(tensors, os.path.join(tmp_path, "adapter_model.safetensors"))
     peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["w1", "w2", "w3"]).save_pretrained(tmp_path)
+    if not same_gate_up_a and not per_expert_layout(kt):
+        with pytest.raises(ValueError, match="model.layers.0.mlp.experts: gate and up have different lora_A"):
+            kt_ops.load_adapter(kt, tmp_path)
+        return
     kt_ops.load_adapter(kt, tmp_path)
     for (name, e), vals in want.items():
-        m = moe_layers(kt)[name]
-        i = m.intermediate_size
-        assert torch.equal(m.lora_gate_up_A[e], vals["w1.lora_A"])
-        assert torch.equal(m.lora_gate_up_B[e, :i], vals["w1.lora_B"])
-        assert torch.equal(m.lora_gate_up_B[e, i:], vals["w3.lora_B"])
-        assert torch.equal(m.lora_down_A[e], vals["w2.lora_A"]) and torch.equal(m.lora_down_B[e], vals["w2.lora_B"])
+        a_g, b_g, a_u, b_u, a_d, b_d = (t[e] for t in moe_layers(kt)[name].lora_tensors())
+        for got, key in [(a_g, "w1.lora_A"), (b_g, "w1.lora_B"), (a_u, "w3.lora_A"), (b_u, "w3.lora_B"),
+                         (a_d, "w2.lora_A"), (b_d, "w2.lora_B")]:
+            assert torch.equal(got, vals[key]), (name, e, key)
 
 
 def test_user_peft_lora_on_attention_is_saved_with_the_experts(tmp_path):
@@ -139,9 +161,8 @@ def test_only_lora_and_routers_train_and_lora_is_found_by_name():
     kt = kt_ops.patch_model(tiny_model("deepseek_v3"), lora_rank=R, lora_alpha=ALPHA)
     trainable = {n for n, p in kt.named_parameters() if p.requires_grad}
     lora = {n for n in trainable if "lora" in n}
-    assert lora == {f"{name}.{p}" for name in moe_layers(kt) for p in
-                    ["lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B"]}
-    assert trainable - lora == {n for n, _ in kt.named_parameters() if n.endswith("mlp.gate.weight")}
+    assert lora == {f"{name}.{p}" for name, m in moe_layers(kt).items() for p in m.lora_names}
+    assert trainable - lora == {n for n, _ in kt.named_parameters() if ROUTER.search(n)}
     no_router = kt_ops.patch_model(tiny_model("deepseek_v3"), config=kt_ops.ExpertLoraConfig(R, ALPHA, train_router=False))
     assert all("lora" in n for n, p in no_router.named_parameters() if p.requires_grad)
 
@@ -186,13 +207,14 @@ def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"adapter has r=4, lora_alpha=8.0; model.layers.0.mlp.experts has r=8"):
         kt_ops.load_adapter(other_rank, tmp_path)
     tensors = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
-    key = "base_model.model.model.layers.1.mlp.experts.lora_B.weight"
+    key = max(k for k in tensors if "layers.1." in k and k.endswith("lora_B.weight"))
     save_file({k: v for k, v in tensors.items() if k != key}, os.path.join(tmp_path, "adapter_model.safetensors"))
     with pytest.raises(KeyError, match=re.escape(f"missing key {key}")):
         kt_ops.load_adapter(kt, tmp_path)
+    shape = tuple(tensors[key].shape)
     tensors[key] = tensors[key][:, :3].contiguous()
     save_file(tensors, os.path.join(tmp_path, "adapter_model.safetensors"))
-    with pytest.raises(ValueError, match=re.escape(f"{key} has shape (64, 3), expected (64, 24)")):
+    with pytest.raises(ValueError, match=re.escape(f"{key} has shape ({shape[0]}, 3), expected {shape}")):
         kt_ops.load_adapter(kt, tmp_path)
     with open(os.path.join(tmp_path, "adapter_config.json")) as fh:
         cfg = json.load(fh)
@@ -244,9 +266,10 @@ def test_load_experts_fused_and_fp8_checkpoints(tmp_path):
     fused, fp8, want = {}, {}, {}
     g = torch.Generator().manual_seed(4)
     for name, m in moe_layers(model).items():
-        fused[name + ".gate_up_proj"] = m.gate_up_proj.detach().bfloat16().contiguous()
-        fused[name + ".down_proj"] = m.down_proj.detach().bfloat16().contiguous()
-        e, h, i = m.down_proj.shape
+        w_gate, w_up, w_down = expert_weights(m)
+        fused[name + ".gate_up_proj"] = torch.cat([w_gate, w_up], dim=1)
+        fused[name + ".down_proj"] = w_down
+        e, h, i = w_down.shape
         w = {p: torch.randn(e, *s, generator=g) for p, s in [("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i))]}
         for p, t in w.items():
             q = t.to(torch.float8_e4m3fn)
@@ -286,7 +309,7 @@ def test_patch_model_errors_for_missing_or_mismatched_experts(tmp_path):
     dense.config.mlp_only_layers = [0, 1]
     from transformers import AutoModelForCausalLM
     dense = AutoModelForCausalLM.from_config(dense.config)
-    with pytest.raises(ValueError, match=r"found no fused experts module \('mlp.experts' with a 3-D gate_up_proj\)"):
+    with pytest.raises(ValueError, match=r"found no routed experts in the model \(a 'mlp.experts' module with a 3-D gate_up_proj"):
         kt_ops.patch_model(dense)
     model = tiny_model("qwen3_moe")
     model.save_pretrained(tmp_path)
@@ -310,3 +333,59 @@ def test_fp8_weight_without_scale_is_named(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(KeyError, match=re.escape(f"{key} is fp8 but the checkpoint has no {key}_scale_inv")):
         kt_ops.load_experts(tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_load_model_from_checkpoint_equals_patching_the_loaded_model(family, tmp_path):
+    """Mixtral: transformers 5.x renames its block (block_sparse_moe -> mlp) but not its
+    checkpoint keys; DeepSeek-V3: a persistent buffer (the score correction bias)."""
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path, max_shard_size="50KB")
+    loaded = kt_ops.load_model(tmp_path, R, ALPHA, dtype=torch.float32, progress=False)
+    patched = kt_ops.patch_model(model, lora_rank=R, lora_alpha=ALPHA)
+    assert loaded.state_dict().keys() == patched.state_dict().keys()
+    randomize_lora(loaded)
+    randomize_lora(patched)
+    ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, patched(ids).logits)
+    trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in patched.named_parameters() if p.requires_grad}
+
+
+def test_load_model_names_tensors_without_a_place(tmp_path):
+    model = tiny_model("qwen3_moe")
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.layers.0.self_attn.extra.weight"] = torch.zeros(2)
+    del tensors["model.norm.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(KeyError, match=re.escape("no place for checkpoint tensor(s) ['model.layers.0.self_attn.extra.weight']")):
+        kt_ops.load_model(tmp_path, progress=False)
+    del tensors["model.layers.0.self_attn.extra.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(KeyError, match=re.escape("the checkpoint has no tensor for ['model.norm.weight']")):
+        kt_ops.load_model(tmp_path, progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_non_expert_modules_on_gpu_match_the_cpu_model(family):
+    """model.cuda() moves everything but the packed experts; hidden states cross to the CPU
+    experts and back (through pinned buffers), and logits and gradients are the CPU model's."""
+    on_cpu = kt_ops.patch_model(tiny_model(family), lora_rank=R, lora_alpha=ALPHA)
+    randomize_lora(on_cpu)
+    on_gpu = copy.deepcopy(on_cpu).cuda()
+    assert all(m.packed.gate_up.device.type == "cpu" for m in moe_layers(on_gpu).values())
+    ids = tokens()
+    out_cpu, out_gpu = on_cpu(ids, labels=ids), on_gpu(ids.cuda(), labels=ids.cuda())
+    assert out_gpu.logits.device.type == "cuda"
+    assert_close("logits", out_gpu.logits.cpu(), out_cpu.logits, torch.bfloat16)
+    out_cpu.loss.backward()
+    out_gpu.loss.backward()
+    gpu_params = dict(on_gpu.named_parameters())
+    trained = [(n, p) for n, p in on_cpu.named_parameters() if p.requires_grad]
+    assert any("lora" in n for n, _ in trained) and any(ROUTER.search(n) for n, _ in trained)
+    for name, p in trained:
+        assert gpu_params[name].grad.device.type == "cuda"
+        assert_close(f"{name} grad", gpu_params[name].grad.cpu(), p.grad, torch.bfloat16)
