@@ -60,6 +60,7 @@ ARCHITECTURES: dict[str, Family] = {
 # PEFT wraps the first one innermost (its keys carry "base_layer."), whatever the order in
 # adapter_config.json.
 FUSED_PARAMETERS = ("gate_up_proj", "down_proj")
+ROUTER = "gate"  # the router module beside the experts in every family
 
 # The fused-layout LoRA parameters of KtExperts, and the per-expert ones (transformers 4.x).
 FUSED_LORA = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B")
@@ -212,7 +213,7 @@ def _softmax_topk_forward(block: nn.Module, hidden_states: torch.Tensor) -> tupl
     if block.training and jitter > 0:
         hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - jitter, 1.0 + jitter)
     x = hidden_states.view(-1, hidden)
-    router_logits = block.gate(x)
+    router_logits = block.get_submodule(ROUTER)(x)
     weights = torch.softmax(router_logits, dim=1, dtype=torch.float)
     weights, ids = torch.topk(weights, block.top_k, dim=-1)
     if getattr(block, "norm_topk_prob", True):  # Mixtral always normalises
@@ -351,7 +352,7 @@ def patch_model(model: nn.Module, lora_rank: Optional[int] = None, lora_alpha: O
             method, fn = _PER_EXPERT_ROUTING[family.per_expert_routing]
             setattr(block, method, types.MethodType(fn, block))
         if cfg.train_router:
-            for p in block.gate.parameters():
+            for p in block.get_submodule(ROUTER).parameters():
                 p.requires_grad_(True)
     return model
 
@@ -417,7 +418,8 @@ def save_adapter(model: nn.Module, out_dir: Union[str, os.PathLike]) -> None:
     through ``target_parameters`` on fused experts (transformers 5.x), through
     ``target_modules`` on each expert's ``nn.Linear`` for per-expert lists (4.x). If the user
     also wrapped the patched model with PEFT LoRA on other modules (attention, say), those
-    tensors and their targets are saved in the same adapter.
+    tensors and their targets are saved in the same adapter. Routers that train (the
+    default of :func:`patch_model`) are saved whole, as PEFT's ``modules_to_save``.
     """
     import peft
     from safetensors.torch import save_file
@@ -434,6 +436,10 @@ def save_adapter(model: nn.Module, out_dir: Union[str, os.PathLike]) -> None:
         user_targets = user_cfg.target_modules or []
         for k, v in peft.get_peft_model_state_dict(model).items():
             tensors[k] = v.detach().cpu().contiguous()
+    routers = trained_routers(model)
+    for block, gate in routers.items():
+        for k, v in gate.state_dict().items():
+            tensors[f"base_model.model.{block}.{ROUTER}.{k}"] = v.detach().cpu().contiguous()
     base = model.get_base_model() if isinstance(model, peft.PeftModel) else model
     _, family = _family(base)
     if m.per_expert:
@@ -441,6 +447,9 @@ def save_adapter(model: nn.Module, out_dir: Union[str, os.PathLike]) -> None:
     else:
         targets = dict(target_modules=sorted(user_targets) if not isinstance(user_targets, str) else user_targets,
                        target_parameters=[f"{family.experts}.{p}" for p in FUSED_PARAMETERS])
+    if routers:  # PEFT's whole-module copies, saved as "<module>.<tensor>" as here; PEFT matches
+        # names by suffix, so "mlp.gate" (not "gate", which would take shared_expert_gate too).
+        targets["modules_to_save"] = sorted({".".join(b.split(".")[-1:] + [ROUTER]) for b in routers})
     cfg = peft.LoraConfig(r=m.rank, lora_alpha=m.alpha, lora_dropout=0.0, **targets,
                           base_model_name_or_path=getattr(base.config, "_name_or_path", None) or None)
     os.makedirs(out_dir, exist_ok=True)
@@ -450,7 +459,8 @@ def save_adapter(model: nn.Module, out_dir: Union[str, os.PathLike]) -> None:
 
 def load_adapter(model: nn.Module, in_dir: Union[str, os.PathLike]) -> nn.Module:
     """Loads a PEFT-format adapter (written by :func:`save_adapter` or by PEFT itself) into
-    the expert LoRA of a patched model; returns the model.
+    a patched model; returns the model (wrapped in a ``peft.PeftModel`` if the adapter has
+    LoRA on other modules than the experts and ``model`` is not one yet).
 
     The layout is read from ``adapter_config.json``: ``target_parameters`` LoRA on fused
     ``gate_up_proj`` / ``down_proj``, or per-expert ``target_modules`` LoRA
@@ -458,7 +468,9 @@ def load_adapter(model: nn.Module, in_dir: Union[str, os.PathLike]) -> nn.Module
     into either kind of patched model, except that fused 5.x experts share one A between
     gate and up, so a per-expert adapter whose gate and up A differ cannot load there. Rank,
     alpha and every tensor's shape must match the patched model, and every expert LoRA
-    tensor must be present: a mismatch or a missing key raises an error naming it.
+    tensor must be present: a mismatch or a missing key raises an error naming it. Routers
+    saved as ``modules_to_save`` are loaded in place; LoRA on other modules (attention, say)
+    goes through PEFT; a tensor that none of these takes is an error too.
     """
     from safetensors.torch import load_file
 
@@ -483,13 +495,59 @@ def load_adapter(model: nn.Module, in_dir: Union[str, os.PathLike]) -> nn.Module
             m.set_lora(_read_fused(tensors, name, m), name)
         else:
             m.set_lora(_read_per_expert(tensors, name, m, family), name)
+    saved_whole = cfg.get("modules_to_save") or []
+    with torch.no_grad():
+        for name in layers:
+            block = name.rpartition(".")[0]
+            router = f"{_unwrapped_name(block)}.{ROUTER}"
+            if any(router.endswith(t) for t in saved_whole):  # PEFT's suffix match
+                for k, v in model.get_submodule(block).get_submodule(ROUTER).state_dict().items():
+                    v.copy_(_take(tensors, f"base_model.model.{router}.{k}", tuple(v.shape)))
+    if tensors:  # what is left is PEFT LoRA on modules other than the experts
+        model = _load_other_lora(model, cfg, tensors)
     return model
 
 
+def _load_other_lora(model: nn.Module, cfg: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    import peft
+
+    if not isinstance(model, peft.PeftModel):
+        if not cfg.get("target_modules"):
+            raise KeyError(f"kt_ops.load_adapter: unexpected keys {sorted(tensors)[:3]}: the adapter has no "
+                           "target_modules for them")
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        model = peft.get_peft_model(model, peft.LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], lora_dropout=0.0,
+                                                           target_modules=cfg["target_modules"]))
+        for p in trainable:  # PEFT freezes all but its own LoRA; the experts' LoRA and routers stay trainable
+            p.requires_grad_(True)
+    result = peft.set_peft_model_state_dict(model, tensors)
+    if result.unexpected_keys:
+        raise KeyError(f"kt_ops.load_adapter: unexpected keys {sorted(result.unexpected_keys)[:3]}: no module of "
+                       "the model takes them")
+    missing = sorted(k for k in result.missing_keys if re.search(r"\.lora_[AB]\.", k))  # PEFT's, not the experts
+    if missing:
+        raise KeyError(f"kt_ops.load_adapter: missing key {missing[0]} (and {len(missing) - 1} more)")
+    return model
+
+
+def trained_routers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{MoE block name: router}`` for the routers with trainable parameters (block names as
+    in the unwrapped model)."""
+    out = {}
+    for name in moe_layers(model):
+        block = name.rpartition(".")[0]
+        gate = model.get_submodule(block).get_submodule(ROUTER)
+        if any(p.requires_grad for p in gate.parameters()):
+            out[_unwrapped_name(block)] = gate
+    return out
+
+
 def _take(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Removes and returns ``tensors[key]`` as fp32, checking its shape; what no reader takes
+    is left over."""
     if key not in tensors:
         raise KeyError(f"kt_ops.load_adapter: missing key {key}")
-    t = tensors[key]
+    t = tensors.pop(key)
     if tuple(t.shape) != shape:
         raise ValueError(f"kt_ops.load_adapter: {key} has shape {tuple(t.shape)}, expected {shape}")
     return t.float()

@@ -16,7 +16,8 @@ from kt_ops.hf import KtExperts, expert_weights, lora_state_dict, moe_layers
 from moe_case import assert_close
 
 R, ALPHA = 4, 8.0
-ROUTER = re.compile(r"\.(mlp|block_sparse_moe)\.gate\.weight$")
+# A router weight, also as PEFT's trainable copy of it (modules_to_save: save_adapter saves trained routers).
+ROUTER = re.compile(r"\.(mlp|block_sparse_moe)\.gate\.(modules_to_save\.default\.)?weight$")
 # PEFT LoRA on every routed expert's linears of a transformers 4.x model (per-expert lists).
 PER_EXPERT_TARGETS = r".*\.(mlp|block_sparse_moe)\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)"
 
@@ -37,12 +38,15 @@ def peft_expert_config(model, **kw) -> peft.LoraConfig:
 
 def randomize_lora(model, seed=1):
     """LoRA values that change the model's function clearly but do not swamp the weights: with
-    much larger ones, bf16 rounding in one layer flips near-tied top-k choices in the next."""
+    much larger ones, bf16 rounding in one layer flips near-tied top-k choices in the next.
+    Trainable routers move too, as training moves them."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif ROUTER.search(name) and p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
 
 
 def tokens(seed=2, batch=2, length=11):
@@ -64,7 +68,8 @@ def pair(request, tmp_path):
 
 
 def routers(model):
-    return {re.sub(r"^base_model\.model\.", "", n): p for n, p in model.named_parameters() if ROUTER.search(n)}
+    return {re.sub(r"^base_model\.model\.|modules_to_save\.default\.", "", n): p
+            for n, p in model.named_parameters() if ROUTER.search(n)}
 
 
 def test_patched_model_matches_peft_lora_logits_loss_and_gradients(pair):
@@ -94,7 +99,7 @@ def test_patched_model_matches_peft_lora_logits_loss_and_gradients(pair):
 def test_generate_runs(pair):
     kt, _ = pair
     kt.eval()
-    out = kt.generate(tokens(batch=1, length=5), max_new_tokens=4, do_sample=False)
+    out = kt.generate(tokens(batch=1, length=5), max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert out.shape == (1, 9)
 
 
@@ -155,6 +160,32 @@ def test_user_peft_lora_on_attention_is_saved_with_the_experts(tmp_path):
     ids = tokens()
     with torch.no_grad():
         assert_close("logits", kt(ids).logits, loaded(ids).logits, torch.bfloat16)
+
+
+def test_adapter_with_attention_lora_and_trained_routers_round_trips(tmp_path):
+    """Expert LoRA, PEFT LoRA on attention and the trained routers all come back, through
+    kt_ops.load_adapter into a fresh patched model and through stock PEFT."""
+    ref = tiny_model("qwen2_moe")  # its shared_expert_gate must not be taken for the router
+    kt = kt_ops.patch_model(copy.deepcopy(ref), lora_rank=R, lora_alpha=ALPHA)
+    trainable = [p for p in kt.parameters() if p.requires_grad]
+    kt = peft.get_peft_model(kt, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "o_proj"]))
+    for p in trainable:
+        p.requires_grad_(True)
+    randomize_lora(kt, seed=9)
+    kt_ops.save_adapter(kt, tmp_path)
+    fresh = kt_ops.load_adapter(kt_ops.patch_model(copy.deepcopy(ref), lora_rank=R, lora_alpha=ALPHA), tmp_path)
+    assert isinstance(fresh, peft.PeftModel)
+    by_peft = peft.PeftModel.from_pretrained(ref, tmp_path)
+    ids = tokens()
+    with torch.no_grad():
+        want = kt(ids).logits
+        assert torch.equal(fresh(ids).logits, want)
+        assert_close("logits", by_peft(ids).logits, want, torch.bfloat16)
+    state = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+    state["base_model.model.model.layers.0.mlp.gate.extra"] = torch.zeros(1)
+    save_file(state, os.path.join(tmp_path, "adapter_model.safetensors"))
+    with pytest.raises(KeyError, match="unexpected keys.*mlp.gate.extra"):
+        kt_ops.load_adapter(kt_ops.patch_model(tiny_model("qwen2_moe"), lora_rank=R, lora_alpha=ALPHA), tmp_path)
 
 
 def test_only_lora_and_routers_train_and_lora_is_found_by_name():
