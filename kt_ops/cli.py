@@ -1,0 +1,199 @@
+"""``kt-sft``: LoRA fine-tuning of a Hugging Face MoE model with the routed experts on the CPU.
+
+    kt-sft train --out DIR                       # the built-in default: tiny Qwen3-MoE, small dataset
+    kt-sft train --model DIR --data FILE.jsonl --out DIR [options]
+    kt-sft train --resume DIR                    # continue an interrupted run
+    kt-sft generate --model DIR --adapter DIR --prompt TEXT
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import sys
+from typing import Optional
+
+EXIT_ERROR = 2  # bad arguments or unusable input, as argparse exits
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def _modules(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated module names, e.g. q_proj,k_proj,v_proj,o_proj")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kt-sft", description="LoRA fine-tuning of Mixture-of-Experts models: routed experts frozen in CPU "
+        "memory and computed by torch.ops.kt (Intel AMX), everything else on the GPU when there is one.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,generate}")
+
+    # Defaults are None here so that explicitly given flags can be told apart (they override
+    # the built-in default's settings and are checked against a resumed checkpoint's).
+    t = sub.add_parser("train", help="fine-tune: writes a PEFT adapter, metrics, a loss curve and a checkpoint",
+                       description="Fine-tunes LoRA on every routed expert's gate/up/down (and on --target-modules), "
+                       "and the routers. Without --model it trains the built-in tiny Qwen3-MoE model on the "
+                       "built-in dataset. Writes to --out: adapter_model.safetensors + adapter_config.json "
+                       "(PEFT format), metrics.json, loss.png and checkpoint/ (for --resume).")
+    t.add_argument("--out", help="output directory (required unless --resume gives it)")
+    t.add_argument("--model", help="Hugging Face checkpoint directory: config.json, safetensors, tokenizer "
+                   "(default: the built-in tiny Qwen3-MoE)")
+    t.add_argument("--data", help="JSONL: {\"messages\": [...]}, {\"prompt\", \"response\"} or "
+                   "{\"instruction\", \"input\", \"output\"} per line (default with the built-in model: its dataset)")
+    t.add_argument("--rank", type=_positive(int), help="LoRA rank (default 16)")
+    t.add_argument("--alpha", type=_positive(float), help="LoRA alpha (default 32)")
+    t.add_argument("--lr", type=_positive(float), help="peak learning rate (default 2e-4; 1e-3 for the built-in model)")
+    n = t.add_mutually_exclusive_group()
+    n.add_argument("--epochs", type=_positive(int), help="passes over the data (default 1)")
+    n.add_argument("--steps", type=_positive(int), help="optimizer steps (the data repeats as needed)")
+    t.add_argument("--max-tokens-per-step", type=_positive(int),
+                   help="token budget of one optimizer step; conversations are packed up to it (default 4096)")
+    t.add_argument("--micro-batch-tokens", type=_positive(int),
+                   help="tokens per forward/backward; smaller than the step budget means gradient accumulation "
+                   "(default: the step budget)")
+    t.add_argument("--max-seq-len", type=_positive(int), help="conversations are cut to this many tokens "
+                   "(default 2048)")
+    t.add_argument("--grad-checkpointing", action="store_true", default=None,
+                   help="recompute activations in the backward (less memory, about 30%% more time)")
+    t.add_argument("--target-modules", type=_modules,
+                   help="also put PEFT LoRA on these modules, e.g. q_proj,k_proj,v_proj,o_proj")
+    t.add_argument("--seed", type=int, help="seed for LoRA init and data order (default 0)")
+    t.add_argument("--warmup-steps", type=int, help="linear warmup steps (default: 10%% of the steps, at most 10)")
+    t.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    t.add_argument("--device", help="device of the non-expert modules: auto (cuda if available), cpu, cuda, cuda:1")
+    t.add_argument("--dtype", choices=["bfloat16", "float32"], help="dtype of the non-expert weights (default bfloat16)")
+    t.add_argument("--save-every", type=int, help="also write the resumable checkpoint every N steps")
+    t.add_argument("--stop-after", type=_positive(int),
+                   help="stop after this many steps of this run, with a checkpoint to --resume from")
+    t.add_argument("--resume", help="continue the run whose output directory (or checkpoint/) this is; its "
+                   "settings are reused")
+    t.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bars")
+    t.set_defaults(func=_train)
+
+    g = sub.add_parser("generate", help="generate a reply with a trained adapter",
+                       description="Loads the model (experts on the CPU), the adapter, and prints the reply to "
+                       "--prompt rendered with the tokenizer's chat template.")
+    g.add_argument("--model", help="Hugging Face checkpoint directory (default: the built-in tiny Qwen3-MoE)")
+    g.add_argument("--adapter", help="adapter directory written by kt-sft train or PEFT (default: none)")
+    g.add_argument("--prompt", required=True, help="the user message")
+    g.add_argument("--system", help="an optional system message")
+    g.add_argument("--max-new-tokens", type=_positive(int), default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    g.set_defaults(func=_generate)
+    return parser
+
+
+def train_args(ns: argparse.Namespace):
+    """TrainArgs from parsed flags: explicit flags over a resumed run's settings, or over the
+    built-in default's and the library defaults."""
+    from kt_ops import default
+    from kt_ops.train import TrainArgs, saved_args
+
+    explicit = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainArgs)
+                if getattr(ns, f.name, None) is not None}
+    if ns.resume:
+        base = saved_args(ns.resume)
+        base.update(stop_after=None, resume=None, progress=True)
+        explicit.setdefault("out", base["out"])
+    else:
+        base = {}
+        if ns.model is None:
+            base.update(default.TRAIN_DEFAULTS)
+        if ns.epochs is None and ns.steps is None and "epochs" not in base:
+            base["epochs"] = 1
+        if ns.steps is not None:
+            base.pop("epochs", None)
+    merged = {**base, **explicit}
+    if not merged.get("out"):
+        raise ValueError("kt-sft train: --out is required")
+    return TrainArgs(**merged)
+
+
+def _train(ns: argparse.Namespace) -> int:
+    from kt_ops.train import Interrupted, Trainer
+
+    args = train_args(ns)
+    trainer = Trainer(args, log=lambda m: print(m, file=sys.stderr))
+    print(f"kt-sft: {len(trainer.examples)} examples, {trainer.total_steps} steps of <= {args.max_tokens_per_step} "
+          f"tokens, model on {trainer.device} (experts on the CPU), writing to {args.out}", file=sys.stderr)
+    try:
+        metrics = trainer.train()
+    except Interrupted as e:
+        print(f"kt-sft: stopped at step {trainer.step}; resume with: kt-sft train --resume {args.out}", file=sys.stderr)
+        return 128 + e.signum
+    print(json.dumps(metrics, indent=2))
+    if not metrics["completed"]:
+        print(f"kt-sft: stopped at step {trainer.step} of {trainer.total_steps}; resume with: kt-sft train --resume "
+              f"{args.out}", file=sys.stderr)
+    return 0
+
+
+def _generate(ns: argparse.Namespace) -> int:
+    import torch
+    import transformers
+
+    from kt_ops import default
+    from kt_ops.checkpoint import load_model
+    from kt_ops.hf import load_adapter
+    from kt_ops.data import render_chat
+    from kt_ops.train import resolve_device
+
+    model_dir = ns.model or default.model_dir()
+    rank, alpha = 16, 32.0  # without an adapter: fresh LoRA (B = 0) leaves the model unchanged
+    if ns.adapter:
+        with open(os.path.join(ns.adapter, "adapter_config.json")) as fh:
+            cfg = json.load(fh)
+        rank, alpha = cfg["r"], cfg["lora_alpha"]
+    device = resolve_device(ns.device)
+    model = load_model(model_dir, rank, alpha, device=device, progress=False)
+    if ns.adapter:
+        model = load_adapter(model, ns.adapter)
+    model.eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    messages = ([{"role": "system", "content": ns.system}] if ns.system else []) + [{"role": "user", "content": ns.prompt}]
+    ids = tokenizer(render_chat(tokenizer, messages, True), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    sampling = dict(do_sample=True, temperature=ns.temperature) if ns.temperature > 0 else dict(do_sample=False)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
+                             max_new_tokens=ns.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, **sampling)
+    print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of ``kt-sft`` and ``python -m kt_ops``; returns the exit status."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    import warnings
+
+    from kt_ops.data import DataError
+
+    # transformers 5 deprecation noise that PEFT triggers on every LoRA model; not the user's to fix.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+    try:
+        return ns.func(ns)
+    except (ValueError, FileNotFoundError, DataError, KeyError) as e:
+        print(f"kt-sft {ns.command}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

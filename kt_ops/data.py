@@ -1,0 +1,222 @@
+"""Instruction data for kt-sft: JSONL records -> token ids with the prompt masked -> packed rows.
+
+Each line of the file is one JSON object in one of the common instruction formats:
+
+- ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}``
+- ``{"prompt": "...", "response": "..."}``
+- ``{"instruction": "...", "input": "...", "output": "..."}`` (``input`` optional)
+
+Every record becomes a conversation rendered with the tokenizer's chat template (a plain
+``User:``/``Assistant:`` template when the tokenizer has none); the loss is taken on the
+assistant turns only. Conversations are packed, whole, into rows of at most a token budget,
+with position ids restarting at each conversation so attention stays inside it (transformers
+builds a block-causal mask from such position ids).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+IGNORE = -100  # label of a token the loss skips (prompt tokens)
+ROLES = ("system", "user", "assistant")
+
+# Used when the tokenizer has no chat template of its own. The assistant's turn opens with a
+# newline, not a space: byte-level BPE glues a space to the next word, and a prompt ending in
+# a space would tokenize differently at generation time than in training.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}User:\n{{ m['content'] }}\n\n"
+    "{% else %}Assistant:\n{{ m['content'] }}{{ eos_token }}\n\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:\n{% endif %}"
+)
+
+
+class DataError(ValueError):
+    """A data file that cannot be trained on; the message names the file and the lines."""
+
+
+@dataclass
+class Example:
+    """One tokenized conversation: ``labels[t]`` is ``input_ids[t]`` where the loss applies
+    (assistant tokens), :data:`IGNORE` elsewhere."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def trainable_tokens(self) -> int:
+        return sum(label != IGNORE for label in self.labels)
+
+
+def _text(record: dict, key: str, required: bool = True) -> str:
+    value = record.get(key, "")
+    if not isinstance(value, str):
+        raise ValueError(f'"{key}" must be a string, got {type(value).__name__}')
+    if required and not value.strip():
+        raise ValueError(f'"{key}" is empty')
+    return value
+
+
+def to_messages(record: Any) -> list[dict[str, str]]:
+    """The conversation a record stands for, as chat messages; ValueError says what is wrong."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise ValueError('"messages" must be a non-empty list')
+        out = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise ValueError(f'messages[{i}] must be {{"role": one of {"/".join(ROLES)}, "content": string}}, '
+                                 f"got {json.dumps(m)[:80]}")
+            out.append({"role": m["role"], "content": m["content"]})
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
+            raise ValueError("no assistant message with content (nothing to learn)")
+        if out[0]["role"] == "assistant" or (out[0]["role"] == "system" and len(out) > 1 and out[1]["role"] == "assistant"):
+            raise ValueError("the conversation starts with an assistant message (no prompt before it)")
+        return out
+    if "prompt" in record or "response" in record:
+        return [{"role": "user", "content": _text(record, "prompt")},
+                {"role": "assistant", "content": _text(record, "response")}]
+    if "instruction" in record or "output" in record:
+        instruction, extra = _text(record, "instruction"), _text(record, "input", required=False)
+        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(record, "output")}]
+    raise ValueError('unknown format: expected "messages", "prompt"/"response" or "instruction"/"input"/"output" '
+                     f"keys, got {sorted(record)}")
+
+
+def render_chat(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> str:
+    """``messages`` as text through the tokenizer's chat template (or :data:`PLAIN_CHAT_TEMPLATE`),
+    ending with the assistant's turn opening when ``generation_prompt``."""
+    template = None if getattr(tokenizer, "chat_template", None) else PLAIN_CHAT_TEMPLATE
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                         chat_template=template)
+
+
+def tokenize(messages: list[dict], tokenizer: Any, max_seq_len: int) -> Example:
+    """Renders ``messages`` with the chat template and labels the assistant turns' tokens (the
+    turn's end-of-turn token included, so the model learns to stop); cut to ``max_seq_len``.
+
+    Raises ValueError if the template does not render each conversation prefix as a prefix of
+    the whole (the assistant spans could not be located) or nothing trainable is left.
+    """
+    full = render_chat(tokenizer, messages, False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render_chat(tokenizer, messages[:i], True)
+        through = render_chat(tokenizer, messages[:i + 1], False)
+        if not (through.startswith(before) and full.startswith(through)):
+            raise ValueError(f"the chat template does not render the conversation up to message {i} as a "
+                             "prefix of the whole conversation, so the assistant tokens cannot be located")
+        spans.append((len(before), len(through)))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"][:max_seq_len], enc["offset_mapping"][:max_seq_len]
+    # A token is learnt if any of its characters is the assistant's.
+    labels = [tok if any(start < hi and end > lo for lo, hi in spans) else IGNORE
+              for tok, (start, end) in zip(ids, offsets)]
+    labels[0] = IGNORE  # nothing precedes a conversation's first token in a packed row
+    example = Example(ids, labels)
+    if not example.trainable_tokens:
+        raise ValueError(f"no assistant tokens within the first {max_seq_len} tokens (--max-seq-len)")
+    return example
+
+
+def load_examples(path: Union[str, os.PathLike], tokenizer: Any, max_seq_len: int, *,
+                  warn: Callable[[str], None] = print, max_reported: int = 20) -> list[Example]:
+    """Reads and tokenizes a JSONL file. Each bad line is reported through ``warn`` with its
+    line number and reason (the first ``max_reported`` of them) and left out; DataError if the
+    file cannot be read or has no usable line."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    examples, bad = [], []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+                examples.append(tokenize(to_messages(record), tokenizer, max_seq_len))
+            except ValueError as e:
+                bad.append(f"{path}:{number}: {e}")
+    for message in bad[:max_reported]:
+        warn(message)
+    if len(bad) > max_reported:
+        warn(f"{path}: ... and {len(bad) - max_reported} more bad lines")
+    if not examples:
+        raise DataError(f"{path}: no usable examples" + (f" ({len(bad)} bad lines, the first: {bad[0]})" if bad else
+                                                         " (the file is empty)"))
+    if bad:
+        warn(f"{path}: left out {len(bad)} bad of {len(bad) + len(examples)} lines")
+    return examples
+
+
+def plan_epoch(lengths: list[int], seed: int, epoch: int, tokens_per_step: int,
+               tokens_per_row: Optional[int] = None) -> list[list[list[int]]]:
+    """The steps of one epoch: each step a list of rows, each row a list of example indices.
+
+    The order is a function of (seed, epoch) alone, so a resumed run replays it. Examples are
+    shuffled, packed first-fit into rows of at most ``tokens_per_row`` tokens (default:
+    ``tokens_per_step``), and consecutive rows are grouped into steps of at most
+    ``tokens_per_step`` tokens; each row is one forward/backward (gradient accumulation when a
+    step has several). Every length must fit in a row.
+    """
+    tokens_per_row = tokens_per_row or tokens_per_step
+    if tokens_per_row > tokens_per_step:
+        raise ValueError(f"tokens per row ({tokens_per_row}) exceeds tokens per step ({tokens_per_step})")
+    order = list(range(len(lengths)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        if lengths[i] > tokens_per_row:
+            raise ValueError(f"example {i} has {lengths[i]} tokens, more than a row's {tokens_per_row}")
+        # First fit over the open rows; only the last few stay open so the order stays random.
+        for r in range(max(0, len(rows) - 8), len(rows)):
+            if room[r] >= lengths[i]:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(tokens_per_row - lengths[i])
+    steps: list[list[list[int]]] = []
+    used = tokens_per_step
+    for row, left in zip(rows, room):
+        size = tokens_per_row - left
+        if used + size > tokens_per_step:
+            steps.append([])
+            used = 0
+        steps[-1].append(row)
+        used += size
+    return steps
+
+
+def collate(examples: list[Example], row: list[int]) -> dict[str, torch.Tensor]:
+    """One packed row: ``input_ids``, ``position_ids`` (restarting at each example) and
+    ``labels``, each ``[1, tokens]`` int64."""
+    ids, pos, labels = [], [], []
+    for i in row:
+        ex = examples[i]
+        ids += ex.input_ids
+        labels += ex.labels
+        pos += range(len(ex))
+    return {k: torch.tensor([v], dtype=torch.long) for k, v in
+            (("input_ids", ids), ("position_ids", pos), ("labels", labels))}

@@ -1,0 +1,444 @@
+"""LoRA fine-tuning of an MoE model end to end: what ``kt-sft train`` runs.
+
+A thin loop over the library: :func:`kt_ops.load_model` (experts streamed into packed CPU
+memory, the rest on ``device``), optional PEFT LoRA on other modules, :mod:`kt_ops.data` for
+the packed rows, AdamW, and :func:`kt_ops.save_adapter` for a PEFT-format adapter. A step is
+a group of rows (one forward/backward each: gradient accumulation) of at most
+``max_tokens_per_step`` tokens; the loss is the mean over the step's assistant tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from kt_ops import data as sft_data
+
+CHECKPOINT = "checkpoint"  # the resumable checkpoint's folder inside the output directory
+_STATE = "trainer_state.pt"
+_LOSS_CHUNK = 1024  # label positions whose logits are materialised at once
+
+
+@dataclass
+class TrainArgs:
+    """What ``kt-sft train`` takes; see ``kt-sft train --help`` for each."""
+
+    out: str
+    model: Optional[str] = None  # None: the built-in default (kt_ops.default)
+    data: Optional[str] = None
+    rank: int = 16
+    alpha: float = 32.0
+    lr: float = 2e-4
+    epochs: Optional[int] = None
+    steps: Optional[int] = None
+    max_tokens_per_step: int = 4096
+    micro_batch_tokens: Optional[int] = None
+    max_seq_len: int = 2048
+    grad_checkpointing: bool = False
+    target_modules: list[str] = field(default_factory=list)
+    seed: int = 0
+    warmup_steps: Optional[int] = None
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    device: str = "auto"
+    dtype: str = "bfloat16"
+    save_every: int = 0
+    stop_after: Optional[int] = None
+    resume: Optional[str] = None
+    progress: bool = True
+
+    # Arguments that fix what a run computes: a resumed run must have the same ones.
+    IDENTITY = ("model", "data", "rank", "alpha", "lr", "epochs", "steps", "max_tokens_per_step",
+                "micro_batch_tokens", "max_seq_len", "target_modules", "seed", "warmup_steps", "weight_decay",
+                "max_grad_norm", "dtype")
+
+
+class Interrupted(Exception):
+    """Raised by :meth:`Trainer.train` after saving a checkpoint on SIGINT / SIGTERM."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is cuda when a GPU is there, else cpu; anything else as torch.device takes it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class _MasterWeights:
+    """fp32 copies of trainable low-precision parameters (a bf16 model's routers), which the
+    optimizer updates and copies back: AdamW steps applied to bf16 values mostly round away."""
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.pairs = [(p, p.detach().float().clone().requires_grad_(True)) for p in params if p.dtype != torch.float32]
+        self.masters = {id(p): m for p, m in self.pairs}
+
+    def optimized(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
+        return [self.masters.get(id(p), p) for p in params]
+
+    def grads_to_masters(self) -> None:
+        for p, m in self.pairs:
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+
+    @torch.no_grad()
+    def masters_to_params(self) -> None:
+        for p, m in self.pairs:
+            p.copy_(m)
+
+    def state_dict(self) -> list[torch.Tensor]:
+        return [m.detach().cpu() for _, m in self.pairs]
+
+    @torch.no_grad()
+    def load_state_dict(self, state: list[torch.Tensor]) -> None:
+        if len(state) != len(self.pairs):
+            raise ValueError(f"kt-sft: checkpoint has {len(state)} master weights, the model {len(self.pairs)}")
+        for (_, m), s in zip(self.pairs, state):
+            m.copy_(s)
+        self.masters_to_params()
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class Trainer:
+    """One fine-tuning run: model, data plan, optimizer and schedule, checkpoints, outputs."""
+
+    def __init__(self, args: TrainArgs, log=print, *, model: Optional[nn.Module] = None,
+                 examples: Optional[list[sft_data.Example]] = None):
+        """``model`` (a patched model) and ``examples`` replace loading them from ``args.model``
+        and ``args.data``: benchmarks build models too large to write as checkpoints."""
+        import transformers
+
+        from kt_ops import default
+        from kt_ops.checkpoint import load_model
+
+        self.args, self.log = args, log
+        if model is None and args.model is None:
+            args.model = default.model_dir()
+            args.data = args.data or default.DATA
+        if args.data is None and examples is None:
+            raise ValueError("kt-sft: --data is required with --model")
+        if (args.epochs is None) == (args.steps is None):
+            raise ValueError("kt-sft: give one of --epochs and --steps")
+        if (args.epochs or args.steps or 0) < 1:
+            raise ValueError("kt-sft: --epochs / --steps must be >= 1")
+        self.tokens_per_row = args.micro_batch_tokens or args.max_tokens_per_step
+        if self.tokens_per_row > args.max_tokens_per_step:
+            raise ValueError(f"kt-sft: --micro-batch-tokens ({self.tokens_per_row}) exceeds --max-tokens-per-step "
+                             f"({args.max_tokens_per_step})")
+        _seed_everything(args.seed)
+        self.device = resolve_device(args.device)
+        if examples is None:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+            examples = sft_data.load_examples(args.data, tokenizer, min(args.max_seq_len, self.tokens_per_row),
+                                              warn=lambda m: log(f"warning: {m}"))
+        self.examples = examples
+        self.lengths = [len(e) for e in self.examples]
+        self.total_steps = args.steps or sum(len(self._plan(e)) for e in range(args.epochs))
+
+        if model is None:
+            model = load_model(args.model, args.rank, args.alpha, dtype=getattr(torch, args.dtype), device=self.device,
+                               progress=args.progress)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if args.target_modules:
+            import peft
+
+            model = peft.get_peft_model(model, peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
+                                                               target_modules=list(args.target_modules)))
+            for p in trainable:  # PEFT freezes everything but its own LoRA
+                p.requires_grad_(True)
+        if args.grad_checkpointing:
+            self._base(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.master = _MasterWeights(self.params)
+        self.optimizer = torch.optim.AdamW(self.master.optimized(self.params), lr=args.lr,
+                                           weight_decay=args.weight_decay)
+        warmup = args.warmup_steps if args.warmup_steps is not None else min(10, self.total_steps // 10)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup_cosine(warmup, self.total_steps))
+        self.step = 0
+        self.losses: list[float] = []
+        self.tokens = 0
+        self.train_seconds = 0.0
+        if args.resume:
+            self._load_checkpoint(args.resume)
+
+    @staticmethod
+    def _base(model: nn.Module) -> nn.Module:
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def _plan(self, epoch: int) -> list[list[list[int]]]:
+        return sft_data.plan_epoch(self.lengths, self.args.seed, epoch, self.args.max_tokens_per_step,
+                                   self.tokens_per_row)
+
+    def planned_steps(self, start: int = 0) -> Iterator[list[list[int]]]:
+        """The rows of each step from step ``start`` on (epochs repeat in ``--steps`` mode)."""
+        step, epoch = 0, 0
+        while step < self.total_steps:
+            for rows in self._plan(epoch):
+                if step >= start:
+                    yield rows
+                step += 1
+                if step >= self.total_steps:
+                    return
+            epoch += 1
+
+    def loss_and_backward(self, rows: list[list[int]]) -> tuple[float, int]:
+        """Forward and backward of one step's rows; returns (mean loss over the step's
+        assistant tokens, tokens in the step). Gradients accumulate into ``.grad``."""
+        batches = [sft_data.collate(self.examples, row) for row in rows]
+        label_count = sum(int((b["labels"][0, 1:] != sft_data.IGNORE).sum()) for b in batches)
+        total, tokens = 0.0, 0
+        for b in batches:
+            b = {k: v.to(self.device) for k, v in b.items()}
+            loss = self._sum_loss(b) / label_count
+            loss.backward()
+            total += loss.item()
+            tokens += b["input_ids"].shape[1]
+        return total, tokens
+
+    def _sum_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed next-token cross entropy over the labelled positions; logits are made only
+        there, a chunk at a time and recomputed in the backward, so a large vocabulary never
+        holds [tokens, vocab] activations."""
+        base = self._base(self.model)
+        hidden = base.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                    use_cache=False).last_hidden_state[0, :-1]
+        labels = batch["labels"][0, 1:]
+        keep = labels != sft_data.IGNORE
+        hidden, labels = hidden[keep], labels[keep]
+        head = base.get_output_embeddings()
+
+        def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(head(h).float(), y, reduction="sum")
+
+        return sum(checkpoint(chunk_loss, hidden[i:i + _LOSS_CHUNK], labels[i:i + _LOSS_CHUNK], use_reentrant=False)
+                   for i in range(0, len(labels), _LOSS_CHUNK))
+
+    def optimizer_step(self) -> None:
+        self.master.grads_to_masters()
+        masters = self.master.optimized(self.params)
+        if self.args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(masters, self.args.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.params:
+            p.grad = None
+        self.master.masters_to_params()
+
+    def train(self) -> dict[str, Any]:
+        """Runs to the last step (or ``stop_after`` steps of this run), writing the outputs;
+        returns the metrics. On SIGINT/SIGTERM it finishes the step, saves a checkpoint and
+        raises :class:`Interrupted`."""
+        args = self.args
+        stop_at = self.total_steps if args.stop_after is None else min(self.total_steps, self.step + args.stop_after)
+        signals = _SignalFlag(self.log)
+        bar = _bar(self.total_steps, self.step, args.progress)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            for rows in self.planned_steps(self.step):
+                if self.step >= stop_at:
+                    break
+                t0 = time.perf_counter()
+                loss, tokens = self.loss_and_backward(rows)
+                self.optimizer_step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                self.train_seconds += time.perf_counter() - t0
+                self.step += 1
+                self.tokens += tokens
+                self.losses.append(loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tokens / self.train_seconds:,.0f}")
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"kt-sft: loss is {loss} at step {self.step}; stopping (lower --lr?)")
+                if signals.signum is not None:
+                    self.finish(completed=False)
+                    raise Interrupted(signals.signum)
+                if args.save_every and self.step % args.save_every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            signals.restore()
+        return self.finish(completed=self.step >= self.total_steps)
+
+    def metrics(self, completed: bool) -> dict[str, Any]:
+        m = {"completed": completed, "steps": self.step, "total_steps": self.total_steps,
+             "loss_first": self.losses[0] if self.losses else None,
+             "loss_last": self.losses[-1] if self.losses else None,
+             "tokens": self.tokens, "train_seconds": round(self.train_seconds, 3),
+             "tokens_per_s": self.tokens / self.train_seconds if self.train_seconds else None,
+             "peak_rss_gb": round(_peak_rss_gib(), 3), "device": str(self.device),
+             "examples": len(self.examples), "model": self.args.model, "data": self.args.data}
+        if self.device.type == "cuda":
+            m["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+        return m
+
+    def finish(self, completed: bool) -> dict[str, Any]:
+        """Writes the adapter, metrics.json, loss.png and the resumable checkpoint."""
+        from kt_ops.hf import save_adapter
+
+        out = self.args.out
+        os.makedirs(out, exist_ok=True)
+        save_adapter(self.model, out)
+        metrics = self.metrics(completed)
+        with open(os.path.join(out, "metrics.json"), "w") as fh:
+            json.dump(metrics, fh, indent=2)
+        _plot_losses(self.losses, os.path.join(out, "loss.png"))
+        self.save_checkpoint()
+        return metrics
+
+    def save_checkpoint(self) -> None:
+        """Adapter + optimizer + schedule + step + RNG state in ``<out>/checkpoint``, replaced
+        atomically (a crash while writing leaves the previous one)."""
+        from kt_ops.hf import save_adapter
+
+        final = os.path.join(self.args.out, CHECKPOINT)
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_adapter(self.model, tmp)
+        state = {"step": self.step, "losses": self.losses, "tokens": self.tokens, "train_seconds": self.train_seconds,
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "master_weights": self.master.state_dict(), "rng": _rng_state(),
+                 "args": dataclasses.asdict(self.args)}
+        torch.save(state, os.path.join(tmp, _STATE))
+        old = final + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.isdir(final):
+            os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _load_checkpoint(self, path: str) -> None:
+        from kt_ops.hf import load_adapter
+
+        path = checkpoint_dir(path)
+        state = torch.load(os.path.join(path, _STATE), weights_only=False)
+        check_resumable(state["args"], self.args)
+        loaded = load_adapter(self.model, path)
+        if loaded is not self.model:
+            raise ValueError(f"kt-sft: the checkpoint in {path} has LoRA on modules outside --target-modules")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.master.load_state_dict(state["master_weights"])
+        self.step, self.losses = state["step"], state["losses"]
+        self.tokens, self.train_seconds = state["tokens"], state["train_seconds"]
+        _set_rng_state(state["rng"])
+        self.log(f"kt-sft: resumed from {path} at step {self.step} of {self.total_steps}")
+
+
+def checkpoint_dir(path: str) -> str:
+    """``path`` itself if it holds a trainer checkpoint, else ``path/checkpoint``."""
+    for candidate in (path, os.path.join(path, CHECKPOINT)):
+        if os.path.isfile(os.path.join(candidate, _STATE)):
+            return candidate
+    raise FileNotFoundError(f"kt-sft: no checkpoint in {path} (expected {os.path.join(path, CHECKPOINT, _STATE)})")
+
+
+def saved_args(path: str) -> dict[str, Any]:
+    """The arguments a checkpoint was written with."""
+    return torch.load(os.path.join(checkpoint_dir(path), _STATE), weights_only=False)["args"]
+
+
+def check_resumable(saved: dict[str, Any], args: TrainArgs) -> None:
+    """ValueError naming each argument that differs from the checkpoint's run."""
+    diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(args, k)!r}" for k in TrainArgs.IDENTITY
+            if saved.get(k) != getattr(args, k)]
+    if diff:
+        raise ValueError("kt-sft: cannot resume with different settings: " + "; ".join(diff))
+
+
+def _warmup_cosine(warmup: int, total: int):
+    """Linear warmup over ``warmup`` steps, then cosine decay to 10% of the peak."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _SignalFlag:
+    """The first SIGINT/SIGTERM is recorded (the run saves at the end of the step); a second
+    SIGINT interrupts at once."""
+
+    def __init__(self, log):
+        self.signum: Optional[int] = None
+        self.log = log
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.log(f"\nkt-sft: got {signal.Signals(signum).name}; saving a checkpoint after this step "
+                 "(Ctrl-C again to abort without saving)")
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def _bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", desc="training", disable=not enabled,
+                dynamic_ncols=True, file=sys.stderr)
+
+
+def _plot_losses(losses: list[float], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(range(1, len(losses) + 1), losses, lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.set_title("kt-sft training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
