@@ -9,9 +9,9 @@ import torch  # noqa: F401  (loads libtorch, which the extension links against)
 
 from kt_ops import _C  # noqa: F401  (registers torch.ops.kt.*)
 from kt_ops.api import PackedExperts, isa, moe_sft, pack_experts, topology
-from kt_ops.hf import ExpertLoraConfig, KtExperts, load_adapter, patch_model, save_adapter
+from kt_ops.hf import ExpertLoraConfig, KtExperts, checkpointing_kwargs, load_adapter, patch_model, save_adapter
 from kt_ops.checkpoint import load_experts, load_model
 
-__all__ = ["ExpertLoraConfig", "KtExperts", "PackedExperts", "isa", "load_adapter", "load_experts", "load_model", "moe_sft",
+__all__ = ["ExpertLoraConfig", "KtExperts", "PackedExperts", "checkpointing_kwargs", "isa", "load_adapter", "load_experts", "load_model", "moe_sft",
            "pack_experts", "patch_model", "save_adapter", "topology"]
 __version__ = "0.1.0"

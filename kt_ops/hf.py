@@ -125,7 +125,8 @@ class KtExperts(nn.Module):
     on any device. The expert work runs on the CPU; from and to a CUDA device the tensors
     cross through pinned staging buffers, and the result returns in the input's device and
     dtype. The frozen weights are held packed (``self.packed``), outside the module's
-    parameters and buffers, so ``model.to(...)`` never moves or copies them.
+    parameters and buffers, and the LoRA parameters stay fp32 on the CPU: ``model.to(...)``
+    never moves, casts or copies this module.
 
     LoRA parameters follow PEFT's LoRA on the layout they replace, with s = alpha / r:
 
@@ -190,12 +191,17 @@ class KtExperts(nn.Module):
         for dst, src in zip(self.lora_tensors(), tensors):
             dst.copy_(src)
 
+    def _apply(self, fn, recurse=True):
+        # The LoRA stays beside the packed experts, fp32 in CPU memory, where the kt op reads it
+        # and writes its gradients (so its optimizer state stays there too): model.to("cuda"),
+        # .bfloat16() and the like leave this module as it is.
+        return self
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         cpu = torch.device("cpu")
-        lora = [_to_device(t, cpu) for t in self.lora_tensors()]
         y = moe_sft(_to_device(hidden_states, cpu), top_k_index.cpu(), _to_device(top_k_weights, cpu),
-                    self.packed, lora, self.scaling)
+                    self.packed, self.lora_tensors(), self.scaling)
         return _to_device(y, hidden_states.device)
 
     def extra_repr(self) -> str:
@@ -341,10 +347,8 @@ def patch_model(model: nn.Module, lora_rank: Optional[int] = None, lora_alpha: O
             if (packed.num_experts, packed.intermediate_size) != (e, i):
                 raise ValueError(f"kt_ops.patch_model: experts[{index}] holds {packed.num_experts} experts of "
                                  f"intermediate size {packed.intermediate_size}; {name} has {e} of {i}")
-        weight = next(module.parameters(), None)
-        device = weight.device if weight is not None and weight.device.type != "meta" else torch.device("cpu")
         per_expert = isinstance(module, nn.ModuleList)
-        new = KtExperts(packed, h, cfg.r, cfg.lora_alpha, per_expert=per_expert).to(device=device)
+        new = KtExperts(packed, h, cfg.r, cfg.lora_alpha, per_expert=per_expert)
         block_name, _, child = name.rpartition(".")
         block = model.get_submodule(block_name)
         setattr(block, child, new)
@@ -355,6 +359,29 @@ def patch_model(model: nn.Module, lora_rank: Optional[int] = None, lora_alpha: O
             for p in block.get_submodule(ROUTER).parameters():
                 p.requires_grad_(True)
     return model
+
+
+def _keep_expert_outputs(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    if op is torch.ops.kt.moe_sft_forward.default:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpointing_kwargs() -> dict[str, Any]:
+    """``gradient_checkpointing_kwargs`` for a patched model (``model.gradient_checkpointing_enable(
+    gradient_checkpointing_kwargs=kt_ops.checkpointing_kwargs())`` or transformers'
+    ``TrainingArguments``): the backward recomputes the layers' other modules (attention, on the
+    GPU, whose activations are what checkpointing saves) but not the kt experts' forward, whose
+    results are kept: they are the costly part of a layer, and what they keep for the backward
+    is in CPU memory anyway."""
+    import functools
+
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return {"use_reentrant": False,
+            "context_fn": functools.partial(create_selective_checkpoint_contexts, _keep_expert_outputs)}
 
 
 def lora_state_dict(model: nn.Module, *, gradients: bool = False) -> dict[str, torch.Tensor]:

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kt_ops import data as sft_data
+from kt_ops.hf import checkpointing_kwargs
 
 CHECKPOINT = "checkpoint"  # the resumable checkpoint's folder inside the output directory
 _STATE = "trainer_state.pt"
@@ -167,13 +168,15 @@ class Trainer:
             for p in trainable:  # PEFT freezes everything but its own LoRA
                 p.requires_grad_(True)
         if args.grad_checkpointing:
-            self._base(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self._base(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs())
         model.train()
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.master = _MasterWeights(self.params)
+        # fused: one kernel per device and dtype; the experts' LoRA (hundreds of millions of
+        # fp32 values on a large model) is updated in CPU memory.
         self.optimizer = torch.optim.AdamW(self.master.optimized(self.params), lr=args.lr,
-                                           weight_decay=args.weight_decay)
+                                           weight_decay=args.weight_decay, fused=True)
         warmup = args.warmup_steps if args.warmup_steps is not None else min(10, self.total_steps // 10)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup_cosine(warmup, self.total_steps))
         self.step = 0

@@ -206,13 +206,17 @@ def test_fresh_adapter_leaves_the_function_unchanged():
         assert_close("logits", kt(ids).logits, ref(ids).logits, torch.bfloat16)
 
 
-def test_model_to_never_moves_packed_experts():
+def test_model_to_never_moves_packed_experts_or_their_lora():
     kt = kt_ops.patch_model(tiny_model("qwen3_moe"), lora_rank=R, lora_alpha=ALPHA)
     packed = {name: m.packed.gate_up for name, m in moe_layers(kt).items()}
     kt.to(torch.bfloat16)
+    if torch.cuda.is_available():
+        kt.cuda()
     for name, m in moe_layers(kt).items():
         assert m.packed.gate_up is packed[name] and m.packed.gate_up.dtype == torch.bfloat16
-    assert kt(tokens()).logits.dtype == torch.bfloat16
+        assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in m.lora_tensors())
+    assert kt.lm_head.weight.dtype == torch.bfloat16
+    assert kt(tokens().to(kt.lm_head.weight.device)).logits.dtype == torch.bfloat16
     assert not any(t is m.packed.gate_up for m in moe_layers(kt).values() for t in kt.state_dict().values())
 
 
@@ -417,6 +421,6 @@ def test_non_expert_modules_on_gpu_match_the_cpu_model(family):
     gpu_params = dict(on_gpu.named_parameters())
     trained = [(n, p) for n, p in on_cpu.named_parameters() if p.requires_grad]
     assert any("lora" in n for n, _ in trained) and any(ROUTER.search(n) for n, _ in trained)
-    for name, p in trained:
-        assert gpu_params[name].grad.device.type == "cuda"
+    for name, p in trained:  # the experts' LoRA and its gradients stay in CPU memory
+        assert gpu_params[name].grad.device.type == ("cpu" if ".experts.lora_" in name else "cuda")
         assert_close(f"{name} grad", gpu_params[name].grad.cpu(), p.grad, torch.bfloat16)

@@ -318,16 +318,42 @@ def step_gradients(tmp_path, rows, **kw):
     return loss, {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 
 
-def test_gradient_checkpointing_and_accumulation_give_the_same_gradients(tmp_path):
-    whole = step_gradients(tmp_path, [[0, 1, 2, 3, 4, 5]])
-    checkpointed = step_gradients(tmp_path, [[0, 1, 2, 3, 4, 5]], grad_checkpointing=True)
-    accumulated = step_gradients(tmp_path, [[0, 1], [2, 3, 4], [5]])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_gradient_checkpointing_and_accumulation_give_the_same_gradients(device, tmp_path):
+    whole = step_gradients(tmp_path, [[0, 1, 2, 3, 4, 5]], device=device)
+    checkpointed = step_gradients(tmp_path, [[0, 1, 2, 3, 4, 5]], grad_checkpointing=True, device=device)
+    accumulated = step_gradients(tmp_path, [[0, 1], [2, 3, 4], [5]], device=device)
+    # On the GPU, attention over one packed row and over shorter rows takes different kernels.
+    tolerance = torch.float32 if device == "cpu" else torch.bfloat16
     for other in (checkpointed, accumulated):
-        assert abs(other[0] - whole[0]) < 1e-5 * whole[0]
+        assert abs(other[0] - whole[0]) < 1e-4 * whole[0]
         assert other[1].keys() == whole[1].keys()
         for name, grad in whole[1].items():
             assert grad.abs().sum() > 0, name
-            assert_close(name, other[1][name], grad, torch.float32)
+            assert_close(name, other[1][name], grad, tolerance)
+
+
+def test_checkpointing_does_not_run_the_experts_twice(tmp_path):
+    """kt_ops.checkpointing_kwargs: the backward recomputes attention, not the kt experts."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountExpertCalls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += func is torch.ops.kt.moe_sft_forward.default
+            return func(*args, **(kwargs or {}))
+
+    layers = json.load(open(os.path.join(default.ASSETS, "config.json")))["num_hidden_layers"]
+    for checkpointing in (False, True):
+        trainer = Trainer(TrainArgs(out=str(tmp_path), steps=1, grad_checkpointing=checkpointing, progress=False,
+                                    device="cpu"), log=lambda m: None)
+        with CountExpertCalls() as counter:
+            trainer.loss_and_backward([[0, 1, 2]])
+        assert counter.calls == layers, (checkpointing, counter.calls)
 
 
 def test_built_in_default_halves_the_loss(tmp_path, capsys):
