@@ -153,13 +153,49 @@ static inline __m512 exp_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-void sigmoid_avx512(int64_t n, const float* x, float* out) {
+static inline __m512 sigmoid_ps(__m512 v) {
   const __m512 one = _mm512_set1_ps(1.f);
+  return _mm512_div_ps(one, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), v))));
+}
+
+// 16 floats to bf16 exactly as f32_to_bf16 (bf16.h): round to nearest even, NaN quiet.
+static inline __m256i to_bf16_ps(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(bits, _mm512_set1_epi32(0x00400000)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+
+static inline void store_masked(void* base, DType dt, int64_t at, __mmask16 m, __m512 v) {
+  if (dt == DType::kF32)
+    _mm512_mask_storeu_ps(static_cast<float*>(base) + at, m, v);
+  else
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(base) + at, m, to_bf16_ps(v));
+}
+
+void sigmoid_avx512(int64_t n, const float* x, float* out) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = n - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n - i)) - 1);
-    const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
-    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), v));
-    _mm512_mask_storeu_ps(out + i, m, _mm512_div_ps(one, _mm512_add_ps(one, e)));
+    _mm512_mask_storeu_ps(out + i, m, sigmoid_ps(_mm512_maskz_loadu_ps(m, x + i)));
+  }
+}
+
+void gate_up_epilogue_avx512(int64_t valid, int64_t cols, const float* acc, uint16_t* z, void* saved,
+                             DType saved_dtype, int64_t g_at, int64_t u_at) {
+  for (int64_t c = 0; c < cols; c += kPanelRows) {
+    const int64_t left = valid - c;
+    if (left <= 0) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(z + c), _mm256_setzero_si256());
+      continue;
+    }
+    const __mmask16 m = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
+    const __m512 g = _mm512_loadu_ps(acc + 2 * c), u = _mm512_loadu_ps(acc + 2 * c + kPanelRows);
+    const __m512 zv = _mm512_maskz_mov_ps(m, _mm512_mul_ps(_mm512_mul_ps(g, sigmoid_ps(g)), u));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(z + c), to_bf16_ps(zv));
+    store_masked(saved, saved_dtype, g_at + c, m, g);
+    store_masked(saved, saved_dtype, u_at + c, m, u);
   }
 }
 

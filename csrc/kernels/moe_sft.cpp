@@ -276,9 +276,16 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
     std::vector<float> g(cols), u(cols), sg(cols);
     for (int64_t i = 0; i < m; ++i) {
       Act* z = zs + (row0 + i) * ld_i + c0;
+      const int64_t pair = i < n ? route.pairs[route.first[e] + i] : -1;
+      if constexpr (std::is_same_v<Act, bf16>) {
+        if (pair >= 0 && k.gate_up_epilogue) {  // vectorised: the scalar loop took half the phase
+          k.gate_up_epilogue(valid, cols, acc + i * 2 * cols, z, args.gate_up_act, args.act_dtype,
+                             pair * 2 * I + c0, pair * 2 * I + I + c0);
+          continue;
+        }
+      }
       std::fill(z, z + cols, Act(0));
       if (i >= n) continue;
-      const int64_t pair = route.pairs[route.first[e] + i];
       for (int64_t c = 0; c < valid; ++c) {
         g[c] = acc[i * 2 * cols + gate_up_column(c, false)];
         u[c] = acc[i * 2 * cols + gate_up_column(c, true)];

@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <string>
 
+#include "kt/bf16.h"
+
 namespace kt {
 
 // Ordered from least to most capable; the order is what the cap compares.
@@ -42,6 +44,14 @@ using PackTransposedFn = void (*)(const uint16_t* packed, int64_t np, int64_t kp
 // out[i] = 1 / (1 + exp(-x[i])) for i < n (SiLU and its gradient).
 using SigmoidFn = void (*)(int64_t n, const float* x, float* out);
 
+// The forward's gate/up epilogue for one routed pair, on the bf16-activation paths. `acc` holds
+// `cols` (a multiple of 16) intermediate columns as interleaved 16-column gate and up panels
+// (packing.h's gate_up_column). Writes z = silu(g) * u as bf16 to z[0, cols) (zero past
+// `valid`), and g and u to the saved activations: elements [g_at, g_at + valid) and
+// [u_at, u_at + valid) of `saved` (dtype saved_dtype). Same values as the scalar epilogue.
+using GateUpEpilogueFn = void (*)(int64_t valid, int64_t cols, const float* acc, uint16_t* z, void* saved,
+                                  DType saved_dtype, int64_t g_at, int64_t u_at);
+
 template <typename Act>
 using GemmFn = void (*)(int64_t m, int64_t kp, const Act* a, int64_t lda, const uint16_t* w,
                         int64_t panels, float* c, int64_t ldc, bool accumulate);
@@ -56,6 +66,7 @@ struct Kernels {
   RankUpdateFn rank_update;
   SigmoidFn sigmoid;
   PackTransposedFn pack_transposed;
+  GateUpEpilogueFn gate_up_epilogue;  // null when bf16_activations is false
 };
 
 const Kernels& kernels_for(Isa isa);
@@ -71,6 +82,8 @@ void pack_transposed_panels_avx512(const uint16_t* packed, int64_t np, int64_t k
                                    int64_t panel_count, uint16_t* dst);
 void sigmoid_scalar(int64_t n, const float* x, float* out);
 void sigmoid_avx512(int64_t n, const float* x, float* out);
+void gate_up_epilogue_avx512(int64_t valid, int64_t cols, const float* acc, uint16_t* z, void* saved,
+                             DType saved_dtype, int64_t g_at, int64_t u_at);
 void rank_update_avx512(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
                         float*, int64_t);
 // fp32 weights in the same packed layout (LoRA on the fp32 paths).

@@ -2,7 +2,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <string>
+#include <vector>
 
 #include "kt/isa.h"
 #include "kt/packing.h"
@@ -138,6 +140,64 @@ TEST_P(IsaSigmoid, MatchesScalarReference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(AllIsas, IsaSigmoid,
+                         ::testing::Values(kt::Isa::kScalar, kt::Isa::kAvx2, kt::Isa::kAvx512Bf16, kt::Isa::kAmx),
+                         [](const auto& info) { return std::string(kt::isa_name(info.param)); });
+
+class IsaGateUpEpilogue : public ::testing::TestWithParam<kt::Isa> {};
+
+// The vector epilogue gives the scalar epilogue's bits: that ISA's sigmoid, z = g * sg * u and
+// bf16 rounding (kt::f32_to_bf16, NaN included); zeros past `valid`; nothing written past it.
+TEST_P(IsaGateUpEpilogue, MatchesTheScalarEpilogueBitForBit) {
+  const kt::Isa isa = GetParam();
+  if (!kt::isa_supported(isa)) GTEST_SKIP() << "CPU lacks " << kt::isa_name(isa);
+  const kt::Kernels& k = kt::kernels_for(isa);
+  if (!k.bf16_activations) {
+    EXPECT_EQ(k.gate_up_epilogue, nullptr);
+    return;
+  }
+  const int64_t cols = 64;
+  for (int64_t valid : {int64_t{64}, int64_t{41}, int64_t{16}, int64_t{3}}) {
+    for (kt::DType dt : {kt::DType::kBF16, kt::DType::kF32}) {
+      std::vector<float> acc(2 * cols);
+      for (int64_t i = 0; i < 2 * cols; ++i) {
+        acc[i] = std::sin(0.37f * i) * 9.f;
+        if (i % 3 == 1) {  // exactly halfway between two bf16 values, odd and even: ties to even
+          const uint32_t bits = 0x40000000u | (static_cast<uint32_t>(i) << 16 & 0x7f0000u) | 0x8000u;
+          std::memcpy(&acc[i], &bits, sizeof bits);
+        }
+      }
+      acc[5] = std::nanf("");
+      std::vector<float> g(valid), u(valid), sg(valid);
+      for (int64_t c = 0; c < valid; ++c) {
+        g[c] = acc[kt::gate_up_column(c, false)];
+        u[c] = acc[kt::gate_up_column(c, true)];
+      }
+      k.sigmoid(valid, g.data(), sg.data());
+      std::vector<bf16> z(cols, 0x7777);
+      const int64_t g_at = 3, u_at = 3 + cols + 5, n_saved = u_at + cols + 8;
+      std::vector<float> saved_f(n_saved, -7.f);
+      std::vector<bf16> saved_b(n_saved, 0x7777);
+      void* saved = dt == kt::DType::kF32 ? static_cast<void*>(saved_f.data()) : saved_b.data();
+      k.gate_up_epilogue(valid, cols, acc.data(), z.data(), saved, dt, g_at, u_at);
+      for (int64_t c = 0; c < cols; ++c) {
+        const bf16 want = c < valid ? kt::f32_to_bf16(g[c] * sg[c] * u[c]) : bf16{0};
+        ASSERT_EQ(z[c], want) << "z column " << c << " valid " << valid;
+      }
+      for (int64_t i = 0; i < n_saved; ++i) {
+        const bool is_g = i >= g_at && i < g_at + valid, is_u = i >= u_at && i < u_at + valid;
+        const float want = is_g ? g[i - g_at] : is_u ? u[i - u_at] : -7.f;
+        if (dt == kt::DType::kF32) {
+          if (std::isnan(want)) ASSERT_TRUE(std::isnan(saved_f[i])) << i;
+          else ASSERT_EQ(saved_f[i], want) << "saved element " << i;
+        } else {
+          ASSERT_EQ(saved_b[i], is_g || is_u ? kt::f32_to_bf16(want) : bf16{0x7777}) << "saved element " << i;
+        }
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllIsas, IsaGateUpEpilogue,
                          ::testing::Values(kt::Isa::kScalar, kt::Isa::kAvx2, kt::Isa::kAvx512Bf16, kt::Isa::kAmx),
                          [](const auto& info) { return std::string(kt::isa_name(info.param)); });
 
