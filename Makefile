@@ -40,7 +40,7 @@ example:  ## one forward/backward of a Qwen3-30B-A3B-shaped MoE layer
 	$(PY) examples/moe_layer.py
 
 sft:  ## the main job on its built-in default: fine-tune the tiny Qwen3-MoE, then ask it something
-	kt-sft train --out runs/default
+	kt-sft train --out runs/default --overwrite
 	kt-sft generate --adapter runs/default --prompt "What is the capital of Peru?"
 
 bench:

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this many steps of this run, with a checkpoint to --resume from")
     t.add_argument("--resume", help="continue the run whose output directory (or checkpoint/) this is; its "
                    "settings are reused")
+    t.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace the run already in --out (by default that is an error)")
     t.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bars")
     t.set_defaults(func=_train)
@@ -107,7 +109,7 @@ def train_args(ns: argparse.Namespace):
                 if getattr(ns, f.name, None) is not None}
     if ns.resume:
         base = saved_args(ns.resume)
-        base.update(stop_after=None, resume=None, progress=True)
+        base.update(stop_after=None, resume=None, overwrite=False, progress=True)
         explicit.setdefault("out", base["out"])
     else:
         base = {}

@@ -60,6 +60,7 @@ class TrainArgs:
     save_every: int = 0
     stop_after: Optional[int] = None
     resume: Optional[str] = None
+    overwrite: bool = False
     progress: bool = True
 
     # Arguments that fix what a run computes: a resumed run must have the same ones.
@@ -133,6 +134,10 @@ class Trainer:
         from kt_ops.checkpoint import load_model
 
         self.args, self.log = args, log
+        if not args.resume and not args.overwrite and any(
+                os.path.exists(os.path.join(args.out, f)) for f in (CHECKPOINT, "adapter_model.safetensors")):
+            raise ValueError(f"kt-sft: {args.out} already holds a run; continue it with --resume {args.out}, or "
+                             "choose another --out (--overwrite replaces it)")
         if model is None and args.model is None:
             args.model = default.model_dir()
             args.data = args.data or default.DATA

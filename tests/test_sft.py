@@ -274,6 +274,16 @@ def test_resume_refuses_changed_settings(tmp_path, capsys):
     assert code == 2 and "cannot resume with different settings: --lr" in err
 
 
+def test_a_finished_run_is_not_overwritten_by_accident(tmp_path, capsys):
+    out = trained(tmp_path)
+    before = load_file(os.path.join(out, "adapter_model.safetensors"))
+    code, _, err = run(["train", "--out", out, "--steps", "2"], capsys)
+    assert code == 2 and "already holds a run; continue it with --resume" in err
+    assert all(torch.equal(v, load_file(os.path.join(out, "adapter_model.safetensors"))[k]) for k, v in before.items())
+    assert main(["train", "--out", out, "--steps", "2", "--overwrite", "--no-progress"]) == 0
+    assert json.load(open(os.path.join(out, "metrics.json")))["steps"] == 2
+
+
 def test_sigterm_saves_a_resumable_checkpoint(tmp_path):
     out = str(tmp_path / "run")
     proc = subprocess.Popen([sys.executable, "-m", "kt_ops", "train", "--out", out, "--steps", "100000",
