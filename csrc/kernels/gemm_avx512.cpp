@@ -175,6 +175,40 @@ static inline void store_masked(void* base, DType dt, int64_t at, __mmask16 m, _
     _mm256_mask_storeu_epi16(static_cast<uint16_t*>(base) + at, m, to_bf16_ps(v));
 }
 
+static inline __m512 load_masked(const void* base, DType dt, int64_t at, __mmask16 m) {
+  if (dt == DType::kF32) return _mm512_maskz_loadu_ps(m, static_cast<const float*>(base) + at);
+  const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(base) + at);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+float silu_grad_avx512(int64_t I, int64_t ip, const void* saved, DType saved_dtype, int64_t at, const float* q,
+                       float w, uint16_t* z, uint16_t* fused) {
+  const __m512 one = _mm512_set1_ps(1.f), wv = _mm512_set1_ps(w);
+  __m512 dot = _mm512_setzero_ps();
+  for (int64_t c = 0; c < ip; c += kPanelRows) {
+    const int64_t left = I - c;
+    uint16_t* panel = fused + 2 * c;
+    if (left <= 0) {
+      _mm512_storeu_si512(panel, _mm512_setzero_si512());
+      continue;
+    }
+    const __mmask16 m = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
+    const __m512 g = load_masked(saved, saved_dtype, at + c, m), u = load_masked(saved, saved_dtype, at + I + c, m);
+    const __m512 qv = _mm512_maskz_loadu_ps(m, q + c);
+    const __m512 sg = sigmoid_ps(g), silu = _mm512_mul_ps(g, sg), zv = _mm512_mul_ps(silu, u);
+    _mm256_mask_storeu_epi16(z + c, m, to_bf16_ps(zv));
+    dot = _mm512_add_ps(dot, _mm512_mul_ps(zv, qv));
+    const __m512 dz = _mm512_mul_ps(wv, qv);
+    const __m512 slope = _mm512_add_ps(one, _mm512_mul_ps(g, _mm512_sub_ps(one, sg)));
+    const __m512 dg = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(dz, u), sg), slope);
+    const __m512 du = _mm512_mul_ps(dz, silu);
+    // Masked-off lanes are zero in g, u and q, so dg and du are zero there too.
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(panel), to_bf16_ps(dg));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(panel + kPanelRows), to_bf16_ps(du));
+  }
+  return _mm512_reduce_add_ps(dot);
+}
+
 void sigmoid_avx512(int64_t n, const float* x, float* out) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = n - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n - i)) - 1);

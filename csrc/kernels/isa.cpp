@@ -85,12 +85,12 @@ Isa select_isa(const char* cap) {
 
 const Kernels& kernels_for(Isa isa) {
   static const Kernels table[] = {
-      {Isa::kScalar, false, nullptr, gemm_scalar_f32, rank_update_scalar, sigmoid_scalar, pack_transposed_panels, nullptr},
-      {Isa::kAvx2, false, nullptr, gemm_avx2_f32, rank_update_scalar, sigmoid_scalar, pack_transposed_panels, nullptr},
+      {Isa::kScalar, false, nullptr, gemm_scalar_f32, rank_update_scalar, sigmoid_scalar, pack_transposed_panels, nullptr, nullptr},
+      {Isa::kAvx2, false, nullptr, gemm_avx2_f32, rank_update_scalar, sigmoid_scalar, pack_transposed_panels, nullptr, nullptr},
       {Isa::kAvx512Bf16, true, gemm_avx512_bf16, nullptr, rank_update_avx512, sigmoid_avx512, pack_transposed_panels_avx512,
-       gate_up_epilogue_avx512},
+       gate_up_epilogue_avx512, silu_grad_avx512},
       {Isa::kAmx, true, gemm_amx_bf16, nullptr, rank_update_avx512, sigmoid_avx512, pack_transposed_panels_avx512,
-       gate_up_epilogue_avx512},
+       gate_up_epilogue_avx512, silu_grad_avx512},
   };
   return table[static_cast<int>(isa)];
 }

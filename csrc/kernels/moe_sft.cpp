@@ -432,6 +432,13 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
       const float* q = q_pair + pair * I;
       Act* fused = dgus + row_of_pair[pair] * ld_gu;
       Act* z = z_rows + row_of_pair[pair] * I;
+      if constexpr (std::is_same_v<Act, bf16>) {
+        if (k.silu_grad) {  // vectorised; the scalar loop below is the fp32-activation paths'
+          args.grad_weights[pair] = k.silu_grad(I, ip, args.gate_up_act, args.act_dtype, pair * 2 * I, q,
+                                                args.weights[pair], z, fused);
+          continue;
+        }
+      }
       std::fill(fused, fused + 2 * ip, Act(0));
       load_f32(args.gate_up_act, args.act_dtype, pair * 2 * I, 2 * I, gu.data());
       k.sigmoid(I, gu.data(), sig.data());

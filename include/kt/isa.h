@@ -52,6 +52,14 @@ using SigmoidFn = void (*)(int64_t n, const float* x, float* out);
 using GateUpEpilogueFn = void (*)(int64_t valid, int64_t cols, const float* acc, uint16_t* z, void* saved,
                                   DType saved_dtype, int64_t g_at, int64_t u_at);
 
+// The backward's silu step for one routed pair, on the bf16-activation paths: from the saved
+// g = saved[at, at + I) and u = saved[at + I, at + 2I) (dtype saved_dtype), the gradient q of
+// z and the routing weight w, writes z = silu(g) * u to z[0, I) and the fused gradient row
+// (dg = w q u sg (1 + g (1 - sg)), du = w q silu(g), as interleaved 16-column panels,
+// zero past I) to fused[0, 2 ip) as bf16; returns z . q (the routing weight's gradient).
+using SiluGradFn = float (*)(int64_t I, int64_t ip, const void* saved, DType saved_dtype, int64_t at,
+                             const float* q, float w, uint16_t* z, uint16_t* fused);
+
 template <typename Act>
 using GemmFn = void (*)(int64_t m, int64_t kp, const Act* a, int64_t lda, const uint16_t* w,
                         int64_t panels, float* c, int64_t ldc, bool accumulate);
@@ -67,6 +75,7 @@ struct Kernels {
   SigmoidFn sigmoid;
   PackTransposedFn pack_transposed;
   GateUpEpilogueFn gate_up_epilogue;  // null when bf16_activations is false
+  SiluGradFn silu_grad;               // null when bf16_activations is false
 };
 
 const Kernels& kernels_for(Isa isa);
@@ -84,6 +93,8 @@ void sigmoid_scalar(int64_t n, const float* x, float* out);
 void sigmoid_avx512(int64_t n, const float* x, float* out);
 void gate_up_epilogue_avx512(int64_t valid, int64_t cols, const float* acc, uint16_t* z, void* saved,
                              DType saved_dtype, int64_t g_at, int64_t u_at);
+float silu_grad_avx512(int64_t I, int64_t ip, const void* saved, DType saved_dtype, int64_t at, const float* q,
+                       float w, uint16_t* z, uint16_t* fused);
 void rank_update_avx512(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
                         float*, int64_t);
 // fp32 weights in the same packed layout (LoRA on the fp32 paths).

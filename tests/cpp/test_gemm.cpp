@@ -201,6 +201,63 @@ INSTANTIATE_TEST_SUITE_P(AllIsas, IsaGateUpEpilogue,
                          ::testing::Values(kt::Isa::kScalar, kt::Isa::kAvx2, kt::Isa::kAvx512Bf16, kt::Isa::kAmx),
                          [](const auto& info) { return std::string(kt::isa_name(info.param)); });
 
+class IsaSiluGrad : public ::testing::TestWithParam<kt::Isa> {};
+
+// The vector silu step gives the scalar loop's z and fused-gradient bits; z . q differs only in
+// summation order.
+TEST_P(IsaSiluGrad, MatchesTheScalarLoop) {
+  const kt::Isa isa = GetParam();
+  if (!kt::isa_supported(isa)) GTEST_SKIP() << "CPU lacks " << kt::isa_name(isa);
+  const kt::Kernels& k = kt::kernels_for(isa);
+  if (!k.bf16_activations) {
+    EXPECT_EQ(k.silu_grad, nullptr);
+    return;
+  }
+  for (int64_t I : {int64_t{48}, int64_t{37}, int64_t{5}}) {
+    const int64_t ip = (I + 15) / 16 * 16 + 16;  // one all-padding panel too
+    for (kt::DType dt : {kt::DType::kBF16, kt::DType::kF32}) {
+      const int64_t at = 7;
+      std::vector<float> g(I), u(I), q(I), sg(I);
+      std::vector<float> saved_f(at + 2 * I);
+      std::vector<bf16> saved_b(at + 2 * I);
+      for (int64_t c = 0; c < I; ++c) {
+        g[c] = std::sin(0.7f * c) * 6.f;
+        u[c] = std::cos(0.3f * c) * 2.f;
+        q[c] = std::sin(1.3f * c + 0.5f);
+        if (dt == kt::DType::kBF16) {  // the kernel reads bf16: compare against the same values
+          g[c] = kt::bf16_to_f32(kt::f32_to_bf16(g[c]));
+          u[c] = kt::bf16_to_f32(kt::f32_to_bf16(u[c]));
+        }
+        saved_f[at + c] = g[c];
+        saved_f[at + I + c] = u[c];
+        saved_b[at + c] = kt::f32_to_bf16(g[c]);
+        saved_b[at + I + c] = kt::f32_to_bf16(u[c]);
+      }
+      k.sigmoid(I, g.data(), sg.data());
+      const float w = 0.625f;
+      std::vector<bf16> z(I + 3, 0x7777), fused(2 * ip, 0x7777);
+      const void* saved = dt == kt::DType::kF32 ? static_cast<const void*>(saved_f.data()) : saved_b.data();
+      const float dot = k.silu_grad(I, ip, saved, dt, at, q.data(), w, z.data(), fused.data());
+      float want_dot = 0.f;
+      std::vector<bf16> want_fused(2 * ip, 0);
+      for (int64_t c = 0; c < I; ++c) {
+        const float silu = g[c] * sg[c], dz = w * q[c];
+        ASSERT_EQ(z[c], kt::f32_to_bf16(silu * u[c])) << "z " << c;
+        want_dot += silu * u[c] * q[c];
+        want_fused[kt::gate_up_column(c, false)] = kt::f32_to_bf16(dz * u[c] * sg[c] * (1.f + g[c] * (1.f - sg[c])));
+        want_fused[kt::gate_up_column(c, true)] = kt::f32_to_bf16(dz * silu);
+      }
+      for (int64_t c = I; c < I + 3; ++c) ASSERT_EQ(z[c], 0x7777) << "wrote past I";
+      for (int64_t c = 0; c < 2 * ip; ++c) ASSERT_EQ(fused[c], want_fused[c]) << "fused " << c << " I " << I;
+      EXPECT_NEAR(dot, want_dot, 1e-5f * (1.f + std::fabs(want_dot)));
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllIsas, IsaSiluGrad,
+                         ::testing::Values(kt::Isa::kScalar, kt::Isa::kAvx2, kt::Isa::kAvx512Bf16, kt::Isa::kAmx),
+                         [](const auto& info) { return std::string(kt::isa_name(info.param)); });
+
 class IsaRankUpdate : public ::testing::TestWithParam<kt::Isa> {};
 
 TEST_P(IsaRankUpdate, MatchesScalarReference) {
