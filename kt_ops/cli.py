@@ -190,7 +190,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     try:
         return ns.func(ns)
-    except (ValueError, FileNotFoundError, DataError, KeyError) as e:
+    except (ValueError, FileNotFoundError, DataError, KeyError, FloatingPointError) as e:
         print(f"kt-sft {ns.command}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

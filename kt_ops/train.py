@@ -271,6 +271,12 @@ class Trainer:
                     break
                 t0 = time.perf_counter()
                 loss, tokens = self.loss_and_backward(rows)
+                if not math.isfinite(loss):  # keep the last good state, resumable
+                    for p in self.params:
+                        p.grad = None
+                    self.finish(completed=False)
+                    raise FloatingPointError(f"kt-sft: loss is {loss} at step {self.step + 1}; stopped with the "
+                                             f"state after step {self.step} saved (lower --lr?)")
                 self.optimizer_step()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
@@ -280,8 +286,6 @@ class Trainer:
                 self.losses.append(loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tokens / self.train_seconds:,.0f}")
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"kt-sft: loss is {loss} at step {self.step}; stopping (lower --lr?)")
                 if signals.signum is not None:
                     self.finish(completed=False)
                     raise Interrupted(signals.signum)

@@ -284,6 +284,24 @@ def test_a_finished_run_is_not_overwritten_by_accident(tmp_path, capsys):
     assert json.load(open(os.path.join(out, "metrics.json")))["steps"] == 2
 
 
+def test_a_non_finite_loss_stops_with_the_last_good_state_saved(tmp_path, capsys, monkeypatch):
+    real = Trainer.loss_and_backward
+
+    def diverging(self, rows):
+        loss, tokens = real(self, rows)
+        return (float("nan") if self.step == 2 else loss), tokens
+
+    monkeypatch.setattr(Trainer, "loss_and_backward", diverging)
+    out = str(tmp_path / "run")
+    code, _, err = run(["train", "--out", out, "--steps", "6", "--max-tokens-per-step", "512", "--no-progress"],
+                       capsys)
+    assert code == 2 and "loss is nan at step 3" in err
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["steps"] == 2 and not metrics["completed"]
+    assert all(torch.isfinite(v).all() for v in load_file(os.path.join(out, "adapter_model.safetensors")).values())
+    assert torch.load(os.path.join(out, "checkpoint", "trainer_state.pt"), weights_only=False)["step"] == 2
+
+
 def test_sigterm_saves_a_resumable_checkpoint(tmp_path):
     out = str(tmp_path / "run")
     proc = subprocess.Popen([sys.executable, "-m", "kt_ops", "train", "--out", out, "--steps", "100000",
