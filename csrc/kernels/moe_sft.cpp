@@ -491,51 +491,75 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
 
   timer.mark("gate_up_t");
 
-  // Phase 6, per (expert, projection): the six LoRA gradients, summed over the expert's
-  // pairs in pair order. Experts without tokens get zeros.
-  parallel_for(E * 3, threads, [&](int64_t task) {
-    const int64_t e = task / 3;
-    const int proj = static_cast<int>(task % 3);
-    const LoraWeights& lw = w.lora[proj];
-    if (!lw.rank) return;
-    const int64_t r = lw.rank;
-    const int64_t in = proj == kDown ? I : H, out = proj == kDown ? H : I;
-    float* ga = args.grad_lora_a[proj] + e * r * in;
-    float* gb = args.grad_lora_b[proj] + e * out * r;
-    std::fill(ga, ga + r * in, 0.f);
-    // Per block of pairs: dA += (s grad B)^T input and dB^T += (s input A^T)^T grad, each a
-    // block of rank-1 updates; dB is summed transposed so both run along long rows.
-    std::vector<float> coef(kPairBlock * r), act_s(kPairBlock * r), in_rows(kPairBlock * in),
-        grads(kPairBlock * out), gb_t(r * out, 0.f);
+  // Phase 6, per (expert, {gate and up | down}): the LoRA gradients, summed over the expert's
+  // pairs in pair order; experts without tokens get zeros. Per block of pairs, dA += (s grad
+  // B)^T input and dB^T += (s input A^T)^T grad, blocks of rank-1 updates (dB summed
+  // transposed so both run along long rows). Gate and up share their input x: it is converted
+  // once per pair and streamed once for both A gradients, [dA_g; dA_u] being one update of
+  // rg + ru rows whose coefficients [dg B_g | du B_u] are one row of dgu_b.
+  struct BSide {
+    int proj;
+    int64_t rank, act_offset;  // rows of dB^T; its columns in the saved LoRA activations
+  };
+  parallel_for(E * 2, threads, [&](int64_t task) {
+    const int64_t e = task / 2;
+    const bool down = task % 2;
+    const int64_t ra = down ? l.rd : l.rgu, in = down ? I : H, out = down ? H : I;
+    if (!ra) return;
+    std::vector<BSide> sides;
+    if (down) {
+      sides.push_back({kDown, l.rd, l.rgu});
+    } else {
+      if (l.rg) sides.push_back({kGate, l.rg, 0});
+      if (l.ru) sides.push_back({kUp, l.ru, l.rg});
+    }
+    std::vector<float> ga(ra * in, 0.f), coef(kPairBlock * ra), act_s(kPairBlock * ra), in_rows(kPairBlock * in);
+    std::vector<std::vector<float>> grads(sides.size(), std::vector<float>(kPairBlock * out));
+    std::vector<std::vector<float>> gb_t(sides.size(), std::vector<float>(ra * out, 0.f));
     const int64_t n = route.count(e);
     for (int64_t i0 = 0; i0 < n; i0 += kPairBlock) {
       const int64_t depth = std::min(kPairBlock, n - i0);
       for (int64_t b = 0; b < depth; ++b) {
         const int64_t i = i0 + b, pair = route.pairs[route.first[e] + i], t = pair / K, row = route.first_row[e] + i;
-        const float* act_a = args.lora_act + pair * l.width + l.offset(proj);  // input A^T
-        float *cf = coef.data() + b * r, *in_row = in_rows.data() + b * in, *grad = grads.data() + b * out;
-        for (int64_t j = 0; j < r; ++j) act_s[b * r + j] = s * act_a[j];
-        if (proj == kDown) {
+        const float* act_a = args.lora_act + pair * l.width + (down ? l.rgu : 0);  // input A^T
+        float *cf = coef.data() + b * ra, *in_row = in_rows.data() + b * in;
+        for (int64_t j = 0; j < ra; ++j) act_s[b * ra + j] = s * act_a[j];
+        if (down) {
           // grad of h is w * dy; its B-side projection is w * (dy B_d); the input is z.
           const float wt = args.weights[pair];
+          float* grad = grads[0].data() + b * out;
           load_f32(args.grad_y, args.act_dtype, t * H, H, grad);
           for (int64_t c = 0; c < H; ++c) grad[c] *= wt;
-          for (int64_t j = 0; j < r; ++j) cf[j] = s * wt * dy_b[row * l.rd_p + j];
+          for (int64_t j = 0; j < ra; ++j) cf[j] = s * wt * dy_b[row * l.rd_p + j];
           for (int64_t c = 0; c < I; ++c) in_row[c] = act_to_f32(z_rows[row * I + c]);
-        } else {
-          const Act* fused = dgus + row * ld_gu + (proj == kUp ? kPanelRows : 0);
+          continue;
+        }
+        for (size_t side = 0; side < sides.size(); ++side) {
+          const Act* fused = dgus + row * ld_gu + (sides[side].proj == kUp ? kPanelRows : 0);
+          float* grad = grads[side].data() + b * out;
           for (int64_t c0 = 0; c0 < I; c0 += kPanelRows)  // one 16-column panel at a time
             for (int64_t c = c0; c < std::min(c0 + kPanelRows, I); ++c) grad[c] = act_to_f32(fused[2 * c0 + c - c0]);
-          const float* bp = dgu_b + row * l.rgu_p + (proj == kUp ? l.rg : 0);
-          for (int64_t j = 0; j < r; ++j) cf[j] = s * bp[j];
-          load_f32(args.x, args.act_dtype, t * H, H, in_row);
         }
+        for (int64_t j = 0; j < ra; ++j) cf[j] = s * dgu_b[row * l.rgu_p + j];
+        load_f32(args.x, args.act_dtype, t * H, H, in_row);
       }
-      k.rank_update(r, in, depth, coef.data(), r, in_rows.data(), in, ga, in);
-      k.rank_update(r, out, depth, act_s.data(), r, grads.data(), out, gb_t.data(), out);
+      k.rank_update(ra, in, depth, coef.data(), ra, in_rows.data(), in, ga.data(), in);
+      for (size_t side = 0; side < sides.size(); ++side) {
+        const int64_t first = sides[side].act_offset - (down ? l.rgu : 0);  // its columns of act_s
+        k.rank_update(sides[side].rank, out, depth, act_s.data() + first, ra, grads[side].data(), out,
+                      gb_t[side].data(), out);
+      }
     }
-    for (int64_t o = 0; o < out; ++o)
-      for (int64_t j = 0; j < r; ++j) gb[o * r + j] = gb_t[j * out + o];
+    int64_t row_a = 0;
+    for (size_t side = 0; side < sides.size(); ++side) {
+      const int64_t r = sides[side].rank;
+      const int proj = sides[side].proj;
+      std::copy(ga.begin() + row_a * in, ga.begin() + (row_a + r) * in, args.grad_lora_a[proj] + e * r * in);
+      row_a += r;
+      float* gb = args.grad_lora_b[proj] + e * out * r;
+      for (int64_t o = 0; o < out; ++o)
+        for (int64_t j = 0; j < r; ++j) gb[o * r + j] = gb_t[side][j * out + o];
+    }
   });
 
   timer.mark("lora_grads");
