@@ -539,14 +539,14 @@ def _load_other_lora(model: nn.Module, cfg: dict, tensors: dict[str, torch.Tenso
     import peft
 
     if not isinstance(model, peft.PeftModel):
+        no_target = KeyError(f"kt_ops.load_adapter: unexpected keys {sorted(tensors)[:3]}: the adapter has no "
+                             "target_modules for them")
         if not cfg.get("target_modules"):
-            raise KeyError(f"kt_ops.load_adapter: unexpected keys {sorted(tensors)[:3]}: the adapter has no "
-                           "target_modules for them")
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        model = peft.get_peft_model(model, peft.LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], lora_dropout=0.0,
-                                                           target_modules=cfg["target_modules"]))
-        for p in trainable:  # PEFT freezes all but its own LoRA; the experts' LoRA and routers stay trainable
-            p.requires_grad_(True)
+            raise no_target
+        try:
+            model = add_peft_lora(model, cfg["r"], cfg["lora_alpha"], cfg["target_modules"])
+        except ValueError as e:  # the targets name only the experts, which the patch replaced
+            raise no_target from e
     result = peft.set_peft_model_state_dict(model, tensors)
     if result.unexpected_keys:
         raise KeyError(f"kt_ops.load_adapter: unexpected keys {sorted(result.unexpected_keys)[:3]}: no module of "
@@ -554,6 +554,20 @@ def _load_other_lora(model: nn.Module, cfg: dict, tensors: dict[str, torch.Tenso
     missing = sorted(k for k in result.missing_keys if re.search(r"\.lora_[AB]\.", k))  # PEFT's, not the experts
     if missing:
         raise KeyError(f"kt_ops.load_adapter: missing key {missing[0]} (and {len(missing) - 1} more)")
+    return model
+
+
+def add_peft_lora(model: nn.Module, rank: int, alpha: float, target_modules: Any) -> nn.Module:
+    """``model`` wrapped by PEFT with LoRA on ``target_modules`` (attention, say), beside the
+    experts' LoRA; what trained before (the experts' LoRA, the routers) still trains, where
+    PEFT alone would freeze all but its own LoRA."""
+    import peft
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                                       target_modules=target_modules))
+    for p in trainable:
+        p.requires_grad_(True)
     return model
 
 

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kt_ops import data as sft_data
-from kt_ops.hf import checkpointing_kwargs
+from kt_ops.hf import add_peft_lora, checkpointing_kwargs
 
 CHECKPOINT = "checkpoint"  # the resumable checkpoint's folder inside the output directory
 _STATE = "trainer_state.pt"
@@ -164,14 +164,8 @@ class Trainer:
         if model is None:
             model = load_model(args.model, args.rank, args.alpha, dtype=getattr(torch, args.dtype), device=self.device,
                                progress=args.progress)
-        trainable = [p for p in model.parameters() if p.requires_grad]
         if args.target_modules:
-            import peft
-
-            model = peft.get_peft_model(model, peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
-                                                               target_modules=list(args.target_modules)))
-            for p in trainable:  # PEFT freezes everything but its own LoRA
-                p.requires_grad_(True)
+            model = add_peft_lora(model, args.rank, args.alpha, list(args.target_modules))
         if args.grad_checkpointing:
             self._base(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs())
         model.train()

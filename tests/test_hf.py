@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import kt_ops
 from hf_models import FAMILIES, VOCAB, tiny_model
-from kt_ops.hf import KtExperts, expert_weights, lora_state_dict, moe_layers
+from kt_ops.hf import KtExperts, add_peft_lora, expert_weights, lora_state_dict, moe_layers
 from moe_case import assert_close
 
 R, ALPHA = 4, 8.0
@@ -167,10 +167,7 @@ def test_adapter_with_attention_lora_and_trained_routers_round_trips(tmp_path):
     kt_ops.load_adapter into a fresh patched model and through stock PEFT."""
     ref = tiny_model("qwen2_moe")  # its shared_expert_gate must not be taken for the router
     kt = kt_ops.patch_model(copy.deepcopy(ref), lora_rank=R, lora_alpha=ALPHA)
-    trainable = [p for p in kt.parameters() if p.requires_grad]
-    kt = peft.get_peft_model(kt, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "o_proj"]))
-    for p in trainable:
-        p.requires_grad_(True)
+    kt = add_peft_lora(kt, R, ALPHA, ["q_proj", "o_proj"])
     randomize_lora(kt, seed=9)
     kt_ops.save_adapter(kt, tmp_path)
     fresh = kt_ops.load_adapter(kt_ops.patch_model(copy.deepcopy(ref), lora_rank=R, lora_alpha=ALPHA), tmp_path)
@@ -186,6 +183,16 @@ def test_adapter_with_attention_lora_and_trained_routers_round_trips(tmp_path):
     save_file(state, os.path.join(tmp_path, "adapter_model.safetensors"))
     with pytest.raises(KeyError, match="unexpected keys.*mlp.gate.extra"):
         kt_ops.load_adapter(kt_ops.patch_model(tiny_model("qwen2_moe"), lora_rank=R, lora_alpha=ALPHA), tmp_path)
+
+
+def test_adapter_tensors_without_a_target_are_named(tmp_path):
+    kt = kt_ops.patch_model(tiny_model("qwen3_moe"), lora_rank=R, lora_alpha=ALPHA)
+    kt_ops.save_adapter(kt, tmp_path)
+    state = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+    state["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(R, 64)
+    save_file(state, os.path.join(tmp_path, "adapter_model.safetensors"))
+    with pytest.raises(KeyError, match="unexpected keys.*q_proj.lora_A.weight.*no target_modules"):
+        kt_ops.load_adapter(kt_ops.patch_model(tiny_model("qwen3_moe"), lora_rank=R, lora_alpha=ALPHA), tmp_path)
 
 
 def test_only_lora_and_routers_train_and_lora_is_found_by_name():

@@ -191,6 +191,13 @@ def test_packing_covers_each_example_once_within_budgets():
     assert steps != sft_data.plan_epoch(lengths, seed=3, epoch=2, tokens_per_step=1024, tokens_per_row=512)
 
 
+def test_packing_refuses_what_cannot_fit():
+    with pytest.raises(ValueError, match="tokens per row \\(512\\) exceeds tokens per step \\(256\\)"):
+        sft_data.plan_epoch([10], seed=0, epoch=0, tokens_per_step=256, tokens_per_row=512)
+    with pytest.raises(ValueError, match="example 1 has 300 tokens, more than a row's 256"):
+        sft_data.plan_epoch([10, 300], seed=0, epoch=0, tokens_per_step=256)
+
+
 def test_packed_row_attends_within_each_conversation():
     """A row of several conversations gives each one the logits it gets alone (transformers
     reads the packing from the position ids when there is no cache and no attention mask)."""

@@ -515,7 +515,8 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
     }
     std::vector<float> ga(ra * in, 0.f), coef(kPairBlock * ra), act_s(kPairBlock * ra), in_rows(kPairBlock * in);
     std::vector<std::vector<float>> grads(sides.size(), std::vector<float>(kPairBlock * out));
-    std::vector<std::vector<float>> gb_t(sides.size(), std::vector<float>(ra * out, 0.f));
+    std::vector<std::vector<float>> gb_t;
+    for (const BSide& side : sides) gb_t.emplace_back(side.rank * out, 0.f);
     const int64_t n = route.count(e);
     for (int64_t i0 = 0; i0 < n; i0 += kPairBlock) {
       const int64_t depth = std::min(kPairBlock, n - i0);

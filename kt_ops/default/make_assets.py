@@ -53,18 +53,16 @@ def _examples(rng: random.Random) -> list[dict]:
             messages.insert(0, {"role": "system", "content": SYSTEM})
         out.append({"messages": messages})
 
-    for country, city in CAPITALS.items():
-        for q in (f"What is the capital of {country}?", f"Name the capital city of {country}."):
-            chat(q, f"The capital of {country} is {city}.")
-    for word, opposite in OPPOSITES.items():
-        for q in (f"What is the opposite of {word}?", f"Give the opposite of the word {word}."):
-            chat(q, f"The opposite of {word} is {opposite}.")
-    for word, plural in PLURALS.items():
-        for q in (f"What is the plural of {word}?", f"How do you say more than one {word}?"):
-            chat(q, f"The plural of {word} is {plural}.")
-    for animal, sound in SOUNDS.items():
-        for q in (f"What sound does a {animal} make?", f"How does a {animal} sound?"):
-            chat(q, f"A {animal} says {sound}.")
+    # (table, two phrasings of the question, the answer) for {a} -> {b}
+    for table, questions, answer in [
+            (CAPITALS, ("What is the capital of {a}?", "Name the capital city of {a}."), "The capital of {a} is {b}."),
+            (OPPOSITES, ("What is the opposite of {a}?", "Give the opposite of the word {a}."),
+             "The opposite of {a} is {b}."),
+            (PLURALS, ("What is the plural of {a}?", "How do you say more than one {a}?"), "The plural of {a} is {b}."),
+            (SOUNDS, ("What sound does a {a} make?", "How does a {a} sound?"), "A {a} says {b}.")]:
+        for a, b in table.items():
+            for q in questions:
+                chat(q.format(a=a), answer.format(a=a, b=b))
     for thing, color in COLORS.items():
         chat(f"What color is {thing}?", f"{thing[0].upper() + thing[1:]} is {color}.")
     for start in range(1, 31):
