@@ -62,15 +62,26 @@ void block(int64_t blocks, const uint16_t* a, int64_t lda, const uint16_t* w, in
     if (Rows == 2) _tile_zero(2);
     if (Rows == 2 && Cols == 2) _tile_zero(3);
   }
+  // Tile registers are not renamed: a load into a register waits for the products reading
+  // it. Each register is reloaded for step b + 1 right after its last reader in step b, so
+  // the loads overlap the remaining products instead of stalling the next step.
+  const uint16_t *a1 = a + 16 * lda, *w1 = w + panel_stride;
+  _tile_loadd(4, a, a_stride);
+  _tile_loadd(6, w, 64);
+  if (Rows == 2) _tile_loadd(5, a1, a_stride);
+  if (Cols == 2) _tile_loadd(7, w1, 64);
   for (int64_t b = 0; b < blocks; ++b) {
-    _tile_loadd(4, a + b * kBlockDepth, a_stride);
-    if (Rows == 2) _tile_loadd(5, a + 16 * lda + b * kBlockDepth, a_stride);
-    _tile_loadd(6, w + b * kBlockElems, 64);
-    if (Cols == 2) _tile_loadd(7, w + panel_stride + b * kBlockElems, 64);
+    const bool more = b + 1 < blocks;
+    const int64_t next_a = (b + 1) * kBlockDepth, next_w = (b + 1) * kBlockElems;
     _tile_dpbf16ps(0, 4, 6);
     if (Cols == 2) _tile_dpbf16ps(1, 4, 7);
+    if (Rows == 1 && more) _tile_loadd(4, a + next_a, a_stride);
     if (Rows == 2) _tile_dpbf16ps(2, 5, 6);
+    if (more) _tile_loadd(6, w + next_w, 64);
+    if (Rows == 2 && more) _tile_loadd(4, a + next_a, a_stride);
     if (Rows == 2 && Cols == 2) _tile_dpbf16ps(3, 5, 7);
+    if (Rows == 2 && more) _tile_loadd(5, a1 + next_a, a_stride);
+    if (Cols == 2 && more) _tile_loadd(7, w1 + next_w, 64);
   }
   _tile_stored(0, c, c_stride);
   if (Cols == 2) _tile_stored(1, c + 16, c_stride);

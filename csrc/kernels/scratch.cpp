@@ -1,5 +1,7 @@
 #include "kt/scratch.h"
 
+#include <sys/mman.h>
+
 #include <cstdlib>
 #include <new>
 
@@ -14,6 +16,20 @@ struct ThreadScratch {
   }
 };
 
+constexpr int64_t kHugePage = int64_t{2} << 20;
+
+// Large buffers are 2 MiB aligned and ask for transparent huge pages: the GEMMs read rows of
+// A 4 KiB apart, so with 4 KiB pages every row of a tile is its own TLB entry. TUNING:
+// KT_OPS_NO_THP=1 turns this off.
+void* allocate(int64_t bytes) {
+  static const bool huge = std::getenv("KT_OPS_NO_THP") == nullptr;
+  if (!huge || bytes < kHugePage) return std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+  const int64_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+  void* p = std::aligned_alloc(kHugePage, rounded);
+  if (p != nullptr) madvise(p, rounded, MADV_HUGEPAGE);
+  return p;
+}
+
 }  // namespace
 
 void* scratch_bytes(Scratch slot, int64_t bytes) {
@@ -23,11 +39,10 @@ void* scratch_bytes(Scratch slot, int64_t bytes) {
     std::free(buffers.data[i]);
     buffers.data[i] = nullptr;
     buffers.size[i] = 0;
-    const int64_t rounded = (bytes + 63) / 64 * 64;
-    void* p = std::aligned_alloc(64, rounded);
+    void* p = allocate(bytes);
     if (p == nullptr) throw std::bad_alloc();
     buffers.data[i] = p;
-    buffers.size[i] = rounded;
+    buffers.size[i] = bytes;
   }
   return buffers.data[i];
 }
