@@ -28,7 +28,7 @@ from torch import nn
 import kt_ops
 from kt_ops.data import IGNORE, Example
 from kt_ops.shapes import model_shape
-from kt_ops.train import TrainArgs, Trainer
+from kt_ops.train import TrainArgs, Trainer, reuse_freed_memory
 
 # Published config numbers beyond the MoE shape (DeepSeek-V2-Lite and Qwen3-30B-A3B config.json).
 CONFIGS = {
@@ -139,16 +139,20 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for the experts (default: torch's)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one extra step with torch.profiler and print where its time went")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.mode == "kt":
+        reuse_freed_memory()  # as kt-sft does
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg, shape = hf_config(args.shape)
 
     t0 = time.perf_counter()
     model = build_kt(cfg, shape, args.rank, device) if args.mode == "kt" else build_gpu_peft(cfg, args.rank, device)
     build_s = time.perf_counter() - t0
-    steps = args.warmup + args.steps
+    steps = args.warmup + args.steps + args.profile  # the profiled step is extra and untimed
     per_step = args.tokens_per_step // args.seq_len
     examples = random_examples(cfg.vocab_size, args.seq_len, steps * per_step)
     train_args = TrainArgs(out="unused", model="<in memory>", steps=steps, lr=1e-4, rank=args.rank,
@@ -164,12 +168,22 @@ def main() -> None:
 
     times, optimizer_times, losses = [], [], []
     for n, rows in enumerate(trainer.planned_steps()):
+        profiler = None
+        if args.profile and n == steps - 1:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            profiler = torch.profiler.profile(activities=activities)
+            profiler.__enter__()
         t0 = synced_clock()
         loss, tokens = trainer.loss_and_backward(rows)
         t1 = synced_clock()
         trainer.optimizer_step()
         t2 = synced_clock()
-        if n >= args.warmup:
+        if profiler is not None:
+            profiler.__exit__(None, None, None)
+            print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+        if n >= args.warmup and profiler is None:
             times.append(t2 - t0)
             optimizer_times.append(t2 - t1)
         losses.append(loss)

@@ -126,9 +126,10 @@ def train_args(ns: argparse.Namespace):
 
 
 def _train(ns: argparse.Namespace) -> int:
-    from kt_ops.train import Interrupted, Trainer
+    from kt_ops.train import Interrupted, Trainer, reuse_freed_memory
 
     args = train_args(ns)
+    reuse_freed_memory()
     trainer = Trainer(args, log=lambda m: print(m, file=sys.stderr))
     print(f"kt-sft: {len(trainer.examples)} examples, {trainer.total_steps} steps of <= {args.max_tokens_per_step} "
           f"tokens, model on {trainer.device} (experts on the CPU), writing to {args.out}", file=sys.stderr)

