@@ -16,6 +16,7 @@ import transformers
 
 import kt_ops
 from kt_ops import data, default
+from kt_ops.train import reuse_freed_memory
 
 
 def main() -> None:
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--grad-accum", type=int, default=2)
     parser.add_argument("--grad-checkpointing", action="store_true")
     args = parser.parse_args()
+    reuse_freed_memory()  # this script owns the process: let glibc reuse the steps' large tensors
 
     model_dir = args.model or default.model_dir()
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
