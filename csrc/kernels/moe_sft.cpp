@@ -323,7 +323,7 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
   // Phase 4, per (slice, expert, hidden columns): down GEMM over the slice's intermediate
   // columns, plus LoRA-B (once, in slice 0), straight into expert-sorted partial outputs, one
   // set per slice.
-  float* h_rows = scratch<float>(Scratch::kPairs, S * rows * hp);
+  float* h_rows = scratch<float>(Scratch::kRowsOut, S * rows * hp);
   SliceTasks(route, S, hp / kPanelRows, 0).run(threads, [&](const Task& task) {
     const int64_t e = task.expert, np = task.panels, c0 = task.panel * kPanelRows;
     const int64_t m = route.padded_rows(e), row0 = route.first_row[e];
@@ -402,7 +402,7 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
 
   // Phase 2, per (expert, intermediate columns): q = dy W_d + s (dy B_d) A_d, the gradient
   // of z before the routing weight. W_d's transposed panels stream through a small buffer.
-  float* q_rows = scratch<float>(Scratch::kPairs, rows * ip);  // expert-sorted
+  float* q_rows = scratch<float>(Scratch::kRowsOut, rows * ip);
   SliceTasks(route, S, is / kPanelRows, is / kPanelRows).run(threads, [&](const Task& task) {
     const int64_t e = task.expert, np = task.panels, cols = np * kPanelRows, c0 = task.panel * kPanelRows;
     const int64_t m = route.padded_rows(e), row0 = route.first_row[e];
@@ -473,7 +473,7 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
   // Phase 5, per (slice, expert, hidden columns): dx per pair = dg W_g + du W_u over the
   // slice's intermediate columns, plus s [dgB|duB] [A_g;A_u] once (slice 0); partial sums
   // per slice.
-  float* dx_rows = scratch<float>(Scratch::kPairs, S * rows * hp);  // q_rows is dead here
+  float* dx_rows = scratch<float>(Scratch::kRowsOut, S * rows * hp);  // q_rows is dead here
   SliceTasks(route, S, hp / kPanelRows, 0).run(threads, [&](const Task& task) {
     const int64_t e = task.expert, np = task.panels, cols = np * kPanelRows, c0 = task.panel * kPanelRows;
     const int64_t m = route.padded_rows(e), row0 = route.first_row[e];

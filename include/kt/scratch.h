@@ -12,7 +12,7 @@ namespace kt {
 // Slots: buffers alive at the same time in one thread need different slots.
 enum class Scratch : int {
   kRowsA, kRowsB, kRowsC, kRowsD, kRowsE, kRowsF, kRowsG,  // per-call, expert-sorted rows
-  kPairs,                                          // per-call, per routed pair
+  kRowsOut,                                        // per-call, fp32 GEMM outputs in expert-sorted rows
   kLoraA, kLoraB, kLoraC, kLoraD,                  // per-call packed LoRA operands
   kTaskAcc, kTaskWeights,                          // per work item, in worker threads
   kCount
