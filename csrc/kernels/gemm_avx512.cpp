@@ -2,8 +2,9 @@
 // one pair of reduction steps); each activation pair is broadcast as a 32-bit lane.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
-// gcc 12's avx512fintrin.h trips -Wmaybe-uninitialized on its own _mm512_undefined_ps().
+// gcc 12's avx512fintrin.h trips -W(maybe-)uninitialized on its own _mm*_undefined_*().
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
 #include <cstring>
@@ -58,43 +59,6 @@ void gemm_avx512_bf16(int64_t m, int64_t kp, const uint16_t* a, int64_t lda, con
   }
 }
 
-namespace {
-
-// Rows x (16 * Vecs) block of C kept in registers over the whole depth: per step one load of
-// B per vector and one broadcast of A per row feed Rows * Vecs FMAs.
-template <int Rows, int Vecs>
-void rank_update_block(int64_t depth, const float* a, int64_t lda, const float* b, int64_t ldb,
-                       float* c, int64_t ldc, __mmask16 last_mask) {
-  __m512 acc[Rows][Vecs];
-  auto mask_of = [&](int v) { return v == Vecs - 1 ? last_mask : static_cast<__mmask16>(0xffff); };
-  for (int j = 0; j < Rows; ++j)
-    for (int v = 0; v < Vecs; ++v) acc[j][v] = _mm512_maskz_loadu_ps(mask_of(v), c + j * ldc + 16 * v);
-  for (int64_t p = 0; p < depth; ++p) {
-    __m512 bv[Vecs];
-    for (int v = 0; v < Vecs; ++v) bv[v] = _mm512_maskz_loadu_ps(mask_of(v), b + p * ldb + 16 * v);
-    for (int j = 0; j < Rows; ++j) {
-      const __m512 aj = _mm512_set1_ps(a[p * lda + j]);
-      for (int v = 0; v < Vecs; ++v) acc[j][v] = _mm512_fmadd_ps(aj, bv[v], acc[j][v]);
-    }
-  }
-  for (int j = 0; j < Rows; ++j)
-    for (int v = 0; v < Vecs; ++v) _mm512_mask_storeu_ps(c + j * ldc + 16 * v, mask_of(v), acc[j][v]);
-}
-
-template <int Rows>
-void rank_update_rows(int64_t n, int64_t depth, const float* a, int64_t lda, const float* b, int64_t ldb,
-                      float* c, int64_t ldc) {
-  int64_t col = 0;
-  for (; col + 64 <= n; col += 64) rank_update_block<Rows, 4>(depth, a, lda, b + col, ldb, c + col, ldc, 0xffff);
-  for (; col < n; col += 16) {
-    const int64_t left = n - col;
-    const __mmask16 mask = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1);
-    rank_update_block<Rows, 1>(depth, a, lda, b + col, ldb, c + col, ldc, mask);
-  }
-}
-
-}  // namespace
-
 // pack_transposed_panels with 512-bit moves. In 32-bit view a source block row holds, per
 // column n, the pair (W[n][k], W[n][k+1]); an output row holds, per k, (W[n][k], W[n+1][k]).
 // For each half-block (16 n by the 16 k of one output panel): within every 64-bit group of
@@ -107,20 +71,22 @@ void pack_transposed_panels_avx512(const uint16_t* packed, int64_t np, int64_t k
                                                       11, 12, 14, 13, 15, 16, 18, 17, 19, 20, 22,
                                                       21, 23, 24, 26, 25, 27, 28, 30, 29, 31};
   const __m512i swap = _mm512_load_si512(swap_words);
-  for (int64_t q = 0; q < panel_count; ++q) {
-    const int64_t k0 = (first_panel + q) * kPanelRows;
-    const int64_t kb = k0 / kBlockDepth, k_half = (k0 % kBlockDepth) / kPanelRows;
-    for (int64_t nb = 0; nb < dst_blocks; ++nb) {
-      uint16_t* out = dst + (q * dst_blocks + nb) * kBlockElems;
-      for (int64_t half = 0; half < 2; ++half) {
-        const uint16_t* src = packed + ((2 * nb + half) * src_blocks + kb) * kBlockElems + k_half * 8 * 32;
+  // Source panels outermost: each one's blocks for this range of k are one contiguous run,
+  // so the reads form two sequential streams. With output panels outermost they were 512-byte
+  // pieces of every source panel in turn, more streams than the prefetchers follow.
+  for (int64_t nb = 0; nb < dst_blocks; ++nb) {
+    for (int64_t half = 0; half < 2; ++half) {
+      const uint16_t* panel = packed + (2 * nb + half) * src_blocks * kBlockElems;
+      for (int64_t q = 0; q < panel_count; ++q) {
+        const int64_t k0 = (first_panel + q) * kPanelRows;
+        const uint16_t* src = panel + (k0 / kBlockDepth) * kBlockElems + ((k0 % kBlockDepth) / kPanelRows) * 8 * 32;
         __m512i r[8], t[8], u[4];
         for (int j = 0; j < 8; ++j) r[j] = _mm512_permutexvar_epi16(swap, _mm512_loadu_si512(src + j * 32));
         for (int j = 0; j < 8; j += 2) {
           t[j] = _mm512_unpacklo_epi64(r[j], r[j + 1]);
           t[j + 1] = _mm512_unpackhi_epi64(r[j], r[j + 1]);
         }
-        uint16_t* o = out + half * 8 * 32;
+        uint16_t* o = dst + (q * dst_blocks + nb) * kBlockElems + half * 8 * 32;
         for (int odd = 0; odd < 2; ++odd) {  // even output rows from t0,2,4,6; odd from t1,3,5,7
           u[0] = _mm512_shuffle_i64x2(t[odd], t[2 + odd], 0x44);
           u[1] = _mm512_shuffle_i64x2(t[odd], t[2 + odd], 0xEE);
@@ -233,11 +199,73 @@ void gate_up_epilogue_avx512(int64_t valid, int64_t cols, const float* acc, uint
   }
 }
 
-void rank_update_avx512(int64_t rows, int64_t n, int64_t depth, const float* a, int64_t lda,
-                        const float* b, int64_t ldb, float* c, int64_t ldc) {
-  int64_t j = 0;
-  for (; j + 4 <= rows; j += 4) rank_update_rows<4>(n, depth, a + j, lda, b, ldb, c + j * ldc, ldc);
-  for (; j < rows; ++j) rank_update_rows<1>(n, depth, a + j, lda, b, ldb, c + j * ldc, ldc);
+namespace {
+
+// Rows x (16 * Vecs) block of C kept in registers over the whole depth: per step one load of
+// B per vector and one broadcast of A per row feed Rows * Vecs FMAs. `chunk` is the block's
+// first 16-column chunk of the B rows.
+template <DType BType, int Rows, int Vecs>
+void rank_update_block(int64_t depth, const float* a, int64_t lda, const RankRows& b, int64_t chunk,
+                       float* c, int64_t ldc, __mmask16 last_mask) {
+  __m512 acc[Rows][Vecs];
+  auto mask_of = [&](int v) { return v == Vecs - 1 ? last_mask : static_cast<__mmask16>(0xffff); };
+  for (int j = 0; j < Rows; ++j)
+    for (int v = 0; v < Vecs; ++v) acc[j][v] = _mm512_maskz_loadu_ps(mask_of(v), c + j * ldc + 16 * v);
+  for (int64_t p = 0; p < depth; ++p) {
+    __m512 bv[Vecs];
+    for (int v = 0; v < Vecs; ++v) bv[v] = load_masked(b.rows[p], BType, (chunk + v) * b.chunk_stride, mask_of(v));
+    for (int j = 0; j < Rows; ++j) {
+      const __m512 aj = _mm512_set1_ps(a[p * lda + j]);
+      for (int v = 0; v < Vecs; ++v) acc[j][v] = _mm512_fmadd_ps(aj, bv[v], acc[j][v]);
+    }
+  }
+  for (int j = 0; j < Rows; ++j)
+    for (int v = 0; v < Vecs; ++v) _mm512_mask_storeu_ps(c + j * ldc + 16 * v, mask_of(v), acc[j][v]);
+}
+
+// Column blocks outermost: a block's piece of B (depth x 64 columns) stays in L1 while every
+// group of four C rows meets it. The B rows are scattered (one per routed token), which the
+// hardware prefetchers do not follow: the next block's piece is prefetched by hand.
+template <DType BType>
+void rank_update_cols(int64_t rows, int64_t n, int64_t depth, const float* a, int64_t lda, const RankRows& b,
+                      float* c, int64_t ldc) {
+  constexpr int64_t elem = BType == DType::kF32 ? 4 : 2;
+  for (int64_t col = 0; col < n; col += 64) {
+    const int64_t left = n - col, chunk = col / 16;
+    if (left > 64) {
+      for (int64_t p = 0; p < depth; ++p)
+        for (int64_t v = 4; v < 8 && 16 * v < left; ++v) {
+          const char* at = static_cast<const char*>(b.rows[p]) + (chunk + v) * b.chunk_stride * elem;
+          _mm_prefetch(at, _MM_HINT_T0);
+          if (elem == 4) _mm_prefetch(at + 32, _MM_HINT_T0);
+        }
+    }
+    float* cc = c + col;
+    if (left >= 64) {
+      int64_t j = 0;
+      for (; j + 4 <= rows; j += 4) rank_update_block<BType, 4, 4>(depth, a + j, lda, b, chunk, cc + j * ldc, ldc, 0xffff);
+      for (; j < rows; ++j) rank_update_block<BType, 1, 4>(depth, a + j, lda, b, chunk, cc + j * ldc, ldc, 0xffff);
+      continue;
+    }
+    for (int64_t v = 0; v * 16 < left; ++v) {
+      const int64_t l = left - 16 * v;
+      const __mmask16 mask = l >= 16 ? 0xffff : static_cast<__mmask16>((1u << l) - 1);
+      int64_t j = 0;
+      for (; j + 4 <= rows; j += 4)
+        rank_update_block<BType, 4, 1>(depth, a + j, lda, b, chunk + v, cc + j * ldc + 16 * v, ldc, mask);
+      for (; j < rows; ++j) rank_update_block<BType, 1, 1>(depth, a + j, lda, b, chunk + v, cc + j * ldc + 16 * v, ldc, mask);
+    }
+  }
+}
+
+}  // namespace
+
+void rank_update_avx512(int64_t rows, int64_t n, int64_t depth, const float* a, int64_t lda, const RankRows& b,
+                        float* c, int64_t ldc) {
+  if (b.dtype == DType::kBF16)
+    rank_update_cols<DType::kBF16>(rows, n, depth, a, lda, b, c, ldc);
+  else
+    rank_update_cols<DType::kF32>(rows, n, depth, a, lda, b, c, ldc);
 }
 
 }  // namespace kt

@@ -1,7 +1,9 @@
 // Portable reference GEMM over the packed layout: the fallback path and the yardstick the
 // vector kernels are tested against. The fp32-weight variant serves the LoRA products of the
 // fp32 paths, whose LoRA matrices are packed per call in the same layout with fp32 elements.
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "kt/isa.h"
 #include "kt/packing.h"
@@ -54,14 +56,18 @@ void sigmoid_scalar(int64_t n, const float* x, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = 1.f / (1.f + std::exp(-x[i]));
 }
 
-// Also the AVX2 path's: the contiguous inner loop vectorises as it is.
-void rank_update_scalar(int64_t rows, int64_t n, int64_t depth, const float* a, int64_t lda,
-                        const float* b, int64_t ldb, float* c, int64_t ldc) {
-  for (int64_t p = 0; p < depth; ++p)
+// Also the AVX2 path's.
+void rank_update_scalar(int64_t rows, int64_t n, int64_t depth, const float* a, int64_t lda, const RankRows& b,
+                        float* c, int64_t ldc) {
+  std::vector<float> row(n);
+  for (int64_t p = 0; p < depth; ++p) {
+    for (int64_t c0 = 0; c0 < n; c0 += 16)
+      load_f32(b.rows[p], b.dtype, c0 / 16 * b.chunk_stride, std::min<int64_t>(16, n - c0), row.data() + c0);
     for (int64_t j = 0; j < rows; ++j) {
       const float aj = a[p * lda + j];
-      for (int64_t col = 0; col < n; ++col) c[j * ldc + col] += aj * b[p * ldb + col];
+      for (int64_t col = 0; col < n; ++col) c[j * ldc + col] += aj * row[col];
     }
+  }
 }
 
 void gemm_scalar_f32_f32w(int64_t m, int64_t kp, const float* a, int64_t lda, const float* w,

@@ -25,7 +25,7 @@ constexpr int64_t kRowAlign = 16;       // GEMM row blocks; each expert's rows a
 // A, so wider tasks re-read A less: on the 16-core host 16 beat 4 by 12% per layer (8 and 32
 // in between).
 constexpr int64_t kPanelsPerTask = 16;
-constexpr int64_t kPairBlock = 16;      // routed pairs per block of LoRA-gradient updates
+constexpr int64_t kPairBlock = 64;      // routed pairs per block of LoRA-gradient updates
 // Extra elements per row of the activation buffers the GEMMs read as A. Without them a row of
 // 2048 bf16 is 4 KiB, and the 16 rows of one AMX tile load all fall in one L1 set.
 constexpr int64_t kRowSkew = 32;
@@ -76,11 +76,16 @@ inline void gemm(const Kernels&, int64_t m, int64_t kp, const float* a, int64_t 
   gemm_scalar_f32_f32w(m, kp, a, lda, w, panels, c, ldc, accumulate);
 }
 
-// Packs the np x kp matrix value(n, k) into the panel layout (LoRA operands, per call).
+// Packs the np x kp matrix value(n, k) into the panel layout (LoRA operands, per call),
+// writing dst in order: panel, block, pair row, then the panel's 16 rows (packed_offset).
 template <typename T, typename F>
 void pack_elements(int64_t np, int64_t kp, T* dst, const F& value) {
-  for (int64_t n = 0; n < np; ++n)
-    for (int64_t k = 0; k < kp; ++k) dst[packed_offset(n, k, kp)] = f32_to_act<T>(value(n, k));
+  for (int64_t n0 = 0; n0 < np; n0 += kPanelRows)
+    for (int64_t k = 0; k < kp; k += 2)
+      for (int64_t n = n0; n < n0 + kPanelRows; ++n) {
+        *dst++ = f32_to_act<T>(value(n, k));
+        *dst++ = f32_to_act<T>(value(n, k + 1));
+      }
 }
 
 // Inverse of gate_up_column: which intermediate column a fused gate/up row holds.
@@ -489,13 +494,16 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
 
   // Phase 6, per (expert, {gate and up | down}): the LoRA gradients, summed over the expert's
   // pairs in pair order; experts without tokens get zeros. Per block of pairs, dA += (s grad
-  // B)^T input and dB^T += (s input A^T)^T grad, blocks of rank-1 updates (dB summed
-  // transposed so both run along long rows). Gate and up share their input x: it is converted
-  // once per pair and streamed once for both A gradients, [dA_g; dA_u] being one update of
-  // rg + ru rows whose coefficients [dg B_g | du B_u] are one row of dgu_b.
+  // B)^T input and dB^T += (s input A^T)^T grad, blocks of rank-1 updates (dB summed transposed
+  // so both run along long rows) that read the inputs and gradients in place: x, z, dy and the
+  // fused dg/du rows. Gate and up share their input x: [dA_g; dA_u] is one update of rg + ru
+  // rows whose coefficients [dg B_g | du B_u] are one row of dgu_b. The down projection's
+  // gradient of h is w * dy: the routing weight goes into the coefficients.
+  constexpr DType act_type = std::is_same_v<Act, bf16> ? DType::kBF16 : DType::kF32;
   struct BSide {
     int proj;
     int64_t rank, act_offset;  // rows of dB^T; its columns in the saved LoRA activations
+    int64_t grad_offset;       // where its gradient starts in a fused dg/du row (gate and up)
   };
   parallel_for(E * 2, threads, [&](int64_t task) {
     const int64_t e = task / 2;
@@ -504,47 +512,44 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
     if (!ra) return;
     std::vector<BSide> sides;
     if (down) {
-      sides.push_back({kDown, l.rd, l.rgu});
+      sides.push_back({kDown, l.rd, l.rgu, 0});
     } else {
-      if (l.rg) sides.push_back({kGate, l.rg, 0});
-      if (l.ru) sides.push_back({kUp, l.ru, l.rg});
+      if (l.rg) sides.push_back({kGate, l.rg, 0, 0});
+      if (l.ru) sides.push_back({kUp, l.ru, l.rg, kPanelRows});
     }
-    std::vector<float> ga(ra * in, 0.f), coef(kPairBlock * ra), act_s(kPairBlock * ra), in_rows(kPairBlock * in);
-    std::vector<std::vector<float>> grads(sides.size(), std::vector<float>(kPairBlock * out));
+    std::vector<float> ga(ra * in, 0.f), coef(kPairBlock * ra), act_s(kPairBlock * ra);
+    std::vector<const void*> in_rows(kPairBlock);
+    std::vector<std::vector<const void*>> grad_rows(sides.size(), std::vector<const void*>(kPairBlock));
     std::vector<std::vector<float>> gb_t;
     for (const BSide& side : sides) gb_t.emplace_back(side.rank * out, 0.f);
+    const RankRows inputs{in_rows.data(), down ? act_type : args.act_dtype, kPanelRows};
     const int64_t n = route.count(e);
     for (int64_t i0 = 0; i0 < n; i0 += kPairBlock) {
       const int64_t depth = std::min(kPairBlock, n - i0);
       for (int64_t b = 0; b < depth; ++b) {
         const int64_t i = i0 + b, pair = route.pairs[route.first[e] + i], t = pair / K, row = route.first_row[e] + i;
         const float* act_a = args.lora_act + pair * l.width + (down ? l.rgu : 0);  // input A^T
-        float *cf = coef.data() + b * ra, *in_row = in_rows.data() + b * in;
-        for (int64_t j = 0; j < ra; ++j) act_s[b * ra + j] = s * act_a[j];
+        float *cf = coef.data() + b * ra, *as = act_s.data() + b * ra;
         if (down) {
-          // grad of h is w * dy; its B-side projection is w * (dy B_d); the input is z.
-          const float wt = args.weights[pair];
-          float* grad = grads[0].data() + b * out;
-          load_f32(args.grad_y, args.act_dtype, t * H, H, grad);
-          for (int64_t c = 0; c < H; ++c) grad[c] *= wt;
-          for (int64_t j = 0; j < ra; ++j) cf[j] = s * wt * dy_b[row * l.rd_p + j];
-          for (int64_t c = 0; c < I; ++c) in_row[c] = act_to_f32(z_rows[row * I + c]);
+          const float sw = s * args.weights[pair];
+          for (int64_t j = 0; j < ra; ++j) as[j] = sw * act_a[j];
+          for (int64_t j = 0; j < ra; ++j) cf[j] = sw * dy_b[row * l.rd_p + j];
+          in_rows[b] = z_rows + row * I;
+          grad_rows[0][b] = element_at(args.grad_y, args.act_dtype, t * H);
           continue;
         }
-        for (size_t side = 0; side < sides.size(); ++side) {
-          const Act* fused = dgus + row * ld_gu + (sides[side].proj == kUp ? kPanelRows : 0);
-          float* grad = grads[side].data() + b * out;
-          for (int64_t c0 = 0; c0 < I; c0 += kPanelRows)  // one 16-column panel at a time
-            for (int64_t c = c0; c < std::min(c0 + kPanelRows, I); ++c) grad[c] = act_to_f32(fused[2 * c0 + c - c0]);
-        }
+        for (int64_t j = 0; j < ra; ++j) as[j] = s * act_a[j];
         for (int64_t j = 0; j < ra; ++j) cf[j] = s * dgu_b[row * l.rgu_p + j];
-        load_f32(args.x, args.act_dtype, t * H, H, in_row);
+        in_rows[b] = element_at(args.x, args.act_dtype, t * H);
+        for (size_t side = 0; side < sides.size(); ++side)
+          grad_rows[side][b] = dgus + row * ld_gu + sides[side].grad_offset;
       }
-      k.rank_update(ra, in, depth, coef.data(), ra, in_rows.data(), in, ga.data(), in);
+      k.rank_update(ra, in, depth, coef.data(), ra, inputs, ga.data(), in);
       for (size_t side = 0; side < sides.size(); ++side) {
         const int64_t first = sides[side].act_offset - (down ? l.rgu : 0);  // its columns of act_s
-        k.rank_update(sides[side].rank, out, depth, act_s.data() + first, ra, grads[side].data(), out,
-                      gb_t[side].data(), out);
+        const RankRows grads = down ? RankRows{grad_rows[side].data(), args.act_dtype, kPanelRows}
+                                    : RankRows{grad_rows[side].data(), act_type, 2 * kPanelRows};
+        k.rank_update(sides[side].rank, out, depth, act_s.data() + first, ra, grads, gb_t[side].data(), out);
       }
     }
     int64_t row_a = 0;

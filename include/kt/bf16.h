@@ -28,6 +28,11 @@ inline bf16 f32_to_bf16(float f) {
 // Element type tag for activations crossing the kernel boundary.
 enum class DType { kBF16, kF32 };
 
+// Address of element `offset` of `base` (dtype dt).
+inline const void* element_at(const void* base, DType dt, int64_t offset) {
+  return static_cast<const char*>(base) + offset * (dt == DType::kF32 ? 4 : 2);
+}
+
 // n values from element `offset` of `base` (dtype dt) as fp32. Whole rows at a time, so the
 // dtype is decided once and the conversion loop vectorises.
 inline void load_f32(const void* base, DType dt, int64_t offset, int64_t n, float* out) {

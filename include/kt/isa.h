@@ -31,11 +31,20 @@ Isa select_isa(const char* cap);
 //   C[m, 16*p + c] (+)= sum_k A[m, k] * W[16*p + c, k]   for m < M, p < panels, c < 16
 // A is M x kp (row stride lda, columns past the real depth zero), the panels are
 // consecutive in `w`, C is fp32 with row stride ldc. M must be a multiple of 16.
-// fp32 C[j, col] += sum_p A[p, j] * B[p, col] for j < rows, col < n, p < depth: a block of
-// rank-1 updates, the LoRA-gradient reductions over tokens. A[p, j] = a[p * lda + j],
-// B[p, col] = b[p * ldb + col], C[j, col] = c[j * ldc + col].
+// The long rows of a rank update, read in place: row p is rows[p] (dtype `dtype`), and its
+// column col is element (col / 16) * chunk_stride + col % 16 - chunk_stride 16 for a dense
+// row, 32 for the gate or the up half of a fused gate/up row (interleaved 16-column panels).
+struct RankRows {
+  const void* const* rows;
+  DType dtype;
+  int64_t chunk_stride;
+};
+
+// fp32 C[j, col] += sum_p A[p, j] * B_p[col] for j < rows, col < n, p < depth, p ascending: a
+// block of rank-1 updates, the LoRA-gradient reductions over routed pairs. A[p, j] =
+// a[p * lda + j], C[j, col] = c[j * ldc + col], B_p is row p of b.
 using RankUpdateFn = void (*)(int64_t rows, int64_t n, int64_t depth, const float* a, int64_t lda,
-                              const float* b, int64_t ldb, float* c, int64_t ldc);
+                              const RankRows& b, float* c, int64_t ldc);
 
 // pack_transposed_panels (packing.h) for one ISA.
 using PackTransposedFn = void (*)(const uint16_t* packed, int64_t np, int64_t kp, int64_t first_panel,
@@ -85,8 +94,7 @@ void gemm_scalar_bf16(int64_t, int64_t, const uint16_t*, int64_t, const uint16_t
                       float*, int64_t, bool);
 void gemm_scalar_f32(int64_t, int64_t, const float*, int64_t, const uint16_t*, int64_t, float*,
                      int64_t, bool);
-void rank_update_scalar(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
-                        float*, int64_t);
+void rank_update_scalar(int64_t, int64_t, int64_t, const float*, int64_t, const RankRows&, float*, int64_t);
 void pack_transposed_panels_avx512(const uint16_t* packed, int64_t np, int64_t kp, int64_t first_panel,
                                    int64_t panel_count, uint16_t* dst);
 void sigmoid_scalar(int64_t n, const float* x, float* out);
@@ -95,8 +103,7 @@ void gate_up_epilogue_avx512(int64_t valid, int64_t cols, const float* acc, uint
                              DType saved_dtype, int64_t g_at, int64_t u_at);
 float silu_grad_avx512(int64_t I, int64_t ip, const void* saved, DType saved_dtype, int64_t at, const float* q,
                        float w, uint16_t* z, uint16_t* fused);
-void rank_update_avx512(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
-                        float*, int64_t);
+void rank_update_avx512(int64_t, int64_t, int64_t, const float*, int64_t, const RankRows&, float*, int64_t);
 // fp32 weights in the same packed layout (LoRA on the fp32 paths).
 void gemm_scalar_f32_f32w(int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*,
                           int64_t, bool);

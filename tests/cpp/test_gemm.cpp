@@ -260,33 +260,55 @@ INSTANTIATE_TEST_SUITE_P(AllIsas, IsaSiluGrad,
 
 class IsaRankUpdate : public ::testing::TestWithParam<kt::Isa> {};
 
+// B rows are read in place through row pointers, as bf16 or fp32, dense or as one half of
+// fused 16-column panels (chunk stride 32).
 TEST_P(IsaRankUpdate, MatchesScalarReference) {
   const kt::Isa isa = GetParam();
   if (!kt::isa_supported(isa)) GTEST_SKIP() << "CPU lacks " << kt::isa_name(isa);
   struct Case { int64_t rows, n, depth; };
-  for (const Case cs : {Case{1, 1, 1}, Case{16, 2048, 16}, Case{5, 100, 7}, Case{8, 64, 0}, Case{64, 33, 16}}) {
-    const int64_t lda = cs.rows + 3, ldb = cs.n + 5, ldc = cs.n + 2;  // strides wider than the data
-    auto to_f32 = [](const std::vector<kt::bf16>& v) {
-      std::vector<float> out(v.size());
-      for (size_t i = 0; i < v.size(); ++i) out[i] = kt::bf16_to_f32(v[i]);
-      return out;
-    };
-    const auto a = to_f32(kt_test::random_bf16(std::max<int64_t>(cs.depth, 1) * lda, 31));
-    const auto b = to_f32(kt_test::random_bf16(std::max<int64_t>(cs.depth, 1) * ldb, 32));
-    auto want = to_f32(kt_test::random_bf16(cs.rows * ldc, 33));
-    auto got = want;
-    kt::rank_update_scalar(cs.rows, cs.n, cs.depth, a.data(), lda, b.data(), ldb, want.data(), ldc);
-    kt::kernels_for(isa).rank_update(cs.rows, cs.n, cs.depth, a.data(), lda, b.data(), ldb, got.data(), ldc);
-    for (int64_t j = 0; j < cs.rows; ++j)
-      for (int64_t col = 0; col < ldc; ++col) {
-        const float w = want[j * ldc + col], g = got[j * ldc + col];
-        if (col >= cs.n) {
-          ASSERT_EQ(g, w) << "wrote past n at " << j << "," << col;
-        } else {
-          ASSERT_NEAR(g, w, 1e-5f * (cs.depth + 1) * (1 + std::fabs(w))) << j << "," << col;
+  for (const kt::DType dtype : {kt::DType::kBF16, kt::DType::kF32})
+    for (const int64_t chunk_stride : {16, 32})
+      for (const Case cs : {Case{1, 1, 1}, Case{16, 2048, 16}, Case{5, 100, 7}, Case{8, 64, 0}, Case{64, 33, 16}}) {
+        SCOPED_TRACE(testing::Message() << "rows " << cs.rows << " n " << cs.n << " depth " << cs.depth
+                                        << (dtype == kt::DType::kBF16 ? " bf16" : " fp32") << " chunk stride "
+                                        << chunk_stride);
+        const int64_t lda = cs.rows + 3, ldc = cs.n + 2;  // strides wider than the data
+        const int64_t row_elems = kt::round_up(cs.n, 16) / 16 * chunk_stride;
+        auto to_f32 = [](const std::vector<kt::bf16>& v) {
+          std::vector<float> out(v.size());
+          for (size_t i = 0; i < v.size(); ++i) out[i] = kt::bf16_to_f32(v[i]);
+          return out;
+        };
+        const auto a = to_f32(kt_test::random_bf16(std::max<int64_t>(cs.depth, 1) * lda, 31));
+        // Rows in reverse order of memory, so the pointers are what locate them.
+        const auto b_bf16 = kt_test::random_bf16(std::max<int64_t>(cs.depth, 1) * row_elems, 32);
+        const auto b_f32 = to_f32(b_bf16);
+        std::vector<const void*> rows(cs.depth);
+        for (int64_t p = 0; p < cs.depth; ++p) {
+          const int64_t at = (cs.depth - 1 - p) * row_elems;
+          rows[p] = dtype == kt::DType::kBF16 ? static_cast<const void*>(b_bf16.data() + at)
+                                              : static_cast<const void*>(b_f32.data() + at);
         }
+        const kt::RankRows b{rows.data(), dtype, chunk_stride};
+        auto want = to_f32(kt_test::random_bf16(cs.rows * ldc, 33));
+        auto got = want;
+        // Independent of the kernels: B_p[col] read straight from the layout's definition.
+        for (int64_t p = 0; p < cs.depth; ++p)
+          for (int64_t j = 0; j < cs.rows; ++j)
+            for (int64_t col = 0; col < cs.n; ++col)
+              want[j * ldc + col] += a[p * lda + j] *
+                                     b_f32[(cs.depth - 1 - p) * row_elems + col / 16 * chunk_stride + col % 16];
+        kt::kernels_for(isa).rank_update(cs.rows, cs.n, cs.depth, a.data(), lda, b, got.data(), ldc);
+        for (int64_t j = 0; j < cs.rows; ++j)
+          for (int64_t col = 0; col < ldc; ++col) {
+            const float w = want[j * ldc + col], g = got[j * ldc + col];
+            if (col >= cs.n) {
+              ASSERT_EQ(g, w) << "wrote past n at " << j << "," << col;
+            } else {
+              ASSERT_NEAR(g, w, 1e-5f * (cs.depth + 1) * (1 + std::fabs(w))) << j << "," << col;
+            }
+          }
       }
-  }
 }
 
 INSTANTIATE_TEST_SUITE_P(AllIsas, IsaRankUpdate,
