@@ -89,6 +89,20 @@ void block(int64_t blocks, const uint16_t* a, int64_t lda, const uint16_t* w, in
   if (Rows == 2 && Cols == 2) _tile_stored(3, c1 + 16, c_stride);
 }
 
+// One 32x32 (or smaller, at the edges) block of C over `depth` blocks from block k0.
+inline void run_block(int64_t m, int64_t row, int64_t panels, int64_t p, int64_t k0, int64_t depth,
+                      const uint16_t* a, int64_t lda, const uint16_t* w, int64_t panel_stride, float* c,
+                      int64_t ldc, bool acc) {
+  const uint16_t* ap = a + row * lda + k0 * kBlockDepth;
+  const uint16_t* wp = w + p * panel_stride + k0 * kBlockElems;
+  float* cp = c + row * ldc + p * kPanelRows;
+  const bool two_rows = row + 32 <= m, two_cols = p + 2 <= panels;
+  if (two_rows && two_cols) block<2, 2>(depth, ap, lda, wp, panel_stride, cp, ldc, acc);
+  else if (two_rows) block<2, 1>(depth, ap, lda, wp, panel_stride, cp, ldc, acc);
+  else if (two_cols) block<1, 2>(depth, ap, lda, wp, panel_stride, cp, ldc, acc);
+  else block<1, 1>(depth, ap, lda, wp, panel_stride, cp, ldc, acc);
+}
+
 }  // namespace
 
 void gemm_amx_bf16(int64_t m, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* w,
@@ -99,18 +113,16 @@ void gemm_amx_bf16(int64_t m, int64_t kp, const uint16_t* a, int64_t lda, const 
   for (int64_t k0 = 0; k0 < blocks; k0 += chunk) {
     const int64_t depth = blocks - k0 < chunk ? blocks - k0 : chunk;
     const bool acc = accumulate || k0 > 0;
-    for (int64_t row = 0; row < m; row += 32) {
-      const uint16_t* ap = a + row * lda + k0 * kBlockDepth;
-      const bool two_rows = row + 32 <= m;
-      for (int64_t p = 0; p < panels; p += 2) {
-        const uint16_t* wp = w + p * panel_stride + k0 * kBlockElems;
-        float* cp = c + row * ldc + p * kPanelRows;
-        const bool two_cols = p + 2 <= panels;
-        if (two_rows && two_cols) block<2, 2>(depth, ap, lda, wp, panel_stride, cp, ldc, acc);
-        else if (two_rows) block<2, 1>(depth, ap, lda, wp, panel_stride, cp, ldc, acc);
-        else if (two_cols) block<1, 2>(depth, ap, lda, wp, panel_stride, cp, ldc, acc);
-        else block<1, 1>(depth, ap, lda, wp, panel_stride, cp, ldc, acc);
-      }
+    // The operand whose piece is reused stays put: a chunk of A rows (small enough for L1)
+    // meets every panel pair; at whole depth a panel pair (in L2) meets every row block.
+    if (depth < blocks) {
+      for (int64_t row = 0; row < m; row += 32)
+        for (int64_t p = 0; p < panels; p += 2)
+          run_block(m, row, panels, p, k0, depth, a, lda, w, panel_stride, c, ldc, acc);
+    } else {
+      for (int64_t p = 0; p < panels; p += 2)
+        for (int64_t row = 0; row < m; row += 32)
+          run_block(m, row, panels, p, k0, depth, a, lda, w, panel_stride, c, ldc, acc);
     }
   }
   _tile_release();
