@@ -4,8 +4,6 @@
 #pragma GCC target("amx-tile,amx-bf16,avx512f")
 #include <immintrin.h>
 
-#include <cstdlib>
-
 #include "kt/isa.h"
 #include "kt/packing.h"
 
@@ -29,19 +27,6 @@ void configure_tiles() {
     cfg.colsb[t] = 64;
   }
   _tile_loadconfig(&cfg);
-}
-
-// Reduction depth per pass, in blocks of 32: a 32-row piece of A (16 KiB at 8 blocks) stays
-// in L1 while it meets every panel pair of B, so only B streams from L2. Each chunk adds into
-// C in ascending k, so the chunk size never changes results, only speed; KT_OPS_AMX_KCHUNK
-// (blocks, 0 = whole depth) overrides it for tuning runs.
-int64_t chunk_blocks() {
-  static const int64_t blocks = [] {
-    const char* env = std::getenv("KT_OPS_AMX_KCHUNK");
-    const long v = env ? std::strtol(env, nullptr, 10) : 8;
-    return v > 0 ? static_cast<int64_t>(v) : (int64_t{1} << 40);
-  }();
-  return blocks;
 }
 
 // One block of 16*Rows rows by 16*Cols columns of C over `blocks` blocks of depth. The second
@@ -89,40 +74,27 @@ void block(int64_t blocks, const uint16_t* a, int64_t lda, const uint16_t* w, in
   if (Rows == 2 && Cols == 2) _tile_stored(3, c1 + 16, c_stride);
 }
 
-// One 32x32 (or smaller, at the edges) block of C over `depth` blocks from block k0.
-inline void run_block(int64_t m, int64_t row, int64_t panels, int64_t p, int64_t k0, int64_t depth,
-                      const uint16_t* a, int64_t lda, const uint16_t* w, int64_t panel_stride, float* c,
-                      int64_t ldc, bool acc) {
-  const uint16_t* ap = a + row * lda + k0 * kBlockDepth;
-  const uint16_t* wp = w + p * panel_stride + k0 * kBlockElems;
-  float* cp = c + row * ldc + p * kPanelRows;
-  const bool two_rows = row + 32 <= m, two_cols = p + 2 <= panels;
-  if (two_rows && two_cols) block<2, 2>(depth, ap, lda, wp, panel_stride, cp, ldc, acc);
-  else if (two_rows) block<2, 1>(depth, ap, lda, wp, panel_stride, cp, ldc, acc);
-  else if (two_cols) block<1, 2>(depth, ap, lda, wp, panel_stride, cp, ldc, acc);
-  else block<1, 1>(depth, ap, lda, wp, panel_stride, cp, ldc, acc);
-}
-
 }  // namespace
 
+// Each 32x32 block of C runs the whole depth and is stored once. Panel pairs are outermost: a
+// pair's B (2 x 64 KiB at depth 2048) stays in L2 while every row block of A meets it. (Chunks
+// of depth whose 32-row piece of A stays in L1 instead, re-reading C per chunk, were slower per
+// layer on the 16-core host.)
 void gemm_amx_bf16(int64_t m, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* w,
                    int64_t panels, float* c, int64_t ldc, bool accumulate) {
   const int64_t blocks = kp / kBlockDepth, panel_stride = blocks * kBlockElems;
   configure_tiles();
-  const int64_t chunk = chunk_blocks();
-  for (int64_t k0 = 0; k0 < blocks; k0 += chunk) {
-    const int64_t depth = blocks - k0 < chunk ? blocks - k0 : chunk;
-    const bool acc = accumulate || k0 > 0;
-    // The operand whose piece is reused stays put: a chunk of A rows (small enough for L1)
-    // meets every panel pair; at whole depth a panel pair (in L2) meets every row block.
-    if (depth < blocks) {
-      for (int64_t row = 0; row < m; row += 32)
-        for (int64_t p = 0; p < panels; p += 2)
-          run_block(m, row, panels, p, k0, depth, a, lda, w, panel_stride, c, ldc, acc);
-    } else {
-      for (int64_t p = 0; p < panels; p += 2)
-        for (int64_t row = 0; row < m; row += 32)
-          run_block(m, row, panels, p, k0, depth, a, lda, w, panel_stride, c, ldc, acc);
+  for (int64_t p = 0; p < panels; p += 2) {
+    const uint16_t* wp = w + p * panel_stride;
+    const bool two_cols = p + 2 <= panels;
+    for (int64_t row = 0; row < m; row += 32) {
+      const uint16_t* ap = a + row * lda;
+      float* cp = c + row * ldc + p * kPanelRows;
+      const bool two_rows = row + 32 <= m;
+      if (two_rows && two_cols) block<2, 2>(blocks, ap, lda, wp, panel_stride, cp, ldc, accumulate);
+      else if (two_rows) block<2, 1>(blocks, ap, lda, wp, panel_stride, cp, ldc, accumulate);
+      else if (two_cols) block<1, 2>(blocks, ap, lda, wp, panel_stride, cp, ldc, accumulate);
+      else block<1, 1>(blocks, ap, lda, wp, panel_stride, cp, ldc, accumulate);
     }
   }
   _tile_release();
