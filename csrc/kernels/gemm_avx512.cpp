@@ -235,9 +235,9 @@ void rank_update_cols(int64_t rows, int64_t n, int64_t depth, const float* a, in
     if (left > 64) {
       for (int64_t p = 0; p < depth; ++p)
         for (int64_t v = 4; v < 8 && 16 * v < left; ++v) {
-          const char* at = static_cast<const char*>(b.rows[p]) + (chunk + v) * b.chunk_stride * elem;
-          _mm_prefetch(at, _MM_HINT_T0);
-          if (elem == 4) _mm_prefetch(at + 32, _MM_HINT_T0);
+          const char* first = static_cast<const char*>(b.rows[p]) + (chunk + v) * b.chunk_stride * elem;
+          _mm_prefetch(first, _MM_HINT_T0);  // the chunk's first and last byte: all of its lines
+          _mm_prefetch(first + 16 * elem - 1, _MM_HINT_T0);
         }
     }
     float* cc = c + col;

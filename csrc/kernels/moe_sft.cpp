@@ -25,7 +25,9 @@ constexpr int64_t kRowAlign = 16;       // GEMM row blocks; each expert's rows a
 // A, so wider tasks re-read A less: on the 16-core host 16 beat 4 by 12% per layer (8 and 32
 // in between).
 constexpr int64_t kPanelsPerTask = 16;
-constexpr int64_t kPairBlock = 64;      // routed pairs per block of LoRA-gradient updates
+// Routed pairs per block of LoRA-gradient updates: C is loaded and stored once per block, and
+// a block's 64 columns of its rows (8-16 KiB) stay in L1 while every group of C rows meets them.
+constexpr int64_t kPairBlock = 64;
 // Extra elements per row of the activation buffers the GEMMs read as A. Without them a row of
 // 2048 bf16 is 4 KiB, and the 16 rows of one AMX tile load all fall in one L1 set.
 constexpr int64_t kRowSkew = 32;
@@ -56,8 +58,6 @@ class PhaseTimer {
   std::chrono::steady_clock::time_point last_;
 };
 
-inline float act_to_f32(float v) { return v; }
-inline float act_to_f32(bf16 v) { return bf16_to_f32(v); }
 template <typename Act> Act f32_to_act(float v);
 template <> inline float f32_to_act<float>(float v) { return v; }
 template <> inline bf16 f32_to_act<bf16>(float v) { return f32_to_bf16(v); }
