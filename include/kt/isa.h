@@ -27,10 +27,6 @@ bool isa_supported(Isa isa);
 // Throws std::invalid_argument naming the valid values when `cap` is not one of them.
 Isa select_isa(const char* cap);
 
-// A GEMM against packed weights (see packing.h):
-//   C[m, 16*p + c] (+)= sum_k A[m, k] * W[16*p + c, k]   for m < M, p < panels, c < 16
-// A is M x kp (row stride lda, columns past the real depth zero), the panels are
-// consecutive in `w`, C is fp32 with row stride ldc. M must be a multiple of 16.
 // The long rows of a rank update, read in place: row p is rows[p] (dtype `dtype`), and its
 // column col is element (col / 16) * chunk_stride + col % 16 - chunk_stride 16 for a dense
 // row, 32 for the gate or the up half of a fused gate/up row (interleaved 16-column panels).
@@ -69,6 +65,10 @@ using GateUpEpilogueFn = void (*)(int64_t valid, int64_t cols, const float* acc,
 using SiluGradFn = float (*)(int64_t I, int64_t ip, const void* saved, DType saved_dtype, int64_t at,
                              const float* q, float w, uint16_t* z, uint16_t* fused);
 
+// A GEMM against packed weights (see packing.h):
+//   C[m, 16*p + c] (+)= sum_k A[m, k] * W[16*p + c, k]   for m < M, p < panels, c < 16
+// A is M x kp (row stride lda, columns past the real depth zero), the panels are
+// consecutive in `w`, C is fp32 with row stride ldc. M must be a multiple of 16.
 template <typename Act>
 using GemmFn = void (*)(int64_t m, int64_t kp, const Act* a, int64_t lda, const uint16_t* w,
                         int64_t panels, float* c, int64_t ldc, bool accumulate);
