@@ -1,0 +1,198 @@
+// What an AMX-BF16 GEMM can reach on this machine, against what kt_ops's reaches.
+//
+//   cmake -S tests/cpp -B build/cpp -G Ninja && cmake --build build/cpp --target kt_amx_ceiling
+//   build/cpp/kt_amx_ceiling [threads...]        (default: 1, half the cores, all cores)
+//
+// Figures per thread count, each in TFLOP/s per thread:
+//   tile peak    products into four independent accumulator tiles, no loads (operands
+//                loaded once): the figure PERF.md calls the AMX peak, with real data.
+//   load-bound   the same products in the 2x2 step every tile-register-blocked bf16 GEMM
+//                runs (4 C tiles, 2 A and 2 B tiles, so one 1 KiB tile load per product),
+//                with every load hitting L1: no GEMM of that blocking beats it.
+//   L2 operands  the same step with its operands streaming from L2, as a GEMM's mostly are.
+//   kt gemm      kt's AMX GEMM (gemm_amx_bf16) on the tasks of a Qwen3-30B-A3B layer at
+//                T = 4096: 256 rows, the forward gate/up (depth 2048, 32 panels) and down
+//                (depth 768, 16 panels) shapes, each call on weights not yet in cache.
+// Eight tiles hold at most four C tiles, so one load per product is the least any
+// blocking that keeps C in tiles needs; where loads are slow, the load-bound figure, not
+// the tile peak, is the ceiling to plan against.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include "kt/isa.h"
+#include "kt/packing.h"
+#include "kt/thread_pool.h"
+
+namespace {
+
+constexpr double kFlopPerProduct = 2.0 * 16 * 16 * 32;  // one TDPBF16PS
+constexpr int64_t kL2Steps = 256;                        // 4 KiB of operands per step: 1 MiB
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+__attribute__((target("amx-tile"))) void configure_tiles() {
+  TileConfig cfg = {};
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  asm volatile("" : : "r"(&cfg) : "memory");  // the stores must reach memory before ldtilecfg
+  _tile_loadconfig(&cfg);
+}
+
+enum class Operands { kNone, kL1, kL2 };
+
+// `steps` 2x2 steps (4 products each). With operands, each step loads its 4 operand tiles
+// right after their last reader, as the GEMM does: always the same 4 KiB (kL1), or the next
+// 4 KiB of a 1 MiB buffer that stays in L2 (kL2).
+template <Operands From>
+__attribute__((target("amx-tile,amx-bf16"))) void tile_steps(int64_t steps, const uint16_t* buf) {
+  configure_tiles();
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_loadd(4, buf, 64);
+  _tile_loadd(5, buf + 1024, 64);
+  _tile_loadd(6, buf + 512, 64);
+  _tile_loadd(7, buf + 1536, 64);
+  constexpr bool loads = From != Operands::kNone;
+  for (int64_t s = 0; s < steps; ++s) {
+    const uint16_t* t = From == Operands::kL2 ? buf + (s % kL2Steps) * 2048 : buf;
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    if (loads) _tile_loadd(6, t + 512, 64);
+    if (loads) _tile_loadd(4, t, 64);
+    _tile_dpbf16ps(3, 5, 7);
+    if (loads) _tile_loadd(5, t + 1024, 64);
+    if (loads) _tile_loadd(7, t + 1536, 64);
+  }
+  alignas(64) static thread_local float sink[256];
+  _tile_stored(0, sink, 64);
+  _tile_release();
+}
+
+// A 64-byte-aligned buffer (misaligned tile rows would split cache lines): random bf16 in
+// [-1, 1), or fp32 zeros. Random because the values matter: on the 16-core host, zero or
+// constant operands ran AMX 2.5x faster than random ones (RESULTS.md).
+template <typename T>
+class Buffer {
+ public:
+  void assign(int64_t n) {
+    data_.reset(static_cast<T*>(std::aligned_alloc(64, kt::round_up(n * sizeof(T), 64))));
+    if constexpr (std::is_same_v<T, float>) {
+      std::fill(data_.get(), data_.get() + n, 0.f);
+    } else {
+      uint32_t state = 12345;  // a linear congruential generator is random enough here
+      for (int64_t i = 0; i < n; ++i) {
+        state = state * 1664525u + 1013904223u;
+        data_.get()[i] = kt::f32_to_bf16(static_cast<float>(state >> 8) / (1 << 23) - 1.f);
+      }
+    }
+  }
+  T* data() const { return data_.get(); }
+
+ private:
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> data_;
+};
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Best of `rounds` of fn(t) for t < threads on the pool, all at once; returns seconds. (A
+// round where one pool thread ran two of them is slower and drops out.)
+template <typename F>
+double best_seconds(int threads, int rounds, const F& fn) {
+  double best = 1e30;
+  for (int r = 0; r < rounds; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    kt::parallel_for(threads, threads, fn);
+    best = std::min(best, seconds_since(t0));
+  }
+  return best;
+}
+
+struct GemmShape {
+  const char* name;
+  int64_t m, kp, panels;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (!kt::isa_supported(kt::Isa::kAmx)) {
+    std::fprintf(stderr, "kt_amx_ceiling: this CPU (or OS) has no AMX-BF16\n");
+    return 1;
+  }
+  std::vector<int> counts;
+  for (int i = 1; i < argc; ++i) counts.push_back(std::atoi(argv[i]));
+  if (counts.empty()) {
+    const int cores = static_cast<int>(std::thread::hardware_concurrency());
+    counts = {1, std::max(1, cores / 2), cores};
+    counts.erase(std::unique(counts.begin(), counts.end()), counts.end());
+  }
+  const int max_threads = *std::max_element(counts.begin(), counts.end());
+  std::vector<Buffer<uint16_t>> operands(max_threads);  // each thread's own L1 / L2 operands
+
+  const GemmShape shapes[] = {{"gate/up", 256, 2048, 32}, {"down", 256, 768, 16}};
+  // Per thread: its own A and C, and enough distinct weight sets that each call's are cold.
+  constexpr int64_t kWeightSets = 16;
+  struct Buffers {
+    Buffer<uint16_t> a, w;
+    Buffer<float> c;
+  };
+  std::vector<Buffers> buf(max_threads);
+  const kt::Kernels& k = kt::kernels_for(kt::Isa::kAmx);
+
+  std::printf("%-8s %-12s %10s %12s %12s\n", "threads", "figure", "TFLOP/s/thr", "% tile peak", "% load-bound");
+  for (int threads : counts) {
+    const int64_t steps = 1 << 20;
+    const double flop = 4 * kFlopPerProduct * steps;
+    kt::parallel_for(threads, threads, [&](int64_t t) { operands[t].assign(kL2Steps * 2048); });
+    auto tflops = [&](auto steps_fn) { return flop / best_seconds(threads, 5, steps_fn) / 1e12; };
+    const double peak = tflops([&](int64_t t) { tile_steps<Operands::kNone>(steps, operands[t].data()); });
+    const double bound = tflops([&](int64_t t) { tile_steps<Operands::kL1>(steps, operands[t].data()); });
+    const double l2 = tflops([&](int64_t t) { tile_steps<Operands::kL2>(steps, operands[t].data()); });
+    std::printf("%-8d %-12s %10.3f %11.1f%% %11.1f%%\n", threads, "tile peak", peak, 100.0, 100 * peak / bound);
+    std::printf("%-8d %-12s %10.3f %11.1f%% %11.1f%%\n", threads, "load-bound", bound, 100 * bound / peak, 100.0);
+    std::printf("%-8d %-12s %10.3f %11.1f%% %11.1f%%\n", threads, "L2 operands", l2, 100 * l2 / peak, 100 * l2 / bound);
+    for (const GemmShape& s : shapes) {
+      const int64_t lda = s.kp + 32, ldc = s.panels * kt::kPanelRows, wsize = s.panels * kt::kPanelRows * s.kp;
+      kt::parallel_for(threads, threads, [&](int64_t t) {  // first touch on the thread that uses it
+        buf[t].a.assign(s.m * lda);
+        buf[t].w.assign(wsize * kWeightSets);
+        buf[t].c.assign(s.m * ldc);
+      });
+      const int calls = 4 * kWeightSets;
+      const double secs = best_seconds(threads, 3, [&](int64_t t) {
+        for (int i = 0; i < calls; ++i)
+          k.gemm_bf16(s.m, s.kp, buf[t].a.data(), lda, buf[t].w.data() + (i % kWeightSets) * wsize, s.panels,
+                      buf[t].c.data(), ldc, false);
+      });
+      const double tf = 2.0 * s.m * s.kp * s.panels * kt::kPanelRows * calls / secs / 1e12;
+      char name[32];
+      std::snprintf(name, sizeof name, "kt %s", s.name);
+      std::printf("%-8d %-12s %10.3f %11.1f%% %11.1f%%\n", threads, name, tf, 100 * tf / peak, 100 * tf / bound);
+    }
+  }
+  return 0;
+}
