@@ -12,9 +12,11 @@
 //   L2 operands  the same step with its operands streaming from L2, as a GEMM's mostly are.
 //   kt gemm      kt's AMX GEMM (gemm_amx_bf16) on the tasks of a Qwen3-30B-A3B layer at
 //                T = 4096: 256 rows, the forward gate/up (depth 2048, 32 panels) and down
-//                (depth 768, 16 panels) shapes, each call on weights not yet in cache.
-// Eight tiles hold at most four C tiles, so one load per product is the least any
-// blocking that keeps C in tiles needs; where loads are slow, the load-bound figure, not
+//                (depth 768, 16 panels) shapes, each call on weights that are in no cache
+//                (1 GiB of weight sets in all, cycled).
+// A kernel that keeps C in tiles through the depth needs at least one operand tile load
+// per product: c C tiles leave 8 - c registers for operands, and 2x2 (c = 4) is the only
+// layout reaching one load per product. Where loads are slow, the load-bound figure, not
 // the tile peak, is the ceiling to plan against.
 #include <immintrin.h>
 
@@ -24,35 +26,19 @@
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
+#include "../csrc/kernels/amx_tiles.h"
 #include "kt/isa.h"
 #include "kt/packing.h"
 #include "kt/thread_pool.h"
+#include "kt/topology.h"
 
 namespace {
 
 constexpr double kFlopPerProduct = 2.0 * 16 * 16 * 32;  // one TDPBF16PS
 constexpr int64_t kL2Steps = 256;                        // 4 KiB of operands per step: 1 MiB
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-__attribute__((target("amx-tile"))) void configure_tiles() {
-  TileConfig cfg = {};
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  asm volatile("" : : "r"(&cfg) : "memory");  // the stores must reach memory before ldtilecfg
-  _tile_loadconfig(&cfg);
-}
 
 enum class Operands { kNone, kL1, kL2 };
 
@@ -61,7 +47,7 @@ enum class Operands { kNone, kL1, kL2 };
 // 4 KiB of a 1 MiB buffer that stays in L2 (kL2).
 template <Operands From>
 __attribute__((target("amx-tile,amx-bf16"))) void tile_steps(int64_t steps, const uint16_t* buf) {
-  configure_tiles();
+  kt::configure_amx_tiles();
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
@@ -82,14 +68,11 @@ __attribute__((target("amx-tile,amx-bf16"))) void tile_steps(int64_t steps, cons
     if (loads) _tile_loadd(5, t + 1024, 64);
     if (loads) _tile_loadd(7, t + 1536, 64);
   }
-  alignas(64) static thread_local float sink[256];
-  _tile_stored(0, sink, 64);
   _tile_release();
 }
 
 // A 64-byte-aligned buffer (misaligned tile rows would split cache lines): random bf16 in
-// [-1, 1), or fp32 zeros. Random because the values matter: on the 16-core host, zero or
-// constant operands ran AMX 2.5x faster than random ones (RESULTS.md).
+// [-1, 1), like real weights and activations, or fp32 zeros.
 template <typename T>
 class Buffer {
  public:
@@ -143,10 +126,16 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "kt_amx_ceiling: this CPU (or OS) has no AMX-BF16\n");
     return 1;
   }
+  const int cores = kt::machine_topology().cores();  // one pinned pool thread per core
   std::vector<int> counts;
-  for (int i = 1; i < argc; ++i) counts.push_back(std::atoi(argv[i]));
+  for (int i = 1; i < argc; ++i) {
+    counts.push_back(std::atoi(argv[i]));
+    if (counts.back() < 1 || counts.back() > cores) {
+      std::fprintf(stderr, "kt_amx_ceiling: thread counts are 1 to %d (the cores); got '%s'\n", cores, argv[i]);
+      return 2;
+    }
+  }
   if (counts.empty()) {
-    const int cores = static_cast<int>(std::thread::hardware_concurrency());
     counts = {1, std::max(1, cores / 2), cores};
     counts.erase(std::unique(counts.begin(), counts.end()), counts.end());
   }
@@ -154,8 +143,9 @@ int main(int argc, char** argv) {
   std::vector<Buffer<uint16_t>> operands(max_threads);  // each thread's own L1 / L2 operands
 
   const GemmShape shapes[] = {{"gate/up", 256, 2048, 32}, {"down", 256, 768, 16}};
-  // Per thread: its own A and C, and enough distinct weight sets that each call's are cold.
-  constexpr int64_t kWeightSets = 16;
+  // Per thread: its own A and C, and weight sets cycled through, 1 GiB of them over all
+  // threads: more than any cache, so every call's weights come from memory.
+  constexpr int64_t kWeightBytes = int64_t(1) << 30;
   struct Buffers {
     Buffer<uint16_t> a, w;
     Buffer<float> c;
@@ -177,15 +167,16 @@ int main(int argc, char** argv) {
     std::printf("%-8d %-12s %10.3f %11.1f%% %11.1f%%\n", threads, "L2 operands", l2, 100 * l2 / peak, 100 * l2 / bound);
     for (const GemmShape& s : shapes) {
       const int64_t lda = s.kp + 32, ldc = s.panels * kt::kPanelRows, wsize = s.panels * kt::kPanelRows * s.kp;
-      kt::parallel_for(threads, threads, [&](int64_t t) {  // first touch on the thread that uses it
+      const int64_t sets = std::max<int64_t>(2, kWeightBytes / (threads * wsize * 2));
+      kt::parallel_for(threads, threads, [&](int64_t t) {  // written by pool threads, spread over the nodes
         buf[t].a.assign(s.m * lda);
-        buf[t].w.assign(wsize * kWeightSets);
+        buf[t].w.assign(wsize * sets);
         buf[t].c.assign(s.m * ldc);
       });
-      const int calls = 4 * kWeightSets;
+      const int64_t calls = 2 * sets;
       const double secs = best_seconds(threads, 3, [&](int64_t t) {
-        for (int i = 0; i < calls; ++i)
-          k.gemm_bf16(s.m, s.kp, buf[t].a.data(), lda, buf[t].w.data() + (i % kWeightSets) * wsize, s.panels,
+        for (int64_t i = 0; i < calls; ++i)
+          k.gemm_bf16(s.m, s.kp, buf[t].a.data(), lda, buf[t].w.data() + (i % sets) * wsize, s.panels,
                       buf[t].c.data(), ldc, false);
       });
       const double tf = 2.0 * s.m * s.kp * s.panels * kt::kPanelRows * calls / secs / 1e12;

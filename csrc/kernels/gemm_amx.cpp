@@ -4,33 +4,15 @@
 #pragma GCC target("amx-tile,amx-bf16,avx512f")
 #include <immintrin.h>
 
+#include "amx_tiles.h"
 #include "kt/isa.h"
 #include "kt/packing.h"
 
 namespace kt {
 namespace {
 
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-// Tiles 0-3: C (fp32 16x16), 4-5: A (16 rows x 32 bf16), 6-7: B (16 pair-rows x 16 columns).
-void configure_tiles() {
-  TileConfig cfg = {};
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
-
 // One block of 16*Rows rows by 16*Cols columns of C over `blocks` blocks of depth. The second
-// panel of B starts panel_stride elements after the first.
+// panel of B starts panel_stride elements after the first. Tiles 0-3 hold C, 4-5 A, 6-7 B.
 template <int Rows, int Cols>
 void block(int64_t blocks, const uint16_t* a, int64_t lda, const uint16_t* w, int64_t panel_stride,
            float* c, int64_t ldc, bool accumulate) {
@@ -83,7 +65,7 @@ void block(int64_t blocks, const uint16_t* a, int64_t lda, const uint16_t* w, in
 void gemm_amx_bf16(int64_t m, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* w,
                    int64_t panels, float* c, int64_t ldc, bool accumulate) {
   const int64_t blocks = kp / kBlockDepth, panel_stride = blocks * kBlockElems;
-  configure_tiles();
+  configure_amx_tiles();
   for (int64_t p = 0; p < panels; p += 2) {
     const uint16_t* wp = w + p * panel_stride;
     const bool two_cols = p + 2 <= panels;
