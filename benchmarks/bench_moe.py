@@ -6,6 +6,11 @@ Both run in this process on the same layer (random bf16 weights, LoRA rank --ran
 gate/up/down of every expert). The reference is kt_ops.reference in bf16 compute: the
 per-expert eager loop a user would write. Effective TFLOP/s counts only the base GEMMs
 of forward + backward (2 x 2*T*K*3*H*I, see PERF.md) so figures from different code compare.
+
+Freed memory is reused (--malloc reuse, kt_ops.train.reuse_freed_memory), as in kt-sft: with
+glibc's defaults (--malloc default, how layer figures were taken before the fourth sitting of
+2026-11-23 in RESULTS.md) every call maps its large tensors afresh and page-faults them, which no
+training loop that reuses them pays.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import argparse
 import json
 import resource
 import statistics
+import sys
 import time
 
 import torch
@@ -21,6 +27,20 @@ import kt_ops
 from kt_ops.reference import moe_flops, moe_sft_reference
 from kt_ops.shapes import model_shape
 from kt_ops.testing import random_layer
+from kt_ops.train import reuse_freed_memory
+
+
+def add_malloc_option(p: argparse.ArgumentParser) -> None:
+    """--malloc for the layer benchmarks: reuse freed memory as kt-sft does, or glibc's defaults."""
+    p.add_argument("--malloc", choices=["reuse", "default"], default="reuse",
+                   help="reuse: keep freed memory for the next call, as kt-sft does (default); default: glibc's "
+                        "defaults, every call page-faults its large tensors afresh")
+
+
+def apply_malloc_option(args: argparse.Namespace) -> None:
+    """Acts on --malloc; call before any large tensor is made."""
+    if args.malloc == "reuse" and not reuse_freed_memory():
+        print("note: this C library has no mallopt: --malloc reuse has no effect", file=sys.stderr)
 
 
 def time_forward_backward(layer, forward, repeats: int):
@@ -69,7 +89,9 @@ def main() -> None:
     p.add_argument("--numa-nodes", type=int, default=0,
                    help="intermediate slices of the packed experts (0: one per NUMA node of this machine)")
     p.add_argument("--json", help="also write the figures to this file")
+    add_malloc_option(p)
     args = p.parse_args()
+    apply_malloc_option(args)
     torch.set_num_threads(args.threads)
 
     shape = model_shape(args.shape)
@@ -80,11 +102,11 @@ def main() -> None:
         rows["reference"] = time_reference(layer, args.ref_repeats)
 
     print(f"{shape.name} T={args.tokens} r={args.rank} threads={args.threads} path={kt_ops.isa()} "
-          f"slices={layer.experts.numa_slices} "
+          f"slices={layer.experts.numa_slices} malloc={args.malloc} "
           f"(E={shape.experts} H={shape.hidden} I={shape.intermediate} K={shape.top_k})")
     print(f"{'':10} {'fwd s':>8} {'bwd s':>8} {'total s':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'% peak':>7}")
     result = {"shape": shape.name, "tokens": args.tokens, "rank": args.rank, "threads": args.threads,
-              "isa": kt_ops.isa()}
+              "isa": kt_ops.isa(), "malloc": args.malloc}
     for name, (f, b, _) in rows.items():
         total = f + b
         tflops = flops / total / 1e12

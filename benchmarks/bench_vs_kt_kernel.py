@@ -39,6 +39,7 @@ import torch
 import kt_ops
 from kt_ops.shapes import MoeShape, model_shape
 from kt_ops.testing import RandomLayer, random_layer
+from bench_moe import add_malloc_option, apply_malloc_option
 
 TOLERANCE = 3e-2
 KT_METHOD = "AMXBF16_SFT"
@@ -267,7 +268,9 @@ def main() -> None:
     p.add_argument("--json", help="also write the figures to this file")
     p.add_argument("--time-only", choices=["kt_ops", "kt_kernel"],
                    help="(internal) time one library in this process and print its JSON")
+    add_malloc_option(p)
     args = p.parse_args()
+    apply_malloc_option(args)
     if args.rank < 1 or args.repeats < 1 or args.tokens < 1:
         p.error("--rank, --repeats and --tokens must be >= 1")
 

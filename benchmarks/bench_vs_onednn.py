@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import kt_ops
+from bench_moe import add_malloc_option, apply_malloc_option
 from kt_ops.shapes import model_shape
 
 
@@ -42,7 +43,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--cases", default="qwen3-30b-a3b:256,qwen3-30b-a3b:2048,mixtral-8x7b:1024",
                    help="comma-separated shape:M")
+    add_malloc_option(p)
     args = p.parse_args()
+    apply_malloc_option(args)
     torch.set_num_threads(args.threads)
     print(f"kt_ops path={kt_ops.isa()} threads={args.threads}; torch {torch.__version__} "
           f"mkldnn bf16 matmul={torch.backends.mkldnn.is_available()}")

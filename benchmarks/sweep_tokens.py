@@ -20,7 +20,7 @@ import kt_ops
 from kt_ops.shapes import model_shape
 from kt_ops.testing import random_layer
 
-from bench_moe import time_kt, time_reference
+from bench_moe import add_malloc_option, apply_malloc_option, time_kt, time_reference
 
 
 def make_kt_kernel_run(full, shape, max_tokens: int, args):
@@ -57,7 +57,9 @@ def main() -> None:
     p.add_argument("--out", required=True, help="JSON file for the figures")
     p.add_argument("--plot", help="PNG plot of tokens/s vs T (needs matplotlib)")
     p.add_argument("--kt-kernel", action="store_true", help="also time kt-kernel, when it imports")
+    add_malloc_option(p)
     args = p.parse_args()
+    apply_malloc_option(args)
     torch.set_num_threads(args.threads)
     ts = [int(t) for t in args.tokens.split(",")]
     shape = model_shape(args.shape)
