@@ -26,6 +26,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -38,7 +39,8 @@
 namespace {
 
 constexpr double kFlopPerProduct = 2.0 * 16 * 16 * 32;  // one TDPBF16PS
-constexpr int64_t kL2Steps = 256;                        // 4 KiB of operands per step: 1 MiB
+constexpr int64_t kStepElems = 4 * 512;                 // one step's 4 operand tiles: 4 KiB
+constexpr int64_t kL2Steps = 256;                        // steps of distinct operands: 1 MiB
 
 enum class Operands { kNone, kL1, kL2 };
 
@@ -58,7 +60,7 @@ __attribute__((target("amx-tile,amx-bf16"))) void tile_steps(int64_t steps, cons
   _tile_loadd(7, buf + 1536, 64);
   constexpr bool loads = From != Operands::kNone;
   for (int64_t s = 0; s < steps; ++s) {
-    const uint16_t* t = From == Operands::kL2 ? buf + (s % kL2Steps) * 2048 : buf;
+    const uint16_t* t = From == Operands::kL2 ? buf + (s % kL2Steps) * kStepElems : buf;
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
     _tile_dpbf16ps(2, 5, 6);
@@ -157,14 +159,17 @@ int main(int argc, char** argv) {
   for (int threads : counts) {
     const int64_t steps = 1 << 20;
     const double flop = 4 * kFlopPerProduct * steps;
-    kt::parallel_for(threads, threads, [&](int64_t t) { operands[t].assign(kL2Steps * 2048); });
+    kt::parallel_for(threads, threads, [&](int64_t t) { operands[t].assign(kL2Steps * kStepElems); });
     auto tflops = [&](auto steps_fn) { return flop / best_seconds(threads, 5, steps_fn) / 1e12; };
     const double peak = tflops([&](int64_t t) { tile_steps<Operands::kNone>(steps, operands[t].data()); });
     const double bound = tflops([&](int64_t t) { tile_steps<Operands::kL1>(steps, operands[t].data()); });
     const double l2 = tflops([&](int64_t t) { tile_steps<Operands::kL2>(steps, operands[t].data()); });
-    std::printf("%-8d %-12s %10.3f %11.1f%% %11.1f%%\n", threads, "tile peak", peak, 100.0, 100 * peak / bound);
-    std::printf("%-8d %-12s %10.3f %11.1f%% %11.1f%%\n", threads, "load-bound", bound, 100 * bound / peak, 100.0);
-    std::printf("%-8d %-12s %10.3f %11.1f%% %11.1f%%\n", threads, "L2 operands", l2, 100 * l2 / peak, 100 * l2 / bound);
+    auto report = [&](const char* figure, double tf) {
+      std::printf("%-8d %-12s %10.3f %11.1f%% %11.1f%%\n", threads, figure, tf, 100 * tf / peak, 100 * tf / bound);
+    };
+    report("tile peak", peak);
+    report("load-bound", bound);
+    report("L2 operands", l2);
     for (const GemmShape& s : shapes) {
       const int64_t lda = s.kp + 32, ldc = s.panels * kt::kPanelRows, wsize = s.panels * kt::kPanelRows * s.kp;
       const int64_t sets = std::max<int64_t>(2, kWeightBytes / (threads * wsize * 2));
@@ -180,9 +185,7 @@ int main(int argc, char** argv) {
                       buf[t].c.data(), ldc, false);
       });
       const double tf = 2.0 * s.m * s.kp * s.panels * kt::kPanelRows * calls / secs / 1e12;
-      char name[32];
-      std::snprintf(name, sizeof name, "kt %s", s.name);
-      std::printf("%-8d %-12s %10.3f %11.1f%% %11.1f%%\n", threads, name, tf, 100 * tf / peak, 100 * tf / bound);
+      report((std::string("kt ") + s.name).c_str(), tf);
     }
   }
   return 0;

@@ -39,6 +39,7 @@ import torch
 import kt_ops
 from kt_ops.shapes import MoeShape, model_shape
 from kt_ops.testing import RandomLayer, random_layer
+
 from bench_moe import add_malloc_option, apply_malloc_option
 
 TOLERANCE = 3e-2

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 import kt_ops
-from bench_moe import add_malloc_option, apply_malloc_option
 from kt_ops.shapes import model_shape
+
+from bench_moe import add_malloc_option, apply_malloc_option
 
 
 def median_seconds(fn, repeats: int) -> float:
