@@ -15,15 +15,20 @@ TORCH_LIBRARY(kt, m) {
   // include/kt/packing.h (ExpertLayout), split along I into S slices, one per NUMA node
   // (numa_nodes = 0: as many as this machine has): gate_up [S, E, 2*Is, Hp] (gate and up
   // panels interleaved) and down [S, E, Hp, Is], where Hp is H rounded up to 32 and Is is
-  // I / S rounded up to 32.
-  m.def("pack_experts(Tensor w_gate, Tensor w_up, Tensor w_down, int numa_nodes=0) -> (Tensor gate_up, Tensor down)");
+  // I / S rounded up to 32; and layout, int64 [6]: what the packed tensors hold (format and
+  // true sizes, kt::encode_layout), which the MoE ops check their other arguments against.
+  // numa_nodes is at most 1024.
+  m.def("pack_experts(Tensor w_gate, Tensor w_up, Tensor w_down, int numa_nodes=0) -> "
+        "(Tensor gate_up, Tensor down, Tensor layout)");
 
-  // Routed experts forward with optional LoRA per projection (A [E, r, in], B [E, out, r]).
+  // Routed experts forward with optional LoRA per projection (A [E, r, in], B [E, out, r]), on
+  // the experts kt.pack_experts made (gate_up, down, layout); intermediate_size must be the I
+  // they were packed with (it sizes the outputs where layout's values are unknown: Meta).
   // Returns y [T, H] and what the backward needs: gate_up_act [T, K, 2I] (g then u, dtype of
   // x) and lora_act [T, K, r_g + r_u + r_d] fp32 (x A_g^T, x A_u^T, z A_d^T).
   m.def(
       "moe_sft_forward(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor gate_up, Tensor down, "
-      "int intermediate_size, Tensor? lora_gate_a, Tensor? lora_gate_b, Tensor? lora_up_a, "
+      "Tensor layout, int intermediate_size, Tensor? lora_gate_a, Tensor? lora_gate_b, Tensor? lora_up_a, "
       "Tensor? lora_up_b, Tensor? lora_down_a, Tensor? lora_down_b, float lora_scaling) "
       "-> (Tensor y, Tensor gate_up_act, Tensor lora_act)");
 
@@ -31,7 +36,7 @@ TORCH_LIBRARY(kt, m) {
   // its input's dtype; an empty tensor where that LoRA tensor was not given).
   m.def(
       "moe_sft_backward(Tensor grad_y, Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor gate_up, "
-      "Tensor down, int intermediate_size, Tensor? lora_gate_a, Tensor? lora_gate_b, Tensor? lora_up_a, "
+      "Tensor down, Tensor layout, int intermediate_size, Tensor? lora_gate_a, Tensor? lora_gate_b, Tensor? lora_up_a, "
       "Tensor? lora_up_b, Tensor? lora_down_a, Tensor? lora_down_b, float lora_scaling, "
       "Tensor gate_up_act, Tensor lora_act) -> (Tensor grad_x, Tensor grad_topk_weights, "
       "Tensor grad_lora_gate_a, Tensor grad_lora_gate_b, Tensor grad_lora_up_a, Tensor grad_lora_up_b, "

@@ -41,7 +41,10 @@ class PackedExperts:
     Attributes:
         gate_up: bf16 ``[S, E, 2*Is, Hp]``, gate and up projections, 16-row panels interleaved.
         down: bf16 ``[S, E, Hp, Is]``, the down projection.
+        layout: int64 ``[6]``, what the two hold (weight format, E, H, I, S); the ops check
+            every call's sizes against it.
         intermediate_size: I, the experts' intermediate size.
+        hidden_size: H, the experts' hidden size.
 
     Hp is H rounded up to 32 and Is is I / S rounded up to 32, padded with zeros; real
     model sizes need no padding, so the packed bytes equal the bf16 weight bytes there.
@@ -49,7 +52,9 @@ class PackedExperts:
 
     gate_up: torch.Tensor
     down: torch.Tensor
+    layout: torch.Tensor
     intermediate_size: int
+    hidden_size: int
 
     @property
     def num_experts(self) -> int:
@@ -63,7 +68,7 @@ class PackedExperts:
     @property
     def nbytes(self) -> int:
         """Resident bytes of the packed weights."""
-        return self.gate_up.nbytes + self.down.nbytes
+        return self.gate_up.nbytes + self.down.nbytes + self.layout.nbytes
 
 
 def pack_experts(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
@@ -74,13 +79,13 @@ def pack_experts(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
         w_gate: bf16 ``[E, I, H]`` (PEFT/nn.Linear layout: out x in).
         w_up: bf16 ``[E, I, H]``.
         w_down: bf16 ``[E, H, I]``.
-        numa_nodes: slices to split the intermediate dimension into; 0 (the default) gives
-            one per NUMA node of :func:`topology`. Never more than I / 32.
+        numa_nodes: slices to split the intermediate dimension into, 0 to 1024; 0 (the
+            default) gives one per NUMA node of :func:`topology`. Never more than I / 32.
 
     The inputs are not kept: once packed they can be freed.
     """
-    gate_up, down = torch.ops.kt.pack_experts(w_gate, w_up, w_down, numa_nodes)
-    return PackedExperts(gate_up, down, int(w_gate.shape[1]))
+    gate_up, down, layout = torch.ops.kt.pack_experts(w_gate, w_up, w_down, numa_nodes)
+    return PackedExperts(gate_up, down, layout, int(w_gate.shape[1]), int(w_gate.shape[2]))
 
 
 def _lora_args(lora: Optional[LoraTuple]) -> list[Optional[torch.Tensor]]:
@@ -138,7 +143,7 @@ def moe_sft(
     """
     a_g, b_g, a_u, b_u, a_d, b_d = _lora_args(lora)
     y, _, _ = torch.ops.kt.moe_sft_forward(
-        x, topk_ids, topk_weights, experts.gate_up, experts.down, experts.intermediate_size,
+        x, topk_ids, topk_weights, experts.gate_up, experts.down, experts.layout, experts.intermediate_size,
         a_g, b_g, a_u, b_u, a_d, b_d, float(lora_scaling),
     )
     return y

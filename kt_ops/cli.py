@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import signal
 import sys
 from typing import Optional
@@ -77,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-every", type=int, help="also write the resumable checkpoint every N steps")
     t.add_argument("--stop-after", type=_positive(int),
                    help="stop after this many steps of this run, with a checkpoint to --resume from")
-    t.add_argument("--resume", help="continue the run whose output directory (or checkpoint/) this is; its "
-                   "settings are reused")
+    t.add_argument("--resume", help="continue the run whose output directory (or checkpoint/) this is, writing "
+                   "there; its settings are reused")
+    t.add_argument("--allow-changed-data", action="store_true", default=None,
+                   help="with --resume: continue although the data file's contents changed since the run started")
     t.add_argument("--overwrite", action="store_true", default=None,
                    help="replace the run already in --out (by default that is an error)")
     t.add_argument("--no-progress", dest="progress", action="store_false", default=None,
@@ -103,14 +104,16 @@ def train_args(ns: argparse.Namespace):
     """TrainArgs from parsed flags: explicit flags over a resumed run's settings, or over the
     built-in default's and the library defaults."""
     from kt_ops import default
+    from kt_ops.run_state import find_checkpoint
     from kt_ops.train import TrainArgs, saved_args
 
     explicit = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainArgs)
                 if getattr(ns, f.name, None) is not None}
     if ns.resume:
         base = saved_args(ns.resume)
-        base.update(stop_after=None, resume=None, overwrite=False, progress=True)
-        explicit.setdefault("out", base["out"])
+        # The directory given to --resume is the output directory, wherever the run began.
+        base.update(stop_after=None, resume=None, overwrite=False, allow_changed_data=False, progress=True,
+                    out=find_checkpoint(ns.resume)[0])
     else:
         base = {}
         if ns.model is None:
@@ -122,7 +125,8 @@ def train_args(ns: argparse.Namespace):
     merged = {**base, **explicit}
     if not merged.get("out"):
         raise ValueError("kt-sft train: --out is required")
-    return TrainArgs(**merged)
+    known = {f.name for f in dataclasses.fields(TrainArgs)}
+    return TrainArgs(**{k: v for k, v in merged.items() if k in known})
 
 
 def _train(ns: argparse.Namespace) -> int:
@@ -151,15 +155,14 @@ def _generate(ns: argparse.Namespace) -> int:
 
     from kt_ops import default
     from kt_ops.checkpoint import load_model
-    from kt_ops.hf import load_adapter
     from kt_ops.data import render_chat
+    from kt_ops.hf import load_adapter, read_adapter_config
     from kt_ops.train import resolve_device
 
     model_dir = ns.model or default.model_dir()
     rank, alpha = 16, 32.0  # without an adapter: fresh LoRA (B = 0) leaves the model unchanged
     if ns.adapter:
-        with open(os.path.join(ns.adapter, "adapter_config.json")) as fh:
-            cfg = json.load(fh)
+        cfg = read_adapter_config(ns.adapter, "kt-sft generate")
         rank, alpha = cfg["r"], cfg["lora_alpha"]
     device = resolve_device(ns.device)
     model = load_model(model_dir, rank, alpha, device=device, progress=False)

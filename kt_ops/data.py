@@ -58,13 +58,27 @@ class Example:
         return sum(label != IGNORE for label in self.labels)
 
 
+def _check_text(value: str, where: str) -> str:
+    """``value`` if it is text a tokenizer can take: JSON admits lone UTF-16 surrogates
+    ("\\ud800"), which no UTF-8 text holds."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{where} holds a lone surrogate (\\u{ord(value[_first_surrogate(value)]):04x}), not text")
+    return value
+
+
+def _first_surrogate(value: str) -> int:
+    return next(i for i, c in enumerate(value) if 0xD800 <= ord(c) <= 0xDFFF)
+
+
 def _text(record: dict, key: str, required: bool = True) -> str:
     value = record.get(key, "")
     if not isinstance(value, str):
         raise ValueError(f'"{key}" must be a string, got {type(value).__name__}')
     if required and not value.strip():
         raise ValueError(f'"{key}" is empty')
-    return value
+    return _check_text(value, f'"{key}"')
 
 
 def to_messages(record: Any) -> list[dict[str, str]]:
@@ -80,7 +94,7 @@ def to_messages(record: Any) -> list[dict[str, str]]:
             if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
                 raise ValueError(f'messages[{i}] must be {{"role": one of {"/".join(ROLES)}, "content": string}}, '
                                  f"got {json.dumps(m)[:80]}")
-            out.append({"role": m["role"], "content": m["content"]})
+            out.append({"role": m["role"], "content": _check_text(m["content"], f"messages[{i}].content")})
         if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
             raise ValueError("no assistant message with content (nothing to learn)")
         if out[0]["role"] == "assistant" or (out[0]["role"] == "system" and len(out) > 1 and out[1]["role"] == "assistant"):
@@ -144,15 +158,28 @@ def load_examples(path: Union[str, os.PathLike], tokenizer: Any, max_seq_len: in
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     examples, bad = [], []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
+    try:
+        fh = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
+    with fh:
+        # Lines are decoded one at a time, so a stray byte costs its line, not the file.
+        for number, raw in enumerate(fh, 1):
             try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+                if not line.strip():
+                    continue
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+                except ValueError as e:  # e.g. an integer of more digits than Python converts
+                    raise ValueError(f"invalid JSON ({e})") from None
+                except RecursionError:
+                    raise ValueError("invalid JSON (nested too deeply)") from None
                 examples.append(tokenize(to_messages(record), tokenizer, max_seq_len))
             except ValueError as e:
                 bad.append(f"{path}:{number}: {e}")

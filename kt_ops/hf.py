@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import tempfile
 import types
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from kt_ops.api import PackedExperts, moe_sft, pack_experts
+from kt_ops.atomic import replacing
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ ARCHITECTURES: dict[str, Family] = {
 # adapter_config.json.
 FUSED_PARAMETERS = ("gate_up_proj", "down_proj")
 ROUTER = "gate"  # the router module beside the experts in every family
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's file names
 
 # The fused-layout LoRA parameters of KtExperts, and the per-expert ones (transformers 4.x).
 FUSED_LORA = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B")
@@ -180,14 +183,22 @@ class KtExperts(nn.Module):
         a_gu, b_gu = self.lora_gate_up_A, self.lora_gate_up_B
         return [a_gu, b_gu[:, :i], a_gu, b_gu[:, i:], self.lora_down_A, self.lora_down_B]
 
-    @torch.no_grad()
-    def set_lora(self, tensors: list[torch.Tensor], source: str) -> None:
-        """Sets (A_g, B_g, A_u, B_u, A_d, B_d); in the fused layout A_g and A_u must be equal
-        (``source`` names them in the error)."""
+    def check_lora(self, tensors: list[torch.Tensor], source: str) -> None:
+        """Raises unless (A_g, B_g, A_u, B_u, A_d, B_d) can be this module's LoRA: the shapes of
+        :meth:`lora_tensors`, and in the fused layout A_g equal to A_u (``source`` names them
+        in the error)."""
+        for name, dst, src in zip(("A_gate", "B_gate", "A_up", "B_up", "A_down", "B_down"), self.lora_tensors(), tensors):
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(f"kt_ops.load_adapter: {source}: {name} has shape {tuple(src.shape)}, expected "
+                                 f"{tuple(dst.shape)}")
         if not self.per_expert and not torch.equal(tensors[0], tensors[2]):
             raise ValueError(f"kt_ops.load_adapter: {source}: gate and up have different lora_A; the fused "
                              "experts of this model share one A between gate and up (PEFT's target_parameters "
                              "LoRA on gate_up_proj)")
+
+    @torch.no_grad()
+    def set_lora(self, tensors: list[torch.Tensor]) -> None:
+        """Sets (A_g, B_g, A_u, B_u, A_d, B_d), which :meth:`check_lora` has accepted."""
         for dst, src in zip(self.lora_tensors(), tensors):
             dst.copy_(src)
 
@@ -344,9 +355,10 @@ def patch_model(model: nn.Module, lora_rank: Optional[int] = None, lora_alpha: O
             if index not in experts:
                 raise KeyError(f"kt_ops.patch_model: experts has no layer {index} (for {name}); it has {sorted(experts)}")
             packed = experts[index]
-            if (packed.num_experts, packed.intermediate_size) != (e, i):
+            if (packed.num_experts, packed.hidden_size, packed.intermediate_size) != (e, h, i):
                 raise ValueError(f"kt_ops.patch_model: experts[{index}] holds {packed.num_experts} experts of "
-                                 f"intermediate size {packed.intermediate_size}; {name} has {e} of {i}")
+                                 f"hidden size {packed.hidden_size} and intermediate size "
+                                 f"{packed.intermediate_size}; {name} has {e} of {h} and {i}")
         per_expert = isinstance(module, nn.ModuleList)
         new = KtExperts(packed, h, cfg.r, cfg.lora_alpha, per_expert=per_expert)
         block_name, _, child = name.rpartition(".")
@@ -479,9 +491,85 @@ def save_adapter(model: nn.Module, out_dir: Union[str, os.PathLike]) -> None:
         targets["modules_to_save"] = sorted({".".join(b.split(".")[-1:] + [ROUTER]) for b in routers})
     cfg = peft.LoraConfig(r=m.rank, lora_alpha=m.alpha, lora_dropout=0.0, **targets,
                           base_model_name_or_path=getattr(base.config, "_name_or_path", None) or None)
+    out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    cfg.save_pretrained(out_dir)
-    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    # Tensors first, config last, each written whole: a directory with a config always has
+    # the tensors that config describes (a kill in between leaves the previous config).
+    with replacing(os.path.join(out_dir, ADAPTER_WEIGHTS)) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tmp-") as staging:
+        cfg.save_pretrained(staging)  # PEFT's own serialisation of its config
+        with replacing(os.path.join(out_dir, ADAPTER_CONFIG)) as tmp:
+            os.replace(os.path.join(staging, ADAPTER_CONFIG), tmp)
+
+
+# LoraConfig fields that change what an adapter computes in ways kt_ops's experts do not:
+# refused rather than ignored.
+_UNSUPPORTED_LORA = {"use_dora": "DoRA", "use_rslora": "rank-stabilised scaling", "lora_bias": "LoRA biases",
+                     "rank_pattern": "per-module ranks", "alpha_pattern": "per-module alphas"}
+
+
+def read_adapter_config(in_dir: Union[str, os.PathLike], caller: str = "kt_ops.load_adapter") -> dict[str, Any]:
+    """``adapter_config.json`` of a PEFT LoRA adapter directory, checked: ``r`` a positive
+    integer, ``lora_alpha`` a positive number, ``target_modules`` a string or a list of
+    strings (or absent), ``target_parameters`` and ``modules_to_save`` lists of strings (or
+    absent), and none of the options kt_ops's experts cannot compute (DoRA, rsLoRA, LoRA
+    biases, per-module ranks or alphas). ValueError naming the file and the field otherwise."""
+    path = os.path.join(os.fspath(in_dir), ADAPTER_CONFIG)
+    try:
+        with open(path, "rb") as fh:
+            cfg = json.loads(fh.read().decode("utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{caller}: {path}: no such file (not a PEFT adapter directory)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{caller}: {path} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{caller}: {path} must hold a JSON object, got {type(cfg).__name__}")
+
+    def bad(field: str, expected: str) -> ValueError:
+        return ValueError(f"{caller}: {path}: \"{field}\" must be {expected}, got {json.dumps(cfg.get(field))[:80]}")
+
+    def is_number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not (isinstance(cfg.get("r"), int) and not isinstance(cfg["r"], bool) and cfg["r"] > 0):
+        raise bad("r", "a positive integer")
+    if not (is_number(cfg.get("lora_alpha")) and cfg["lora_alpha"] > 0):
+        raise bad("lora_alpha", "a positive number")
+    targets = cfg.get("target_modules")
+    if not (targets is None or isinstance(targets, str)
+            or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise bad("target_modules", "a string, a list of strings or null")
+    for field in ("target_parameters", "modules_to_save"):
+        value = cfg.get(field)
+        if not (value is None or (isinstance(value, list) and all(isinstance(t, str) for t in value))):
+            raise bad(field, "a list of strings or null")
+    for field, what in _UNSUPPORTED_LORA.items():
+        if cfg.get(field):
+            raise ValueError(f"{caller}: {path}: \"{field}\" is set; kt_ops computes plain LoRA and cannot load "
+                             f"{what}")
+    return cfg
+
+
+def _read_adapter_tensors(in_dir: str) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, each a finite floating-point tensor (ValueError naming the key)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = os.path.join(in_dir, ADAPTER_WEIGHTS)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"kt_ops.load_adapter: {path}: no such file")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"kt_ops.load_adapter: {path} is not a readable safetensors file ({e})") from None
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise ValueError(f"kt_ops.load_adapter: {key} in {path} is {str(t.dtype).removeprefix('torch.')}; "
+                             "adapter tensors must be floating point")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"kt_ops.load_adapter: {key} in {path} holds NaN or infinite values")
+    return tensors
 
 
 def load_adapter(model: nn.Module, in_dir: Union[str, os.PathLike]) -> nn.Module:
@@ -489,72 +577,110 @@ def load_adapter(model: nn.Module, in_dir: Union[str, os.PathLike]) -> nn.Module
     a patched model; returns the model (wrapped in a ``peft.PeftModel`` if the adapter has
     LoRA on other modules than the experts and ``model`` is not one yet).
 
-    The layout is read from ``adapter_config.json``: ``target_parameters`` LoRA on fused
-    ``gate_up_proj`` / ``down_proj``, or per-expert ``target_modules`` LoRA
-    (``experts.{e}.gate_proj`` ... as PEFT writes for transformers 4.x models). Either loads
-    into either kind of patched model, except that fused 5.x experts share one A between
-    gate and up, so a per-expert adapter whose gate and up A differ cannot load there. Rank,
-    alpha and every tensor's shape must match the patched model, and every expert LoRA
-    tensor must be present: a mismatch or a missing key raises an error naming it. Routers
+    The layout is read from ``adapter_config.json`` (checked by
+    :func:`read_adapter_config`): ``target_parameters`` LoRA on fused ``gate_up_proj`` /
+    ``down_proj``, or per-expert ``target_modules`` LoRA (``experts.{e}.gate_proj`` ... as
+    PEFT writes for transformers 4.x models). Either loads into either kind of patched model,
+    except that fused 5.x experts share one A between gate and up, so a per-expert adapter
+    whose gate and up A differ cannot load there. Rank, alpha and every tensor's shape must
+    match the patched model, every expert LoRA tensor must be present, and every tensor must
+    be finite floating point: a mismatch or a missing key raises an error naming it. Routers
     saved as ``modules_to_save`` are loaded in place; LoRA on other modules (attention, say)
     goes through PEFT; a tensor that none of these takes is an error too.
-    """
-    from safetensors.torch import load_file
 
-    with open(os.path.join(in_dir, "adapter_config.json")) as fh:
-        cfg = json.load(fh)
-    tensors = load_file(os.path.join(in_dir, "adapter_model.safetensors"))
+    All or nothing: everything is read and checked before the first value of the model is
+    changed, so an adapter that does not fit leaves the model as it was.
+    """
+    in_dir = os.fspath(in_dir)
+    cfg = read_adapter_config(in_dir)
+    tensors = _read_adapter_tensors(in_dir)
     _, family = _family(model)
     layers = moe_layers(model)
     for name, m in layers.items():
         if not isinstance(m, KtExperts):
             raise ValueError(f"kt_ops.load_adapter: {name} is not patched (call kt_ops.patch_model first)")
-        if cfg.get("r") != m.rank or float(cfg.get("lora_alpha")) != m.alpha:
-            raise ValueError(f"kt_ops.load_adapter: adapter has r={cfg.get('r')}, lora_alpha={cfg.get('lora_alpha')}; "
+        if cfg["r"] != m.rank or float(cfg["lora_alpha"]) != m.alpha:
+            raise ValueError(f"kt_ops.load_adapter: adapter has r={cfg['r']}, lora_alpha={cfg['lora_alpha']}; "
                              f"{name} has r={m.rank}, alpha={m.alpha:g}")
     targets = cfg.get("target_parameters") or []
     fused = [p for p in FUSED_PARAMETERS if any(t == p or t.endswith("." + p) for t in targets)]
     if fused and len(fused) != len(FUSED_PARAMETERS):
         raise ValueError(f"kt_ops.load_adapter: adapter targets {fused} only; the kt experts carry LoRA on "
                          f"{list(FUSED_PARAMETERS)}")
+
+    # Plan: every value the model will take, read and checked; nothing is written yet.
+    expert_values = {}
     for name, m in layers.items():
-        if fused:
-            m.set_lora(_read_fused(tensors, name, m), name)
-        else:
-            m.set_lora(_read_per_expert(tensors, name, m, family), name)
+        values = _read_fused(tensors, name, m) if fused else _read_per_expert(tensors, name, m, family)
+        m.check_lora(values, name)
+        expert_values[name] = values
     saved_whole = cfg.get("modules_to_save") or []
+    router_values = []
+    for name in layers:
+        block = name.rpartition(".")[0]
+        router = f"{_unwrapped_name(block)}.{ROUTER}"
+        if any(router.endswith(t) for t in saved_whole):  # PEFT's suffix match
+            for k, v in model.get_submodule(block).get_submodule(ROUTER).state_dict().items():
+                router_values.append((v, _take(tensors, f"base_model.model.{router}.{k}", tuple(v.shape))))
+    other_lora = _plan_other_lora(model, cfg, tensors) if tensors else None
+
+    # Apply: nothing below can fail on the adapter's contents.
+    for name, m in layers.items():
+        m.set_lora(expert_values[name])
     with torch.no_grad():
-        for name in layers:
-            block = name.rpartition(".")[0]
-            router = f"{_unwrapped_name(block)}.{ROUTER}"
-            if any(router.endswith(t) for t in saved_whole):  # PEFT's suffix match
-                for k, v in model.get_submodule(block).get_submodule(ROUTER).state_dict().items():
-                    v.copy_(_take(tensors, f"base_model.model.{router}.{k}", tuple(v.shape)))
-    if tensors:  # what is left is PEFT LoRA on modules other than the experts
-        model = _load_other_lora(model, cfg, tensors)
+        for dst, value in router_values:
+            dst.copy_(value)
+    if other_lora is not None:
+        model = other_lora()
     return model
 
 
-def _load_other_lora(model: nn.Module, cfg: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
+def _plan_other_lora(model: nn.Module, cfg: dict, tensors: dict[str, torch.Tensor]):
+    """Checks the adapter's PEFT LoRA on modules other than the experts (attention, say)
+    against the model, and returns the function that loads it (wrapping ``model`` with PEFT
+    first if it is not a PeftModel yet). Raises before any change if a key has no module to
+    take it, a module PEFT would wrap has no tensors, or a shape differs."""
     import peft
+    from peft.tuners.tuners_utils import check_target_module_exists
 
-    if not isinstance(model, peft.PeftModel):
-        no_target = KeyError(f"kt_ops.load_adapter: unexpected keys {sorted(tensors)[:3]}: the adapter has no "
-                             "target_modules for them")
+    r = cfg["r"]
+    if isinstance(model, peft.PeftModel):
+        expected = {k: tuple(v.shape) for k, v in peft.get_peft_model_state_dict(model).items()
+                    if re.search(r"\.lora_[AB]\.", k)}
+    else:
         if not cfg.get("target_modules"):
-            raise no_target
-        try:
-            model = add_peft_lora(model, cfg["r"], cfg["lora_alpha"], cfg["target_modules"])
-        except ValueError as e:  # the targets name only the experts, which the patch replaced
-            raise no_target from e
-    result = peft.set_peft_model_state_dict(model, tensors)
-    if result.unexpected_keys:
-        raise KeyError(f"kt_ops.load_adapter: unexpected keys {sorted(result.unexpected_keys)[:3]}: no module of "
-                       "the model takes them")
-    missing = sorted(k for k in result.missing_keys if re.search(r"\.lora_[AB]\.", k))  # PEFT's, not the experts
+            raise KeyError(f"kt_ops.load_adapter: unexpected keys {sorted(tensors)[:3]}: the adapter has no "
+                           "target_modules for them")
+        matcher = peft.LoraConfig(r=r, target_modules=cfg["target_modules"])
+        expected = {}
+        for name, module in model.named_modules():
+            if not name or isinstance(module, KtExperts) or not check_target_module_exists(matcher, name):
+                continue
+            if not isinstance(module, nn.Linear):
+                raise ValueError(f"kt_ops.load_adapter: target_modules takes {name}, a {type(module).__name__}; "
+                                 "kt_ops loads PEFT LoRA on nn.Linear modules only")
+            expected[f"base_model.model.{name}.lora_A.weight"] = (r, module.in_features)
+            expected[f"base_model.model.{name}.lora_B.weight"] = (module.out_features, r)
+        if not expected:
+            raise KeyError(f"kt_ops.load_adapter: unexpected keys {sorted(tensors)[:3]}: no module of the model "
+                           f"matches the adapter's target_modules {cfg['target_modules']!r}")
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise KeyError(f"kt_ops.load_adapter: unexpected keys {unexpected[:3]}: no module of the model takes them")
+    missing = sorted(set(expected) - set(tensors))
     if missing:
         raise KeyError(f"kt_ops.load_adapter: missing key {missing[0]} (and {len(missing) - 1} more)")
-    return model
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise ValueError(f"kt_ops.load_adapter: {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
+
+    def load() -> nn.Module:
+        wrapped = model if isinstance(model, peft.PeftModel) else add_peft_lora(model, r, cfg["lora_alpha"],
+                                                                                cfg["target_modules"])
+        peft.set_peft_model_state_dict(wrapped, tensors)
+        return wrapped
+
+    return load
 
 
 def add_peft_lora(model: nn.Module, rank: int, alpha: float, target_modules: Any) -> nn.Module:

@@ -9,6 +9,7 @@ a group of rows (one forward/backward each: gradient accumulation) of at most
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -27,10 +28,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kt_ops import data as sft_data
+from kt_ops import run_state
+from kt_ops.atomic import replacing, write_json
 from kt_ops.hf import add_peft_lora, checkpointing_kwargs
+from kt_ops.run_state import CHECKPOINT, CheckpointError
 
-CHECKPOINT = "checkpoint"  # the resumable checkpoint's folder inside the output directory
-_STATE = "trainer_state.pt"
 _LOSS_CHUNK = 1024  # label positions whose logits are materialised at once
 
 
@@ -61,10 +63,12 @@ class TrainArgs:
     stop_after: Optional[int] = None
     resume: Optional[str] = None
     overwrite: bool = False
+    allow_changed_data: bool = False
     progress: bool = True
 
-    # Arguments that fix what a run computes: a resumed run must have the same ones.
-    IDENTITY = ("model", "data", "rank", "alpha", "lr", "epochs", "steps", "max_tokens_per_step",
+    # Arguments that fix what a run computes: a resumed run must have the same ones. The model
+    # and the data are compared by content (Trainer.fingerprints), not by path.
+    IDENTITY = ("rank", "alpha", "lr", "epochs", "steps", "max_tokens_per_step",
                 "micro_batch_tokens", "max_seq_len", "target_modules", "seed", "warmup_steps", "weight_decay",
                 "max_grad_norm", "dtype")
 
@@ -172,6 +176,18 @@ class Trainer:
         if self.tokens_per_row > args.max_tokens_per_step:
             raise ValueError(f"kt-sft: --micro-batch-tokens ({self.tokens_per_row}) exceeds --max-tokens-per-step "
                              f"({args.max_tokens_per_step})")
+        # Paths are kept absolute: a resumed run may start from another working directory.
+        args.out = os.path.abspath(args.out)
+        args.model = args.model and os.path.abspath(args.model)
+        args.data = args.data and os.path.abspath(args.data)
+        _check_writable(args.out)
+        if args.data is not None and not os.path.isfile(args.data):
+            raise sft_data.DataError(f"{args.data}: no such file")
+        resumed = self._read_checkpoint(args.resume) if args.resume else None
+        self.fingerprints = {"model": args.model and _model_fingerprint(args.model),
+                             "data": args.data and _file_sha256(args.data)}
+        if resumed is not None:
+            self._check_same_run(*resumed)
         _seed_everything(args.seed)
         self.device = resolve_device(args.device)
         if examples is None:
@@ -181,6 +197,8 @@ class Trainer:
         self.examples = examples
         self.lengths = [len(e) for e in self.examples]
         self.total_steps = args.steps or sum(len(self._plan(e)) for e in range(args.epochs))
+        if args.model is not None:
+            _check_room(args.out, args.model, args.rank, resumed is not None)
 
         if model is None:
             model = load_model(args.model, args.rank, args.alpha, dtype=getattr(torch, args.dtype), device=self.device,
@@ -203,8 +221,8 @@ class Trainer:
         self.losses: list[float] = []
         self.tokens = 0
         self.train_seconds = 0.0
-        if args.resume:
-            self._load_checkpoint(args.resume)
+        if resumed is not None:
+            self._load_checkpoint(*resumed)
 
     @staticmethod
     def _base(model: nn.Module) -> nn.Module:
@@ -280,36 +298,43 @@ class Trainer:
         bar = _bar(self.total_steps, self.step, args.progress)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        # The signal handlers stay until every output is written: a SIGTERM while they are
+        # being written is recorded, not obeyed at once.
         try:
-            for rows in self.planned_steps(self.step):
-                if self.step >= stop_at:
-                    break
-                t0 = time.perf_counter()
-                loss, tokens = self.loss_and_backward(rows)
-                if not math.isfinite(loss):  # keep the last good state, resumable
-                    for p in self.params:
-                        p.grad = None
-                    self.finish(completed=False)
-                    raise FloatingPointError(f"kt-sft: loss is {loss} at step {self.step + 1}; stopped with the "
-                                             f"state after step {self.step} saved (lower --lr?)")
-                self.optimizer_step()
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                self.train_seconds += time.perf_counter() - t0
-                self.step += 1
-                self.tokens += tokens
-                self.losses.append(loss)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tokens / self.train_seconds:,.0f}")
-                if signals.signum is not None:
-                    self.finish(completed=False)
-                    raise Interrupted(signals.signum)
-                if args.save_every and self.step % args.save_every == 0 and self.step < self.total_steps:
-                    self.save_checkpoint()
+            try:
+                for rows in self.planned_steps(self.step):
+                    if self.step >= stop_at:
+                        break
+                    t0 = time.perf_counter()
+                    loss, tokens = self.loss_and_backward(rows)
+                    if not math.isfinite(loss):  # keep the last good state, resumable
+                        for p in self.params:
+                            p.grad = None
+                        signals.finishing = True
+                        self.finish(completed=False)
+                        raise FloatingPointError(f"kt-sft: loss is {loss} at step {self.step + 1}; stopped with the "
+                                                 f"state after step {self.step} saved (lower --lr?)")
+                    self.optimizer_step()
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    self.train_seconds += time.perf_counter() - t0
+                    self.step += 1
+                    self.tokens += tokens
+                    self.losses.append(loss)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tokens / self.train_seconds:,.0f}")
+                    if signals.signum is not None:
+                        signals.finishing = True
+                        self.finish(completed=False)
+                        raise Interrupted(signals.signum)
+                    if args.save_every and self.step % args.save_every == 0 and self.step < self.total_steps:
+                        self.save_checkpoint()
+            finally:
+                bar.close()
+            signals.finishing = True
+            return self.finish(completed=self.step >= self.total_steps)
         finally:
-            bar.close()
             signals.restore()
-        return self.finish(completed=self.step >= self.total_steps)
 
     def metrics(self, completed: bool) -> dict[str, Any]:
         m = {"completed": completed, "steps": self.step, "total_steps": self.total_steps,
@@ -324,69 +349,109 @@ class Trainer:
         return m
 
     def finish(self, completed: bool) -> dict[str, Any]:
-        """Writes the adapter, metrics.json, loss.png and the resumable checkpoint."""
+        """Writes the adapter, metrics.json, loss.png and the resumable checkpoint, each file
+        whole (a kill leaves the previous version of each)."""
         from kt_ops.hf import save_adapter
 
         out = self.args.out
         os.makedirs(out, exist_ok=True)
         save_adapter(self.model, out)
         metrics = self.metrics(completed)
-        with open(os.path.join(out, "metrics.json"), "w") as fh:
-            json.dump(metrics, fh, indent=2)
-        _plot_losses(self.losses, os.path.join(out, "loss.png"))
+        write_json(os.path.join(out, "metrics.json"), metrics)
+        with replacing(os.path.join(out, "loss.png")) as tmp:
+            _plot_losses(self.losses, tmp)
         self.save_checkpoint()
         return metrics
 
     def save_checkpoint(self) -> None:
-        """Adapter + optimizer + schedule + step + RNG state in ``<out>/checkpoint``, replaced
-        atomically (a crash while writing leaves the previous one)."""
+        """Adapter + optimizer + schedule + step + RNG state in ``<out>/checkpoint`` as data
+        (JSON and safetensors), replaced atomically (see :mod:`kt_ops.run_state`)."""
         from kt_ops.hf import save_adapter
 
-        final = os.path.join(self.args.out, CHECKPOINT)
-        tmp = final + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_adapter(self.model, tmp)
-        state = {"step": self.step, "losses": self.losses, "tokens": self.tokens, "train_seconds": self.train_seconds,
-                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "master_weights": self.master.state_dict(), "rng": _rng_state(),
-                 "args": dataclasses.asdict(self.args)}
-        torch.save(state, os.path.join(tmp, _STATE))
-        old = final + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.isdir(final):
-            os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        optimizer, tensors = run_state.optimizer_to_data(self.optimizer.state_dict())
+        rng, rng_tensors = run_state.rng_to_data()
+        tensors.update(rng_tensors)
+        tensors.update({f"master.{i}": t for i, t in enumerate(self.master.state_dict())})
+        state = {"step": self.step, "losses": self.losses, "tokens": self.tokens,
+                 "train_seconds": self.train_seconds, "optimizer": optimizer,
+                 "scheduler": self.scheduler.state_dict(), "rng": rng, "args": dataclasses.asdict(self.args),
+                 "fingerprints": self.fingerprints}
+        run_state.write_checkpoint(self.args.out, lambda path: save_adapter(self.model, path), state, tensors)
 
-    def _load_checkpoint(self, path: str) -> None:
+    def _read_checkpoint(self, path: str) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
+        """(checkpoint directory, state, tensors) of ``--resume path``, which names this run's
+        output directory (or its checkpoint/)."""
+        out, checkpoint = run_state.find_checkpoint(path)
+        if out != self.args.out:
+            raise ValueError(f"kt-sft: --resume {path} continues the run in {out}; --out names another directory "
+                             f"({self.args.out})")
+        state, tensors = run_state.read_state(checkpoint)
+        return checkpoint, state, tensors
+
+    def _check_same_run(self, checkpoint: str, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        where = os.path.join(checkpoint, run_state.STATE_JSON)
+        check_resumable(run_state.field(state, "args", dict, where), self.args)
+        saved = run_state.field(state, "fingerprints", dict, where)
+        if saved.get("model") != self.fingerprints["model"]:
+            raise ValueError(f"kt-sft: cannot resume: the model in {self.args.model} is not the one the run started "
+                             "with (its config.json or weight files differ)")
+        if saved.get("data") != self.fingerprints["data"]:
+            if not self.args.allow_changed_data:
+                raise ValueError(f"kt-sft: cannot resume: {self.args.data} has changed since the run started (its "
+                                 "SHA-256 differs); --allow-changed-data resumes on the new contents")
+            self.log(f"kt-sft: warning: {self.args.data} has changed since the run started; resuming on its new "
+                     "contents (--allow-changed-data)")
+
+    def _load_checkpoint(self, checkpoint: str, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         from kt_ops.hf import load_adapter
 
-        path = checkpoint_dir(path)
-        state = torch.load(os.path.join(path, _STATE), weights_only=False)
-        check_resumable(state["args"], self.args)
-        loaded = load_adapter(self.model, path)
-        if loaded is not self.model:
-            raise ValueError(f"kt-sft: the checkpoint in {path} has LoRA on modules outside --target-modules")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.master.load_state_dict(state["master_weights"])
-        self.step, self.losses = state["step"], state["losses"]
-        self.tokens, self.train_seconds = state["tokens"], state["train_seconds"]
-        _set_rng_state(state["rng"])
-        self.log(f"kt-sft: resumed from {path} at step {self.step} of {self.total_steps}")
-
-
-def checkpoint_dir(path: str) -> str:
-    """``path`` itself if it holds a trainer checkpoint, else ``path/checkpoint``."""
-    for candidate in (path, os.path.join(path, CHECKPOINT)):
-        if os.path.isfile(os.path.join(candidate, _STATE)):
-            return candidate
-    raise FileNotFoundError(f"kt-sft: no checkpoint in {path} (expected {os.path.join(path, CHECKPOINT, _STATE)})")
+        where = os.path.join(checkpoint, run_state.STATE_JSON)
+        step = run_state.field(state, "step", int, where)
+        losses = run_state.field(state, "losses", list, where)
+        tokens = run_state.field(state, "tokens", int, where)
+        seconds = run_state.field(state, "train_seconds", (int, float), where)
+        if not (0 <= step <= self.total_steps and len(losses) == step
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in losses)):
+            raise CheckpointError(f"kt-sft: {where}: step {step} with {len(losses)} losses does not fit a run of "
+                                  f"{self.total_steps} steps")
+        masters = [run_state.tensor(tensors, f"master.{i}", where) for i in range(len(self.master.pairs))]
+        optimizer = run_state.optimizer_from_data(run_state.field(state, "optimizer", dict, where), tensors,
+                                                  self.master.optimized(self.params), where)
+        scheduler = run_state.field(state, "scheduler", dict, where)
+        try:
+            loaded = load_adapter(self.model, checkpoint)
+            if loaded is not self.model:
+                raise ValueError(f"kt-sft: the checkpoint in {checkpoint} has LoRA on modules outside --target-modules")
+            self.optimizer.load_state_dict(optimizer)
+            self.scheduler.load_state_dict(scheduler)
+            self.master.load_state_dict(masters)
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"kt-sft: {checkpoint} does not fit this run ({type(e).__name__}: {e})") from None
+        run_state.rng_from_data(run_state.field(state, "rng", dict, where), tensors, where)
+        self.step, self.losses, self.tokens, self.train_seconds = step, [float(v) for v in losses], tokens, float(seconds)
+        self.log(f"kt-sft: resumed from {checkpoint} at step {self.step} of {self.total_steps}")
 
 
 def saved_args(path: str) -> dict[str, Any]:
-    """The arguments a checkpoint was written with."""
-    return torch.load(os.path.join(checkpoint_dir(path), _STATE), weights_only=False)["args"]
+    """The arguments of the run whose output directory (or checkpoint/) ``path`` is, each of
+    its TrainArgs type (CheckpointError naming the first that is not)."""
+    _, checkpoint = run_state.find_checkpoint(path)
+    state, _ = run_state.read_state(checkpoint)
+    where = os.path.join(checkpoint, run_state.STATE_JSON)
+    saved = run_state.field(state, "args", dict, where)
+    kinds = {"int": int, "float": (int, float), "str": str, "bool": bool}
+    for f in dataclasses.fields(TrainArgs):
+        if f.name not in saved:
+            continue
+        optional = f.type.startswith("Optional[")
+        value, kind = saved[f.name], f.type[len("Optional["):-1] if optional else f.type
+        ok = (value is None and optional) or (
+            kind == "list[str]" and isinstance(value, list) and all(isinstance(v, str) for v in value)) or (
+            kind in kinds and isinstance(value, kinds[kind]) and (kind == "bool") == isinstance(value, bool))
+        if not ok:
+            raise CheckpointError(f"kt-sft: {where}: the saved setting {f.name!r} is {json.dumps(value)[:60]}, not "
+                                  f"a {f.type}")
+    return {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(TrainArgs)}}
 
 
 def check_resumable(saved: dict[str, Any], args: TrainArgs) -> None:
@@ -395,6 +460,65 @@ def check_resumable(saved: dict[str, Any], args: TrainArgs) -> None:
             if saved.get(k) != getattr(args, k)]
     if diff:
         raise ValueError("kt-sft: cannot resume with different settings: " + "; ".join(diff))
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _model_fingerprint(model_dir: str) -> str:
+    """Identity of a checkpoint directory without reading its weights: config.json's bytes and
+    the names and sizes of its weight files."""
+    digest = hashlib.sha256()
+    config = os.path.join(model_dir, "config.json")
+    if os.path.isfile(config):
+        digest.update(open(config, "rb").read())
+    for name in sorted(os.listdir(model_dir)) if os.path.isdir(model_dir) else []:
+        if name.endswith((".safetensors", ".safetensors.index.json")):
+            digest.update(f"{name}:{os.path.getsize(os.path.join(model_dir, name))};".encode())
+    return digest.hexdigest()
+
+
+def _existing_ancestor(path: str) -> str:
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _check_writable(out: str) -> None:
+    """ValueError unless ``out`` is a directory this process can write, or one it can create
+    (nothing is created here: a run that stops on bad data leaves no directory behind)."""
+    if os.path.isdir(out):
+        probe = os.path.join(out, f".kt-sft-write-test-{os.getpid()}")
+        try:
+            with open(probe, "w") as fh:
+                fh.write("ok")
+            os.unlink(probe)
+        except OSError as e:
+            raise ValueError(f"kt-sft: cannot write to --out {out}: {e.strerror or e}") from None
+        return
+    parent = _existing_ancestor(out)
+    if not os.path.isdir(parent):
+        raise ValueError(f"kt-sft: cannot create --out {out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"kt-sft: cannot create --out {out}: {parent} is not writable")
+
+
+def _check_room(out: str, model_dir: str, rank: int, resuming: bool) -> None:
+    """ValueError if ``out``'s file system has too little room for the outputs: the adapter,
+    the checkpoint (adapter, two Adam moments) and, while it is replaced, its predecessor."""
+    from kt_ops.checkpoint import _empty_model, expert_shapes
+
+    lora = sum(e * rank * 3 * (h + i) * 4 for e, h, i in expert_shapes(_empty_model(model_dir, "kt-sft")).values())
+    need = lora * (4 if resuming else 7) + (64 << 20)  # a resumed run's checkpoint holds its room already
+    free = shutil.disk_usage(_existing_ancestor(out)).free
+    if free < need:
+        raise ValueError(f"kt-sft: --out {out} has {free / 2**30:.2f} GiB free; the outputs need about "
+                         f"{need / 2**30:.2f} GiB (adapter, checkpoint and the checkpoint it replaces)")
 
 
 def _warmup_cosine(warmup: int, total: int):
@@ -412,26 +536,13 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class _SignalFlag:
     """The first SIGINT/SIGTERM is recorded (the run saves at the end of the step); a second
     SIGINT interrupts at once."""
 
     def __init__(self, log):
         self.signum: Optional[int] = None
+        self.finishing = False  # the outputs are being written
         self.log = log
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
@@ -439,8 +550,12 @@ class _SignalFlag:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        self.log(f"\nkt-sft: got {signal.Signals(signum).name}; saving a checkpoint after this step "
-                 "(Ctrl-C again to abort without saving)")
+        name = signal.Signals(signum).name
+        if self.finishing:
+            self.log(f"\nkt-sft: got {name}; exiting once the outputs being written are complete")
+        else:
+            self.log(f"\nkt-sft: got {name}; saving a checkpoint after this step (Ctrl-C again to abort without "
+                     "saving)")
 
     def restore(self) -> None:
         for s, handler in self.previous.items():

@@ -18,12 +18,18 @@ def case():
 def call(case, **override):
     """torch.ops.kt.moe_sft_forward with the case's arguments, some replaced."""
     args = dict(x=case.x, topk_ids=case.topk_ids, topk_weights=case.topk_weights,
-                gate_up=case.experts.gate_up, down=case.experts.down, intermediate_size=I,
-                lora=list(case.lora), lora_scaling=case.scaling)
+                gate_up=case.experts.gate_up, down=case.experts.down, layout=case.experts.layout,
+                intermediate_size=I, lora=list(case.lora), lora_scaling=case.scaling)
     args.update(override)
     return torch.ops.kt.moe_sft_forward(
-        args["x"], args["topk_ids"], args["topk_weights"], args["gate_up"], args["down"],
+        args["x"], args["topk_ids"], args["topk_weights"], args["gate_up"], args["down"], args["layout"],
         args["intermediate_size"], *args["lora"], args["lora_scaling"])
+
+
+def with_field(layout, index, value):
+    out = layout.clone()
+    out[index] = value
+    return out
 
 
 def lora_with(case, index, tensor):
@@ -70,6 +76,17 @@ BAD = {
     "lora_b_out": (lambda c: dict(lora=lora_with(c, 1, c.lora[1][:, :40])),
                    "lora_gate_b must be float32 or bfloat16 of shape [E, out, r] = [6, 45, 8], got float32 [6, 40, 8]"),
     "scaling_nan": (lambda c: dict(lora_scaling=float("nan")), "lora_scaling must be finite, got nan"),
+    "layout_dtype": (lambda c: dict(layout=c.experts.layout.int()),
+                     "layout must be the int64 [6] tensor made by kt.pack_experts with gate_up and down, got int32 [6]"),
+    "layout_values": (lambda c: dict(layout=torch.arange(6)),
+                      "layout must be the tensor made by kt.pack_experts with gate_up and down; this one holds other values"),
+    "layout_format": (lambda c: dict(layout=with_field(c.experts.layout, 1, 7)),
+                      "layout names weight format 7, which this build of kt_ops cannot compute (it has: 0 = bf16)"),
+    "layout_experts": (lambda c: dict(layout=with_field(c.experts.layout, 2, 5)),
+                       "gate_up must hold the 5 experts in 1 slices that layout describes, got bfloat16 [1, 6, 128, 96]"),
+    "ids_huge_k": (lambda c: dict(topk_ids=torch.empty(T, 2**41, dtype=torch.long, device="meta"),
+                                  topk_weights=torch.empty(T, 2**41, device="meta")),
+                   "top-k (topk_ids' dim 1) must be at most 2^40, got 2199023255552"),
     "ids_on_meta": (lambda c: dict(topk_ids=c.topk_ids.to("meta")),
                     "topk_ids must be on x's device (cpu), got a tensor on meta; the kt ops compute on CPU tensors"),
     "x_on_meta": (lambda c: dict(x=c.x.detach().to("meta")),
@@ -96,7 +113,7 @@ def test_expert_id_out_of_range(case, bad_id):
 def test_backward_checks_saved_tensors(case):
     y, gate_up_act, lora_act = call(case)
     args = [case.grad_y, case.x.detach(), case.topk_ids, case.topk_weights.detach(), case.experts.gate_up,
-            case.experts.down, I, *[t.detach() for t in case.lora], case.scaling]
+            case.experts.down, case.experts.layout, I, *[t.detach() for t in case.lora], case.scaling]
     with pytest.raises(RuntimeError, match=re.escape(
             "kt.moe_sft_backward: gate_up_act must be the bfloat16 [7, 2, 90] tensor returned by "
             "kt.moe_sft_forward, got bfloat16 [7, 2, 45]")):
@@ -125,11 +142,57 @@ def test_pack_experts_checks(which, tensor_fn, message):
         torch.ops.kt.pack_experts(args["w_gate"], args["w_up"], args["w_down"])
 
 
-def test_pack_experts_rejects_negative_numa_nodes():
+@pytest.mark.parametrize("numa_nodes", [-1, 1025, 2**40, 2**62])
+def test_pack_experts_bounds_numa_nodes(numa_nodes):
     w = [torch.zeros(2, 32, 8).bfloat16(), torch.zeros(2, 32, 8).bfloat16(), torch.zeros(2, 8, 32).bfloat16()]
     with pytest.raises(RuntimeError, match=re.escape(
-            "kt.pack_experts: numa_nodes must be >= 0 (0: one slice per NUMA node), got -1")):
-        torch.ops.kt.pack_experts(*w, -1)
+            f"kt.pack_experts: numa_nodes must be in [0, 1024] (0: one slice per NUMA node), got {numa_nodes}")):
+        torch.ops.kt.pack_experts(*w, numa_nodes)
+
+
+def test_pack_experts_at_the_numa_bound_is_fast_and_gives_one_slice_per_32_columns():
+    w = [torch.zeros(2, 100, 8).bfloat16(), torch.zeros(2, 100, 8).bfloat16(), torch.zeros(2, 8, 100).bfloat16()]
+    assert kt_ops.pack_experts(*w, numa_nodes=1024).numa_slices == 4
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((1, 2**61, 1), "the intermediate size (w_gate's dim 1) must be at most 2^40, got 2305843009213693952"),
+    ((2**41, 32, 32), "the expert count (w_gate's dim 0) must be at most 2^40, got 2199023255552"),
+    ((2**21, 2**20, 2**20), "gate_up would be of shape [1, 2097152, 2097152, 1048576], 2^62 elements or more"),
+])
+def test_pack_experts_refuses_sizes_that_overflow(shape, message):
+    """Shape inference (meta tensors) takes any size; the arithmetic must not wrap around."""
+    e, i, h = shape
+    w = [torch.empty(e, i, h, dtype=torch.bfloat16, device="meta"),
+         torch.empty(e, i, h, dtype=torch.bfloat16, device="meta"),
+         torch.empty(e, h, i, dtype=torch.bfloat16, device="meta")]
+    with pytest.raises(RuntimeError, match=re.escape("kt.pack_experts: " + message)):
+        torch.ops.kt.pack_experts(*w, 1)
+
+
+def packed_case(hidden, intermediate, numa_nodes=1):
+    return make_case(hidden, intermediate, E, K, T, R, numa_nodes=numa_nodes)
+
+
+@pytest.mark.parametrize("call_hidden, call_intermediate, packed_hidden, packed_intermediate, numa_nodes, message", [
+    # sizes that agree with the packed shapes only after padding
+    (64, 40, 64, 64, 1, "intermediate_size must be the I the experts were packed with (64), got 40"),
+    (60, 64, 64, 64, 1, "x must have the hidden size the experts were packed with (H = 64), got 60"),
+    (64, 40, 64, 33, 2, "intermediate_size must be the I the experts were packed with (33), got 40"),
+])
+def test_sizes_that_agree_only_after_padding_are_refused(call_hidden, call_intermediate, packed_hidden,
+                                                         packed_intermediate, numa_nodes, message):
+    packed = packed_case(packed_hidden, packed_intermediate, numa_nodes)
+    case = make_case(call_hidden, call_intermediate, E, K, T, R)
+    with pytest.raises(RuntimeError, match=re.escape(OP + message)):
+        call(case, gate_up=packed.experts.gate_up, down=packed.experts.down, layout=packed.experts.layout,
+             intermediate_size=call_intermediate)
+    with pytest.raises(RuntimeError, match=re.escape("kt.moe_sft_backward: " + message)):
+        torch.ops.kt.moe_sft_backward(case.grad_y, case.x.detach(), case.topk_ids, case.topk_weights.detach(),
+                                      packed.experts.gate_up, packed.experts.down, packed.experts.layout,
+                                      call_intermediate, *[t.detach() for t in case.lora], case.scaling,
+                                      torch.zeros(T, K, 2 * call_intermediate, dtype=case.x.dtype),
+                                      torch.zeros(T, K, 3 * R))
 
 
 def test_pack_experts_rejects_empty_dimensions():

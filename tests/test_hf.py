@@ -361,8 +361,8 @@ def test_patch_model_errors_for_missing_or_mismatched_experts(tmp_path):
     other = kt_ops.load_experts(tmp_path, progress=False)
     other[0] = kt_ops.pack_experts(torch.zeros(3, 32, 64).bfloat16(), torch.zeros(3, 32, 64).bfloat16(),
                                    torch.zeros(3, 64, 32).bfloat16())
-    with pytest.raises(ValueError, match=re.escape("experts[0] holds 3 experts of intermediate size 32; "
-                                                   "model.layers.0.mlp.experts has 6 of 32")):
+    with pytest.raises(ValueError, match=re.escape("experts[0] holds 3 experts of hidden size 64 and intermediate "
+                                                   "size 32; model.layers.0.mlp.experts has 6 of 64 and 32")):
         kt_ops.patch_model(copy.deepcopy(model), experts=other)
 
 

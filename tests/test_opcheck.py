@@ -9,7 +9,7 @@ from moe_case import make_case
 def _forward_args(case):
     lora = case.lora or [None] * 6
     return (case.x, case.topk_ids, case.topk_weights, case.experts.gate_up, case.experts.down,
-            case.experts.intermediate_size, *lora, case.scaling)
+            case.experts.layout, case.experts.intermediate_size, *lora, case.scaling)
 
 
 def test_every_op_is_covered():

@@ -16,7 +16,8 @@ def test_packed_bytes_equal_bf16_bytes_for_model_sizes():
     packed = kt_ops.pack_experts(*w)
     bf16_bytes = sum(t.nbytes for t in w)
     assert packed.nbytes <= 1.1 * bf16_bytes
-    assert packed.nbytes == bf16_bytes
+    assert packed.gate_up.nbytes + packed.down.nbytes == bf16_bytes
+    assert packed.nbytes == bf16_bytes + packed.layout.nbytes == bf16_bytes + 48
 
 
 def test_odd_sizes_pad_to_32():
@@ -24,6 +25,7 @@ def test_odd_sizes_pad_to_32():
     assert packed.gate_up.shape == (1, 3, 2 * 64, 96)
     assert packed.down.shape == (1, 3, 96, 64)
     assert packed.intermediate_size == 45 and packed.num_experts == 3 and packed.numa_slices == 1
+    assert packed.hidden_size == 70
 
 
 @pytest.mark.parametrize("intermediate,nodes,slices,width", [
@@ -41,7 +43,8 @@ def test_numa_slices_split_the_intermediate_dimension(intermediate, nodes, slice
 
 def test_numa_slices_cost_no_memory_for_model_sizes():
     w = _weights(4, 128, 64)
-    assert kt_ops.pack_experts(*w, numa_nodes=2).nbytes == sum(t.nbytes for t in w)
+    packed = kt_ops.pack_experts(*w, numa_nodes=2)
+    assert packed.gate_up.nbytes + packed.down.nbytes == sum(t.nbytes for t in w)
 
 
 @pytest.mark.parametrize("numa_nodes", [1, 2])

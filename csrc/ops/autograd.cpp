@@ -32,16 +32,17 @@ OptTensor optional_of(const at::Tensor& t) { return t.defined() ? OptTensor(t) :
 struct MoeSft : public torch::autograd::Function<MoeSft> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& topk_ids,
                                const at::Tensor& topk_weights, const at::Tensor& gate_up,
-                               const at::Tensor& down, int64_t intermediate_size, const OptTensor& lora_gate_a,
+                               const at::Tensor& down, const at::Tensor& layout, int64_t intermediate_size,
+                               const OptTensor& lora_gate_a,
                                const OptTensor& lora_gate_b, const OptTensor& lora_up_a,
                                const OptTensor& lora_up_b, const OptTensor& lora_down_a,
                                const OptTensor& lora_down_b, double lora_scaling) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [y, gate_up_act, lora_act] =
-        forward_op().call(x, topk_ids, topk_weights, gate_up, down, intermediate_size, lora_gate_a,
+        forward_op().call(x, topk_ids, topk_weights, gate_up, down, layout, intermediate_size, lora_gate_a,
                           lora_gate_b, lora_up_a, lora_up_b, lora_down_a, lora_down_b, lora_scaling);
     const auto saved_or_empty = [](const OptTensor& t) { return t.value_or(at::Tensor()); };
-    ctx->save_for_backward({x, topk_ids, topk_weights, gate_up, down, saved_or_empty(lora_gate_a),
+    ctx->save_for_backward({x, topk_ids, topk_weights, gate_up, down, layout, saved_or_empty(lora_gate_a),
                             saved_or_empty(lora_gate_b), saved_or_empty(lora_up_a),
                             saved_or_empty(lora_up_b), saved_or_empty(lora_down_a),
                             saved_or_empty(lora_down_b), gate_up_act, lora_act});
@@ -54,14 +55,15 @@ struct MoeSft : public torch::autograd::Function<MoeSft> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
     const auto grad = backward_op().call(
-        grads[0], s[0], s[1], s[2], s[3], s[4], ctx->saved_data["intermediate_size"].toInt(),
-        optional_of(s[5]), optional_of(s[6]), optional_of(s[7]), optional_of(s[8]), optional_of(s[9]),
-        optional_of(s[10]), ctx->saved_data["lora_scaling"].toDouble(), s[11], s[12]);
+        grads[0], s[0], s[1], s[2], s[3], s[4], s[5], ctx->saved_data["intermediate_size"].toInt(),
+        optional_of(s[6]), optional_of(s[7]), optional_of(s[8]), optional_of(s[9]), optional_of(s[10]),
+        optional_of(s[11]), ctx->saved_data["lora_scaling"].toDouble(), s[12], s[13]);
     // One entry per forward argument; absent LoRA tensors get no gradient.
-    const auto lora_grad = [&](int i, const at::Tensor& g) { return s[5 + i].defined() ? g : at::Tensor(); };
+    const auto lora_grad = [&](int i, const at::Tensor& g) { return s[6 + i].defined() ? g : at::Tensor(); };
     return {std::get<0>(grad),
             at::Tensor(),
             std::get<1>(grad),
+            at::Tensor(),
             at::Tensor(),
             at::Tensor(),
             at::Tensor(),
@@ -79,7 +81,7 @@ struct MoeSft : public torch::autograd::Function<MoeSft> {
 
 ForwardResult moe_sft_forward_autograd(KT_MOE_FORWARD_PARAMS) {
   const variable_list out =
-      MoeSft::apply(x, topk_ids, topk_weights, gate_up, down, intermediate_size, lora_gate_a, lora_gate_b,
+      MoeSft::apply(x, topk_ids, topk_weights, gate_up, down, layout, intermediate_size, lora_gate_a, lora_gate_b,
                     lora_up_a, lora_up_b, lora_down_a, lora_down_b, lora_scaling);
   return {out[0], out[1], out[2]};
 }

@@ -1,7 +1,8 @@
 #include "checks.h"
 
-
 #include <cmath>
+
+#include "kt/packing.h"
 
 namespace kt_ops {
 
@@ -44,17 +45,56 @@ void check_device(const char* op, const char* name, const at::Tensor& t, const c
   }
 }
 
+void check_size(const char* op, const std::string& what, const c10::SymInt& size) {
+  const auto v = size.maybe_as_int();
+  KT_CHECK(!v || (*v >= 0 && *v <= kMaxSize), "kt.", op, ": ", what, " must be at most 2^40, got ", size);
+}
+
+void check_numel(const char* op, const std::string& what, std::initializer_list<c10::SymInt> dims) {
+  int64_t total = 1;
+  std::string shape;
+  bool fits = true;
+  for (const c10::SymInt& d : dims) {
+    const auto v = d.maybe_as_int();
+    if (!v) return;
+    shape += (shape.empty() ? "" : ", ") + std::to_string(*v);
+    fits = fits && *v >= 0 && !__builtin_mul_overflow(total, *v, &total) && total < (int64_t{1} << 62);
+  }
+  KT_CHECK(fits, "kt.", op, ": ", what, " would be of shape [", shape, "], 2^62 elements or more");
+}
+
 namespace {
 
 c10::SymInt padded(const c10::SymInt& v) { return (v + 31) / 32 * 32; }
 
 bool is_activation_dtype(at::ScalarType t) { return t == at::kBFloat16 || t == at::kFloat; }
 
+// The packed experts' own account of their sizes against the call's: the padded shapes checked
+// before admit other sizes (H = 60 on experts packed for H = 64, I = 40 on I = 64).
+void check_layout(const char* op, const at::Tensor& layout, const MoeSizes& s, const at::Tensor& gate_up) {
+  const at::Tensor fields = layout.contiguous();
+  kt::ExpertLayout packed{};
+  int64_t format = -1;
+  KT_CHECK(kt::decode_layout(fields.data_ptr<int64_t>(), &packed, &format), "kt.", op,
+           ": layout must be the tensor made by kt.pack_experts with gate_up and down; this one holds other "
+           "values");
+  KT_CHECK(format == static_cast<int64_t>(kt::WeightFormat::kBF16), "kt.", op, ": layout names weight format ",
+           format, ", which this build of kt_ops cannot compute (it has: 0 = bf16)");
+  KT_CHECK(s.intermediate == packed.intermediate, "kt.", op,
+           ": intermediate_size must be the I the experts were packed with (", packed.intermediate, "), got ",
+           s.intermediate);
+  KT_CHECK(s.hidden == packed.hidden, "kt.", op, ": x must have the hidden size the experts were packed with (H = ",
+           packed.hidden, "), got ", s.hidden);
+  KT_CHECK(gate_up.size(0) == packed.slices && gate_up.size(1) == packed.experts, "kt.", op,
+           ": gate_up must hold the ", packed.experts, " experts in ", packed.slices,
+           " slices that layout describes, got ", describe(gate_up));
+}
+
 }  // namespace
 
 MoeSizes check_moe_args(const char* op, const at::Tensor& x, const at::Tensor& topk_ids,
                         const at::Tensor& topk_weights, const at::Tensor& gate_up,
-                        const at::Tensor& down, int64_t intermediate_size,
+                        const at::Tensor& down, const at::Tensor& layout, int64_t intermediate_size,
                         const LoraTensors& lora, double lora_scaling, bool require_cpu) {
   KT_CHECK(is_activation_dtype(x.scalar_type()) && x.dim() == 2, "kt.", op,
               ": x must be bfloat16 or float32 of shape [T, H], got ", describe(x));
@@ -70,6 +110,10 @@ MoeSizes check_moe_args(const char* op, const at::Tensor& x, const at::Tensor& t
               describe(topk_ids), ", got ", describe(topk_weights));
   KT_CHECK(intermediate_size > 0, "kt.", op, ": intermediate_size must be positive, got ",
               intermediate_size);
+  check_size(op, "intermediate_size", intermediate_size);
+  check_size(op, "the token count of x", x.sym_size(0));
+  check_size(op, "the hidden size of x", x.sym_size(1));
+  check_size(op, "top-k (topk_ids' dim 1)", topk_ids.sym_size(1));
   KT_CHECK(std::isfinite(lora_scaling), "kt.", op, ": lora_scaling must be finite, got ",
               lora_scaling);
 
@@ -90,6 +134,11 @@ MoeSizes check_moe_args(const char* op, const at::Tensor& x, const at::Tensor& t
               s.experts, ", H = ", s.hidden, ", I = ", I, " (shape [", slices, ", ", s.experts, ", ",
               padded(s.hidden), ", ", width, "]), got ", describe(down));
 
+  KT_CHECK(layout.scalar_type() == at::kLong && layout.dim() == 1 && layout.sym_size(0) == kt::kLayoutFields,
+           "kt.", op, ": layout must be the int64 [", kt::kLayoutFields,
+           "] tensor made by kt.pack_experts with gate_up and down, got ", describe(layout));
+  check_numel(op, "gate_up_act", {s.tokens, s.top_k, 2 * I});
+
   const c10::SymInt in_dims[3] = {s.hidden, s.hidden, I}, out_dims[3] = {I, I, s.hidden};
   for (int p = 0; p < 3; ++p) {
     const auto &a = lora[2 * p], &b = lora[2 * p + 1];
@@ -108,16 +157,20 @@ MoeSizes check_moe_args(const char* op, const at::Tensor& x, const at::Tensor& t
                     b->sym_size(2) == r,
                 "kt.", op, ": ", b_name, " must be float32 or bfloat16 of shape [E, out, r] = [",
                 s.experts, ", ", out_dims[p], ", ", r, "], got ", describe(*b));
+    check_size(op, std::string("the rank of ") + a_name, r);
     s.rank[p] = r.guard_int(__FILE__, __LINE__);
   }
+  check_numel(op, "lora_act", {s.tokens, s.top_k, s.rank[0] + s.rank[1] + s.rank[2]});
 
   check_device(op, "x", x, "x", x, require_cpu);
   check_device(op, "topk_ids", topk_ids, "x", x, require_cpu);
   check_device(op, "topk_weights", topk_weights, "x", x, require_cpu);
   check_device(op, "gate_up", gate_up, "x", x, require_cpu);
   check_device(op, "down", down, "x", x, require_cpu);
+  check_device(op, "layout", layout, "x", x, require_cpu);
   for (int i = 0; i < 6; ++i)
     if (lora[i].has_value()) check_device(op, kLoraNames[i], *lora[i], "x", x, require_cpu);
+  if (require_cpu) check_layout(op, layout, s, gate_up);
   return s;
 }
 

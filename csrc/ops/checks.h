@@ -62,11 +62,24 @@ using LoraTensors = std::array<std::optional<at::Tensor>, 6>;  // A_g, B_g, A_u,
 extern const char* const kLoraNames[6];
 
 // Validates dtypes, ranks, shapes and devices of the MoE op arguments. `require_cpu` is set
-// by the CPU kernel; the Meta kernel only asks that every tensor shares x's device.
+// by the CPU kernel, which also checks the packed experts' layout tensor against the other
+// arguments (its values are data: the Meta kernel sees only its shape and asks that every
+// tensor shares x's device).
 MoeSizes check_moe_args(const char* op, const at::Tensor& x, const at::Tensor& topk_ids,
                         const at::Tensor& topk_weights, const at::Tensor& gate_up,
-                        const at::Tensor& down, int64_t intermediate_size,
+                        const at::Tensor& down, const at::Tensor& layout, int64_t intermediate_size,
                         const LoraTensors& lora, double lora_scaling, bool require_cpu);
+
+// Every size an op takes is at most this (2^40, beyond any model or batch), so that padding
+// and offset arithmetic on sizes that pass cannot overflow.
+constexpr int64_t kMaxSize = int64_t{1} << 40;
+
+// Raises unless `size` (when concrete) is in [0, kMaxSize]; `what` names it in the message.
+void check_size(const char* op, const std::string& what, const c10::SymInt& size);
+
+// Raises unless a tensor of shape `dims` (when all are concrete) has fewer than 2^62
+// elements; `what` names the tensor.
+void check_numel(const char* op, const std::string& what, std::initializer_list<c10::SymInt> dims);
 
 // Device rule for every tensor argument: on the CPU for the CPU kernel, else on the device
 // of the reference argument `ref_name` (the Meta kernel: shape inference only).

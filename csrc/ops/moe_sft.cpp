@@ -36,9 +36,9 @@ struct KernelInputs {
   kt::MoeWeights w;
 
   KernelInputs(const char* op, const at::Tensor& x_, const at::Tensor& ids_, const at::Tensor& weights_,
-               const at::Tensor& gate_up_, const at::Tensor& down_, int64_t intermediate,
+               const at::Tensor& gate_up_, const at::Tensor& down_, const at::Tensor& layout, int64_t intermediate,
                const LoraTensors& lora_, double scaling) {
-    sizes = check_moe_args(op, x_, ids_, weights_, gate_up_, down_, intermediate, lora_, scaling, true);
+    sizes = check_moe_args(op, x_, ids_, weights_, gate_up_, down_, layout, intermediate, lora_, scaling, true);
     const MoeSizes& s = sizes;
     dims = {s.tokens.expect_int(), s.top_k.expect_int(), s.hidden.expect_int(), intermediate,
             s.experts.expect_int()};
@@ -132,7 +132,7 @@ ForwardResult moe_sft_forward_cpu(KT_MOE_FORWARD_PARAMS) {
   constexpr const char* op = "moe_sft_forward";
   const LoraTensors lora = lora_args(lora_gate_a, lora_gate_b, lora_up_a, lora_up_b, lora_down_a, lora_down_b);
   const kt::Kernels& kernels = current_kernels();
-  KernelInputs in(op, x, topk_ids, topk_weights, gate_up, down, intermediate_size, lora, lora_scaling);
+  KernelInputs in(op, x, topk_ids, topk_weights, gate_up, down, layout, intermediate_size, lora, lora_scaling);
   const MoeSizes& s = in.sizes;
   ForwardResult out = allocate_forward(x, s);
   kt::MoeForwardArgs args{};
@@ -152,7 +152,7 @@ ForwardResult moe_sft_forward_cpu(KT_MOE_FORWARD_PARAMS) {
 ForwardResult moe_sft_forward_meta(KT_MOE_FORWARD_PARAMS) {
   const LoraTensors lora = lora_args(lora_gate_a, lora_gate_b, lora_up_a, lora_up_b, lora_down_a, lora_down_b);
   return allocate_forward(x, check_moe_args("moe_sft_forward", x, topk_ids, topk_weights, gate_up, down,
-                                            intermediate_size, lora, lora_scaling, false));
+                                            layout, intermediate_size, lora, lora_scaling, false));
 }
 
 BackwardResult moe_sft_backward_cpu(const at::Tensor& grad_y, KT_MOE_FORWARD_PARAMS,
@@ -160,7 +160,7 @@ BackwardResult moe_sft_backward_cpu(const at::Tensor& grad_y, KT_MOE_FORWARD_PAR
   constexpr const char* op = "moe_sft_backward";
   const LoraTensors lora = lora_args(lora_gate_a, lora_gate_b, lora_up_a, lora_up_b, lora_down_a, lora_down_b);
   const kt::Kernels& kernels = current_kernels();
-  KernelInputs in(op, x, topk_ids, topk_weights, gate_up, down, intermediate_size, lora, lora_scaling);
+  KernelInputs in(op, x, topk_ids, topk_weights, gate_up, down, layout, intermediate_size, lora, lora_scaling);
   const MoeSizes& s = in.sizes;
   check_saved(op, grad_y, x, s, gate_up_act, lora_act, true);
   const at::Tensor dy = grad_y.contiguous(), gu_act = gate_up_act.contiguous(), l_act = lora_act.contiguous();
@@ -205,7 +205,7 @@ BackwardResult moe_sft_backward_meta(const at::Tensor& grad_y, KT_MOE_FORWARD_PA
                                      const at::Tensor& gate_up_act, const at::Tensor& lora_act) {
   constexpr const char* op = "moe_sft_backward";
   const LoraTensors lora = lora_args(lora_gate_a, lora_gate_b, lora_up_a, lora_up_b, lora_down_a, lora_down_b);
-  const MoeSizes s = check_moe_args(op, x, topk_ids, topk_weights, gate_up, down, intermediate_size,
+  const MoeSizes s = check_moe_args(op, x, topk_ids, topk_weights, gate_up, down, layout, intermediate_size,
                                     lora, lora_scaling, false);
   check_saved(op, grad_y, x, s, gate_up_act, lora_act, false);
   return allocate_backward(x, topk_weights, lora);

@@ -18,14 +18,17 @@ std::string isa();
 
 std::string topology();
 
-std::tuple<at::Tensor, at::Tensor> pack_experts_cpu(const at::Tensor& w_gate, const at::Tensor& w_up,
-                                                    const at::Tensor& w_down, int64_t numa_nodes);
-std::tuple<at::Tensor, at::Tensor> pack_experts_meta(const at::Tensor& w_gate, const at::Tensor& w_up,
-                                                     const at::Tensor& w_down, int64_t numa_nodes);
+using PackResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // gate_up, down, layout
+
+PackResult pack_experts_cpu(const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
+                            int64_t numa_nodes);
+PackResult pack_experts_meta(const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
+                             int64_t numa_nodes);
 
 #define KT_MOE_FORWARD_PARAMS                                                                   \
   const at::Tensor &x, const at::Tensor &topk_ids, const at::Tensor &topk_weights,              \
-      const at::Tensor &gate_up, const at::Tensor &down, int64_t intermediate_size,             \
+      const at::Tensor &gate_up, const at::Tensor &down, const at::Tensor &layout,              \
+      int64_t intermediate_size,                                                                \
       const OptTensor &lora_gate_a, const OptTensor &lora_gate_b, const OptTensor &lora_up_a,   \
       const OptTensor &lora_up_b, const OptTensor &lora_down_a, const OptTensor &lora_down_b,   \
       double lora_scaling

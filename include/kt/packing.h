@@ -76,11 +76,41 @@ struct ExpertLayout {
 };
 
 // How many slices a layer of this intermediate size gets on a machine of `nodes` NUMA nodes:
-// one per node, but never a slice of padding only.
+// one per node, but never a slice of padding only. In closed form: the columns come in
+// ceil(I / 32) groups of 32; `nodes` slices would take ceil(groups / nodes) groups each, and
+// that many groups per slice need only ceil(groups / per_slice) slices.
 inline int64_t slices_for(int64_t intermediate, int64_t nodes) {
-  int64_t s = nodes < 1 ? 1 : nodes;
-  while (s > 1 && (s - 1) * round_up((intermediate + s - 1) / s, kPadTo) >= intermediate) --s;
-  return s;
+  const int64_t groups = (intermediate + kPadTo - 1) / kPadTo;
+  const int64_t wanted = nodes < 1 ? 1 : nodes < groups ? nodes : groups;
+  if (wanted <= 1) return 1;
+  const int64_t per_slice = (groups + wanted - 1) / wanted;
+  return (groups + per_slice - 1) / per_slice;
+}
+
+// kt.pack_experts returns, beside the packed tensors, a small int64 tensor that says what they
+// hold: the true sizes (the padded shapes alone admit other sizes: H = 60 and H = 64 pack to the
+// same shape) and the weight format. The ops check it against their other arguments, so a
+// call on experts packed for other sizes raises instead of computing another function.
+// Fields, in the tensor's order: magic, format, experts, hidden, intermediate, slices.
+enum class WeightFormat : int64_t { kBF16 = 0 };
+
+constexpr int64_t kLayoutFields = 6;
+constexpr int64_t kLayoutMagic = 0x6b745f6f7073;  // "kt_ops" in ASCII
+
+inline void encode_layout(const ExpertLayout& layout, WeightFormat format, int64_t* out) {
+  const int64_t fields[kLayoutFields] = {kLayoutMagic,    static_cast<int64_t>(format), layout.experts,
+                                         layout.hidden, layout.intermediate,          layout.slices};
+  for (int64_t i = 0; i < kLayoutFields; ++i) out[i] = fields[i];
+}
+
+// The layout encoded in `in`; false if `in` was not written by encode_layout (wrong magic, or
+// sizes no packing has).
+inline bool decode_layout(const int64_t* in, ExpertLayout* layout, int64_t* format) {
+  if (in[0] != kLayoutMagic) return false;
+  *format = in[1];
+  *layout = {in[2], in[3], in[4], in[5]};
+  return layout->experts >= 0 && layout->hidden > 0 && layout->intermediate > 0 && layout->slices > 0 &&
+         layout->slices == slices_for(layout->intermediate, layout->slices);
 }
 
 // Packs expert e's slice s from w_gate, w_up [E, I, H] and w_down [E, H, I] into the

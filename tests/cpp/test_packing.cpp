@@ -64,6 +64,49 @@ TEST_P(PackingShapes, TransposedPanelsEqualPackingTheTranspose) {
   EXPECT_TRUE(std::equal(part.begin(), part.end(), expected.begin() + first * 16 * np));
 }
 
+// The rule slices_for computes in closed form: start from one slice per node and drop slices
+// while the last one would hold padding only.
+int64_t slices_by_definition(int64_t intermediate, int64_t nodes) {
+  int64_t s = nodes < 1 ? 1 : nodes;
+  while (s > 1 && (s - 1) * kt::round_up((intermediate + s - 1) / s, kt::kPadTo) >= intermediate) --s;
+  return s;
+}
+
+TEST(SliceCount, ClosedFormEqualsTheDefinitionAndEverySliceHoldsColumns) {
+  for (int64_t i = 1; i <= 700; ++i) {
+    for (int64_t nodes = 0; nodes <= 40; ++nodes) {
+      const int64_t s = kt::slices_for(i, nodes);
+      ASSERT_EQ(s, slices_by_definition(i, nodes)) << "I = " << i << ", nodes = " << nodes;
+      const kt::ExpertLayout layout{1, 32, i, s};
+      ASSERT_GE(s * layout.slice_width(), i);
+      for (int64_t sl = 0; sl < s; ++sl) ASSERT_GT(layout.slice_columns(sl), 0) << i << " " << nodes << " " << sl;
+    }
+  }
+}
+
+TEST(SliceCount, HugeNodeCountsAndSizesTakeNoTime) {
+  EXPECT_EQ(kt::slices_for(int64_t{1} << 40, int64_t{1} << 40), (int64_t{1} << 40) / 32);
+  EXPECT_EQ(kt::slices_for(100, int64_t{1} << 62), 4);
+}
+
+TEST(LayoutTensor, RoundTripAndRejectsOtherValues) {
+  const kt::ExpertLayout layout{6, 70, 45, 2};
+  int64_t fields[kt::kLayoutFields];
+  kt::encode_layout(layout, kt::WeightFormat::kBF16, fields);
+  kt::ExpertLayout back{};
+  int64_t format = -1;
+  ASSERT_TRUE(kt::decode_layout(fields, &back, &format));
+  EXPECT_EQ(format, 0);
+  EXPECT_EQ(back.experts, 6);
+  EXPECT_EQ(back.hidden, 70);
+  EXPECT_EQ(back.intermediate, 45);
+  EXPECT_EQ(back.slices, 2);
+  fields[0] += 1;  // not written by encode_layout
+  EXPECT_FALSE(kt::decode_layout(fields, &back, &format));
+  kt::encode_layout({6, 70, 45, 3}, kt::WeightFormat::kBF16, fields);  // 3 slices of 45 columns: one empty
+  EXPECT_FALSE(kt::decode_layout(fields, &back, &format));
+}
+
 INSTANTIATE_TEST_SUITE_P(OddAndAligned, PackingShapes,
                          ::testing::Values(std::make_pair(1, 1), std::make_pair(17, 33),
                                            std::make_pair(45, 70), std::make_pair(64, 96),
