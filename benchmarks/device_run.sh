@@ -14,6 +14,9 @@ python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT
 cmake -S tests/cpp -B /tmp/kt_cpp -DKT_GTEST_SOURCE_DIR="$PWD/.devcarry/googletest" > /dev/null &&
   cmake --build /tmp/kt_cpp -j 16 > "$OUT/cpp_build.log" 2>&1 &&
   /tmp/kt_cpp/kt_kernel_tests > "$OUT/gtest.log" 2>&1; tail -3 "$OUT/gtest.log"
+cmake -S tests/cpp -B /tmp/kt_cpp_sanitize -DCMAKE_BUILD_TYPE=Sanitize -DKT_GTEST_SOURCE_DIR="$PWD/.devcarry/googletest" \
+    > /dev/null && cmake --build /tmp/kt_cpp_sanitize -j 16 > "$OUT/cpp_sanitize_build.log" 2>&1 &&
+  /tmp/kt_cpp_sanitize/kt_kernel_tests > "$OUT/gtest_sanitize.log" 2>&1; echo "sanitizers: $(tail -1 "$OUT/gtest_sanitize.log")"
 python3 -c "import kt_ops; print('kt_ops path:', kt_ops.isa())"
 python3 -m pytest ${PYTEST_ARGS:-tests} -q -p no:cacheprovider > "$OUT/pytest.log" 2>&1; tail -3 "$OUT/pytest.log"
 for args in "$@"; do

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from kt_ops.api import PackedExperts, pack_experts
+from kt_ops.files import read_json
 from kt_ops.hf import ARCHITECTURES, Family
 
 FP8_BLOCK = 128  # DeepSeek-V3-style fp8 checkpoints scale each 128 x 128 block
@@ -24,17 +25,6 @@ _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "
 
 
 _MAX_HEADER = 100 * 2**20  # safetensors caps its JSON header at 100 MB
-
-
-def _read_json(path: str, caller: str) -> Any:
-    """The JSON document in ``path``; ValueError naming the file if it is not readable JSON."""
-    try:
-        with open(path, "rb") as fh:
-            return json.loads(fh.read().decode("utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{caller}: {path}: no such file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ValueError(f"{caller}: {path} is not valid JSON ({e})") from None
 
 
 class _Shard:
@@ -134,7 +124,7 @@ class _Checkpoint:
     def __init__(self, checkpoint_dir: str, caller: str):
         index = os.path.join(checkpoint_dir, "model.safetensors.index.json")
         if os.path.exists(index):
-            doc = _read_json(index, caller)
+            doc = read_json(index, caller)
             weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
             if not (isinstance(weight_map, dict) and all(isinstance(k, str) and isinstance(v, str)
                                                          for k, v in weight_map.items())):
@@ -247,7 +237,7 @@ def _progress(items: list, desc: str, unit: str, enabled: bool):
 
 def _model_type(checkpoint_dir: str, caller: str) -> tuple[str, Family]:
     path = os.path.join(checkpoint_dir, "config.json")
-    doc = _read_json(path, caller)
+    doc = read_json(path, caller)
     model_type = doc.get("model_type") if isinstance(doc, dict) else None
     if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         raise ValueError(f"{caller}: no MoE family for model_type {model_type!r} in {path}; supported: "
@@ -255,7 +245,7 @@ def _model_type(checkpoint_dir: str, caller: str) -> tuple[str, Family]:
     return model_type, ARCHITECTURES[model_type]
 
 
-def _empty_model(checkpoint_dir: str, caller: str) -> nn.Module:
+def empty_model(checkpoint_dir: str, caller: str) -> nn.Module:
     """The checkpoint's causal LM built from its config with every tensor on the meta device
     (no memory): its shapes are what the checkpoint's tensors must have."""
     from accelerate import init_empty_weights
@@ -312,7 +302,7 @@ def load_experts(checkpoint_dir: Union[str, os.PathLike], *, layers: Optional[li
     checkpoint_dir = os.fspath(checkpoint_dir)
     caller = "kt_ops.load_experts"
     _, family = _model_type(checkpoint_dir, caller)
-    shapes = expert_shapes(_empty_model(checkpoint_dir, caller))
+    shapes = expert_shapes(empty_model(checkpoint_dir, caller))
     ckpt = _Checkpoint(checkpoint_dir, caller)
     return _load_experts(ckpt, family, shapes, layers, numa_nodes, progress, caller)
 
@@ -408,7 +398,7 @@ def load_model(checkpoint_dir: Union[str, os.PathLike], lora_rank: Optional[int]
     checkpoint_dir = os.fspath(checkpoint_dir)
     device = torch.device(device or "cpu")
     _, family = _model_type(checkpoint_dir, caller)
-    model = _empty_model(checkpoint_dir, caller)
+    model = empty_model(checkpoint_dir, caller)
     ckpt = _Checkpoint(checkpoint_dir, caller)
     per_expert, fused = _expert_keys(family)
     wanted = {n: t for n, t in model.state_dict().items()}

@@ -194,7 +194,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     try:
         return ns.func(ns)
-    except (ValueError, FileNotFoundError, DataError, KeyError, FloatingPointError) as e:
+    # OSError: a file that cannot be read or written (a full disk, say); what was written is
+    # whole, and the run resumes from its last checkpoint.
+    except (ValueError, DataError, KeyError, FloatingPointError, OSError) as e:
         print(f"kt-sft {ns.command}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

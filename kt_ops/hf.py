@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from kt_ops.api import PackedExperts, moe_sft, pack_experts
-from kt_ops.atomic import replacing
+from kt_ops.files import read_json, replacing
 
 
 @dataclass(frozen=True)
@@ -516,13 +516,7 @@ def read_adapter_config(in_dir: Union[str, os.PathLike], caller: str = "kt_ops.l
     absent), and none of the options kt_ops's experts cannot compute (DoRA, rsLoRA, LoRA
     biases, per-module ranks or alphas). ValueError naming the file and the field otherwise."""
     path = os.path.join(os.fspath(in_dir), ADAPTER_CONFIG)
-    try:
-        with open(path, "rb") as fh:
-            cfg = json.loads(fh.read().decode("utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{caller}: {path}: no such file (not a PEFT adapter directory)") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ValueError(f"{caller}: {path} is not valid JSON ({e})") from None
+    cfg = read_json(path, caller)
     if not isinstance(cfg, dict):
         raise ValueError(f"{caller}: {path} must hold a JSON object, got {type(cfg).__name__}")
 

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from kt_ops.atomic import fsync_dir, replacing, write_json
+from kt_ops.files import fsync_dir, read_json, replacing, write_json
 
 CHECKPOINT = "checkpoint"  # the resumable checkpoint's folder inside the output directory
 STATE_JSON, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"
@@ -67,6 +67,12 @@ def _swap_in(out: str, tmp: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def remove_checkpoint(out: str) -> None:
+    """Removes ``out``'s checkpoint and whatever an interrupted swap left of one."""
+    for path in _paths(out):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def write_checkpoint(out: str, write_files: Callable[[str], None], state: dict[str, Any],
                      tensors: dict[str, torch.Tensor]) -> None:
     """Replaces ``out/checkpoint`` with a new one: ``write_files(dir)`` writes the adapter
@@ -109,11 +115,7 @@ def read_state(checkpoint: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     from safetensors.torch import load_file
 
     path = os.path.join(checkpoint, STATE_JSON)
-    try:
-        with open(path, "rb") as fh:
-            state = json.loads(fh.read().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CheckpointError(f"kt-sft: {path} is not readable JSON ({e})") from None
+    state = read_json(path, "kt-sft", CheckpointError)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"kt-sft: {path} is not a kt-sft trainer state of format {FORMAT}")
     tensors_path = os.path.join(checkpoint, STATE_TENSORS)

@@ -8,6 +8,7 @@ a group of rows (one forward/backward each: gradient accumulation) of at most
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -29,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kt_ops import data as sft_data
 from kt_ops import run_state
-from kt_ops.atomic import replacing, write_json
+from kt_ops.files import replacing, write_json
 from kt_ops.hf import add_peft_lora, checkpointing_kwargs
 from kt_ops.run_state import CHECKPOINT, CheckpointError
 
@@ -223,6 +224,8 @@ class Trainer:
         self.train_seconds = 0.0
         if resumed is not None:
             self._load_checkpoint(*resumed)
+        elif args.overwrite:
+            _clear_previous_run(args.out)
 
     @staticmethod
     def _base(model: nn.Module) -> nn.Module:
@@ -440,9 +443,8 @@ def saved_args(path: str) -> dict[str, Any]:
     where = os.path.join(checkpoint, run_state.STATE_JSON)
     saved = run_state.field(state, "args", dict, where)
     kinds = {"int": int, "float": (int, float), "str": str, "bool": bool}
-    for f in dataclasses.fields(TrainArgs):
-        if f.name not in saved:
-            continue
+    fields = [f for f in dataclasses.fields(TrainArgs) if f.name in saved]
+    for f in fields:
         optional = f.type.startswith("Optional[")
         value, kind = saved[f.name], f.type[len("Optional["):-1] if optional else f.type
         ok = (value is None and optional) or (
@@ -451,7 +453,7 @@ def saved_args(path: str) -> dict[str, Any]:
         if not ok:
             raise CheckpointError(f"kt-sft: {where}: the saved setting {f.name!r} is {json.dumps(value)[:60]}, not "
                                   f"a {f.type}")
-    return {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(TrainArgs)}}
+    return {f.name: saved[f.name] for f in fields}
 
 
 def check_resumable(saved: dict[str, Any], args: TrainArgs) -> None:
@@ -476,11 +478,24 @@ def _model_fingerprint(model_dir: str) -> str:
     digest = hashlib.sha256()
     config = os.path.join(model_dir, "config.json")
     if os.path.isfile(config):
-        digest.update(open(config, "rb").read())
+        with open(config, "rb") as fh:
+            digest.update(fh.read())
     for name in sorted(os.listdir(model_dir)) if os.path.isdir(model_dir) else []:
         if name.endswith((".safetensors", ".safetensors.index.json")):
             digest.update(f"{name}:{os.path.getsize(os.path.join(model_dir, name))};".encode())
     return digest.hexdigest()
+
+
+def _clear_previous_run(out: str) -> None:
+    """--overwrite: the files of the run that was in ``out`` go once this one is ready to
+    start, so that nothing of it passes for this run's (a kill before this run's first
+    checkpoint would otherwise leave the old run there to --resume)."""
+    from kt_ops.hf import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    run_state.remove_checkpoint(out)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "metrics.json", "loss.png"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(out, name))
 
 
 def _existing_ancestor(path: str) -> str:
@@ -511,9 +526,9 @@ def _check_writable(out: str) -> None:
 def _check_room(out: str, model_dir: str, rank: int, resuming: bool) -> None:
     """ValueError if ``out``'s file system has too little room for the outputs: the adapter,
     the checkpoint (adapter, two Adam moments) and, while it is replaced, its predecessor."""
-    from kt_ops.checkpoint import _empty_model, expert_shapes
+    from kt_ops.checkpoint import empty_model, expert_shapes
 
-    lora = sum(e * rank * 3 * (h + i) * 4 for e, h, i in expert_shapes(_empty_model(model_dir, "kt-sft")).values())
+    lora = sum(e * rank * 3 * (h + i) * 4 for e, h, i in expert_shapes(empty_model(model_dir, "kt-sft")).values())
     need = lora * (4 if resuming else 7) + (64 << 20)  # a resumed run's checkpoint holds its room already
     free = shutil.disk_usage(_existing_ancestor(out)).free
     if free < need:

@@ -2,7 +2,6 @@
 of the model changes), expert checkpoints (every tensor's shape and dtype against the config,
 corrupt files named), JSONL data (every bad line reported, only an unusable file stops)."""
 import json
-import os
 import re
 import shutil
 import struct
@@ -229,7 +228,7 @@ GOOD = json.dumps({"prompt": "a", "response": "b"}).encode()
      "messages[0].content holds a lone surrogate (\\udfff)"),
     (b"[" * 100_000 + b"]" * 100_000, "invalid JSON (nested too deeply)"),
     (b'{"prompt": "a", "response": ' + b"9" * 5000 + b"}", "invalid JSON"),
-])
+], ids=["latin-1 byte", "lone surrogate", "lone surrogate in messages", "deep nesting", "huge integer"])
 def test_each_bad_line_is_reported_and_left_out(bad_line, reason, tokenizer, tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_bytes(b"\n".join([GOOD, bad_line, GOOD]) + b"\n")

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -85,19 +84,20 @@ def test_a_pickled_checkpoint_is_never_unpickled(tmp_path, capsys):
     assert code == 2 and "never unpickles files" in err and "Traceback" not in err
 
 
-def test_no_module_of_the_package_unpickles_or_evaluates():
+def test_no_code_of_the_project_unpickles_or_evaluates():
     unsafe = re.compile(r"torch\.load\(|pickle\.loads?\(|yaml\.load\(|(?<![\w.])(eval|exec)\(|weights_only\s*=\s*False")
-    root = os.path.dirname(kt_ops.__file__)
-    for dirpath, _, names in os.walk(root):
-        for n in names:
-            if n.endswith(".py"):
-                with open(os.path.join(dirpath, n)) as fh:
-                    found = unsafe.search(fh.read())
-                assert found is None, f"{n}: {found.group(0)}"
+    top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the source tree
+    for folder in ("kt_ops", "benchmarks", "examples"):
+        for dirpath, _, names in os.walk(os.path.join(top, folder)):
+            for n in names:
+                if n.endswith(".py"):
+                    with open(os.path.join(dirpath, n)) as fh:
+                        found = unsafe.search(fh.read())
+                    assert found is None, f"{os.path.join(dirpath, n)}: {found.group(0)}"
 
 
 @pytest.mark.parametrize("corrupt, message", [
-    (lambda d: (d / "trainer_state.json").write_text("{not json"), "trainer_state.json is not readable JSON"),
+    (lambda d: (d / "trainer_state.json").write_text("{not json"), "trainer_state.json is not valid JSON"),
     (lambda d: (d / "trainer_state.json").write_text("[1, 2]"), "is not a kt-sft trainer state of format 2"),
     (lambda d: _edit_state(d, step="three"), '"step" is missing or of the wrong type'),
     (lambda d: _edit_state(d, args={**_state(d)["args"], "rank": "16"}), "the saved setting 'rank' is \"16\""),
@@ -217,6 +217,22 @@ def test_a_kill_while_the_adapter_is_written_keeps_the_previous_one_whole(tmp_pa
         kt_ops.save_adapter(model, tmp_path / "fresh")
     assert files_of(first) == before  # nothing half-written, no temporary files left
     assert os.listdir(tmp_path / "fresh") == []  # no config without its tensors
+
+
+def test_overwrite_leaves_nothing_of_the_old_run_to_resume(tmp_path, capsys, monkeypatch):
+    out = train(tmp_path / "run")
+    from kt_ops.train import Trainer
+
+    def killed(self, rows):
+        raise Killed  # the new run dies in its first step, before any checkpoint of its own
+
+    monkeypatch.setattr(Trainer, "loss_and_backward", killed)
+    with pytest.raises(Killed):
+        main(["train", "--out", out, "--steps", "2", "--overwrite", "--no-progress"])
+    monkeypatch.undo()
+    assert not os.path.exists(os.path.join(out, ADAPTER_CONFIG))
+    code, _, err = run(["train", "--resume", out], capsys)
+    assert code == 2 and "no checkpoint in" in err
 
 
 # ---------------------------------------------------------------- resume where pointed, data by content

@@ -1,5 +1,6 @@
 """kt_ops.topology(), pinning and the NUMA split, on this machine and on synthetic multi-node
 topologies (KT_OPS_TOPOLOGY is read once per process, so those run in a subprocess)."""
+import json
 import os
 import re
 import subprocess
@@ -54,10 +55,10 @@ def test_workers_are_pinned_to_listed_cores():
     # Thread slots go round-robin over the nodes: the first worker (slot 1) has node 1 % n's
     # core 1 // n.
     nodes = [[int(c) for c in m.split(",")] for m in re.findall(r"cores \{([\d,]+)\}", desc)]
-    assert eval(single) == [nodes[1 % len(nodes)][1 // len(nodes)]]
+    assert json.loads(single) == [nodes[1 % len(nodes)][1 // len(nodes)]]
     unpinned = run_python(code, KT_OPS_PIN_THREADS="0")
     assert unpinned.returncode == 0, unpinned.stderr
-    assert eval(unpinned.stdout.strip().splitlines()[-1]) == []
+    assert json.loads(unpinned.stdout.strip().splitlines()[-1]) == []
 
 
 SYNTHETIC = "pack:2 numa:1 core:2 pu:1"

@@ -1,4 +1,4 @@
-"""Files written whole or not at all.
+"""Files written whole or not at all, and JSON read with errors that name the file.
 
 A file is written under a temporary name in its own directory, flushed to disk, renamed over
 the target (an atomic step on POSIX file systems), and the directory is flushed so the rename
@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Iterator, Type
 
 
 def fsync_dir(path: str) -> None:
@@ -60,3 +60,18 @@ def write_json(path: str, obj: Any) -> None:
     with replacing(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
+
+
+def read_json(path: str, caller: str, error: Type[Exception] = ValueError) -> Any:
+    """The JSON document in ``path``. A missing file is FileNotFoundError, one that is not
+    UTF-8 JSON (or nests too deeply to parse) is ``error``; both messages start with
+    ``caller`` and name the file."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{caller}: {path}: no such file") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise error(f"{caller}: {path} is not valid JSON ({e})") from None
