@@ -95,10 +95,6 @@ class _Shard:
         return out
 
 
-_ITEM_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
-               "I8": 1, "U8": 1, "BOOL": 1}
-
-
 def _check_entry(entry: Any, data_size: int, where: str) -> None:
     """A safetensors header entry: dtype, shape and data offsets that lie inside the file and
     hold exactly the shape's bytes."""
@@ -112,7 +108,8 @@ def _check_entry(entry: Any, data_size: int, where: str) -> None:
     if not (len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
             and 0 <= offsets[0] <= offsets[1] <= data_size):
         raise ValueError(f"{where}: data_offsets {offsets} do not lie inside the file's {data_size} data bytes")
-    item = _ITEM_BYTES.get(entry["dtype"])
+    dtype = _DTYPES.get(entry["dtype"])  # others are refused when read
+    item = dtype.itemsize if dtype is not None else None
     if item is not None and math.prod(shape) * item != offsets[1] - offsets[0]:
         raise ValueError(f"{where}: {entry['dtype']} {shape} needs {math.prod(shape) * item} bytes, its data_offsets "
                          f"hold {offsets[1] - offsets[0]}")

@@ -655,9 +655,10 @@ def _plan_other_lora(model: nn.Module, cfg: dict, tensors: dict[str, torch.Tenso
                                  "kt_ops loads PEFT LoRA on nn.Linear modules only")
             expected[f"base_model.model.{name}.lora_A.weight"] = (r, module.in_features)
             expected[f"base_model.model.{name}.lora_B.weight"] = (module.out_features, r)
-        if not expected:
-            raise KeyError(f"kt_ops.load_adapter: unexpected keys {sorted(tensors)[:3]}: no module of the model "
-                           f"matches the adapter's target_modules {cfg['target_modules']!r}")
+        if not expected:  # the targets name only the experts, say, which the patch replaced
+            raise KeyError(f"kt_ops.load_adapter: unexpected keys {sorted(tensors)[:3]}: the adapter has no "
+                           f"target_modules for them (its target_modules {cfg['target_modules']!r} match no module "
+                           "of the model)")
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise KeyError(f"kt_ops.load_adapter: unexpected keys {unexpected[:3]}: no module of the model takes them")
