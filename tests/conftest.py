@@ -15,6 +15,19 @@ OPCHECK_EXEMPT = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cache_home(tmp_path_factory):
+    """The built-in model is written under a throwaway cache directory, not the user's."""
+    path = str(tmp_path_factory.mktemp("cache"))
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = path
+    yield path
+    if old is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 @pytest.fixture(params=ALL_ISAS)
 def isa_path(request, monkeypatch):
     """Runs the test once per kernel path this CPU has, selected through KT_OPS_MAX_ISA."""

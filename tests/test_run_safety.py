@@ -21,18 +21,6 @@ from kt_ops.hf import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 SHORT = ["--steps", "6", "--max-tokens-per-step", "512", "--no-progress"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache_home(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("cache"))
-    old = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = path
-    yield path
-    if old is None:
-        del os.environ["XDG_CACHE_HOME"]
-    else:
-        os.environ["XDG_CACHE_HOME"] = old
-
-
 def run(argv, capsys):
     code = main(argv)
     out = capsys.readouterr()

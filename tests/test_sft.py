@@ -24,19 +24,6 @@ from moe_case import assert_close
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def cache_home(tmp_path_factory):
-    """The built-in model is written under a throwaway cache directory, not the user's."""
-    path = str(tmp_path_factory.mktemp("cache"))
-    old = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = path
-    yield path
-    if old is None:
-        del os.environ["XDG_CACHE_HOME"]
-    else:
-        os.environ["XDG_CACHE_HOME"] = old
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     from transformers import AutoTokenizer
