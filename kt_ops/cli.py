@@ -154,9 +154,9 @@ def _generate(ns: argparse.Namespace) -> int:
     import transformers
 
     from kt_ops import default
-    from kt_ops.checkpoint import load_model
+    from kt_ops.weights import load_model
     from kt_ops.data import render_chat
-    from kt_ops.hf import load_adapter, read_adapter_config
+    from kt_ops.adapters import load_adapter, read_adapter_config
     from kt_ops.train import resolve_device
 
     model_dir = ns.model or default.model_dir()

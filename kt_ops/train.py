@@ -31,7 +31,8 @@ from torch.utils.checkpoint import checkpoint
 from kt_ops import data as sft_data
 from kt_ops import run_state
 from kt_ops.files import replacing, write_json
-from kt_ops.hf import add_peft_lora, checkpointing_kwargs
+from kt_ops.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, add_peft_lora, load_adapter, save_adapter
+from kt_ops.experts import checkpointing_kwargs
 from kt_ops.run_state import CHECKPOINT, CheckpointError
 
 _LOSS_CHUNK = 1024  # label positions whose logits are materialised at once
@@ -157,7 +158,7 @@ class Trainer:
         import transformers
 
         from kt_ops import default
-        from kt_ops.checkpoint import load_model
+        from kt_ops.weights import load_model
 
         self.args, self.log = args, log
         if not args.resume and not args.overwrite and any(
@@ -354,8 +355,6 @@ class Trainer:
     def finish(self, completed: bool) -> dict[str, Any]:
         """Writes the adapter, metrics.json, loss.png and the resumable checkpoint, each file
         whole (a kill leaves the previous version of each)."""
-        from kt_ops.hf import save_adapter
-
         out = self.args.out
         os.makedirs(out, exist_ok=True)
         save_adapter(self.model, out)
@@ -369,8 +368,6 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Adapter + optimizer + schedule + step + RNG state in ``<out>/checkpoint`` as data
         (JSON and safetensors), replaced atomically (see :mod:`kt_ops.run_state`)."""
-        from kt_ops.hf import save_adapter
-
         optimizer, tensors = run_state.optimizer_to_data(self.optimizer.state_dict())
         rng, rng_tensors = run_state.rng_to_data()
         tensors.update(rng_tensors)
@@ -406,8 +403,6 @@ class Trainer:
                      "contents (--allow-changed-data)")
 
     def _load_checkpoint(self, checkpoint: str, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        from kt_ops.hf import load_adapter
-
         where = os.path.join(checkpoint, run_state.STATE_JSON)
         step = run_state.field(state, "step", int, where)
         losses = run_state.field(state, "losses", list, where)
@@ -490,8 +485,6 @@ def _clear_previous_run(out: str) -> None:
     """--overwrite: the files of the run that was in ``out`` go once this one is ready to
     start, so that nothing of it passes for this run's (a kill before this run's first
     checkpoint would otherwise leave the old run there to --resume)."""
-    from kt_ops.hf import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-
     run_state.remove_checkpoint(out)
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "metrics.json", "loss.png"):
         with contextlib.suppress(FileNotFoundError):
@@ -526,7 +519,7 @@ def _check_writable(out: str) -> None:
 def _check_room(out: str, model_dir: str, rank: int, resuming: bool) -> None:
     """ValueError if ``out``'s file system has too little room for the outputs: the adapter,
     the checkpoint (adapter, two Adam moments) and, while it is replaced, its predecessor."""
-    from kt_ops.checkpoint import empty_model, expert_shapes
+    from kt_ops.weights import empty_model, expert_shapes
 
     lora = sum(e * rank * 3 * (h + i) * 4 for e, h, i in expert_shapes(empty_model(model_dir, "kt-sft")).values())
     need = lora * (4 if resuming else 7) + (64 << 20)  # a resumed run's checkpoint holds its room already

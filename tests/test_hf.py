@@ -12,7 +12,9 @@ from safetensors.torch import load_file, save_file
 
 import kt_ops
 from hf_models import FAMILIES, VOCAB, tiny_model
-from kt_ops.hf import KtExperts, add_peft_lora, expert_weights, lora_state_dict, moe_layers
+from kt_ops.adapters import add_peft_lora, lora_state_dict
+from kt_ops.experts import KtExperts
+from kt_ops.models.families import expert_weights, moe_layers
 from moe_case import assert_close
 
 R, ALPHA = 4, 8.0

@@ -15,7 +15,7 @@ from hf_models import tiny_model
 from kt_ops import data as sft_data
 from kt_ops import default
 from kt_ops.cli import main
-from kt_ops.hf import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from kt_ops.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 R, ALPHA = 4, 8.0
 
@@ -83,7 +83,7 @@ def test_a_good_adapter_loads_after_a_bad_one_was_refused(saved):
         kt_ops.load_adapter(target, path)
     save_file(good, path / ADAPTER_WEIGHTS)
     kt_ops.load_adapter(target, path)
-    assert kt_ops.hf.lora_state_dict(target).keys() <= good.keys()
+    assert kt_ops.adapters.lora_state_dict(target).keys() <= good.keys()
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 import kt_ops
 from kt_ops import default, run_state
 from kt_ops.cli import main
-from kt_ops.hf import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from kt_ops.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 SHORT = ["--steps", "6", "--max-tokens-per-step", "512", "--no-progress"]
 
@@ -264,7 +264,7 @@ def test_an_unwritable_out_is_refused_before_the_model_is_loaded(tmp_path, capsy
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("kt_ops.checkpoint.load_model", no_loading)
+    monkeypatch.setattr("kt_ops.weights.load_model", no_loading)
     code, _, err = run(["train", "--out", "/dev/null/x"], capsys)
     assert code == 2 and "cannot create --out /dev/null/x: /dev/null is not a directory" in err
     locked = tmp_path / "locked"
@@ -280,7 +280,7 @@ def test_an_unwritable_out_is_refused_before_the_model_is_loaded(tmp_path, capsy
 
 
 def test_an_out_without_room_for_the_outputs_is_refused_before_the_model_is_loaded(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("kt_ops.checkpoint.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("kt_ops.weights.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**30, 2**30 - 4096, 4096))
     code, _, err = run(["train", "--out", str(tmp_path / "run")], capsys)
     assert code == 2 and "has 0.00 GiB free; the outputs need about" in err

@@ -14,7 +14,7 @@ from torch import nn
 
 from kt_ops.api import PackedExperts, pack_experts
 from kt_ops.files import read_json
-from kt_ops.hf import ARCHITECTURES, Family
+from kt_ops.models.families import ARCHITECTURES, Family, experts_shape, family_of, moe_layers
 
 FP8_BLOCK = 128  # DeepSeek-V3-style fp8 checkpoints scale each 128 x 128 block
 
@@ -262,10 +262,8 @@ def empty_model(checkpoint_dir: str, caller: str) -> nn.Module:
 def expert_shapes(model: nn.Module) -> dict[int, tuple[int, int, int]]:
     """``{layer index: (E, H, I)}`` of every MoE layer of an unpatched model (weights may be
     on the meta device)."""
-    from kt_ops.hf import _experts_shape, _family, moe_layers
-
-    _, family = _family(model)
-    return {int(re.search(r"layers\.(\d+)\.", name).group(1)): tuple(_experts_shape(m, family))
+    _, family = family_of(model)
+    return {int(re.search(r"layers\.(\d+)\.", name).group(1)): tuple(experts_shape(m, family))
             for name, m in moe_layers(model).items()}
 
 
@@ -275,7 +273,7 @@ def load_experts(checkpoint_dir: Union[str, os.PathLike], *, layers: Optional[li
 
     Args:
         checkpoint_dir: a Hugging Face checkpoint directory: ``config.json`` (its
-            ``model_type`` picks the family in :data:`kt_ops.hf.ARCHITECTURES`) and
+            ``model_type`` picks the family in :data:`kt_ops.models.families.ARCHITECTURES`) and
             ``model.safetensors`` or shards with ``model.safetensors.index.json``. Expert
             tensors may be per expert (``model.layers.{l}.mlp.experts.{e}.gate_proj.weight``,
             Mixtral's ``block_sparse_moe.experts.{e}.w1.weight``) or fused
@@ -389,7 +387,7 @@ def load_model(checkpoint_dir: Union[str, os.PathLike], lora_rank: Optional[int]
     for, or model tensors the checkpoint lacks; ValueError naming a tensor (and its file) of
     the wrong shape or dtype, or a corrupt file.
     """
-    from kt_ops.hf import patch_model
+    from kt_ops.models.surgery import patch_model
 
     caller = "kt_ops.load_model"
     checkpoint_dir = os.fspath(checkpoint_dir)

@@ -1,0 +1,174 @@
+"""KtExperts, the routed-experts module computed by ``torch.ops.kt`` on the CPU, with the
+crossing between a CUDA device and the CPU, and the activation-checkpointing policy for it."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from kt_ops.api import PackedExperts, moe_sft
+
+# The fused-layout LoRA parameters of KtExperts, and the per-expert ones (transformers 4.x).
+FUSED_LORA = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B")
+
+
+PER_EXPERT_LORA = ("lora_gate_A", "lora_gate_B", "lora_up_A", "lora_up_B", "lora_down_A", "lora_down_B")
+
+
+class _ViaPinnedMemory(torch.autograd.Function):
+    """Moves a tensor between a CUDA device and the CPU through page-locked staging buffers
+    (asynchronous DMA rather than a pageable copy); the gradient goes back the same way."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        ctx.source = t.device
+        return _copy_via_pinned(t, device)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _copy_via_pinned(grad, ctx.source), None
+
+
+def _copy_via_pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    if device.type == "cpu":
+        staged.copy_(t, non_blocking=True)
+        torch.cuda.current_stream(t.device).synchronize()  # the CPU reads it next
+        return staged
+    staged.copy_(t)
+    # The caching host allocator keeps the staging buffer until the copy has run.
+    return staged.to(device, non_blocking=True)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if t.device == device:
+        return t
+    if "cuda" in (t.device.type, device.type):
+        return _ViaPinnedMemory.apply(t, device)
+    return t.to(device)
+
+
+class KtExperts(nn.Module):
+    """A routed-experts module computed by ``torch.ops.kt`` on the CPU.
+
+    It is called like the transformers 5.x experts modules:
+    ``experts(hidden_states [N, H], top_k_index [N, K], top_k_weights [N, K]) -> [N, H]``,
+    on any device. The expert work runs on the CPU; from and to a CUDA device the tensors
+    cross through pinned staging buffers, and the result returns in the input's device and
+    dtype. The frozen weights are held packed (``self.packed``), outside the module's
+    parameters and buffers, and the LoRA parameters stay fp32 on the CPU: ``model.to(...)``
+    never moves, casts or copies this module.
+
+    LoRA parameters follow PEFT's LoRA on the layout they replace, with s = alpha / r:
+
+    - fused (transformers 5.x; ``target_parameters`` LoRA): per expert e,
+      ``gate_up_proj[e] += s * lora_gate_up_B[e] @ lora_gate_up_A[e]`` (one A shared by gate
+      and up, B of 2I rows: gate rows first) and ``down_proj[e] += s * lora_down_B[e] @
+      lora_down_A[e]``;
+    - per expert (``per_expert=True``, transformers 4.x ``nn.Linear`` lists;
+      ``target_modules`` LoRA): ``lora_gate_A/B``, ``lora_up_A/B``, ``lora_down_A/B``, A
+      ``[E, r, in]`` and B ``[E, out, r]``, one A per projection.
+    """
+
+    def __init__(self, packed: PackedExperts, hidden_size: int, rank: int, alpha: float, *,
+                 per_expert: bool = False):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"kt_ops: lora_rank must be >= 1, got {rank}")
+        self.packed = packed
+        self.hidden_size = hidden_size
+        self.intermediate_size = packed.intermediate_size
+        self.num_experts = packed.num_experts
+        self.rank, self.alpha = rank, float(alpha)
+        self.per_expert = per_expert
+        e, h, i = self.num_experts, hidden_size, self.intermediate_size
+        shapes = {"gate_up_A": (e, rank, h), "gate_up_B": (e, 2 * i, rank), "gate_A": (e, rank, h),
+                  "gate_B": (e, i, rank), "up_A": (e, rank, h), "up_B": (e, i, rank),
+                  "down_A": (e, rank, i), "down_B": (e, h, rank)}
+        for name in self.lora_names:
+            # PEFT's default: A as nn.Linear's kaiming-uniform init (bound 1/sqrt(in)), B zero,
+            # so a fresh adapter leaves the model's function unchanged.
+            shape = shapes[name[len("lora_"):]]
+            p = nn.Parameter(torch.zeros(shape))
+            if name.endswith("A"):
+                nn.init.uniform_(p, -1 / math.sqrt(shape[-1]), 1 / math.sqrt(shape[-1]))
+            setattr(self, name, p)
+
+    @property
+    def lora_names(self) -> tuple[str, ...]:
+        """Names of this module's LoRA parameters."""
+        return PER_EXPERT_LORA if self.per_expert else FUSED_LORA
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def lora_tensors(self) -> list[torch.Tensor]:
+        """(A_g, B_g, A_u, B_u, A_d, B_d), each ``[E, ...]``, as kt_ops.moe_sft takes them."""
+        if self.per_expert:
+            return [getattr(self, n) for n in PER_EXPERT_LORA]
+        i = self.intermediate_size
+        a_gu, b_gu = self.lora_gate_up_A, self.lora_gate_up_B
+        return [a_gu, b_gu[:, :i], a_gu, b_gu[:, i:], self.lora_down_A, self.lora_down_B]
+
+    def check_lora(self, tensors: list[torch.Tensor], source: str) -> None:
+        """Raises unless (A_g, B_g, A_u, B_u, A_d, B_d) can be this module's LoRA: the shapes of
+        :meth:`lora_tensors`, and in the fused layout A_g equal to A_u (``source`` names them
+        in the error)."""
+        for name, dst, src in zip(("A_gate", "B_gate", "A_up", "B_up", "A_down", "B_down"), self.lora_tensors(), tensors):
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(f"kt_ops.load_adapter: {source}: {name} has shape {tuple(src.shape)}, expected "
+                                 f"{tuple(dst.shape)}")
+        if not self.per_expert and not torch.equal(tensors[0], tensors[2]):
+            raise ValueError(f"kt_ops.load_adapter: {source}: gate and up have different lora_A; the fused "
+                             "experts of this model share one A between gate and up (PEFT's target_parameters "
+                             "LoRA on gate_up_proj)")
+
+    @torch.no_grad()
+    def set_lora(self, tensors: list[torch.Tensor]) -> None:
+        """Sets (A_g, B_g, A_u, B_u, A_d, B_d), which :meth:`check_lora` has accepted."""
+        for dst, src in zip(self.lora_tensors(), tensors):
+            dst.copy_(src)
+
+    def _apply(self, fn, recurse=True):
+        # The LoRA stays beside the packed experts, fp32 in CPU memory, where the kt op reads it
+        # and writes its gradients (so its optimizer state stays there too): model.to("cuda"),
+        # .bfloat16() and the like leave this module as it is.
+        return self
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        cpu = torch.device("cpu")
+        y = moe_sft(_to_device(hidden_states, cpu), top_k_index.cpu(), _to_device(top_k_weights, cpu),
+                    self.packed, self.lora_tensors(), self.scaling)
+        return _to_device(y, hidden_states.device)
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
+                f"r={self.rank}, alpha={self.alpha:g}, layout={'per_expert' if self.per_expert else 'fused'}, "
+                f"numa_slices={self.packed.numa_slices}")
+
+
+def _keep_expert_outputs(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    if op is torch.ops.kt.moe_sft_forward.default:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpointing_kwargs() -> dict[str, Any]:
+    """``gradient_checkpointing_kwargs`` for a patched model (``model.gradient_checkpointing_enable(
+    gradient_checkpointing_kwargs=kt_ops.checkpointing_kwargs())`` or transformers'
+    ``TrainingArguments``): the backward recomputes the layers' other modules (attention, on the
+    GPU, whose activations are what checkpointing saves) but not the kt experts' forward, whose
+    results are kept: they are the costly part of a layer, and what they keep for the backward
+    is in CPU memory anyway."""
+    import functools
+
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return {"use_reentrant": False,
+            "context_fn": functools.partial(create_selective_checkpoint_contexts, _keep_expert_outputs)}

@@ -1,0 +1,1 @@
+"""Model families and the surgery that puts kt experts into them."""

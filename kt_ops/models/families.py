@@ -1,0 +1,106 @@
+"""MoE families: where each keeps its routed experts, and finding them in a model.
+
+A family is a transformers ``model_type``. Its entry says where the transformers 5.x fused
+experts module sits in a decoder layer, where the 4.x per-expert ``nn.ModuleList`` and its
+projections sit (also the key names of checkpoints and per-expert PEFT adapters), and how a
+4.x MoE block routes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kt_ops.experts import KtExperts
+
+@dataclass(frozen=True)
+class Family:
+    """Where one MoE family keeps its routed experts, per decoder layer, and how its
+    transformers 4.x MoE block routes.
+
+    ``experts`` is the path of the transformers 5.x fused experts module (``gate_up_proj
+    [E, 2I, H]``, ``down_proj [E, H, I]``). ``expert_list`` is the path of the per-expert
+    ``nn.ModuleList`` of transformers 4.x models, which is also where checkpoints and
+    per-expert PEFT adapters keep per-expert tensors; ``expert_linears`` names its (gate, up,
+    down) ``nn.Linear`` projections. The router is the ``gate`` module beside the experts.
+
+    ``per_expert_routing`` says how kt_ops drives a 4.x MoE block once its expert list is
+    replaced: ``"softmax_topk"`` (the block computes softmax, top-k and the optional
+    normalisation inline: Qwen-MoE, Mixtral; kt_ops runs the same steps, then one kt call) or
+    ``"moe_method"`` (the block's gate returns expert ids and weights and the block calls
+    ``self.moe(hidden, ids, weights)``: DeepSeek; kt_ops replaces ``moe`` only).
+    """
+
+    experts: str = "mlp.experts"
+    expert_list: str = "mlp.experts"
+    expert_linears: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    per_expert_routing: str = "softmax_topk"
+
+
+# model_type -> Family. Adding a family is one entry.
+ARCHITECTURES: dict[str, Family] = {
+    "qwen3_moe": Family(),
+    "qwen2_moe": Family(),
+    "mixtral": Family(expert_list="block_sparse_moe.experts", expert_linears=("w1", "w3", "w2")),
+    "deepseek_v2": Family(per_expert_routing="moe_method"),
+    "deepseek_v3": Family(per_expert_routing="moe_method"),
+}
+
+
+ROUTER = "gate"  # the router module beside the experts in every family
+
+
+def family_of(model: nn.Module) -> tuple[str, Family]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"kt_ops: no MoE family for model_type {model_type!r}; supported: "
+                         f"{', '.join(sorted(ARCHITECTURES))} (add one to kt_ops.models.families.ARCHITECTURES)")
+    return model_type, ARCHITECTURES[model_type]
+
+
+def _is_expert_list(m: nn.Module, family: Family) -> bool:
+    return (isinstance(m, nn.ModuleList) and len(m) > 0
+            and all(isinstance(getattr(m[0], p, None), nn.Linear) for p in family.expert_linears))
+
+
+def moe_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Module path -> routed-experts module of every MoE layer, in model order: transformers
+    5.x fused experts modules, 4.x per-expert ``nn.ModuleList``s, or the KtExperts that
+    replaced either."""
+    _, family = family_of(model)
+    suffixes = ("." + family.experts, "." + family.expert_list)
+
+    def is_experts(m: nn.Module) -> bool:
+        fused = getattr(m, "gate_up_proj", None)
+        return (isinstance(m, KtExperts) or (isinstance(fused, torch.Tensor) and fused.dim() == 3)
+                or _is_expert_list(m, family))
+
+    return {name: m for name, m in model.named_modules() if name.endswith(suffixes) and is_experts(m)}
+
+
+def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The frozen weights of an unpatched experts module (5.x fused or 4.x per-expert list)
+    as bf16 CPU tensors ``(w_gate [E, I, H], w_up [E, I, H], w_down [E, H, I])``, the inputs
+    of :func:`kt_ops.pack_experts`."""
+    if isinstance(experts, nn.ModuleList):
+        for gate, up, down in {f.expert_linears for f in ARCHITECTURES.values()}:
+            if all(isinstance(getattr(experts[0], p, None), nn.Linear) for p in (gate, up, down)):
+                linears = [[getattr(m, p) for m in experts] for p in (gate, up, down)]
+                if any(lin.bias is not None for group in linears for lin in group):
+                    raise ValueError("kt_ops: the kt experts have no bias; these expert projections have one")
+                return tuple(torch.stack([lin.weight.detach().to("cpu", torch.bfloat16) for lin in group])
+                             for group in linears)
+        raise ValueError(f"kt_ops: {type(experts[0]).__name__} has none of the expert projection names "
+                         f"{sorted({f.expert_linears for f in ARCHITECTURES.values()})}")
+    gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    i = down.shape[2]
+    return tuple(t.to("cpu", torch.bfloat16) for t in (gate_up[:, :i], gate_up[:, i:], down))
+
+
+def experts_shape(experts: nn.Module, family: Family) -> tuple[int, int, int]:
+    """(E, H, I) of an unpatched experts module, read from shapes only (weights may be on meta)."""
+    if isinstance(experts, nn.ModuleList):
+        down = getattr(experts[0], family.expert_linears[2]).weight
+        return len(experts), down.shape[0], down.shape[1]
+    return tuple(experts.down_proj.shape)
