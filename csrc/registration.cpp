@@ -21,6 +21,12 @@ TORCH_LIBRARY(kt, m) {
   m.def("pack_experts(Tensor w_gate, Tensor w_up, Tensor w_down, int numa_nodes=0) -> "
         "(Tensor gate_up, Tensor down, Tensor layout)");
 
+  // Inverse of pack_experts: the bf16 w_gate, w_up [E, I, H] and w_down [E, H, I] held by
+  // gate_up, down and layout, which must hold hidden_size H and intermediate_size I (the Meta
+  // kernel sizes the outputs from them).
+  m.def("unpack_experts(Tensor gate_up, Tensor down, Tensor layout, int hidden_size, int intermediate_size) -> "
+        "(Tensor w_gate, Tensor w_up, Tensor w_down)");
+
   // Routed experts forward with optional LoRA per projection (A [E, r, in], B [E, out, r]), on
   // the experts kt.pack_experts made (gate_up, down, layout); intermediate_size must be the I
   // they were packed with (it sizes the outputs where layout's values are unknown: Meta).
@@ -46,18 +52,21 @@ TORCH_LIBRARY(kt, m) {
 // CUDA inputs reach the CPU kernels too, whose first device check names the argument.
 TORCH_LIBRARY_IMPL(kt, CPU, m) {
   m.impl("pack_experts", &kt_ops::pack_experts_cpu);
+  m.impl("unpack_experts", &kt_ops::unpack_experts_cpu);
   m.impl("moe_sft_forward", &kt_ops::moe_sft_forward_cpu);
   m.impl("moe_sft_backward", &kt_ops::moe_sft_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(kt, CUDA, m) {
   m.impl("pack_experts", &kt_ops::pack_experts_cpu);
+  m.impl("unpack_experts", &kt_ops::unpack_experts_cpu);
   m.impl("moe_sft_forward", &kt_ops::moe_sft_forward_cpu);
   m.impl("moe_sft_backward", &kt_ops::moe_sft_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(kt, Meta, m) {
   m.impl("pack_experts", &kt_ops::pack_experts_meta);
+  m.impl("unpack_experts", &kt_ops::unpack_experts_meta);
   m.impl("moe_sft_forward", &kt_ops::moe_sft_forward_meta);
   m.impl("moe_sft_backward", &kt_ops::moe_sft_backward_meta);
 }

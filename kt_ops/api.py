@@ -65,6 +65,12 @@ class PackedExperts:
         """S, the slices of the intermediate dimension (one per NUMA node)."""
         return self.gate_up.shape[0]
 
+    def unpack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The bf16 weights these were packed from: ``(w_gate [E, I, H], w_up [E, I, H],
+        w_down [E, H, I])``, new tensors (packing is a lossless permutation)."""
+        return torch.ops.kt.unpack_experts(self.gate_up, self.down, self.layout, self.hidden_size,
+                                           self.intermediate_size)
+
     @property
     def nbytes(self) -> int:
         """Resident bytes of the packed weights."""

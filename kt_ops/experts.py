@@ -1,14 +1,18 @@
-"""KtExperts, the routed-experts module computed by ``torch.ops.kt`` on the CPU, with the
-crossing between a CUDA device and the CPU, and the activation-checkpointing policy for it."""
+"""The routed experts computed by ``torch.ops.kt`` on the CPU: the "kt" implementation of
+transformers' experts interface, KtExperts (the drop-in module for models of one's own), the
+crossing between a CUDA device and the CPU, and the activation-checkpointing policy."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-from kt_ops.api import PackedExperts, moe_sft
+from kt_ops.api import PackedExperts, moe_sft, pack_experts
+from kt_ops.models.variants import experts_variant
+from kt_ops.packed_weights import ExpertsLayout, PackedExpertWeight, packed_parameters, to_canonical
 
 # The fused-layout LoRA parameters of KtExperts, and the per-expert ones (transformers 4.x).
 FUSED_LORA = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B")
@@ -172,3 +176,108 @@ def checkpointing_kwargs() -> dict[str, Any]:
 
     return {"use_reentrant": False,
             "context_fn": functools.partial(create_selective_checkpoint_contexts, _keep_expert_outputs)}
+
+
+# ---------------------------------------------------------------- the "kt" experts implementation
+
+EXPERTS_IMPLEMENTATION = "kt"  # the name under transformers' experts interface
+
+
+def _base_parameter(module: nn.Module, name: str) -> torch.Tensor:
+    """``module``'s own parameter ``name``, not its parametrized value (reading that would form
+    PEFT's ``W + s B A``)."""
+    if parametrize.is_parametrized(module, name):
+        return module.parametrizations[name].original
+    return module._parameters[name]
+
+
+def _set_base_parameter(module: nn.Module, name: str, value: nn.Parameter) -> None:
+    if parametrize.is_parametrized(module, name):
+        module.parametrizations[name].original = value
+    else:
+        module._parameters[name] = value
+
+
+def _check_supported(module: nn.Module) -> ExpertsLayout:
+    variant = experts_variant(module)
+    reason = variant.unsupported()
+    if reason is not None:
+        model_type = getattr(getattr(module, "config", None), "model_type", "?")
+        raise ValueError(f"kt_ops: the kt experts implementation cannot compute {model_type}'s "
+                         f"{parametrize.type_before_parametrizations(module).__name__} ({variant.describe()}): "
+                         f"{reason}. Choose another "
+                         "experts_implementation for this model")
+    return ExpertsLayout(variant.concatenated, variant.transposed)
+
+
+def packed_experts_of(module: nn.Module) -> PackedExperts:
+    """The packed experts of an experts module of transformers' experts interface. The first
+    call packs its weights (from whatever device they are on) and puts PackedExpertWeight
+    stand-ins in place of its ``gate_up_proj`` and ``down_proj``, so the bf16 weights are held
+    once, in CPU memory; later calls return what those stand-ins hold."""
+    layout = _check_supported(module)
+    gate_up, down = _base_parameter(module, "gate_up_proj"), _base_parameter(module, "down_proj")
+    if isinstance(gate_up, PackedExpertWeight) and isinstance(down, PackedExpertWeight) and gate_up.packed is down.packed:
+        return gate_up.packed
+    weights = [w.detach().to("cpu", torch.bfloat16).contiguous() for w in to_canonical(gate_up, down, layout)]
+    packed = pack_experts(*weights)
+    for name, param in zip(("gate_up_proj", "down_proj"), packed_parameters(packed, layout, gate_up.dtype)):
+        _set_base_parameter(module, name, param)
+    return packed
+
+
+def _lora_factors(module: nn.Module, name: str, transposed: bool
+                  ) -> Optional[tuple[torch.Tensor, torch.Tensor, float]]:
+    """(A [E, r, in], B [E, out, r], scaling) of the PEFT LoRA active on parameter ``name``
+    during this forward (PEFT's ``target_parameters`` LoRA parametrizes the parameter with its
+    low-rank factors), or None when there is none."""
+    if not parametrize.is_parametrized(module, name):
+        return None
+    terms = list(module.parametrizations[name])
+    if len(terms) != 1 or not all(hasattr(terms[0], a) for a in ("lhs", "rhs", "scaling")):
+        raise ValueError(f"kt_ops: {type(module).__name__}.{name} is parametrized by {[type(t).__name__ for t in terms]}; "
+                         "the kt experts take one LoRA adapter at a time, as its low-rank factors (PEFT does so "
+                         "with one active adapter)")
+    lhs, rhs, scaling = terms[0].lhs, terms[0].rhs, float(terms[0].scaling)
+    # PEFT's delta is scaling * lhs @ rhs: B A for [E, out, in] weights, (B A)^T for transposed ones.
+    a, b = (lhs.transpose(1, 2), rhs.transpose(1, 2)) if transposed else (rhs, lhs)
+    return a, b, scaling
+
+
+def kt_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                       top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The "kt" experts implementation: ``self``'s routed experts through ``torch.ops.kt`` on
+    the CPU, with the LoRA PEFT puts on its ``gate_up_proj`` / ``down_proj`` computed from its
+    factors (no ``B A`` is ever formed). Inputs may be on any device; the result comes back on
+    theirs."""
+    layout = _check_supported(self)
+    packed = packed_experts_of(self)
+    cpu = torch.device("cpu")
+    gate_up = _lora_factors(self, "gate_up_proj", layout.transposed)
+    down = _lora_factors(self, "down_proj", layout.transposed)
+    scaling = gate_up[2] if gate_up else down[2] if down else 1.0
+    lora = [None] * 6
+    if gate_up is not None:
+        a, b, _ = (_to_device(t, cpu) if isinstance(t, torch.Tensor) else t for t in gate_up)
+        i = packed.intermediate_size
+        b_gate, b_up = (b[:, :i], b[:, i:]) if layout.concatenated else (b[:, 0::2], b[:, 1::2])
+        lora[:4] = [a, b_gate, a, b_up]
+    if down is not None:
+        a, b, s = (_to_device(t, cpu) if isinstance(t, torch.Tensor) else t for t in down)
+        lora[4:] = [a, b if s == scaling else b * (s / scaling)]
+    y = moe_sft(_to_device(hidden_states, cpu), top_k_index.to(cpu), _to_device(top_k_weights, cpu), packed,
+                lora, scaling)
+    return _to_device(y, hidden_states.device)
+
+
+def register_experts_implementation() -> bool:
+    """Registers :func:`kt_experts_forward` as the "kt" experts implementation of the installed
+    transformers (``from_pretrained(..., experts_implementation="kt")``,
+    ``model.set_experts_implementation("kt")``). False where transformers has no experts
+    interface (4.x)."""
+    try:
+        from transformers.integrations.moe import ExpertsInterface
+    except ImportError:
+        return False
+    ExpertsInterface.register(EXPERTS_IMPLEMENTATION, kt_experts_forward)
+    return True

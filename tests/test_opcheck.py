@@ -13,7 +13,7 @@ def _forward_args(case):
 
 
 def test_every_op_is_covered():
-    tested = {"kt::pack_experts", "kt::moe_sft_forward", "kt::moe_sft_backward"}
+    tested = {"kt::pack_experts", "kt::unpack_experts", "kt::moe_sft_forward", "kt::moe_sft_backward"}
     ops = {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("kt::")}
     assert ops == tested | set(OPCHECK_EXEMPT), ops
 
@@ -22,6 +22,14 @@ def test_opcheck_pack_experts():
     g = torch.Generator().manual_seed(0)
     w = [torch.randn(*s, generator=g).bfloat16() for s in [(3, 45, 70), (3, 45, 70), (3, 70, 45)]]
     torch.library.opcheck(torch.ops.kt.pack_experts.default, tuple(w))
+
+
+@pytest.mark.parametrize("numa_nodes", [1, 2])
+def test_opcheck_unpack_experts(numa_nodes):
+    g = torch.Generator().manual_seed(0)
+    w = [torch.randn(*s, generator=g).bfloat16() for s in [(3, 45, 70), (3, 45, 70), (3, 70, 45)]]
+    gate_up, down, layout = torch.ops.kt.pack_experts(*w, numa_nodes)
+    torch.library.opcheck(torch.ops.kt.unpack_experts.default, (gate_up, down, layout, 70, 45))
 
 
 @pytest.mark.parametrize("rank", [None, 8])

@@ -11,8 +11,7 @@ void pack_weight(const bf16* w, int64_t n, int64_t k, int64_t ldw, int64_t kp, b
     for (int64_t c = 0; c < k; ++c) dst[packed_offset(r, c, kp)] = w[r * ldw + c];
 }
 
-void unpack_weight(const bf16* src, int64_t n, int64_t k, int64_t ldw, bf16* w) {
-  const int64_t kp = round_up(k, kPadTo);
+void unpack_weight(const bf16* src, int64_t n, int64_t k, int64_t ldw, int64_t kp, bf16* w) {
   for (int64_t r = 0; r < n; ++r)
     for (int64_t c = 0; c < k; ++c) w[r * ldw + c] = src[packed_offset(r, c, kp)];
 }
@@ -74,6 +73,15 @@ void pack_expert_slice(const ExpertLayout& layout, const bf16* w_gate, const bf1
   std::memset(gu, 0, sizeof(bf16) * 2 * is * hp);
   if (cols > 0) pack_gate_up(w_gate + (e * I + c0) * H, w_up + (e * I + c0) * H, cols, H, gu);
   pack_weight(w_down + e * H * I + c0, H, cols, I, is, down + layout.down_offset(s, e));
+}
+
+void unpack_expert_slice(const ExpertLayout& layout, const bf16* gate_up, const bf16* down, int64_t e,
+                         int64_t s, bf16* w_gate, bf16* w_up, bf16* w_down) {
+  const int64_t H = layout.hidden, I = layout.intermediate, is = layout.slice_width();
+  const int64_t c0 = s * is, cols = layout.slice_columns(s);
+  if (cols <= 0) return;
+  unpack_gate_up(gate_up + layout.gate_up_offset(s, e), cols, H, w_gate + (e * I + c0) * H, w_up + (e * I + c0) * H);
+  unpack_weight(down + layout.down_offset(s, e), H, cols, I, is, w_down + e * H * I + c0);
 }
 
 }  // namespace kt

@@ -25,6 +25,13 @@ PackResult pack_experts_cpu(const at::Tensor& w_gate, const at::Tensor& w_up, co
 PackResult pack_experts_meta(const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
                              int64_t numa_nodes);
 
+using UnpackResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // w_gate, w_up, w_down
+
+UnpackResult unpack_experts_cpu(const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& layout,
+                                int64_t hidden_size, int64_t intermediate_size);
+UnpackResult unpack_experts_meta(const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& layout,
+                                 int64_t hidden_size, int64_t intermediate_size);
+
 #define KT_MOE_FORWARD_PARAMS                                                                   \
   const at::Tensor &x, const at::Tensor &topk_ids, const at::Tensor &topk_weights,              \
       const at::Tensor &gate_up, const at::Tensor &down, const at::Tensor &layout,              \

@@ -100,4 +100,80 @@ PackResult pack_experts_meta(const at::Tensor& w_gate, const at::Tensor& w_up, c
   return allocate(s, slice_count(s, numa_nodes), w_gate.options());
 }
 
+namespace {
+
+// The sizes unpack_experts' outputs take, checked against the packed tensors' shapes (and, on
+// the CPU, against the values of layout).
+ExpertShape check_unpack_args(const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& layout,
+                              int64_t hidden, int64_t intermediate, bool require_cpu) {
+  constexpr const char* op = "unpack_experts";
+  KT_CHECK(hidden > 0 && intermediate > 0, "kt.", op, ": hidden_size and intermediate_size must be positive, got ",
+           hidden, " and ", intermediate);
+  check_size(op, "hidden_size", hidden);
+  check_size(op, "intermediate_size", intermediate);
+  KT_CHECK(gate_up.scalar_type() == at::kBFloat16 && gate_up.dim() == 4 && gate_up.sym_size(0) > 0, "kt.", op,
+           ": gate_up must be the bfloat16 [S, E, 2*Is, Hp] tensor made by kt.pack_experts, got ", describe(gate_up));
+  const c10::SymInt slices = gate_up.sym_size(0), experts = gate_up.sym_size(1);
+  const c10::SymInt width = padded((c10::SymInt(intermediate) + slices - 1) / slices), hp = padded(c10::SymInt(hidden));
+  KT_CHECK(gate_up.sym_size(2) == 2 * width && gate_up.sym_size(3) == hp, "kt.", op, ": gate_up must be packed for H = ",
+           hidden, " and I = ", intermediate, ", got ", describe(gate_up));
+  KT_CHECK(down.scalar_type() == at::kBFloat16 && down.dim() == 4 && down.sym_size(0) == slices &&
+               down.sym_size(1) == experts && down.sym_size(2) == hp && down.sym_size(3) == width,
+           "kt.", op, ": down must be the bfloat16 tensor made by kt.pack_experts with gate_up, got ", describe(down));
+  KT_CHECK(layout.scalar_type() == at::kLong && layout.dim() == 1 && layout.sym_size(0) == kt::kLayoutFields, "kt.", op,
+           ": layout must be the int64 [", kt::kLayoutFields, "] tensor made by kt.pack_experts with gate_up and down, got ",
+           describe(layout));
+  check_device(op, "gate_up", gate_up, "gate_up", gate_up, require_cpu);
+  check_device(op, "down", down, "gate_up", gate_up, require_cpu);
+  check_device(op, "layout", layout, "gate_up", gate_up, require_cpu);
+  if (require_cpu) {
+    const at::Tensor fields = layout.contiguous();
+    kt::ExpertLayout packed{};
+    int64_t format = -1;
+    KT_CHECK(kt::decode_layout(fields.data_ptr<int64_t>(), &packed, &format) &&
+                 format == static_cast<int64_t>(kt::WeightFormat::kBF16),
+             "kt.", op, ": layout must be the tensor made by kt.pack_experts with gate_up and down; this one holds "
+             "other values");
+    KT_CHECK(packed.hidden == hidden && packed.intermediate == intermediate && packed.experts == gate_up.size(1) &&
+                 packed.slices == gate_up.size(0),
+             "kt.", op, ": layout describes ", packed.experts, " experts of H = ", packed.hidden, " and I = ",
+             packed.intermediate, " in ", packed.slices, " slices; the call gives H = ", hidden, ", I = ", intermediate,
+             " and gate_up ", describe(gate_up));
+  }
+  return {experts, c10::SymInt(intermediate), c10::SymInt(hidden)};
+}
+
+UnpackResult allocate_unpacked(const ExpertShape& s, const at::TensorOptions& opts) {
+  return {at::empty_symint({s.experts, s.intermediate, s.hidden}, opts),
+          at::empty_symint({s.experts, s.intermediate, s.hidden}, opts),
+          at::empty_symint({s.experts, s.hidden, s.intermediate}, opts)};
+}
+
+}  // namespace
+
+UnpackResult unpack_experts_cpu(const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& layout,
+                                int64_t hidden_size, int64_t intermediate_size) {
+  const ExpertShape s = check_unpack_args(gate_up, down, layout, hidden_size, intermediate_size, true);
+  auto [w_gate, w_up, w_down] = allocate_unpacked(s, gate_up.options());
+  const at::Tensor gu = gate_up.contiguous(), dn = down.contiguous();
+  const int64_t slices = gu.size(0), E = gu.size(1);
+  const kt::ExpertLayout layout_{E, hidden_size, intermediate_size, slices};
+  const auto* gu_in = reinterpret_cast<const kt::bf16*>(gu.data_ptr());
+  const auto* d_in = reinterpret_cast<const kt::bf16*>(dn.data_ptr());
+  auto* g_out = reinterpret_cast<kt::bf16*>(w_gate.data_ptr());
+  auto* u_out = reinterpret_cast<kt::bf16*>(w_up.data_ptr());
+  auto* d_out = reinterpret_cast<kt::bf16*>(w_down.data_ptr());
+  std::vector<int64_t> range_first{0, slices * E};
+  kt::parallel_for_ranges(range_first, at::get_num_threads(), [&](int64_t task) {
+    kt::unpack_expert_slice(layout_, gu_in, d_in, task % E, task / E, g_out, u_out, d_out);
+  });
+  return {w_gate, w_up, w_down};
+}
+
+UnpackResult unpack_experts_meta(const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& layout,
+                                 int64_t hidden_size, int64_t intermediate_size) {
+  return allocate_unpacked(check_unpack_args(gate_up, down, layout, hidden_size, intermediate_size, false),
+                           gate_up.options());
+}
+
 }  // namespace kt_ops

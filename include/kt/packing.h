@@ -31,8 +31,8 @@ inline int64_t packed_offset(int64_t n, int64_t k, int64_t kp) {
 // least k): dst holds round_up(n,32) * kp elements; padding is written as zeros.
 void pack_weight(const bf16* w, int64_t n, int64_t k, int64_t ldw, int64_t kp, bf16* dst);
 
-// Inverse of pack_weight: writes W [n, k] (row stride ldw) from packed src.
-void unpack_weight(const bf16* src, int64_t n, int64_t k, int64_t ldw, bf16* w);
+// Inverse of pack_weight: writes W [n, k] (row stride ldw) from src, packed with depth kp.
+void unpack_weight(const bf16* src, int64_t n, int64_t k, int64_t ldw, int64_t kp, bf16* w);
 
 // The fused gate/up matrix of one expert: rows interleave 16-row panels of gate and up
 // (gate panel j, up panel j, gate panel j+1, ...), so one GEMM pass yields g and u for the
@@ -117,5 +117,10 @@ inline bool decode_layout(const int64_t* in, ExpertLayout* layout, int64_t* form
 // tensors gate_up and down of `layout`.
 void pack_expert_slice(const ExpertLayout& layout, const bf16* w_gate, const bf16* w_up,
                        const bf16* w_down, int64_t e, int64_t s, bf16* gate_up, bf16* down);
+
+// Inverse of pack_expert_slice: writes expert e's slice s of w_gate, w_up [E, I, H] and
+// w_down [E, H, I] from the packed tensors.
+void unpack_expert_slice(const ExpertLayout& layout, const bf16* gate_up, const bf16* down, int64_t e,
+                         int64_t s, bf16* w_gate, bf16* w_up, bf16* w_down);
 
 }  // namespace kt

@@ -7,12 +7,17 @@ projections sit (also the key names of checkpoints and per-expert PEFT adapters)
 """
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 
 from kt_ops.experts import KtExperts
+from kt_ops.models.variants import ExpertsVariant, experts_variant, is_interface_experts
+
 
 @dataclass(frozen=True)
 class Family:
@@ -104,3 +109,99 @@ def experts_shape(experts: nn.Module, family: Family) -> tuple[int, int, int]:
         down = getattr(experts[0], family.expert_linears[2]).weight
         return len(experts), down.shape[0], down.shape[1]
     return tuple(experts.down_proj.shape)
+
+
+# ---------------------------------------------------------------- families of transformers' experts interface
+
+@dataclass(frozen=True)
+class InterfaceFamily:
+    """A model type whose experts module uses transformers' experts interface, as its default
+    config builds it: the experts class, its variant, and why the kt kernels cannot compute it
+    (None when they can). ``variant`` is None when the default config does not build a model
+    (``problem`` says why)."""
+
+    model_type: str
+    experts_class: Optional[str]
+    variant: Optional[ExpertsVariant]
+    problem: Optional[str]
+
+    @property
+    def supported(self) -> bool:
+        return self.variant is not None and self.problem is None
+
+
+def interface_model_types() -> list[str]:
+    """Model types of the installed transformers whose modeling code decorates an experts class
+    with ``@use_experts_implementation`` (read from the source, as transformers itself decides
+    whether a model can switch its experts implementation)."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
+
+    root = os.path.dirname(transformers.models.__file__)
+    found = []
+    for model_type in CONFIG_MAPPING_NAMES:
+        package = model_type_to_module_name(model_type)
+        path = os.path.join(root, package, f"modeling_{package}.py")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as fh:
+                if "@use_experts_implementation" in fh.read():
+                    found.append(model_type)
+    return found
+
+
+def _model_class(model_type: str):
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    for mapping in (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, modeling_auto.MODEL_MAPPING_NAMES):
+        if model_type in mapping:
+            return getattr(transformers, mapping[model_type])
+    return None
+
+
+def describe_family(model_type: str, config=None) -> InterfaceFamily:
+    """The experts of ``model_type`` as ``config`` (default: the config class's defaults)
+    builds them, on the meta device (no memory)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_class = _model_class(model_type)
+    if model_class is None:
+        return InterfaceFamily(model_type, None, None, "no model class of its own (a part of a larger model)")
+    try:
+        config = config if config is not None else CONFIG_MAPPING[model_type]()
+        with torch.device("meta"):
+            model = model_class(config)
+    except Exception as e:  # a default config that does not build is the family's to describe, not an error here
+        return InterfaceFamily(model_type, None, None, f"its default config builds no model ({type(e).__name__}: {e})")
+    experts = [m for m in model.modules() if is_interface_experts(m)]
+    if not experts:
+        return InterfaceFamily(model_type, None, None, "its default config has no routed experts")
+    variant = experts_variant(experts[0])
+    return InterfaceFamily(model_type, type(experts[0]).__name__, variant, variant.unsupported())
+
+
+@functools.lru_cache(maxsize=None)
+def supported_families() -> dict[str, str]:
+    """Every MoE family kt_ops knows, with what it computes for it: ``{model_type:
+    description}``. The families of transformers' experts interface are found by
+    introspection of the installed transformers (``experts_implementation="kt"``); the
+    description says the experts class and variant, and for a variant the kernels cannot
+    compute yet, why. The families of :data:`ARCHITECTURES` also run through
+    :func:`kt_ops.patch_model` (transformers 4.x per-expert ``nn.Linear`` experts)."""
+    out = {}
+    try:
+        model_types = interface_model_types()
+    except ImportError:
+        model_types = []
+    for model_type in model_types:
+        f = describe_family(model_type)
+        if f.experts_class is None and not f.problem.startswith("its default config builds no model"):
+            continue  # a vision or audio part of a larger model, with no experts of its own
+        if f.variant is None:
+            out[model_type] = f"unknown: {f.problem}"
+        else:
+            out[model_type] = (f"{f.experts_class}: {f.variant.describe()}"
+                               + ("" if f.problem is None else f"; not supported: {f.problem}"))
+    for model_type in ARCHITECTURES:
+        out.setdefault(model_type, "per-expert nn.Linear experts through kt_ops.patch_model (transformers 4.x)")
+    return dict(sorted(out.items()))

@@ -16,7 +16,7 @@ TEST_P(PackingShapes, WeightRoundTripAndZeroPadding) {
   std::vector<bf16> packed(np * kp, 0xffff);
   kt::pack_weight(w.data(), n, k, k, kt::round_up(k, kt::kPadTo), packed.data());
   std::vector<bf16> back(n * k);
-  kt::unpack_weight(packed.data(), n, k, k, back.data());
+  kt::unpack_weight(packed.data(), n, k, k, kp, back.data());
   EXPECT_EQ(back, w);
   // Every padded position must read as zero: the GEMMs rely on it.
   for (int64_t r = 0; r < np; ++r) {

@@ -1,0 +1,248 @@
+"""The "kt" experts implementation of transformers' experts interface, with expert LoRA as
+stock PEFT (``target_parameters``): every family found by introspection against the stock
+eager implementation with the same adapter, and the packed stand-ins of the expert weights."""
+import copy
+import re
+
+import peft
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import kt_ops
+from hf_families import VOCAB, expert_targets, tiny_model
+from kt_ops.models.families import describe_family, interface_model_types
+from kt_ops.models.variants import experts_variant, is_interface_experts
+from kt_ops.packed_weights import PackedExpertWeight
+from moe_case import assert_close
+
+pytest.importorskip("transformers.integrations.moe", reason="transformers 4.x has no experts interface")
+
+def families() -> list[str]:
+    """Model types with routed experts of their own (vision and audio parts left out)."""
+    return [t for t in interface_model_types()
+            if (f := describe_family(t)).experts_class is not None or f.problem.startswith("its default config builds no model")]
+
+
+# Families whose tiny model cannot be made by shrinking the default config's sizes, with why;
+# each is checked to still fail, so a family that starts to build leaves this table.
+NO_TINY_MODEL = {
+    "aria": "its vision projector keeps its default size",
+    "deepseek_ocr2": "its default config builds no model",
+    "deepseek_v2": "its default topk_method (greedy) needs topk_group set",
+    "diffusion_gemma": "per-layer attention sizes",
+    "dots1": "its default config builds no model",
+    "dots3_note": "per-layer attention sizes",
+    "dots3_note_text": "per-layer attention sizes",
+    "ernie4_5_moe": "its router's top-k exceeds the shrunk expert count",
+    "ernie4_5_vl_moe": "per-modality intermediate sizes (a list)",
+    "glm4v_moe": "its vision tower keeps its default size",
+    "glm4v_moe_text": "rotary sections sized for the default head size",
+    "glm5_next": "its vision tower keeps its default size",
+    "granitemoehybrid": "its layer kinds are derived from other fields",
+    "hunyuan_v1_moe": "its default config builds no model",
+    "hy_v4_vl": "its vision tower keeps its default size",
+    "inkling2": "its vision tower keeps its default size",
+    "inkling2_loop": "its vision tower keeps its default size",
+    "inkling_mm_model": "its vision tower keeps its default size",
+    "jamba": "its layer kinds are derived from other fields",
+    "lfm2_moe": "its default config builds no model",
+    "minimax_m3_vl": "its vision projector keeps its default size",
+    "mistral4": "its attention sizes are derived from other fields",
+    "mistral_large4": "its vision projector keeps its default size",
+    "muse_spark": "its vision adapter keeps its default size",
+    "qwen3_5_moe": "a multimodal config without a text vocabulary of its own",
+    "qwen3_omni_moe_thinker": "its vision tower keeps its default size",
+    "qwen3_vl_moe": "its vision tower keeps its default size",
+    "qwen4_exp": "a multimodal config without a text vocabulary of its own",
+    "qwen4_exp_text": "its default config builds no model",
+    "unlimited_ocr": "its vision tower keeps its default size",
+}
+
+
+def experts_of(model):
+    return [m for m in model.modules() if is_interface_experts(m)]
+
+
+def with_adapter(model, impl, seed=1):
+    """``model`` (a copy) on experts implementation ``impl`` with a stock PEFT LoRA on its
+    experts; every other parameter trains too (routers and attention included), so every
+    gradient that crosses the experts is compared."""
+    model = copy.deepcopy(model)
+    model.set_experts_implementation(impl)
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_parameters=expert_targets(model),
+                                                       init_lora_weights=False))
+    for name, p in model.named_parameters():
+        if "lora_" not in name and not name.endswith(("gate_up_proj", "down_proj", "up_proj")):
+            p.requires_grad_(True)
+    return model
+
+
+def loss_and_grads(model, ids):
+    """Output, loss and gradients: the LM loss, or for a family whose model class has no LM
+    head, a loss on its last hidden states."""
+    out = model(input_ids=ids, labels=ids) if hasattr(model.get_base_model(), "lm_head") else model(input_ids=ids)
+    output = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    loss = out.loss if getattr(out, "loss", None) is not None else output.float().pow(2).mean()
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return output.detach(), loss.detach(), grads
+
+
+def outputs(model, ids):
+    out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("model_type", families())
+def test_family_matches_eager_with_the_same_peft_adapter(model_type):
+    if model_type in NO_TINY_MODEL:
+        with pytest.raises(Exception):
+            tiny_model(model_type)(torch.randint(3, VOCAB, (1, 5)))
+        pytest.skip(f"no tiny model: {NO_TINY_MODEL[model_type]}")
+    model = tiny_model(model_type)
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    reason = experts_variant(experts_of(model)[0]).unsupported()
+    kt = with_adapter(model, "kt")
+    if reason is not None:  # a variant the kernels cannot compute: a clear error, never a wrong result
+        with pytest.raises(ValueError, match=f"cannot compute {model_type}'s .*: {re.escape(reason)}"):
+            kt(input_ids=ids)
+        return
+    eager_logits, eager_loss, eager_grads = loss_and_grads(with_adapter(model, "eager"), ids)
+    kt_logits, kt_loss, kt_grads = loss_and_grads(kt, ids)
+    tolerance = torch.float32 if kt_ops.isa() in ("avx2", "scalar") else torch.bfloat16
+    assert_close("logits", kt_logits, eager_logits, tolerance)
+    assert abs(kt_loss - eager_loss) <= 1e-3 * abs(eager_loss)
+    assert kt_grads.keys() == eager_grads.keys()
+    assert any("lora_" in n for n in kt_grads) and any(".gate." in n or "router" in n for n in kt_grads), kt_grads
+    for name, grad in eager_grads.items():
+        assert_close(name, kt_grads[name], grad, tolerance)
+    with kt.disable_adapter(), torch.no_grad():  # the base model, with the kt experts
+        assert_close("disabled", outputs(kt, ids), outputs(model, ids), tolerance)
+
+
+@pytest.fixture
+def qwen3():
+    return tiny_model("qwen3_moe")
+
+
+def tokens():
+    return torch.randint(3, VOCAB, (1, 11), generator=torch.Generator().manual_seed(3))
+
+
+def test_experts_are_held_once_packed_and_read_as_their_true_values(qwen3):
+    before = {n: p.detach().clone() for n, p in qwen3.named_parameters() if ".experts." in n}
+    ids = tokens()
+    with torch.no_grad():
+        eager = qwen3(ids).logits
+        qwen3.set_experts_implementation("kt")
+        kt = qwen3(ids).logits
+    assert_close("logits", kt, eager, torch.float32 if kt_ops.isa() in ("avx2", "scalar") else torch.bfloat16)
+    for name, p in qwen3.named_parameters():
+        if ".experts." in name:
+            assert isinstance(p, PackedExpertWeight) and p.device.type == "cpu", name
+            assert torch.equal(p.dense(), before[name]), name  # reading it gives the weights back
+    qwen3.set_experts_implementation("eager")  # the eager implementation reads the true values too
+    with torch.no_grad():
+        torch.testing.assert_close(qwen3(ids).logits, eager)
+
+
+def test_model_to_keeps_the_packed_experts_in_cpu_memory(qwen3):
+    qwen3.set_experts_implementation("kt")
+    with torch.no_grad():
+        qwen3(tokens())
+    qwen3.to("meta" if not torch.cuda.is_available() else "cuda")
+    for name, p in qwen3.named_parameters():
+        if ".experts." in name:
+            assert isinstance(p, PackedExpertWeight) and p.device.type == "cpu", name
+
+
+class _LargestAllocation(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if type(t) is torch.Tensor:
+                self.elements = max(self.elements, t.numel())
+        return out
+
+
+def test_expert_lora_never_forms_a_tensor_of_the_experts_size(qwen3):
+    kt = with_adapter(qwen3, "kt")
+    loss_and_grads(kt, tokens())  # packs the experts
+    e, two_i, h = experts_of(qwen3)[0].gate_up_proj.shape
+    with _LargestAllocation() as seen:
+        loss_and_grads(kt, tokens())
+    assert seen.elements < e * two_i * h // 2  # B A of one expert stack would be e * two_i * h
+
+
+def test_adapter_round_trips_through_stock_peft_into_the_eager_model(qwen3, tmp_path):
+    kt = with_adapter(qwen3, "kt")
+    ids = tokens()
+    with torch.no_grad():
+        want = kt(input_ids=ids).logits
+    kt.save_pretrained(tmp_path)
+    eager = peft.PeftModel.from_pretrained(copy.deepcopy(qwen3), tmp_path)
+    with torch.no_grad():
+        assert_close("logits", eager(input_ids=ids).logits, want, torch.float32)
+
+
+def test_merge_and_unload_and_save_pretrained_give_a_checkpoint_stock_transformers_loads(qwen3, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    kt = with_adapter(qwen3, "kt")
+    ids = tokens()
+    with torch.no_grad():
+        want = kt(input_ids=ids).logits
+    merged = kt.merge_and_unload()  # the LoRA goes into the packed (bf16) experts
+    with torch.no_grad():
+        assert_close("merged", merged(input_ids=ids).logits, want, torch.bfloat16)
+    merged.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)  # stock, eager experts
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, merged(input_ids=ids).logits)
+
+
+def test_print_trainable_parameters_counts_the_packed_experts(qwen3, capsys):
+    total = sum(p.numel() for p in qwen3.parameters())
+    kt = with_adapter(qwen3, "kt")
+    loss_and_grads(kt, tokens())
+    kt.print_trainable_parameters()
+    lora = sum(p.numel() for n, p in kt.named_parameters() if "lora_" in n)
+    assert f"all params: {total + lora:,}" in capsys.readouterr().out
+
+
+def test_several_active_adapters_are_a_clear_error(qwen3):
+    kt = with_adapter(qwen3, "kt")
+    kt.add_adapter("second", peft.LoraConfig(r=4, lora_alpha=8, target_parameters=expert_targets(qwen3)))
+    kt.base_model.set_adapter(["default", "second"])
+    with pytest.raises(ValueError, match="the kt experts take one LoRA adapter at a time"):
+        kt(input_ids=tokens())
+
+
+def test_unpack_experts_inverts_pack_experts():
+    g = torch.Generator().manual_seed(0)
+    for e, i, h, nodes in [(3, 45, 70, 1), (3, 70, 33, 2), (2, 100, 64, 3)]:
+        w = [torch.randn(*s, generator=g).bfloat16() for s in [(e, i, h), (e, i, h), (e, h, i)]]
+        packed = kt_ops.pack_experts(*w, numa_nodes=nodes)
+        assert all(torch.equal(a, b) for a, b in zip(packed.unpack(), w))
+
+
+def test_unpack_experts_checks_its_sizes_against_the_layout():
+    w = [torch.zeros(2, 64, 32).bfloat16(), torch.zeros(2, 64, 32).bfloat16(), torch.zeros(2, 32, 64).bfloat16()]
+    p = kt_ops.pack_experts(*w, numa_nodes=1)
+    with pytest.raises(RuntimeError, match="kt.unpack_experts: layout describes 2 experts of H = 32 and I = 64"):
+        torch.ops.kt.unpack_experts(p.gate_up, p.down, p.layout, 32, 40)
+    with pytest.raises(RuntimeError, match="kt.unpack_experts: gate_up must be packed for H = 64"):
+        torch.ops.kt.unpack_experts(p.gate_up, p.down, p.layout, 64, 64)
+
+
+def test_supported_families_are_found_by_introspection():
+    table = kt_ops.supported_families()
+    assert "qwen3_moe" in table and "Qwen3MoeExperts" in table["qwen3_moe"]
+    assert "not supported: expert biases" in table["gpt_oss"]
+    assert sum("not supported" not in v and not v.startswith("unknown") for v in table.values()) >= 40
