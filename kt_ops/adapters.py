@@ -118,7 +118,8 @@ def save_adapter(model: nn.Module, out_dir: Union[str, os.PathLike]) -> None:
     if routers:  # PEFT's whole-module copies, saved as "<module>.<tensor>" as here; PEFT matches
         # names by suffix, so "mlp.gate" (not "gate", which would take shared_expert_gate too).
         targets["modules_to_save"] = sorted({".".join(b.split(".")[-1:] + [ROUTER]) for b in routers})
-    cfg = peft.LoraConfig(r=m.rank, lora_alpha=m.alpha, lora_dropout=0.0, **targets,
+    # task_type CAUSAL_LM: what AutoPeftModelForCausalLM.from_pretrained(out_dir) reads to build the model.
+    cfg = peft.LoraConfig(r=m.rank, lora_alpha=m.alpha, lora_dropout=0.0, **targets, task_type="CAUSAL_LM",
                           base_model_name_or_path=getattr(base.config, "_name_or_path", None) or None)
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)

@@ -149,13 +149,19 @@ def test_experts_are_held_once_packed_and_read_as_their_true_values(qwen3):
 
 
 def test_model_to_keeps_the_packed_experts_in_cpu_memory(qwen3):
-    qwen3.set_experts_implementation("kt")
-    with torch.no_grad():
-        qwen3(tokens())
-    qwen3.to("meta" if not torch.cuda.is_available() else "cuda")
-    for name, p in qwen3.named_parameters():
-        if ".experts." in name:
+    kt = with_adapter(qwen3, "kt")
+    cpu_loss, cpu_grads = loss_and_grads(kt, tokens())[1:]
+    kt.zero_grad()
+    kt.to("cuda" if torch.cuda.is_available() else "meta")
+    for name, p in kt.named_parameters():
+        if name.endswith(("gate_up_proj", "down_proj")):
             assert isinstance(p, PackedExpertWeight) and p.device.type == "cpu", name
+    if torch.cuda.is_available():  # the LoRA moved with the model: each forward takes it to the experts
+        cuda_loss, cuda_grads = loss_and_grads(kt, tokens().cuda())[1:]
+        assert abs(cuda_loss.item() - cpu_loss.item()) < 1e-3 * abs(cpu_loss.item())
+        for name, grad in cpu_grads.items():
+            if "lora_" in name:
+                assert_close(name, cuda_grads[name].cpu(), grad, torch.bfloat16)
 
 
 class _LargestAllocation(TorchDispatchMode):

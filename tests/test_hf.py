@@ -433,3 +433,16 @@ def test_non_expert_modules_on_gpu_match_the_cpu_model(family):
     for name, p in trained:  # the experts' LoRA and its gradients stay in CPU memory
         assert gpu_params[name].grad.device.type == ("cpu" if ".experts.lora_" in name else "cuda")
         assert_close(f"{name} grad", gpu_params[name].grad.cpu(), p.grad, torch.bfloat16)
+
+
+def test_saved_adapter_loads_with_auto_peft_model(tmp_path):
+    """save_adapter names the task and the base model, as AutoPeftModelForCausalLM needs."""
+    model = tiny_model("qwen3_moe")
+    model.save_pretrained(tmp_path / "base")
+    kt = kt_ops.load_model(tmp_path / "base", R, ALPHA, dtype=torch.float32, progress=False)
+    randomize_lora(kt)
+    kt_ops.save_adapter(kt, tmp_path / "adapter")
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    ids = tokens()
+    with torch.no_grad():
+        assert_close("logits", auto(ids).logits, kt(ids).logits, torch.bfloat16)
