@@ -210,12 +210,12 @@ def _check_supported(module: nn.Module) -> ExpertsLayout:
     return ExpertsLayout(variant.concatenated, variant.transposed)
 
 
-def packed_experts_of(module: nn.Module) -> PackedExperts:
-    """The packed experts of an experts module of transformers' experts interface. The first
-    call packs its weights (from whatever device they are on) and puts PackedExpertWeight
-    stand-ins in place of its ``gate_up_proj`` and ``down_proj``, so the bf16 weights are held
-    once, in CPU memory; later calls return what those stand-ins hold."""
-    layout = _check_supported(module)
+def packed_experts_of(module: nn.Module, layout: ExpertsLayout) -> PackedExperts:
+    """The packed experts of an experts module of transformers' experts interface, of weight
+    layout ``layout``. The first call packs its weights (from whatever device they are on) and
+    puts PackedExpertWeight stand-ins in place of its ``gate_up_proj`` and ``down_proj``, so
+    the bf16 weights are held once, in CPU memory; later calls return what those stand-ins
+    hold."""
     gate_up, down = _base_parameter(module, "gate_up_proj"), _base_parameter(module, "down_proj")
     if isinstance(gate_up, PackedExpertWeight) and isinstance(down, PackedExpertWeight) and gate_up.packed is down.packed:
         return gate_up.packed
@@ -251,7 +251,7 @@ def kt_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index
     factors (no ``B A`` is ever formed). Inputs may be on any device; the result comes back on
     theirs."""
     layout = _check_supported(self)
-    packed = packed_experts_of(self)
+    packed = packed_experts_of(self, layout)
     cpu = torch.device("cpu")
     gate_up = _lora_factors(self, "gate_up_proj", layout.transposed)
     down = _lora_factors(self, "down_proj", layout.transposed)

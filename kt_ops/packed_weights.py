@@ -133,6 +133,7 @@ class PackedExpertWeight(torch.Tensor):
         with torch.no_grad():
             self.packed.gate_up.copy_(fresh.gate_up)
             self.packed.down.copy_(fresh.down)
+        self._serialized = None
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):

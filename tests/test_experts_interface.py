@@ -14,6 +14,7 @@ from hf_families import VOCAB, expert_targets, tiny_model
 from kt_ops.models.families import describe_family, interface_model_types
 from kt_ops.models.variants import experts_variant, is_interface_experts
 from kt_ops.packed_weights import PackedExpertWeight
+from kt_ops.reference import TOLERANCES
 from moe_case import assert_close
 
 pytest.importorskip("transformers.integrations.moe", reason="transformers 4.x has no experts interface")
@@ -96,11 +97,14 @@ def outputs(model, ids):
 
 
 @pytest.mark.parametrize("model_type", families())
-def test_family_matches_eager_with_the_same_peft_adapter(model_type):
+def test_family_matches_eager_with_the_same_peft_adapter(model_type, monkeypatch):
+    """On the fp32-activation path (AVX2), where the kernels compute what the eager fp32 model
+    computes: logits, loss and every gradient. The bf16 paths are the next test's."""
     if model_type in NO_TINY_MODEL:
         with pytest.raises(Exception):
             tiny_model(model_type)(torch.randint(3, VOCAB, (1, 5)))
         pytest.skip(f"no tiny model: {NO_TINY_MODEL[model_type]}")
+    monkeypatch.setenv("KT_OPS_MAX_ISA", "avx2")
     model = tiny_model(model_type)
     ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
     reason = experts_variant(experts_of(model)[0]).unsupported()
@@ -111,15 +115,42 @@ def test_family_matches_eager_with_the_same_peft_adapter(model_type):
         return
     eager_logits, eager_loss, eager_grads = loss_and_grads(with_adapter(model, "eager"), ids)
     kt_logits, kt_loss, kt_grads = loss_and_grads(kt, ids)
-    tolerance = torch.float32 if kt_ops.isa() in ("avx2", "scalar") else torch.bfloat16
-    assert_close("logits", kt_logits, eager_logits, tolerance)
-    assert abs(kt_loss - eager_loss) <= 1e-3 * abs(eager_loss)
     assert kt_grads.keys() == eager_grads.keys()
     assert any("lora_" in n for n in kt_grads) and any(".gate." in n or "router" in n for n in kt_grads), kt_grads
+    assert_close("logits", kt_logits, eager_logits, torch.float32)
+    assert abs(kt_loss - eager_loss) <= 1e-4 * abs(eager_loss)
     for name, grad in eager_grads.items():
-        assert_close(name, kt_grads[name], grad, tolerance)
+        assert_close(name, kt_grads[name], grad, torch.float32)
     with kt.disable_adapter(), torch.no_grad():  # the base model, with the kt experts
-        assert_close("disabled", outputs(kt, ids), outputs(model, ids), tolerance)
+        assert_close("disabled", outputs(kt, ids), outputs(model, ids), torch.float32)
+
+
+@pytest.mark.skipif(kt_ops.isa() not in ("amx", "avx512"), reason="no bf16 kernel path on this CPU")
+@pytest.mark.parametrize("model_type", [t for t in families() if t not in NO_TINY_MODEL])
+def test_family_on_bf16_kernels_is_no_further_from_fp32_than_eager_bf16(model_type):
+    """With bf16 GEMM inputs, a token's routing can flip where two experts nearly tie, in kt
+    as in the eager model run in bf16, so single inputs are no measure: over several, kt's
+    median distance from the fp32 result is at most eager bf16's (or within the tolerance)."""
+    model = tiny_model(model_type)
+    if experts_variant(experts_of(model)[0]).unsupported() is not None:
+        pytest.skip("a variant the kernels cannot compute (the previous test checks the error)")
+    kt, eager = with_adapter(model, "kt"), with_adapter(model, "eager")
+    bf16 = with_adapter(copy.deepcopy(model).bfloat16(), "eager")
+    kt_err, bf16_err = [], []
+    with torch.no_grad():
+        for seed in range(5):
+            ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(seed))
+            want = outputs(eager, ids).float()
+            kt_err.append(((outputs(kt, ids).float() - want).norm() / want.norm()).item())
+            bf16_err.append(((outputs(bf16, ids).float() - want).norm() / want.norm()).item())
+    median = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    assert median(kt_err) <= max(TOLERANCES[torch.bfloat16]["rel"], median(bf16_err)), (kt_err, bf16_err)
+
+
+def exact_path() -> bool:
+    """Whether the kernels keep activations fp32 (AVX2, scalar) rather than rounding them to
+    bf16 at the GEMM inputs (AMX, AVX-512)."""
+    return kt_ops.isa() in ("avx2", "scalar")
 
 
 @pytest.fixture
@@ -138,7 +169,7 @@ def test_experts_are_held_once_packed_and_read_as_their_true_values(qwen3):
         eager = qwen3(ids).logits
         qwen3.set_experts_implementation("kt")
         kt = qwen3(ids).logits
-    assert_close("logits", kt, eager, torch.float32 if kt_ops.isa() in ("avx2", "scalar") else torch.bfloat16)
+    assert_close("logits", kt, eager, torch.float32 if exact_path() else torch.bfloat16)
     for name, p in qwen3.named_parameters():
         if ".experts." in name:
             assert isinstance(p, PackedExpertWeight) and p.device.type == "cpu", name
@@ -194,7 +225,7 @@ def test_adapter_round_trips_through_stock_peft_into_the_eager_model(qwen3, tmp_
     kt.save_pretrained(tmp_path)
     eager = peft.PeftModel.from_pretrained(copy.deepcopy(qwen3), tmp_path)
     with torch.no_grad():
-        assert_close("logits", eager(input_ids=ids).logits, want, torch.float32)
+        assert_close("logits", eager(input_ids=ids).logits, want, torch.float32 if exact_path() else torch.bfloat16)
 
 
 def test_merge_and_unload_and_save_pretrained_give_a_checkpoint_stock_transformers_loads(qwen3, tmp_path):
@@ -210,7 +241,8 @@ def test_merge_and_unload_and_save_pretrained_give_a_checkpoint_stock_transforme
     merged.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)  # stock, eager experts
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, merged(input_ids=ids).logits)
+        assert_close("reloaded", reloaded(input_ids=ids).logits, merged(input_ids=ids).logits,
+                     torch.float32 if exact_path() else torch.bfloat16)
 
 
 def test_print_trainable_parameters_counts_the_packed_experts(qwen3, capsys):

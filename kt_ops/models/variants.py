@@ -57,9 +57,9 @@ SILU_ACTIVATIONS = ("SiLUActivation", "SiLU")
 
 def is_interface_experts(module: nn.Module) -> bool:
     """Whether ``module`` is an experts module of transformers' experts interface (the
-    decorator sets these attributes on every instance)."""
-    return all(hasattr(module, a) for a in ("has_gate", "is_concatenated", "is_transposed", "has_bias",
-                                              "has_post_expert_norm"))
+    decorator sets these attributes on every instance since its first version; later versions
+    add more, such as ``has_post_expert_norm``)."""
+    return all(hasattr(module, a) for a in ("has_gate", "is_concatenated", "is_transposed", "has_bias"))
 
 
 def experts_variant(module: nn.Module) -> ExpertsVariant:
@@ -70,5 +70,5 @@ def experts_variant(module: nn.Module) -> ExpertsVariant:
     gate = "default" if vars(owner)["_apply_gate"] is _default_apply_gate else owner.__name__
     return ExpertsVariant(concatenated=bool(module.is_concatenated), transposed=bool(module.is_transposed),
                           bias=bool(module.has_bias), gated=bool(module.has_gate),
-                          post_expert_norm=bool(module.has_post_expert_norm), gate=gate,
+                          post_expert_norm=bool(getattr(module, "has_post_expert_norm", False)), gate=gate,
                           activation=type(getattr(module, "act_fn", None)).__name__)
