@@ -19,8 +19,7 @@ struct ThreadScratch {
 constexpr int64_t kHugePage = int64_t{2} << 20;
 
 // Large buffers are 2 MiB aligned and ask for transparent huge pages: the GEMMs read rows of
-// A 4 KiB apart, so with 4 KiB pages every row of a tile is its own TLB entry (2% of a Qwen3
-// layer on the 16-core host, within that lease's noise).
+// A 4 KiB apart, so with 4 KiB pages every row of a tile is its own TLB entry.
 void* allocate(int64_t bytes) {
   if (bytes < kHugePage) return std::aligned_alloc(64, (bytes + 63) / 64 * 64);
   const int64_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
