@@ -232,3 +232,18 @@ def test_non_contiguous_inputs_are_accepted(case):
     want = kt_ops.moe_sft(case.x.detach(), case.topk_ids, case.topk_weights.detach(), case.experts,
                           [t.detach() for t in case.lora], case.scaling)
     assert torch.equal(got, want)
+
+
+def test_saved_activations_that_would_overflow_are_refused():
+    """Shape inference takes any size: T * K * 2I past 2^62 elements is an error, not a wrap."""
+    t, k, i, h = 2**39, 8, 2**20, 64
+    meta = dict(device="meta")
+    x = torch.empty(t, h, dtype=torch.bfloat16, **meta)
+    ids = torch.empty(t, k, dtype=torch.long, **meta)
+    weights = torch.empty(t, k, **meta)
+    gate_up = torch.empty(1, 2, 2 * i, h, dtype=torch.bfloat16, **meta)
+    down = torch.empty(1, 2, h, i, dtype=torch.bfloat16, **meta)
+    layout = torch.empty(6, dtype=torch.long, **meta)
+    with pytest.raises(RuntimeError, match=re.escape(
+            "kt.moe_sft_forward: gate_up_act would be of shape [549755813888, 8, 2097152], 2^62 elements or more")):
+        torch.ops.kt.moe_sft_forward(x, ids, weights, gate_up, down, layout, i, *[None] * 6, 1.0)

@@ -284,3 +284,15 @@ def test_supported_families_are_found_by_introspection():
     assert "qwen3_moe" in table and "Qwen3MoeExperts" in table["qwen3_moe"]
     assert "not supported: expert biases" in table["gpt_oss"]
     assert sum("not supported" not in v and not v.startswith("unknown") for v in table.values()) >= 40
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: (p.gate_up, p.down, p.layout, 0, 64), "hidden_size and intermediate_size must be positive, got 0 and 64"),
+    (lambda p: (p.gate_up, p.down[:, :1], p.layout, 32, 64), "down must be the bfloat16 tensor made by kt.pack_experts with gate_up"),
+    (lambda p: (p.gate_up, p.down, p.layout.int(), 32, 64), "layout must be the int64 [6] tensor made by kt.pack_experts"),
+    (lambda p: (p.gate_up, p.down, torch.arange(6), 32, 64), "layout must be the tensor made by kt.pack_experts with gate_up and down"),
+])
+def test_unpack_experts_argument_checks(edit, message):
+    w = [torch.zeros(2, 64, 32).bfloat16(), torch.zeros(2, 64, 32).bfloat16(), torch.zeros(2, 32, 64).bfloat16()]
+    with pytest.raises(RuntimeError, match=re.escape("kt.unpack_experts: " + message)):
+        torch.ops.kt.unpack_experts(*edit(kt_ops.pack_experts(*w, numa_nodes=1)))
