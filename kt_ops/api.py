@@ -94,6 +94,35 @@ def pack_experts(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
     return PackedExperts(gate_up, down, layout, int(w_gate.shape[1]), int(w_gate.shape[2]))
 
 
+@dataclass(frozen=True)
+class Gate:
+    """The experts' gated activation: ``z = act(min(g, limit)) * (clamp(u, -limit, limit) +
+    up_offset)`` for gate and up projections g and u.
+
+    Attributes:
+        activation: ``"silu"`` (``v * sigmoid(alpha * v)``), ``"gelu"`` (the erf form) or
+            ``"gelu_tanh"`` (the tanh approximation).
+        alpha: the sigmoid's scale in ``"silu"`` (1 is SiLU; gpt-oss uses 1.702).
+        limit: the clamp (None: none): g is clamped from above, u on both sides.
+        up_offset: added to the clamped u (gpt-oss: 1).
+
+    ``Gate()`` is SwiGLU, ``silu(g) * u``.
+    """
+
+    activation: str = "silu"
+    alpha: float = 1.0
+    limit: Optional[float] = None
+    up_offset: float = 0.0
+
+    def op_args(self) -> tuple[str, float, Optional[float], float]:
+        """The activation arguments of ``torch.ops.kt.moe_sft_forward``, in its order."""
+        return (self.activation, float(self.alpha), None if self.limit is None else float(self.limit),
+                float(self.up_offset))
+
+
+SWIGLU = Gate()
+
+
 def _lora_args(lora: Optional[LoraTuple]) -> list[Optional[torch.Tensor]]:
     if lora is None:
         return [None] * 6
@@ -113,13 +142,17 @@ def moe_sft(
     experts: PackedExperts,
     lora: Optional[LoraTuple] = None,
     lora_scaling: float = 1.0,
+    *,
+    gate: Gate = SWIGLU,
+    gate_up_bias: Optional[torch.Tensor] = None,
+    down_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Routed-experts MLP with LoRA, differentiable in x, topk_weights and every LoRA tensor.
 
     For token t routed to experts e_1..e_K with weights w_t,j, and s = ``lora_scaling``::
 
-        g = x Wg^T + s (x Ag^T) Bg^T;  u = x Wu^T + s (x Au^T) Bu^T;  z = silu(g) * u
-        h = z Wd^T + s (z Ad^T) Bd^T;  y_t = sum_j w_t,j h_(e_j)
+        g = x Wg^T + bg + s (x Ag^T) Bg^T;  u = x Wu^T + bu + s (x Au^T) Bu^T;  z = gate(g, u)
+        h = z Wd^T + bd + s (z Ad^T) Bd^T;  y_t = sum_j w_t,j h_(e_j)
 
     Args:
         x: ``[T, H]`` bf16 or fp32 hidden states (CPU).
@@ -130,6 +163,10 @@ def moe_sft(
             and B ``[E, out, r]`` (fp32 or bf16). A pair may be ``None`` to leave that
             projection without LoRA; ranks may differ per projection.
         lora_scaling: s, usually ``alpha / r``.
+        gate: the activation (:class:`Gate`; SwiGLU by default).
+        gate_up_bias: ``None`` or the experts' ``[E, 2I]`` gate/up biases (bg then bu).
+        down_bias: ``None`` or the experts' ``[E, H]`` down biases (bd). The biases are part of
+            the frozen experts: one that requires grad is an error.
 
     Returns:
         ``[T, H]`` in x's dtype.
@@ -150,6 +187,6 @@ def moe_sft(
     a_g, b_g, a_u, b_u, a_d, b_d = _lora_args(lora)
     y, _, _ = torch.ops.kt.moe_sft_forward(
         x, topk_ids, topk_weights, experts.gate_up, experts.down, experts.layout, experts.intermediate_size,
-        a_g, b_g, a_u, b_u, a_d, b_d, float(lora_scaling),
+        a_g, b_g, a_u, b_u, a_d, b_d, float(lora_scaling), gate_up_bias, down_bias, *gate.op_args(),
     )
     return y

@@ -9,6 +9,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from kt_ops.api import SWIGLU, Gate
+
 # Agreement required between kt ops and this reference, per activation dtype. Both are
 # measured against a reference computed in fp32 from the same inputs:
 #   rel: ||out - ref|| / ||ref||  (whole tensor)
@@ -21,6 +23,19 @@ TOLERANCES = {
 }
 
 
+def gate_reference(g: torch.Tensor, u: torch.Tensor, gate: Gate = SWIGLU) -> torch.Tensor:
+    """``gate``'s ``act(min(g, limit)) * (clamp(u, -limit, limit) + up_offset)``."""
+    if gate.limit is not None:
+        g, u = g.clamp(max=gate.limit), u.clamp(min=-gate.limit, max=gate.limit)
+    if gate.activation == "silu":
+        a = g * torch.sigmoid(gate.alpha * g)
+    elif gate.activation in ("gelu", "gelu_tanh"):
+        a = F.gelu(g, approximate="tanh" if gate.activation == "gelu_tanh" else "none")
+    else:
+        raise ValueError(f"unknown activation {gate.activation!r}")
+    return a * (u + gate.up_offset)
+
+
 def moe_sft_reference(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -31,11 +46,19 @@ def moe_sft_reference(
     lora: Optional[Sequence[Optional[torch.Tensor]]] = None,
     lora_scaling: float = 1.0,
     compute_dtype: torch.dtype = torch.float32,
+    gate: Gate = SWIGLU,
+    gate_up_bias: Optional[torch.Tensor] = None,
+    down_bias: Optional[torch.Tensor] = None,
+    saved_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """Routed-experts forward of ``kt_ops.moe_sft``, written out.
 
-    Weights are unpacked: w_gate, w_up ``[E, I, H]``, w_down ``[E, H, I]``; ``lora`` as in
-    ``kt_ops.moe_sft``. Everything is computed in ``compute_dtype`` (fp32 for tests; bf16
+    Weights are unpacked: w_gate, w_up ``[E, I, H]``, w_down ``[E, H, I]``; ``lora``, the
+    biases and ``gate`` as in ``kt_ops.moe_sft``. ``saved_dtype``, when given, rounds g and
+    u to it on their way into the gate, passing the gradient straight through: the kt op saves
+    g and u in x's dtype, so its backward decides the clamps of a clamped gate on the rounded
+    values, and where a value and its rounding lie on either side of the limit the gradient
+    differs by a whole term (too many such elements for the tolerance table at bf16). Everything is computed in ``compute_dtype`` (fp32 for tests; bf16
     gives the eager baseline of the benchmarks) and the result returned in x's dtype.
     """
     a_g, b_g, a_u, b_u, a_d, b_d = list(lora) if lora is not None else [None] * 6
@@ -44,8 +67,14 @@ def moe_sft_reference(
     xc = x.to(cd)
     y = torch.zeros(x.shape, dtype=cd, device=x.device)
 
-    def linear(inp, w, a, b, e):
+    i = w_gate.shape[1]
+    biases = {"gate": None if gate_up_bias is None else gate_up_bias[:, :i],
+              "up": None if gate_up_bias is None else gate_up_bias[:, i:], "down": down_bias}
+
+    def linear(inp, w, a, b, e, name):
         out = inp @ w[e].to(cd).t()
+        if biases[name] is not None:
+            out = out + biases[name][e].to(cd)
         if a is not None:
             out = out + s * ((inp @ a[e].to(cd).t()) @ b[e].to(cd).t())
         return out
@@ -55,11 +84,18 @@ def moe_sft_reference(
         if tokens.numel() == 0:
             continue
         xe = xc[tokens]
-        g = linear(xe, w_gate, a_g, b_g, e)
-        u = linear(xe, w_up, a_u, b_u, e)
-        h = linear(F.silu(g) * u, w_down, a_d, b_d, e)
+        g = linear(xe, w_gate, a_g, b_g, e, "gate")
+        u = linear(xe, w_up, a_u, b_u, e, "up")
+        if saved_dtype is not None:
+            g, u = _rounded(g, saved_dtype), _rounded(u, saved_dtype)
+        h = linear(gate_reference(g, u, gate), w_down, a_d, b_d, e, "down")
         y = y.index_add(0, tokens, h * topk_weights[tokens, slots].to(cd).unsqueeze(-1))
     return y.to(x.dtype)
+
+
+def _rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t rounded to dtype and back, with the gradient of the identity."""
+    return t + (t.to(dtype).to(t.dtype) - t).detach()
 
 
 def moe_flops(tokens: int, top_k: int, hidden: int, intermediate: int) -> float:

@@ -26,6 +26,9 @@ class MoeCase:
     lora: Optional[list] = None
     scaling: float = 2.0
     grad_y: torch.Tensor = field(default=None)
+    gate: kt_ops.Gate = kt_ops.Gate()
+    gate_up_bias: Optional[torch.Tensor] = None
+    down_bias: Optional[torch.Tensor] = None
 
     def inputs_requiring_grad(self) -> list[torch.Tensor]:
         return [self.x, self.topk_weights] + (self.lora or [])
@@ -45,9 +48,12 @@ def make_case(
     used_experts: Optional[int] = None,
     seed: int = 0,
     numa_nodes: int = 0,
+    gate: Optional[kt_ops.Gate] = None,
+    biases: bool = False,
 ) -> MoeCase:
     """A layer with O(1) activations. Experts at or past ``used_experts`` get no tokens;
-    ``numa_nodes`` is passed to pack_experts (0: one slice per NUMA node of this machine)."""
+    ``numa_nodes`` is passed to pack_experts (0: one slice per NUMA node of this machine);
+    ``gate`` is the activation and ``biases`` gives the experts O(1) biases."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape, scale=1.0):
@@ -69,12 +75,17 @@ def make_case(
     case = MoeCase(x, topk_ids, topk_weights, w_gate, w_up, w_down,
                    kt_ops.pack_experts(w_gate, w_up, w_down, numa_nodes), lora)
     case.grad_y = randn(tokens, hidden).to(dtype)
+    case.gate = gate or kt_ops.Gate()
+    if biases:
+        case.gate_up_bias = randn(experts, 2 * intermediate).to(dtype)
+        case.down_bias = randn(experts, hidden).to(dtype)
     return case
 
 
 def run_kt(case: MoeCase):
     """kt_ops forward and the gradients of <y, grad_y> for every input requiring grad."""
-    y = kt_ops.moe_sft(case.x, case.topk_ids, case.topk_weights, case.experts, case.lora, case.scaling)
+    y = kt_ops.moe_sft(case.x, case.topk_ids, case.topk_weights, case.experts, case.lora, case.scaling,
+                       gate=case.gate, gate_up_bias=case.gate_up_bias, down_bias=case.down_bias)
     grads = torch.autograd.grad(y, case.inputs_requiring_grad(), case.grad_y, allow_unused=True)
     return y.detach(), list(grads)
 
@@ -83,7 +94,10 @@ def run_reference(case: MoeCase):
     """The same in fp32 through kt_ops.reference (gradients of unused inputs are zeros)."""
     leaves = [t.detach().float().requires_grad_() for t in case.inputs_requiring_grad()]
     x, w, lora = leaves[0], leaves[1], leaves[2:] or None
-    y = moe_sft_reference(x, case.topk_ids, w, case.w_gate, case.w_up, case.w_down, lora, case.scaling)
+    clamped = case.gate.limit is not None
+    y = moe_sft_reference(x, case.topk_ids, w, case.w_gate, case.w_up, case.w_down, lora, case.scaling,
+                          gate=case.gate, gate_up_bias=case.gate_up_bias, down_bias=case.down_bias,
+                          saved_dtype=case.x.dtype if clamped else None)
     if y.requires_grad:  # with no tokens the reference never touches its inputs
         grads = torch.autograd.grad(y, leaves, case.grad_y.float(), allow_unused=True)
     else:

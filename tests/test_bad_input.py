@@ -19,11 +19,16 @@ def call(case, **override):
     """torch.ops.kt.moe_sft_forward with the case's arguments, some replaced."""
     args = dict(x=case.x, topk_ids=case.topk_ids, topk_weights=case.topk_weights,
                 gate_up=case.experts.gate_up, down=case.experts.down, layout=case.experts.layout,
-                intermediate_size=I, lora=list(case.lora), lora_scaling=case.scaling)
+                intermediate_size=I, lora=list(case.lora), lora_scaling=case.scaling, gate_up_bias=None,
+                down_bias=None, activation="silu", activation_alpha=1.0, activation_limit=None, up_offset=0.0)
     args.update(override)
     return torch.ops.kt.moe_sft_forward(
         args["x"], args["topk_ids"], args["topk_weights"], args["gate_up"], args["down"], args["layout"],
-        args["intermediate_size"], *args["lora"], args["lora_scaling"])
+        args["intermediate_size"], *args["lora"], args["lora_scaling"], args["gate_up_bias"], args["down_bias"],
+        args["activation"], args["activation_alpha"], args["activation_limit"], args["up_offset"])
+
+
+SWIGLU_ARGS = [None, None, "silu", 1.0, None, 0.0]  # the gate arguments of the ops, SwiGLU, no biases
 
 
 def with_field(layout, index, value):
@@ -84,6 +89,24 @@ BAD = {
                       "layout names weight format 7, which this build of kt_ops cannot compute (it has: 0 = bf16)"),
     "layout_experts": (lambda c: dict(layout=with_field(c.experts.layout, 2, 5)),
                        "gate_up must hold the 5 experts in 1 slices that layout describes, got bfloat16 [1, 6, 128, 96]"),
+    "activation_name": (lambda c: dict(activation="relu"),
+                        'activation must be "silu", "gelu" or "gelu_tanh", got "relu"'),
+    "activation_alpha_nan": (lambda c: dict(activation_alpha=float("nan")),
+                             "activation_alpha must be finite and positive, got nan"),
+    "activation_alpha_gelu": (lambda c: dict(activation="gelu", activation_alpha=1.702),
+                              "activation_alpha scales the sigmoid of silu; it must be 1 for gelu, got 1.702"),
+    "activation_limit": (lambda c: dict(activation_limit=0.0),
+                         "activation_limit must be positive (or None: no clamp), got 0"),
+    "activation_limit_nan": (lambda c: dict(activation_limit=float("nan")),
+                             "activation_limit must be positive (or None: no clamp), got nan"),
+    "up_offset_inf": (lambda c: dict(up_offset=float("inf")), "up_offset must be finite, got inf"),
+    "gate_up_bias_shape": (lambda c: dict(gate_up_bias=torch.zeros(E, I)),
+                           "gate_up_bias must be float32 or bfloat16 of shape [E, 2I] = [6, 90] (gate columns, then "
+                           "up columns), got float32 [6, 45]"),
+    "down_bias_dtype": (lambda c: dict(down_bias=torch.zeros(E, H, dtype=torch.float64)),
+                        "down_bias must be float32 or bfloat16 of shape [E, H] = [6, 70], got float64 [6, 70]"),
+    "down_bias_on_meta": (lambda c: dict(down_bias=torch.zeros(E, H, device="meta")),
+                          "down_bias must be on x's device (cpu), got a tensor on meta; the kt ops compute on CPU tensors"),
     "ids_huge_k": (lambda c: dict(topk_ids=torch.empty(T, 2**41, dtype=torch.long, device="meta"),
                                   topk_weights=torch.empty(T, 2**41, device="meta")),
                    "top-k (topk_ids' dim 1) must be at most 2^40, got 2199023255552"),
@@ -110,10 +133,20 @@ def test_expert_id_out_of_range(case, bad_id):
         call(case, topk_ids=ids)
 
 
+@pytest.mark.parametrize("bias", ["gate_up_bias", "down_bias"])
+def test_a_bias_that_requires_grad_is_refused(case, bias):
+    """The experts' biases are frozen: asking for their gradient is an error, never a zero."""
+    tensor = torch.zeros(E, 2 * I if bias == "gate_up_bias" else H, requires_grad=True)
+    with pytest.raises(RuntimeError, match=re.escape(
+            f"kt.moe_sft_forward: {bias} requires grad, but the kt experts are frozen and their biases get no "
+            "gradient; set requires_grad=False on it")):
+        call(case, **{bias: tensor})
+
+
 def test_backward_checks_saved_tensors(case):
     y, gate_up_act, lora_act = call(case)
     args = [case.grad_y, case.x.detach(), case.topk_ids, case.topk_weights.detach(), case.experts.gate_up,
-            case.experts.down, case.experts.layout, I, *[t.detach() for t in case.lora], case.scaling]
+            case.experts.down, case.experts.layout, I, *[t.detach() for t in case.lora], case.scaling, *SWIGLU_ARGS]
     with pytest.raises(RuntimeError, match=re.escape(
             "kt.moe_sft_backward: gate_up_act must be the bfloat16 [7, 2, 90] tensor returned by "
             "kt.moe_sft_forward, got bfloat16 [7, 2, 45]")):
@@ -191,7 +224,7 @@ def test_sizes_that_agree_only_after_padding_are_refused(call_hidden, call_inter
         torch.ops.kt.moe_sft_backward(case.grad_y, case.x.detach(), case.topk_ids, case.topk_weights.detach(),
                                       packed.experts.gate_up, packed.experts.down, packed.experts.layout,
                                       call_intermediate, *[t.detach() for t in case.lora], case.scaling,
-                                      torch.zeros(T, K, 2 * call_intermediate, dtype=case.x.dtype),
+                                      *SWIGLU_ARGS, torch.zeros(T, K, 2 * call_intermediate, dtype=case.x.dtype),
                                       torch.zeros(T, K, 3 * R))
 
 

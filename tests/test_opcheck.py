@@ -3,13 +3,19 @@ import pytest
 import torch
 
 from conftest import OPCHECK_EXEMPT
+from kt_ops import Gate
 from moe_case import make_case
 
 
 def _forward_args(case):
     lora = case.lora or [None] * 6
     return (case.x, case.topk_ids, case.topk_weights, case.experts.gate_up, case.experts.down,
-            case.experts.layout, case.experts.intermediate_size, *lora, case.scaling)
+            case.experts.layout, case.experts.intermediate_size, *lora, case.scaling, case.gate_up_bias,
+            case.down_bias, *case.gate.op_args())
+
+
+# SwiGLU without biases, and gpt-oss's clamped gate with biases.
+GATES = {"swiglu": {}, "gpt_oss": {"gate": Gate(alpha=1.702, limit=0.75, up_offset=1.0), "biases": True}}
 
 
 def test_every_op_is_covered():
@@ -32,15 +38,17 @@ def test_opcheck_unpack_experts(numa_nodes):
     torch.library.opcheck(torch.ops.kt.unpack_experts.default, (gate_up, down, layout, 70, 45))
 
 
+@pytest.mark.parametrize("gate", list(GATES))
 @pytest.mark.parametrize("rank", [None, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_opcheck_moe_sft_forward(rank, dtype):
-    case = make_case(70, 45, 6, 2, 11, rank, dtype=dtype)
+def test_opcheck_moe_sft_forward(rank, dtype, gate):
+    case = make_case(70, 45, 6, 2, 11, rank, dtype=dtype, **GATES[gate])
     torch.library.opcheck(torch.ops.kt.moe_sft_forward.default, _forward_args(case))
 
 
-def test_opcheck_moe_sft_backward():
-    case = make_case(70, 45, 6, 2, 11, 8)
+@pytest.mark.parametrize("gate", list(GATES))
+def test_opcheck_moe_sft_backward(gate):
+    case = make_case(70, 45, 6, 2, 11, 8, **GATES[gate])
     with torch.no_grad():
         _, gate_up_act, lora_act = torch.ops.kt.moe_sft_forward.default(*_forward_args(case))
     detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in _forward_args(case)]

@@ -265,7 +265,9 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
   timer.mark("gather+lora_a");
 
   // Phase 2, per (expert, 16*kPanelsPerTask intermediate columns): fused gate/up GEMM plus the
-  // LoRA-B product into the same tile; save g and u; z = silu(g) * u.
+  // LoRA-B product into the same tile; add the biases; save g and u; z = gate(g, u).
+  const Gate& gate = w.gate;
+  const bool plain_silu = w.plain_swiglu();
   Act* zs = scratch<Act>(Scratch::kRowsC, rows * ld_i);
   SliceTasks(route, S, is / kPanelRows, is / kPanelRows).run(threads, [&](const Task& task) {
     const int64_t e = task.expert, np = task.panels, cols = np * kPanelRows, c0 = task.panel * kPanelRows;
@@ -283,7 +285,7 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
       Act* z = zs + (row0 + i) * ld_i + c0;
       const int64_t pair = i < n ? route.pairs[route.first[e] + i] : -1;
       if constexpr (std::is_same_v<Act, bf16>) {
-        if (pair >= 0 && k.gate_up_epilogue) {  // vectorised: the scalar loop took half the phase
+        if (pair >= 0 && plain_silu && k.gate_up_epilogue) {  // vectorised: the scalar loop is slow
           k.gate_up_epilogue(valid, cols, acc + i * 2 * cols, z, args.gate_up_act, args.act_dtype,
                              pair * 2 * I + c0, pair * 2 * I + I + c0);
           continue;
@@ -295,8 +297,16 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
         g[c] = acc[i * 2 * cols + gate_up_column(c, false)];
         u[c] = acc[i * 2 * cols + gate_up_column(c, true)];
       }
-      k.sigmoid(valid, g.data(), sg.data());
-      for (int64_t c = 0; c < valid; ++c) z[c] = f32_to_act<Act>(g[c] * sg[c] * u[c]);
+      if (w.gate_up_bias) {
+        const float* bias = w.gate_up_bias + e * 2 * I + c0;
+        for (int64_t c = 0; c < valid; ++c) g[c] += bias[c], u[c] += bias[I + c];
+      }
+      if (plain_silu) {
+        k.sigmoid(valid, g.data(), sg.data());
+        for (int64_t c = 0; c < valid; ++c) z[c] = f32_to_act<Act>(g[c] * sg[c] * u[c]);
+      } else {
+        for (int64_t c = 0; c < valid; ++c) z[c] = f32_to_act<Act>(gate.value(g[c], u[c]));
+      }
       store_f32(args.gate_up_act, args.act_dtype, pair * 2 * I + c0, valid, g.data());
       store_f32(args.gate_up_act, args.act_dtype, pair * 2 * I + I + c0, valid, u.data());
     }
@@ -341,12 +351,16 @@ void forward_impl(const Kernels& k, int threads, const MoeForwardArgs& args) {
 
   timer.mark("down");
 
-  // Phase 5, per token: weighted sum over the token's slots and the slices' partial outputs,
-  // in slot then slice order.
+  // Phase 5, per token: weighted sum over the token's slots of the down bias and the slices'
+  // partial outputs, in slot, bias, then slice order.
   parallel_for(T, threads, [&](int64_t t) {
     std::vector<float> y(H, 0.f);
     for (int64_t j = 0; j < K; ++j) {
       const float wt = args.weights[t * K + j];
+      if (w.down_bias) {
+        const float* b = w.down_bias + args.ids[t * K + j] * H;
+        for (int64_t c = 0; c < H; ++c) y[c] += wt * b[c];
+      }
       for (int64_t sl = 0; sl < S; ++sl) {
         const float* h = h_rows + (sl * rows + route.row_of_pair[t * K + j]) * hp;
         for (int64_t c = 0; c < H; ++c) y[c] += wt * h[c];
@@ -422,8 +436,10 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
 
   timer.mark("down_t");
 
-  // Phase 3, per token: routing-weight gradient z.q, then dg and du through silu(g) * u, in
+  // Phase 3, per token: routing-weight gradient z.q, then dg and du through gate(g, u), in
   // the fused column order of the gate/up weights (padding columns zero).
+  const Gate& gate = w.gate;
+  const bool plain_silu = w.plain_swiglu();
   Act* dgus = scratch<Act>(Scratch::kRowsD, rows * ld_gu);
   const std::vector<int64_t>& row_of_pair = route.row_of_pair;
   Act* z_rows = scratch<Act>(Scratch::kRowsG, rows * I);  // z again, for the down LoRA gradient
@@ -435,7 +451,7 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
       Act* fused = dgus + row_of_pair[pair] * ld_gu;
       Act* z = z_rows + row_of_pair[pair] * I;
       if constexpr (std::is_same_v<Act, bf16>) {
-        if (k.silu_grad) {  // vectorised; the scalar loop below is the fp32-activation paths'
+        if (plain_silu && k.silu_grad) {  // vectorised; the scalar loop serves the rest
           args.grad_weights[pair] = k.silu_grad(I, ip, args.gate_up_act, args.act_dtype, pair * 2 * I, q,
                                                 args.weights[pair], z, fused);
           continue;
@@ -443,8 +459,20 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
       }
       std::fill(fused, fused + 2 * ip, Act(0));
       load_f32(args.gate_up_act, args.act_dtype, pair * 2 * I, 2 * I, gu.data());
-      k.sigmoid(I, gu.data(), sig.data());
       float z_dot_q = 0.f;
+      if (!plain_silu) {
+        for (int64_t c = 0; c < I; ++c) {
+          float dg, du;
+          const float zc = gate.gradient(gu[c], gu[I + c], args.weights[pair] * q[c], &dg, &du);
+          z[c] = f32_to_act<Act>(zc);
+          z_dot_q += zc * q[c];
+          fused[gate_up_column(c, false)] = f32_to_act<Act>(dg);
+          fused[gate_up_column(c, true)] = f32_to_act<Act>(du);
+        }
+        args.grad_weights[pair] = z_dot_q;
+        continue;
+      }
+      k.sigmoid(I, gu.data(), sig.data());
       for (int64_t c = 0; c < I; ++c) {
         const float g = gu[c], u = gu[I + c];
         const float sg = sig[c], silu = g * sg;
@@ -458,7 +486,21 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
     }
   });
 
-  timer.mark("silu_grad");
+  // The down bias's part of the routing-weight gradient: h includes bd, so dL/dw gains dy.bd.
+  if (w.down_bias) {
+    parallel_for(T, threads, [&](int64_t t) {
+      std::vector<float> dy(H);
+      load_f32(args.grad_y, args.act_dtype, t * H, H, dy.data());
+      for (int64_t j = 0; j < K; ++j) {
+        const float* b = w.down_bias + args.ids[t * K + j] * H;
+        float dot = 0.f;
+        for (int64_t c = 0; c < H; ++c) dot += dy[c] * b[c];
+        args.grad_weights[t * K + j] += dot;
+      }
+    });
+  }
+
+  timer.mark("gate_grad");
 
   // Phase 4, per expert: padding rows of the fused gradient; [dg B_g | du B_u].
   float* dgu_b = scratch<float>(Scratch::kRowsE, rows * l.rgu_p);  // expert-sorted rows

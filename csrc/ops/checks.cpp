@@ -174,4 +174,49 @@ MoeSizes check_moe_args(const char* op, const at::Tensor& x, const at::Tensor& t
   return s;
 }
 
+kt::Gate check_gate(const char* op, const at::Tensor& x, const MoeSizes& s, const std::optional<at::Tensor>& gate_up_bias,
+                    const std::optional<at::Tensor>& down_bias, c10::string_view activation, double alpha,
+                    std::optional<double> limit, double up_offset, bool require_cpu) {
+  kt::Gate gate;
+  const std::string name(activation.data(), activation.size());
+  if (name == "silu") {
+    gate.activation = kt::GateActivation::kSilu;
+  } else if (name == "gelu") {
+    gate.activation = kt::GateActivation::kGelu;
+  } else if (name == "gelu_tanh") {
+    gate.activation = kt::GateActivation::kGeluTanh;
+  } else {
+    KT_CHECK(false, "kt.", op, ": activation must be \"silu\", \"gelu\" or \"gelu_tanh\", got \"", name, "\"");
+  }
+  KT_CHECK(std::isfinite(alpha) && alpha > 0, "kt.", op, ": activation_alpha must be finite and positive, got ",
+           alpha);
+  KT_CHECK(alpha == 1.0 || gate.activation == kt::GateActivation::kSilu, "kt.", op,
+           ": activation_alpha scales the sigmoid of silu; it must be 1 for ", name, ", got ", alpha);
+  if (limit.has_value()) {
+    KT_CHECK(*limit > 0, "kt.", op, ": activation_limit must be positive (or None: no clamp), got ", *limit);
+    gate.limit = static_cast<float>(*limit);
+  }
+  KT_CHECK(std::isfinite(up_offset), "kt.", op, ": up_offset must be finite, got ", up_offset);
+  gate.alpha = static_cast<float>(alpha);
+  gate.up_offset = static_cast<float>(up_offset);
+  if (gate_up_bias.has_value()) {
+    const at::Tensor& b = *gate_up_bias;
+    const c10::SymInt two_i(2 * s.intermediate);
+    KT_CHECK(is_activation_dtype(b.scalar_type()) && b.dim() == 2 && b.sym_size(0) == s.experts &&
+                 b.sym_size(1) == two_i,
+             "kt.", op, ": gate_up_bias must be float32 or bfloat16 of shape [E, 2I] = [", s.experts, ", ", two_i,
+             "] (gate columns, then up columns), got ", describe(b));
+    check_device(op, "gate_up_bias", b, "x", x, require_cpu);
+  }
+  if (down_bias.has_value()) {
+    const at::Tensor& b = *down_bias;
+    KT_CHECK(is_activation_dtype(b.scalar_type()) && b.dim() == 2 && b.sym_size(0) == s.experts &&
+                 b.sym_size(1) == s.hidden,
+             "kt.", op, ": down_bias must be float32 or bfloat16 of shape [E, H] = [", s.experts, ", ", s.hidden,
+             "], got ", describe(b));
+    check_device(op, "down_bias", b, "x", x, require_cpu);
+  }
+  return gate;
+}
+
 }  // namespace kt_ops

@@ -11,6 +11,8 @@
 #include <string>
 #include <type_traits>
 
+#include "kt/gate.h"
+
 namespace kt_ops {
 
 // Message text is assembled here as std::string and only then handed to TORCH_CHECK. Numbers,
@@ -69,6 +71,13 @@ MoeSizes check_moe_args(const char* op, const at::Tensor& x, const at::Tensor& t
                         const at::Tensor& topk_weights, const at::Tensor& gate_up,
                         const at::Tensor& down, const at::Tensor& layout, int64_t intermediate_size,
                         const LoraTensors& lora, double lora_scaling, bool require_cpu);
+
+// Validates the gate and bias arguments of the MoE ops (their schema in csrc/registration.cpp)
+// against the sizes `s`: the activation's name and parameters, the optional gate/up bias
+// [E, 2I] and down bias [E, H]. Returns the gate.
+kt::Gate check_gate(const char* op, const at::Tensor& x, const MoeSizes& s, const std::optional<at::Tensor>& gate_up_bias,
+                    const std::optional<at::Tensor>& down_bias, c10::string_view activation, double alpha,
+                    std::optional<double> limit, double up_offset, bool require_cpu);
 
 // Every size an op takes is at most this (2^40, beyond any model or batch), so that padding
 // and offset arithmetic on sizes that pass cannot overflow.

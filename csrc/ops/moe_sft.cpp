@@ -31,14 +31,26 @@ kt::DType act_dtype(const at::Tensor& x) {
 struct KernelInputs {
   at::Tensor x, ids, weights, gate_up, down;
   at::Tensor lora[6];  // fp32 contiguous, undefined when absent
+  at::Tensor gate_up_bias, down_bias;  // fp32 contiguous, undefined when absent
   MoeSizes sizes;
   kt::MoeDims dims;
   kt::MoeWeights w;
 
   KernelInputs(const char* op, const at::Tensor& x_, const at::Tensor& ids_, const at::Tensor& weights_,
                const at::Tensor& gate_up_, const at::Tensor& down_, const at::Tensor& layout, int64_t intermediate,
-               const LoraTensors& lora_, double scaling) {
+               const LoraTensors& lora_, double scaling, const OptTensor& gate_up_bias_,
+               const OptTensor& down_bias_, c10::string_view activation, double alpha, std::optional<double> limit,
+               double up_offset) {
     sizes = check_moe_args(op, x_, ids_, weights_, gate_up_, down_, layout, intermediate, lora_, scaling, true);
+    w.gate = check_gate(op, x_, sizes, gate_up_bias_, down_bias_, activation, alpha, limit, up_offset, true);
+    if (gate_up_bias_.has_value()) {
+      gate_up_bias = gate_up_bias_->to(at::kFloat).contiguous();
+      w.gate_up_bias = gate_up_bias.data_ptr<float>();
+    }
+    if (down_bias_.has_value()) {
+      down_bias = down_bias_->to(at::kFloat).contiguous();
+      w.down_bias = down_bias.data_ptr<float>();
+    }
     const MoeSizes& s = sizes;
     dims = {s.tokens.expect_int(), s.top_k.expect_int(), s.hidden.expect_int(), intermediate,
             s.experts.expect_int()};
@@ -132,7 +144,8 @@ ForwardResult moe_sft_forward_cpu(KT_MOE_FORWARD_PARAMS) {
   constexpr const char* op = "moe_sft_forward";
   const LoraTensors lora = lora_args(lora_gate_a, lora_gate_b, lora_up_a, lora_up_b, lora_down_a, lora_down_b);
   const kt::Kernels& kernels = current_kernels();
-  KernelInputs in(op, x, topk_ids, topk_weights, gate_up, down, layout, intermediate_size, lora, lora_scaling);
+  KernelInputs in(op, x, topk_ids, topk_weights, gate_up, down, layout, intermediate_size, lora, lora_scaling,
+                  gate_up_bias, down_bias, activation, activation_alpha, activation_limit, up_offset);
   const MoeSizes& s = in.sizes;
   ForwardResult out = allocate_forward(x, s);
   kt::MoeForwardArgs args{};
@@ -151,8 +164,11 @@ ForwardResult moe_sft_forward_cpu(KT_MOE_FORWARD_PARAMS) {
 
 ForwardResult moe_sft_forward_meta(KT_MOE_FORWARD_PARAMS) {
   const LoraTensors lora = lora_args(lora_gate_a, lora_gate_b, lora_up_a, lora_up_b, lora_down_a, lora_down_b);
-  return allocate_forward(x, check_moe_args("moe_sft_forward", x, topk_ids, topk_weights, gate_up, down,
-                                            layout, intermediate_size, lora, lora_scaling, false));
+  constexpr const char* op = "moe_sft_forward";
+  const MoeSizes s = check_moe_args(op, x, topk_ids, topk_weights, gate_up, down, layout, intermediate_size, lora,
+                                    lora_scaling, false);
+  check_gate(op, x, s, gate_up_bias, down_bias, activation, activation_alpha, activation_limit, up_offset, false);
+  return allocate_forward(x, s);
 }
 
 BackwardResult moe_sft_backward_cpu(const at::Tensor& grad_y, KT_MOE_FORWARD_PARAMS,
@@ -160,7 +176,8 @@ BackwardResult moe_sft_backward_cpu(const at::Tensor& grad_y, KT_MOE_FORWARD_PAR
   constexpr const char* op = "moe_sft_backward";
   const LoraTensors lora = lora_args(lora_gate_a, lora_gate_b, lora_up_a, lora_up_b, lora_down_a, lora_down_b);
   const kt::Kernels& kernels = current_kernels();
-  KernelInputs in(op, x, topk_ids, topk_weights, gate_up, down, layout, intermediate_size, lora, lora_scaling);
+  KernelInputs in(op, x, topk_ids, topk_weights, gate_up, down, layout, intermediate_size, lora, lora_scaling,
+                  gate_up_bias, down_bias, activation, activation_alpha, activation_limit, up_offset);
   const MoeSizes& s = in.sizes;
   check_saved(op, grad_y, x, s, gate_up_act, lora_act, true);
   const at::Tensor dy = grad_y.contiguous(), gu_act = gate_up_act.contiguous(), l_act = lora_act.contiguous();
@@ -207,6 +224,7 @@ BackwardResult moe_sft_backward_meta(const at::Tensor& grad_y, KT_MOE_FORWARD_PA
   const LoraTensors lora = lora_args(lora_gate_a, lora_gate_b, lora_up_a, lora_up_b, lora_down_a, lora_down_b);
   const MoeSizes s = check_moe_args(op, x, topk_ids, topk_weights, gate_up, down, layout, intermediate_size,
                                     lora, lora_scaling, false);
+  check_gate(op, x, s, gate_up_bias, down_bias, activation, activation_alpha, activation_limit, up_offset, false);
   check_saved(op, grad_y, x, s, gate_up_act, lora_act, false);
   return allocate_backward(x, topk_weights, lora);
 }

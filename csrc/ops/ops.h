@@ -3,6 +3,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <c10/util/string_view.h>
+
 #include <optional>
 #include <string>
 #include <tuple>
@@ -38,7 +40,9 @@ UnpackResult unpack_experts_meta(const at::Tensor& gate_up, const at::Tensor& do
       int64_t intermediate_size,                                                                \
       const OptTensor &lora_gate_a, const OptTensor &lora_gate_b, const OptTensor &lora_up_a,   \
       const OptTensor &lora_up_b, const OptTensor &lora_down_a, const OptTensor &lora_down_b,   \
-      double lora_scaling
+      double lora_scaling, const OptTensor &gate_up_bias, const OptTensor &down_bias,           \
+      c10::string_view activation, double activation_alpha,                                     \
+      std::optional<double> activation_limit, double up_offset
 
 ForwardResult moe_sft_forward_cpu(KT_MOE_FORWARD_PARAMS);
 ForwardResult moe_sft_forward_meta(KT_MOE_FORWARD_PARAMS);

@@ -3,13 +3,16 @@
 //
 // Per routed pair (token t, slot j, expert e = ids[t,j], weight w = weights[t,j]),
 // with s = lora scaling and PEFT's layout A [r, in], B [out, r]:
-//   g = x Wg^T + s (x Ag^T) Bg^T,  u = x Wu^T + s (x Au^T) Bu^T,  z = silu(g) * u
-//   h = z Wd^T + s (z Ad^T) Bd^T,  y_t = sum_j w h
+//   g = x Wg^T + bg + s (x Ag^T) Bg^T,  u = x Wu^T + bu + s (x Au^T) Bu^T,  z = gate(g, u)
+//   h = z Wd^T + bd + s (z Ad^T) Bd^T,  y_t = sum_j w h
+// where gate is kt/gate.h's (silu(g) * u unless the experts say otherwise) and the frozen
+// biases bg, bu, bd are zero unless given (they get no gradient).
 #pragma once
 
 #include <cstdint>
 
 #include "kt/bf16.h"
+#include "kt/gate.h"
 #include "kt/isa.h"
 
 namespace kt {
@@ -38,6 +41,12 @@ struct MoeWeights {
   int64_t slices;       // S, intermediate slices (one per NUMA node)
   LoraWeights lora[3];  // indexed by Projection
   float lora_scaling;
+  Gate gate;
+  const float* gate_up_bias = nullptr;  // [E, 2I] fp32, gate columns then up columns; null: none
+  const float* down_bias = nullptr;     // [E, H] fp32; null: none
+
+  // The case the vectorised epilogues of the bf16 paths compute.
+  bool plain_swiglu() const { return gate.is_plain_silu() && gate_up_bias == nullptr; }
 };
 
 struct MoeForwardArgs {
