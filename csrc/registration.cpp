@@ -32,9 +32,9 @@ TORCH_LIBRARY(kt, m) {
   // they were packed with (it sizes the outputs where layout's values are unknown: Meta).
   // The gate (include/kt/gate.h): z = act(min(g, L)) * (clamp(u, -L, L) + up_offset), act one
   // of "silu" (v * sigmoid(activation_alpha * v)), "gelu" (erf form) or "gelu_tanh", L =
-  // activation_limit (None: no clamp). The experts' biases, when given, are frozen (they get
-  // no gradient): gate_up_bias [E, 2I] (gate columns then up columns) adds to g and u,
-  // down_bias [E, H] to each expert's output before the routing weight.
+  // activation_limit (None: no clamp). The experts' biases, when given: gate_up_bias [E, 2I]
+  // (gate columns then up columns) adds to g and u, down_bias [E, H] to each expert's output
+  // before the routing weight.
   // Returns y [T, H] and what the backward needs: gate_up_act [T, K, 2I] (g then u, dtype of
   // x) and lora_act [T, K, r_g + r_u + r_d] fp32 (x A_g^T, x A_u^T, z A_d^T).
   m.def(
@@ -45,8 +45,8 @@ TORCH_LIBRARY(kt, m) {
       "float? activation_limit=None, float up_offset=0.0) "
       "-> (Tensor y, Tensor gate_up_act, Tensor lora_act)");
 
-  // Gradients of moe_sft_forward's y: for x, topk_weights and the six LoRA tensors (each in
-  // its input's dtype; an empty tensor where that LoRA tensor was not given).
+  // Gradients of moe_sft_forward's y: for x, topk_weights, the six LoRA tensors and the two
+  // biases (each in its input's dtype; an empty tensor where that input was not given).
   m.def(
       "moe_sft_backward(Tensor grad_y, Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor gate_up, "
       "Tensor down, Tensor layout, int intermediate_size, Tensor? lora_gate_a, Tensor? lora_gate_b, Tensor? lora_up_a, "
@@ -54,7 +54,7 @@ TORCH_LIBRARY(kt, m) {
       "Tensor? gate_up_bias, Tensor? down_bias, str activation, float activation_alpha, float? activation_limit, float up_offset, "
       "Tensor gate_up_act, Tensor lora_act) -> (Tensor grad_x, Tensor grad_topk_weights, "
       "Tensor grad_lora_gate_a, Tensor grad_lora_gate_b, Tensor grad_lora_up_a, Tensor grad_lora_up_b, "
-      "Tensor grad_lora_down_a, Tensor grad_lora_down_b)");
+      "Tensor grad_lora_down_a, Tensor grad_lora_down_b, Tensor grad_gate_up_bias, Tensor grad_down_bias)");
 }
 
 // CUDA inputs reach the CPU kernels too, whose first device check names the argument.

@@ -147,7 +147,8 @@ def moe_sft(
     gate_up_bias: Optional[torch.Tensor] = None,
     down_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Routed-experts MLP with LoRA, differentiable in x, topk_weights and every LoRA tensor.
+    """Routed-experts MLP with LoRA, differentiable in x, topk_weights, every LoRA tensor and
+    the biases.
 
     For token t routed to experts e_1..e_K with weights w_t,j, and s = ``lora_scaling``::
 
@@ -165,8 +166,8 @@ def moe_sft(
         lora_scaling: s, usually ``alpha / r``.
         gate: the activation (:class:`Gate`; SwiGLU by default).
         gate_up_bias: ``None`` or the experts' ``[E, 2I]`` gate/up biases (bg then bu).
-        down_bias: ``None`` or the experts' ``[E, H]`` down biases (bd). The biases are part of
-            the frozen experts: one that requires grad is an error.
+        down_bias: ``None`` or the experts' ``[E, H]`` down biases (bd). Biases that require
+            grad get their gradients (the expert weights themselves stay frozen).
 
     Returns:
         ``[T, H]`` in x's dtype.

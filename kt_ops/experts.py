@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from kt_ops.api import PackedExperts, moe_sft, pack_experts
-from kt_ops.models.variants import experts_variant
+from kt_ops.models.variants import ExpertsVariant, experts_variant
 from kt_ops.packed_weights import ExpertsLayout, PackedExpertWeight, packed_parameters, to_canonical
 
 # The fused-layout LoRA parameters of KtExperts, and the per-expert ones (transformers 4.x).
@@ -198,7 +198,7 @@ def _set_base_parameter(module: nn.Module, name: str, value: nn.Parameter) -> No
         module._parameters[name] = value
 
 
-def _check_supported(module: nn.Module) -> ExpertsLayout:
+def _supported_variant(module: nn.Module) -> ExpertsVariant:
     variant = experts_variant(module)
     reason = variant.unsupported()
     if reason is not None:
@@ -207,7 +207,21 @@ def _check_supported(module: nn.Module) -> ExpertsLayout:
                          f"{parametrize.type_before_parametrizations(module).__name__} ({variant.describe()}): "
                          f"{reason}. Choose another "
                          "experts_implementation for this model")
-    return ExpertsLayout(variant.concatenated, variant.transposed)
+    return variant
+
+
+# The bias parameters of an experts module of the interface with has_bias set.
+EXPERT_BIASES = ("gate_up_proj_bias", "down_proj_bias")
+
+
+def _canonical_biases(module: nn.Module, layout: ExpertsLayout, device: torch.device
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The module's (gate/up bias [E, 2I], gate columns then up columns; down bias [E, H]) on
+    ``device``."""
+    gate_up, down = (_to_device(getattr(module, name), device) for name in EXPERT_BIASES)
+    if not layout.concatenated:
+        gate_up = torch.cat([gate_up[:, 0::2], gate_up[:, 1::2]], dim=1)
+    return gate_up, down
 
 
 def packed_experts_of(module: nn.Module, layout: ExpertsLayout) -> PackedExperts:
@@ -250,9 +264,11 @@ def kt_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index
     the CPU, with the LoRA PEFT puts on its ``gate_up_proj`` / ``down_proj`` computed from its
     factors (no ``B A`` is ever formed). Inputs may be on any device; the result comes back on
     theirs."""
-    layout = _check_supported(self)
+    variant = _supported_variant(self)
+    layout = ExpertsLayout(variant.concatenated, variant.transposed)
     packed = packed_experts_of(self, layout)
     cpu = torch.device("cpu")
+    gate_up_bias, down_bias = _canonical_biases(self, layout, cpu) if variant.bias else (None, None)
     gate_up = _lora_factors(self, "gate_up_proj", layout.transposed)
     down = _lora_factors(self, "down_proj", layout.transposed)
     scaling = gate_up[2] if gate_up else down[2] if down else 1.0
@@ -266,7 +282,7 @@ def kt_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index
         a, b, s = (_to_device(t, cpu) if isinstance(t, torch.Tensor) else t for t in down)
         lora[4:] = [a, b if s == scaling else b * (s / scaling)]
     y = moe_sft(_to_device(hidden_states, cpu), top_k_index.to(cpu), _to_device(top_k_weights, cpu), packed,
-                lora, scaling)
+                lora, scaling, gate=variant.kernel_gate, gate_up_bias=gate_up_bias, down_bias=down_bias)
     return _to_device(y, hidden_states.device)
 
 

@@ -30,8 +30,11 @@ class MoeCase:
     gate_up_bias: Optional[torch.Tensor] = None
     down_bias: Optional[torch.Tensor] = None
 
+    def biases(self) -> list[torch.Tensor]:
+        return [b for b in (self.gate_up_bias, self.down_bias) if b is not None]
+
     def inputs_requiring_grad(self) -> list[torch.Tensor]:
-        return [self.x, self.topk_weights] + (self.lora or [])
+        return [self.x, self.topk_weights] + (self.lora or []) + self.biases()
 
 
 def make_case(
@@ -77,8 +80,8 @@ def make_case(
     case.grad_y = randn(tokens, hidden).to(dtype)
     case.gate = gate or kt_ops.Gate()
     if biases:
-        case.gate_up_bias = randn(experts, 2 * intermediate).to(dtype)
-        case.down_bias = randn(experts, hidden).to(dtype)
+        case.gate_up_bias = randn(experts, 2 * intermediate).to(dtype).requires_grad_()
+        case.down_bias = randn(experts, hidden).to(dtype).requires_grad_()
     return case
 
 
@@ -93,10 +96,14 @@ def run_kt(case: MoeCase):
 def run_reference(case: MoeCase):
     """The same in fp32 through kt_ops.reference (gradients of unused inputs are zeros)."""
     leaves = [t.detach().float().requires_grad_() for t in case.inputs_requiring_grad()]
-    x, w, lora = leaves[0], leaves[1], leaves[2:] or None
+    n_lora = len(case.lora or [])
+    x, w, lora = leaves[0], leaves[1], leaves[2:2 + n_lora] or None
+    biases = iter(leaves[2 + n_lora:])
+    gate_up_bias = next(biases) if case.gate_up_bias is not None else None
+    down_bias = next(biases) if case.down_bias is not None else None
     clamped = case.gate.limit is not None
     y = moe_sft_reference(x, case.topk_ids, w, case.w_gate, case.w_up, case.w_down, lora, case.scaling,
-                          gate=case.gate, gate_up_bias=case.gate_up_bias, down_bias=case.down_bias,
+                          gate=case.gate, gate_up_bias=gate_up_bias, down_bias=down_bias,
                           saved_dtype=case.x.dtype if clamped else None)
     if y.requires_grad:  # with no tokens the reference never touches its inputs
         grads = torch.autograd.grad(y, leaves, case.grad_y.float(), allow_unused=True)

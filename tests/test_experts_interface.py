@@ -120,6 +120,9 @@ def test_family_matches_eager_with_the_same_peft_adapter(model_type, monkeypatch
     assert_close("logits", kt_logits, eager_logits, torch.float32)
     assert abs(kt_loss - eager_loss) <= 1e-4 * abs(eager_loss)
     for name, grad in eager_grads.items():
+        if grad.norm() < 1e-6:  # zero up to rounding (deepseek_v4's hash-routed layers): no scale to judge by
+            assert kt_grads[name].norm() < 1e-6, name
+            continue
         assert_close(name, kt_grads[name], grad, torch.float32)
     with kt.disable_adapter(), torch.no_grad():  # the base model, with the kt experts
         assert_close("disabled", outputs(kt, ids), outputs(model, ids), torch.float32)
@@ -282,8 +285,47 @@ def test_unpack_experts_checks_its_sizes_against_the_layout():
 def test_supported_families_are_found_by_introspection():
     table = kt_ops.supported_families()
     assert "qwen3_moe" in table and "Qwen3MoeExperts" in table["qwen3_moe"]
-    assert "not supported: expert biases" in table["gpt_oss"]
-    assert sum("not supported" not in v and not v.startswith("unknown") for v in table.values()) >= 40
+    assert table["gpt_oss"].endswith("interleaved, transposed, biases, silu_1.702(min(gate, 7)) * (clamp(up, 7) + 1)")
+    assert "not supported: non-gated experts" in table["nemotron_h"]
+    assert sum("not supported" not in v and not v.startswith("unknown") for v in table.values()) >= 48
+
+
+class _ProbedExperts(torch.nn.Module):
+    """The attributes transformers' experts interface sets, and a gate of the test's choosing."""
+
+    has_gate, has_bias, is_transposed, is_concatenated = True, False, False, True
+
+    def __init__(self, gate, **attrs):
+        super().__init__()
+        self.gate_fn = gate
+        self.__dict__.update(attrs)
+
+    def _apply_gate(self, gate_up):
+        return self.gate_fn(self, gate_up)
+
+
+def _chunked(fn):
+    return lambda self, gu: fn(self, *gu.chunk(2, dim=-1))
+
+
+@pytest.mark.parametrize("gate, attrs, want, concatenated", [
+    (_chunked(lambda m, g, u: torch.nn.functional.silu(g.clamp(max=m.swiglu_limit)) * u.clamp(-m.swiglu_limit, m.swiglu_limit)),
+     {"swiglu_limit": 5.0}, kt_ops.Gate(limit=5.0), True),
+    (lambda m, gu: (gu[..., 1::2].clamp(-m.limit, m.limit) + 1) * gu[..., ::2].clamp(max=m.limit)
+     * torch.sigmoid(m.alpha * gu[..., ::2].clamp(max=m.limit)), {"limit": 3.0, "alpha": 1.5},
+     kt_ops.Gate(alpha=1.5, limit=3.0, up_offset=1.0), False),
+    (_chunked(lambda m, g, u: torch.nn.functional.gelu(g, approximate="tanh") * u), {}, kt_ops.Gate("gelu_tanh"), True),
+    # A limit attribute the gate does not use is no clamp.
+    (_chunked(lambda m, g, u: torch.nn.functional.silu(g) * u), {"swiglu_limit": 5.0}, kt_ops.Gate(), True),
+    (_chunked(lambda m, g, u: torch.nn.functional.silu(g) * torch.tanh(u / 4) * 4), {}, None, True),  # a softcap
+])
+def test_the_gate_is_found_by_evaluating_it(gate, attrs, want, concatenated):
+    variant = experts_variant(_ProbedExperts(gate, **attrs))
+    assert variant.kernel_gate == want
+    if want is None:
+        assert "which is none of the kernels' gates" in variant.unsupported()
+    else:
+        assert variant.unsupported() is None and variant.concatenated == concatenated
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -41,7 +41,8 @@ def test_forward_and_gradients_match_reference(isa_path, case_name, dtype):
     y_ref, grads_ref = run_reference(case)
     assert y.dtype == dtype and y.shape == (t, h)
     assert_close("y", y, y_ref, dtype)
-    names = GRAD_NAMES if r is not None else GRAD_NAMES[:2]
+    names = (GRAD_NAMES if r is not None else GRAD_NAMES[:2]) + (["gate_up_bias", "down_bias"] if case.biases() else [])
+    assert len(names) == len(grads)
     for name, g, g_ref, inp in zip(names, grads, grads_ref, case.inputs_requiring_grad()):
         assert g.dtype == inp.dtype, f"grad of {name} has dtype {g.dtype}, input {inp.dtype}"
         # LoRA gradients accumulate over all of an expert's tokens; bf16 LoRA tensors round them.

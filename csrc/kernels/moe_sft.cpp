@@ -61,6 +61,8 @@ class PhaseTimer {
 template <typename Act> Act f32_to_act(float v);
 template <> inline float f32_to_act<float>(float v) { return v; }
 template <> inline bf16 f32_to_act<bf16>(float v) { return f32_to_bf16(v); }
+inline float act_to_f32(float v) { return v; }
+inline float act_to_f32(bf16 v) { return bf16_to_f32(v); }
 
 // C (+)= A * W^T for the activation / weight element types of one path.
 inline void gemm(const Kernels& k, int64_t m, int64_t kp, const bf16* a, int64_t lda, const bf16* w,
@@ -516,6 +518,37 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
   });
 
   timer.mark("lora_b_gu");
+
+  // The bias gradients, per expert over its pairs in pair order (zero for experts without
+  // tokens): d bg|bu = sum of the pairs' dg|du rows, d bd = sum of w dy.
+  if ((args.grad_gate_up_bias && w.gate_up_bias) || (args.grad_down_bias && w.down_bias)) {
+    parallel_for(E, threads, [&](int64_t e) {
+      const int64_t n = route.count(e);
+      if (args.grad_gate_up_bias && w.gate_up_bias) {
+        float* gb = args.grad_gate_up_bias + e * 2 * I;
+        std::fill(gb, gb + 2 * I, 0.f);
+        for (int64_t i = 0; i < n; ++i) {
+          const Act* row = dgus + (route.first_row[e] + i) * ld_gu;
+          for (int64_t c = 0; c < I; ++c) {
+            gb[c] += act_to_f32(row[gate_up_column(c, false)]);
+            gb[I + c] += act_to_f32(row[gate_up_column(c, true)]);
+          }
+        }
+      }
+      if (args.grad_down_bias && w.down_bias) {
+        float* gd = args.grad_down_bias + e * H;
+        std::fill(gd, gd + H, 0.f);
+        std::vector<float> dy(H);
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t pair = route.pairs[route.first[e] + i];
+          load_f32(args.grad_y, args.act_dtype, pair / K * H, H, dy.data());
+          for (int64_t c = 0; c < H; ++c) gd[c] += args.weights[pair] * dy[c];
+        }
+      }
+    });
+  }
+
+  timer.mark("bias_grads");
 
   // Phase 5, per (slice, expert, hidden columns): dx per pair = dg W_g + du W_u over the
   // slice's intermediate columns, plus s [dgB|duB] [A_g;A_u] once (slice 0); partial sums

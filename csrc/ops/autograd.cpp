@@ -39,12 +39,6 @@ struct MoeSft : public torch::autograd::Function<MoeSft> {
                                const OptTensor& lora_down_b, double lora_scaling, const OptTensor& gate_up_bias,
                                const OptTensor& down_bias, c10::string_view activation, double activation_alpha,
                                std::optional<double> activation_limit, double up_offset) {
-    // The biases belong to the frozen experts: the backward computes no gradient for them, so
-    // one that asks for it is an error here rather than a gradient silently left at zero.
-    for (const auto& [name, bias] : {std::pair{"gate_up_bias", &gate_up_bias}, std::pair{"down_bias", &down_bias}})
-      TORCH_CHECK(!bias->has_value() || !(*bias)->requires_grad(), "kt.moe_sft_forward: ", name,
-                  " requires grad, but the kt experts are frozen and their biases get no gradient; set "
-                  "requires_grad=False on it");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [y, gate_up_act, lora_act] = forward_op().call(
         x, topk_ids, topk_weights, gate_up, down, layout, intermediate_size, lora_gate_a, lora_gate_b, lora_up_a,
@@ -93,8 +87,8 @@ struct MoeSft : public torch::autograd::Function<MoeSft> {
             lora_grad(4, std::get<6>(grad)),
             lora_grad(5, std::get<7>(grad)),
             at::Tensor(),   // lora_scaling
-            at::Tensor(),   // gate_up_bias (frozen, checked in forward)
-            at::Tensor(),   // down_bias (frozen, checked in forward)
+            s[14].defined() ? std::get<8>(grad) : at::Tensor(),
+            s[15].defined() ? std::get<9>(grad) : at::Tensor(),
             at::Tensor(),   // activation
             at::Tensor(),   // activation_alpha
             at::Tensor(),   // activation_limit

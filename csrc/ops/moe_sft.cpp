@@ -117,16 +117,17 @@ void check_saved(const char* op, const at::Tensor& grad_y, const at::Tensor& x, 
   check_device(op, "lora_act", lora_act, "x", x, require_cpu);
 }
 
-BackwardResult allocate_backward(const at::Tensor& x, const at::Tensor& topk_weights,
-                                 const LoraTensors& lora) {
+BackwardResult allocate_backward(const at::Tensor& x, const at::Tensor& topk_weights, const LoraTensors& lora,
+                                 const OptTensor& gate_up_bias, const OptTensor& down_bias) {
   BackwardResult out;
   std::get<0>(out) = at::empty_symint(x.sym_sizes(), x.options());
   std::get<1>(out) = at::empty_symint(topk_weights.sym_sizes(), topk_weights.options());
-  at::Tensor* grads[6] = {&std::get<2>(out), &std::get<3>(out), &std::get<4>(out),
-                          &std::get<5>(out), &std::get<6>(out), &std::get<7>(out)};
-  for (int i = 0; i < 6; ++i)
-    *grads[i] = lora[i].has_value() ? at::empty_symint(lora[i]->sym_sizes(), lora[i]->options())
-                                    : at::empty({0}, x.options().dtype(at::kFloat));
+  const OptTensor inputs[8] = {lora[0], lora[1], lora[2], lora[3], lora[4], lora[5], gate_up_bias, down_bias};
+  at::Tensor* grads[8] = {&std::get<2>(out), &std::get<3>(out), &std::get<4>(out), &std::get<5>(out),
+                          &std::get<6>(out), &std::get<7>(out), &std::get<8>(out), &std::get<9>(out)};
+  for (int i = 0; i < 8; ++i)
+    *grads[i] = inputs[i].has_value() ? at::empty_symint(inputs[i]->sym_sizes(), inputs[i]->options())
+                                      : at::empty({0}, x.options().dtype(at::kFloat));
   return out;
 }
 
@@ -205,6 +206,15 @@ BackwardResult moe_sft_backward_cpu(const at::Tensor& grad_y, KT_MOE_FORWARD_PAR
   args.lora_act = l_act.data_ptr<float>();
   args.grad_x = grad_x.data_ptr();
   args.grad_weights = grad_w.data_ptr<float>();
+  at::Tensor grad_gate_up_bias, grad_down_bias;
+  if (in.gate_up_bias.defined()) {
+    grad_gate_up_bias = at::empty_like(in.gate_up_bias);
+    args.grad_gate_up_bias = grad_gate_up_bias.data_ptr<float>();
+  }
+  if (in.down_bias.defined()) {
+    grad_down_bias = at::empty_like(in.down_bias);
+    args.grad_down_bias = grad_down_bias.data_ptr<float>();
+  }
   kt::moe_sft_backward(kernels, at::get_num_threads(), args);
 
   BackwardResult out;
@@ -215,6 +225,11 @@ BackwardResult moe_sft_backward_cpu(const at::Tensor& grad_y, KT_MOE_FORWARD_PAR
   for (int i = 0; i < 6; ++i)
     *lora_out[i] = lora[i].has_value() ? grad_lora[i].to(lora[i]->scalar_type())
                                        : at::empty({0}, x.options().dtype(at::kFloat));
+  const auto bias_grad = [&](const OptTensor& bias, const at::Tensor& grad) {
+    return bias.has_value() ? grad.to(bias->scalar_type()) : at::empty({0}, x.options().dtype(at::kFloat));
+  };
+  std::get<8>(out) = bias_grad(gate_up_bias, grad_gate_up_bias);
+  std::get<9>(out) = bias_grad(down_bias, grad_down_bias);
   return out;
 }
 
@@ -226,7 +241,7 @@ BackwardResult moe_sft_backward_meta(const at::Tensor& grad_y, KT_MOE_FORWARD_PA
                                     lora, lora_scaling, false);
   check_gate(op, x, s, gate_up_bias, down_bias, activation, activation_alpha, activation_limit, up_offset, false);
   check_saved(op, grad_y, x, s, gate_up_act, lora_act, false);
-  return allocate_backward(x, topk_weights, lora);
+  return allocate_backward(x, topk_weights, lora, gate_up_bias, down_bias);
 }
 
 }  // namespace kt_ops

@@ -13,8 +13,9 @@ namespace kt_ops {
 
 using OptTensor = std::optional<at::Tensor>;
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+// grad x, grad topk_weights, six LoRA gradients, two bias gradients.
 using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                  at::Tensor, at::Tensor, at::Tensor>;
+                                  at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 std::string isa();
 

@@ -5,8 +5,8 @@
 // with s = lora scaling and PEFT's layout A [r, in], B [out, r]:
 //   g = x Wg^T + bg + s (x Ag^T) Bg^T,  u = x Wu^T + bu + s (x Au^T) Bu^T,  z = gate(g, u)
 //   h = z Wd^T + bd + s (z Ad^T) Bd^T,  y_t = sum_j w h
-// where gate is kt/gate.h's (silu(g) * u unless the experts say otherwise) and the frozen
-// biases bg, bu, bd are zero unless given (they get no gradient).
+// where gate is kt/gate.h's (silu(g) * u unless the experts say otherwise) and the biases
+// bg, bu, bd are zero unless given.
 #pragma once
 
 #include <cstdint>
@@ -75,6 +75,8 @@ struct MoeBackwardArgs {
   float* grad_weights;      // out [T, K]
   float* grad_lora_a[3];    // out [E, rank, in] per projection with rank > 0
   float* grad_lora_b[3];    // out [E, out, rank] per projection with rank > 0
+  float* grad_gate_up_bias = nullptr;  // out [E, 2I] (gate then up) when not null and w has the bias
+  float* grad_down_bias = nullptr;     // out [E, H] when not null and w has the bias
 };
 
 void moe_sft_forward(const Kernels& k, int num_threads, const MoeForwardArgs& args);
