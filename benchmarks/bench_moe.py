@@ -63,9 +63,18 @@ def time_forward_backward(layer, forward, repeats: int):
     return statistics.median(fwd[1:]), statistics.median(bwd[1:]), y.detach()
 
 
-def time_kt(layer, repeats: int):
+# --gate: the gates the kernels compute. SwiGLU takes the vectorised epilogues; every other
+# gate (and any gate with biases) the per-element one, which this option measures.
+GATES = {"swiglu": kt_ops.Gate(),
+         "gpt-oss": kt_ops.Gate(alpha=1.702, limit=7.0, up_offset=1.0),
+         "clamped-swiglu": kt_ops.Gate(limit=10.0),
+         "gelu": kt_ops.Gate(activation="gelu")}
+
+
+def time_kt(layer, repeats: int, gate: kt_ops.Gate = kt_ops.Gate(), biases=(None, None)):
     return time_forward_backward(
-        layer, lambda x, w, lora: kt_ops.moe_sft(x, layer.topk_ids, w, layer.experts, lora, layer.lora_scaling),
+        layer, lambda x, w, lora: kt_ops.moe_sft(x, layer.topk_ids, w, layer.experts, lora, layer.lora_scaling,
+                                                 gate=gate, gate_up_bias=biases[0], down_bias=biases[1]),
         repeats)
 
 
@@ -88,6 +97,9 @@ def main() -> None:
                    help="AMX bf16 peak for the %%-of-peak column (PERF.md: 15.7 on the 16-core host)")
     p.add_argument("--numa-nodes", type=int, default=0,
                    help="intermediate slices of the packed experts (0: one per NUMA node of this machine)")
+    p.add_argument("--gate", choices=sorted(GATES), default="swiglu",
+                   help="the experts' gated activation (the reference column stays SwiGLU: use --ref-repeats 0)")
+    p.add_argument("--bias", action="store_true", help="give the experts gate/up and down biases")
     p.add_argument("--json", help="also write the figures to this file")
     add_malloc_option(p)
     args = p.parse_args()
@@ -97,16 +109,20 @@ def main() -> None:
     shape = model_shape(args.shape)
     layer = random_layer(shape, args.tokens, args.rank or None, numa_nodes=args.numa_nodes)
     flops = moe_flops(args.tokens, shape.top_k, shape.hidden, shape.intermediate)
-    rows = {"kt_ops": time_kt(layer, args.repeats)}
+    if args.ref_repeats and (args.gate != "swiglu" or args.bias):
+        p.error("the reference column computes SwiGLU without biases: pass --ref-repeats 0 with --gate / --bias")
+    e, i, h = shape.experts, shape.intermediate, shape.hidden
+    biases = (torch.randn(e, 2 * i) * 0.1, torch.randn(e, h) * 0.1) if args.bias else (None, None)
+    rows = {"kt_ops": time_kt(layer, args.repeats, GATES[args.gate], biases)}
     if args.ref_repeats:
         rows["reference"] = time_reference(layer, args.ref_repeats)
 
     print(f"{shape.name} T={args.tokens} r={args.rank} threads={args.threads} path={kt_ops.isa()} "
-          f"slices={layer.experts.numa_slices} malloc={args.malloc} "
+          f"slices={layer.experts.numa_slices} malloc={args.malloc} gate={args.gate} bias={args.bias} "
           f"(E={shape.experts} H={shape.hidden} I={shape.intermediate} K={shape.top_k})")
     print(f"{'':10} {'fwd s':>8} {'bwd s':>8} {'total s':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'% peak':>7}")
     result = {"shape": shape.name, "tokens": args.tokens, "rank": args.rank, "threads": args.threads,
-              "isa": kt_ops.isa(), "malloc": args.malloc}
+              "isa": kt_ops.isa(), "malloc": args.malloc, "gate": args.gate, "bias": args.bias}
     for name, (f, b, _) in rows.items():
         total = f + b
         tflops = flops / total / 1e12

@@ -49,17 +49,13 @@ def moe_sft_reference(
     gate: Gate = SWIGLU,
     gate_up_bias: Optional[torch.Tensor] = None,
     down_bias: Optional[torch.Tensor] = None,
-    saved_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """Routed-experts forward of ``kt_ops.moe_sft``, written out.
 
     Weights are unpacked: w_gate, w_up ``[E, I, H]``, w_down ``[E, H, I]``; ``lora``, the
-    biases and ``gate`` as in ``kt_ops.moe_sft``. ``saved_dtype``, when given, rounds g and
-    u to it on their way into the gate, passing the gradient straight through: the kt op saves
-    g and u in x's dtype, so its backward decides the clamps of a clamped gate on the rounded
-    values, and where a value and its rounding lie on either side of the limit the gradient
-    differs by a whole term (too many such elements for the tolerance table at bf16). Everything is computed in ``compute_dtype`` (fp32 for tests; bf16
-    gives the eager baseline of the benchmarks) and the result returned in x's dtype.
+    biases and ``gate`` as in ``kt_ops.moe_sft``. Everything is computed in ``compute_dtype``
+    (fp32 for tests; bf16 gives the eager baseline of the benchmarks) and the result returned
+    in x's dtype.
     """
     a_g, b_g, a_u, b_u, a_d, b_d = list(lora) if lora is not None else [None] * 6
     s = lora_scaling
@@ -86,16 +82,9 @@ def moe_sft_reference(
         xe = xc[tokens]
         g = linear(xe, w_gate, a_g, b_g, e, "gate")
         u = linear(xe, w_up, a_u, b_u, e, "up")
-        if saved_dtype is not None:
-            g, u = _rounded(g, saved_dtype), _rounded(u, saved_dtype)
         h = linear(gate_reference(g, u, gate), w_down, a_d, b_d, e, "down")
         y = y.index_add(0, tokens, h * topk_weights[tokens, slots].to(cd).unsqueeze(-1))
     return y.to(x.dtype)
-
-
-def _rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t rounded to dtype and back, with the gradient of the identity."""
-    return t + (t.to(dtype).to(t.dtype) - t).detach()
 
 
 def moe_flops(tokens: int, top_k: int, hidden: int, intermediate: int) -> float:

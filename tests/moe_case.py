@@ -1,6 +1,7 @@
 """Random MoE layers and the comparison rule shared by the pytest suite."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -53,10 +54,12 @@ def make_case(
     numa_nodes: int = 0,
     gate: Optional[kt_ops.Gate] = None,
     biases: bool = False,
+    clamped_share: Optional[float] = None,
 ) -> MoeCase:
     """A layer with O(1) activations. Experts at or past ``used_experts`` get no tokens;
     ``numa_nodes`` is passed to pack_experts (0: one slice per NUMA node of this machine);
-    ``gate`` is the activation and ``biases`` gives the experts O(1) biases."""
+    ``gate`` is the activation and ``biases`` gives the experts O(1) biases; with
+    ``clamped_share`` the gate's limit becomes :func:`limit_in_a_gap` of that share."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape, scale=1.0):
@@ -82,7 +85,54 @@ def make_case(
     if biases:
         case.gate_up_bias = randn(experts, 2 * intermediate).to(dtype).requires_grad_()
         case.down_bias = randn(experts, hidden).to(dtype).requires_grad_()
+    if clamped_share is not None:
+        case.gate = dataclasses.replace(case.gate, limit=limit_in_a_gap(case, clamped_share))
     return case
+
+
+def preactivations(case: MoeCase) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate and up pre-activations (g, u) ``[T, K, I]`` of every routed pair, in fp64."""
+    e = case.topk_ids
+    x = case.x.detach().double()
+    s = case.scaling
+    i = case.w_gate.shape[1]
+    lora = [t.detach().double() for t in case.lora] if case.lora else None
+    bias = case.gate_up_bias.detach().double() if case.gate_up_bias is not None else None
+    out = []
+    for j, w in enumerate((case.w_gate, case.w_up)):
+        p = torch.einsum("th,tkih->tki", x, w.double()[e])
+        if bias is not None:
+            p = p + bias[e][..., j * i:(j + 1) * i]
+        if lora is not None:
+            a, b = lora[2 * j], lora[2 * j + 1]
+            p = p + s * torch.einsum("tkr,tkir->tki", torch.einsum("th,tkrh->tkr", x, a[e]), b[e])
+        out.append(p)
+    return out[0], out[1]
+
+
+# Kernel and reference compute a pre-activation a rounding apart (bf16 operands on the AMX and
+# AVX-512 paths, g and u saved in x's dtype: a few parts per thousand), and the gradient of a
+# clamp is a step at the limit, so no pre-activation may lie closer to the limit than this.
+LIMIT_CLEARANCE = 0.005
+
+
+def limit_in_a_gap(case: MoeCase, share: float) -> float:
+    """A clamp limit L that cuts about ``share`` of the layer's pre-activations (g > L, |u| > L)
+    with no pre-activation within ``LIMIT_CLEARANCE * L`` of it: the widest gap between the
+    sorted values whose cut share lies within a factor two of ``share``."""
+    g, u = preactivations(case)
+    values = torch.cat([g.flatten(), u.abs().flatten()]).sort().values
+    n = values.numel()
+    best, best_clearance = None, 0.0
+    for j in range(int(n * (1 - 2 * share)), min(int(n * (1 - share / 2)), n - 1)):
+        mid = 0.5 * (values[j] + values[j + 1]).item()
+        clearance = 0.5 * (values[j + 1] - values[j]).item() / mid if mid > 0 else 0.0
+        if clearance > best_clearance:
+            best, best_clearance = mid, clearance
+    if best is None or best_clearance < LIMIT_CLEARANCE:
+        raise ValueError(f"no clamp limit cuts about {share:.0%} of these {n} pre-activations with "
+                         f"{LIMIT_CLEARANCE:.0%} clearance (best {best_clearance:.2%}): use fewer tokens or experts")
+    return best
 
 
 def run_kt(case: MoeCase):
@@ -101,10 +151,8 @@ def run_reference(case: MoeCase):
     biases = iter(leaves[2 + n_lora:])
     gate_up_bias = next(biases) if case.gate_up_bias is not None else None
     down_bias = next(biases) if case.down_bias is not None else None
-    clamped = case.gate.limit is not None
     y = moe_sft_reference(x, case.topk_ids, w, case.w_gate, case.w_up, case.w_down, lora, case.scaling,
-                          gate=case.gate, gate_up_bias=gate_up_bias, down_bias=down_bias,
-                          saved_dtype=case.x.dtype if clamped else None)
+                          gate=case.gate, gate_up_bias=gate_up_bias, down_bias=down_bias)
     if y.requires_grad:  # with no tokens the reference never touches its inputs
         grads = torch.autograd.grad(y, leaves, case.grad_y.float(), allow_unused=True)
     else:

@@ -22,13 +22,15 @@ CASES = {
     # Experts split into NUMA slices along I (whatever this machine's node count).
     "two_numa_slices": (70, 100, 6, 2, 33, 8, {"numa_nodes": 2}),
     "three_numa_slices_idle": (64, 96, 8, 3, 65, 16, {"numa_nodes": 3, "used_experts": 5}),
-    # The gates of kt_ops.Gate, with limits small enough that the clamps cut O(1) values.
+    # The gates of kt_ops.Gate; clamped ones with a limit that cuts a few percent of the
+    # pre-activations and lies in a gap between them (moe_case.limit_in_a_gap).
     "biases": (70, 45, 6, 2, 33, 8, {"biases": True}),
     "biases_two_slices_no_lora": (64, 96, 6, 2, 17, None, {"biases": True, "numa_nodes": 2}),
-    "clamped_swiglu": (70, 45, 6, 2, 33, 8, {"gate": Gate(limit=0.75)}),
-    "gpt_oss_gate": (64, 48, 6, 2, 33, 8, {"gate": Gate(alpha=1.702, limit=0.75, up_offset=1.0), "biases": True}),
+    "clamped_swiglu": (70, 45, 6, 2, 13, 8, {"clamped_share": 0.05}),
+    "gpt_oss_gate": (70, 45, 6, 2, 9, 8, {"gate": Gate(alpha=1.702, up_offset=1.0), "biases": True,
+                                          "clamped_share": 0.05}),
     "gelu": (48, 40, 4, 2, 21, 8, {"gate": Gate(activation="gelu")}),
-    "gelu_tanh_clamped": (48, 40, 4, 2, 21, 8, {"gate": Gate(activation="gelu_tanh", limit=1.0)}),
+    "gelu_tanh_clamped": (48, 40, 4, 2, 13, 8, {"gate": Gate(activation="gelu_tanh"), "clamped_share": 0.05}),
 }
 
 
