@@ -42,10 +42,9 @@ def main() -> None:
         output_dir=args.out, max_steps=args.max_steps, learning_rate=args.lr, lr_scheduler_type="cosine",
         warmup_steps=5, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
         gradient_checkpointing=args.grad_checkpointing,
-        # Non-reentrant (with the embeddings frozen, transformers 4.x's default reentrant
-        # checkpointing sees no input that needs a gradient and drops the backward), and the
-        # experts' forward is not recomputed.
-        gradient_checkpointing_kwargs=kt_ops.checkpointing_kwargs(), logging_steps=10, save_strategy="no", report_to=[],
+        # Non-reentrant, transformers 5.x's default (with the embeddings frozen, 4.x's default
+        # reentrant checkpointing sees no input that needs a gradient and drops the backward).
+        gradient_checkpointing_kwargs={"use_reentrant": False}, logging_steps=10, save_strategy="no", report_to=[],
         use_cpu=not torch.cuda.is_available())
     trainer = transformers.Trainer(
         model=model, args=training, train_dataset=train_set,

@@ -1,6 +1,6 @@
 """The routed experts computed by ``torch.ops.kt`` on the CPU: the "kt" implementation of
-transformers' experts interface, KtExperts (the drop-in module for models of one's own), the
-crossing between a CUDA device and the CPU, and the activation-checkpointing policy."""
+transformers' experts interface, KtExperts (the drop-in module for models of one's own), and the
+crossing between a CUDA device and the CPU."""
 from __future__ import annotations
 
 import math
@@ -153,29 +153,6 @@ class KtExperts(nn.Module):
         return (f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
                 f"r={self.rank}, alpha={self.alpha:g}, layout={'per_expert' if self.per_expert else 'fused'}, "
                 f"numa_slices={self.packed.numa_slices}")
-
-
-def _keep_expert_outputs(ctx, op, *args, **kwargs):
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    if op is torch.ops.kt.moe_sft_forward.default:
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def checkpointing_kwargs() -> dict[str, Any]:
-    """``gradient_checkpointing_kwargs`` for a patched model (``model.gradient_checkpointing_enable(
-    gradient_checkpointing_kwargs=kt_ops.checkpointing_kwargs())`` or transformers'
-    ``TrainingArguments``): the backward recomputes the layers' other modules (attention, on the
-    GPU, whose activations are what checkpointing saves) but not the kt experts' forward, whose
-    results are kept: they are the costly part of a layer, and what they keep for the backward
-    is in CPU memory anyway."""
-    import functools
-
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
-    return {"use_reentrant": False,
-            "context_fn": functools.partial(create_selective_checkpoint_contexts, _keep_expert_outputs)}
 
 
 # ---------------------------------------------------------------- the "kt" experts implementation

@@ -32,7 +32,6 @@ from kt_ops import data as sft_data
 from kt_ops import run_state
 from kt_ops.files import replacing, write_json
 from kt_ops.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, add_peft_lora, load_adapter, save_adapter
-from kt_ops.experts import checkpointing_kwargs
 from kt_ops.run_state import CHECKPOINT, CheckpointError
 
 _LOSS_CHUNK = 1024  # label positions whose logits are materialised at once
@@ -208,7 +207,9 @@ class Trainer:
         if args.target_modules:
             model = add_peft_lora(model, args.rank, args.alpha, list(args.target_modules))
         if args.grad_checkpointing:
-            self._base(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs())
+            # Non-reentrant, as transformers 5.x's default (4.x defaults to reentrant, which with frozen
+            # embeddings sees no input that needs a gradient and drops the backward).
+            self._base(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]

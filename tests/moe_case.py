@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kt_ops
 from kt_ops.reference import TOLERANCES, moe_sft_reference
@@ -174,3 +175,16 @@ def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, dtype: torch.d
     worst = diff.abs().max().item() / ref_max if ref_max > 0 else (diff.abs().max().item() if diff.numel() else 0.0)
     assert rel <= tol["rel"], f"{name}: relative error {rel:.2e} > {tol['rel']:.0e}"
     assert worst <= tol["max"], f"{name}: worst element error {worst:.2e} > {tol['max']:.0e}"
+
+
+class CountExpertForwards(TorchDispatchMode):
+    """Counts the kt.moe_sft_forward kernels that run (a forward handed out again on a
+    checkpoint's recompute runs none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.ops.kt.moe_sft_forward.default
+        return func(*args, **(kwargs or {}))

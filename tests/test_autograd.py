@@ -1,10 +1,10 @@
-"""gradcheck, activation checkpointing and thread-count determinism of kt_ops.moe_sft."""
+"""gradcheck, activation checkpointing, saved state and thread-count determinism of kt_ops.moe_sft."""
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
 import kt_ops
-from moe_case import make_case, run_kt
+from moe_case import CountExpertForwards, make_case, run_kt
 
 
 @pytest.mark.filterwarnings("ignore:Input #\\d+ requires gradient and is not a double:UserWarning")
@@ -37,6 +37,77 @@ def test_checkpointing_gives_the_same_gradients():
     ckpt = torch.autograd.grad(y, case.inputs_requiring_grad(), case.grad_y)
     for a, b in zip(plain, ckpt):
         assert torch.equal(a, b)
+
+
+def _layer(case, inputs_seen=None):
+    """A layer whose ops around the experts save tensors, so a checkpoint's recompute has to
+    run through the experts to rebuild them."""
+    def layer(x, w, *lora):
+        h = torch.tanh(x)
+        if inputs_seen is not None:
+            h = h + inputs_seen.pop(0)
+        y = kt_ops.moe_sft(h, case.topk_ids, w, case.experts, list(lora), case.scaling)
+        return torch.sigmoid(y) * y
+    return layer
+
+
+def test_checkpointing_runs_the_experts_forward_once_with_the_same_gradients():
+    case = make_case(64, 48, 8, 2, 37, 8, dtype=torch.float32)
+    inputs = case.inputs_requiring_grad()
+    layer = _layer(case)
+    plain = torch.autograd.grad(layer(*inputs), inputs, case.grad_y)
+    with CountExpertForwards() as counter:
+        y = checkpoint(layer, *inputs, use_reentrant=False)
+        ckpt = torch.autograd.grad(y, inputs, case.grad_y)
+    assert counter.calls == 1
+    for a, b in zip(plain, ckpt):
+        assert torch.equal(a, b)
+
+
+def test_a_recompute_with_other_inputs_computes_the_experts_again():
+    """Reuse needs equal inputs: a layer that recomputes differently (here by design) gets the
+    experts computed on what it passes them."""
+    case = make_case(64, 48, 8, 2, 37, 8, dtype=torch.float32)
+    inputs = case.inputs_requiring_grad()
+    with CountExpertForwards() as counter:
+        y = checkpoint(_layer(case, inputs_seen=[0.0, 0.5]), *inputs, use_reentrant=False)
+        torch.autograd.grad(y, inputs, case.grad_y)
+    assert counter.calls == 2
+
+
+def test_an_output_changed_in_place_is_not_handed_out_again():
+    case = make_case(64, 48, 8, 2, 37, 8, dtype=torch.float32)
+    inputs = case.inputs_requiring_grad()
+
+    def layer(x, w, *lora):
+        y = kt_ops.moe_sft(torch.tanh(x), case.topk_ids, w, case.experts, list(lora), case.scaling)
+        return torch.sigmoid(y.mul_(2.0))
+
+    plain = torch.autograd.grad(layer(*inputs), inputs, case.grad_y)
+    with CountExpertForwards() as counter:
+        ckpt = torch.autograd.grad(checkpoint(layer, *inputs, use_reentrant=False), inputs, case.grad_y)
+    assert counter.calls == 2
+    for a, b in zip(plain, ckpt):
+        assert torch.equal(a, b)
+
+
+def test_an_input_changed_in_place_after_the_forward_is_an_error():
+    case = make_case(40, 24, 4, 2, 9, 4, dtype=torch.float32)
+    x = case.x * 1.0
+    y = kt_ops.moe_sft(x, case.topk_ids, case.topk_weights, case.experts, case.lora, case.scaling)
+    x.add_(1.0)
+    with pytest.raises(RuntimeError, match="x of this kt experts call was modified in place"):
+        y.sum().backward()
+
+
+def test_a_second_backward_needs_retain_graph():
+    case = make_case(40, 24, 4, 2, 9, 4, dtype=torch.float32)
+    y = kt_ops.moe_sft(case.x, case.topk_ids, case.topk_weights, case.experts, case.lora, case.scaling)
+    once = torch.autograd.grad(y, case.x, case.grad_y, retain_graph=True)[0]
+    twice = torch.autograd.grad(y, case.x, case.grad_y)[0]
+    assert torch.equal(once, twice)
+    with pytest.raises(RuntimeError, match="retain_graph=True"):
+        torch.autograd.grad(y, case.x, case.grad_y)
 
 
 def test_bit_identical_for_any_thread_count(isa_path):

@@ -15,7 +15,7 @@ from kt_ops.models.families import describe_family, interface_model_types
 from kt_ops.models.variants import experts_variant, is_interface_experts
 from kt_ops.packed_weights import PackedExpertWeight
 from kt_ops.reference import TOLERANCES
-from moe_case import assert_close
+from moe_case import CountExpertForwards, assert_close
 
 pytest.importorskip("transformers.integrations.moe", reason="transformers 4.x has no experts interface")
 
@@ -255,6 +255,27 @@ def test_print_trainable_parameters_counts_the_packed_experts(qwen3, capsys):
     kt.print_trainable_parameters()
     lora = sum(p.numel() for n, p in kt.named_parameters() if "lora_" in n)
     assert f"all params: {total + lora:,}" in capsys.readouterr().out
+
+
+def test_stock_activation_checkpointing_runs_the_experts_forward_once(qwen3):
+    """The defaults of transformers' activation checkpointing (non-reentrant), as Trainer and
+    TRL turn it on: the backward recomputes the layers but hands the kt experts' output back."""
+    ids = tokens()
+    plain = with_adapter(qwen3, "kt")
+    plain.train()
+    _, want_loss, want = loss_and_grads(plain, ids)
+    kt = with_adapter(qwen3, "kt")
+    base = kt.get_base_model()
+    enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+    enable()
+    kt.train()
+    with CountExpertForwards() as counter:
+        _, loss, grads = loss_and_grads(kt, ids)
+    assert counter.calls == len(experts_of(kt))
+    assert torch.equal(loss, want_loss)
+    assert grads.keys() == want.keys()
+    for name, grad in want.items():
+        assert torch.equal(grads[name], grad), name
 
 
 def test_several_active_adapters_are_a_clear_error(qwen3):

@@ -19,7 +19,7 @@ from kt_ops import data as sft_data
 from kt_ops import default
 from kt_ops.cli import main
 from kt_ops.train import TrainArgs, Trainer
-from moe_case import assert_close
+from moe_case import CountExpertForwards, assert_close
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -361,23 +361,12 @@ def test_gradient_checkpointing_and_accumulation_give_the_same_gradients(device,
 
 
 def test_checkpointing_does_not_run_the_experts_twice(tmp_path):
-    """kt_ops.checkpointing_kwargs: the backward recomputes attention, not the kt experts."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountExpertCalls(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls += func is torch.ops.kt.moe_sft_forward.default
-            return func(*args, **(kwargs or {}))
-
+    """kt-sft --grad-checkpointing: the backward recomputes attention, not the kt experts."""
     layers = json.load(open(os.path.join(default.ASSETS, "config.json")))["num_hidden_layers"]
     for checkpointing in (False, True):
         trainer = Trainer(TrainArgs(out=str(tmp_path), steps=1, grad_checkpointing=checkpointing, progress=False,
                                     device="cpu"), log=lambda m: None)
-        with CountExpertCalls() as counter:
+        with CountExpertForwards() as counter:
             trainer.loss_and_backward([[0, 1, 2]])
         assert counter.calls == layers, (checkpointing, counter.calls)
 

@@ -1,0 +1,125 @@
+#include "saved_forward.h"
+
+#include <ATen/SavedTensorHooks.h>
+#include <ATen/ops/equal.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/graph_task.h>
+
+#include <algorithm>
+#include <mutex>
+#include <utility>
+
+namespace kt_ops {
+namespace {
+
+const char* const kTensorNames[] = {"x",         "topk_ids",    "topk_weights", "gate_up",     "down",
+                                    "layout",    "lora_gate_a", "lora_gate_b",  "lora_up_a",   "lora_up_b",
+                                    "lora_down_a", "lora_down_b", "gate_up_bias", "down_bias"};
+
+bool hooks_active() { return !at::SavedTensorDefaultHooks::get_tls_state().stack.empty(); }
+
+// Forwards that may be run again by a checkpoint's recompute; weak, so a graph freed without
+// a backward takes its state with it.
+std::mutex registry_mutex;
+std::vector<c10::weak_intrusive_ptr<SavedForward>>& registry() {
+  static std::vector<c10::weak_intrusive_ptr<SavedForward>> forwards;
+  return forwards;
+}
+
+// True when `now` holds the values `saved` held at version `version`.
+bool same_values(const at::Tensor& saved, int64_t version, const at::Tensor& now) {
+  if (saved.defined() != now.defined()) return false;
+  if (!saved.defined()) return true;
+  if (saved.scalar_type() != now.scalar_type() || saved.sizes() != now.sizes() || saved.device() != now.device() ||
+      saved._version() != version) {
+    return false;
+  }
+  if (saved.data_ptr() == now.data_ptr() && saved.strides() == now.strides() && now._version() == version) return true;
+  return at::equal(saved, now);
+}
+
+bool same_forward(const SavedForward& saved, const ForwardArgs& args) {
+  const ForwardArgs& a = saved.args;
+  if (a.intermediate_size != args.intermediate_size || a.lora_scaling != args.lora_scaling ||
+      a.activation != args.activation || a.activation_alpha != args.activation_alpha ||
+      a.activation_limit != args.activation_limit || a.up_offset != args.up_offset ||
+      saved.y._version() != saved.y_version) {
+    return false;
+  }
+  // Cheap checks first: shapes, then values.
+  for (size_t i = 0; i < a.tensors.size(); ++i) {
+    const at::Tensor &s = a.tensors[i], &n = args.tensors[i];
+    if (s.defined() != n.defined() || (s.defined() && s.sizes() != n.sizes())) return false;
+  }
+  for (size_t i = 0; i < a.tensors.size(); ++i) {
+    if (!same_values(a.tensors[i], saved.versions[i], args.tensors[i])) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+c10::intrusive_ptr<SavedForward> save_forward(ForwardArgs args, const at::Tensor& y, const at::Tensor& gate_up_act,
+                                              const at::Tensor& lora_act) {
+  auto saved = c10::make_intrusive<SavedForward>();
+  for (const at::Tensor& t : args.tensors) saved->versions.push_back(t.defined() ? t._version() : 0);
+  saved->args = std::move(args);
+  saved->gate_up_act = gate_up_act;
+  saved->lora_act = lora_act;
+  if (hooks_active()) {
+    saved->y = y;
+    saved->y_version = y._version();
+    std::lock_guard<std::mutex> lock(registry_mutex);
+    auto& forwards = registry();
+    forwards.erase(std::remove_if(forwards.begin(), forwards.end(), [](const auto& w) { return w.expired(); }),
+                   forwards.end());
+    forwards.push_back(c10::weak_intrusive_ptr<SavedForward>(saved));
+  }
+  return saved;
+}
+
+c10::intrusive_ptr<SavedForward> forward_to_reuse(const ForwardArgs& args) {
+  // A checkpoint's recompute runs inside a backward, under its hooks. (Grad mode says nothing
+  // here: a custom function's forward always runs without.)
+  if (torch::autograd::get_current_graph_task_id() == -1 || !hooks_active()) {
+    return {};
+  }
+  for (const at::Tensor& t : args.tensors) {
+    // Traced tensors (torch.compile) hold no values to compare.
+    if (t.defined() && t.key_set().has(c10::DispatchKey::Python)) return {};
+  }
+  std::vector<c10::intrusive_ptr<SavedForward>> candidates;
+  {
+    std::lock_guard<std::mutex> lock(registry_mutex);
+    for (auto it = registry().rbegin(); it != registry().rend(); ++it) {  // the latest forward first
+      if (auto s = it->lock(); s && !s->freed) candidates.push_back(std::move(s));
+    }
+  }
+  for (auto& s : candidates) {
+    if (same_forward(*s, args)) return s;
+  }
+  return {};
+}
+
+void check_saved(const SavedForward& saved) {
+  TORCH_CHECK(!saved.freed,
+              "kt.moe_sft_backward: what this kt experts call saved for its backward was freed by an earlier "
+              "backward; to run backward through the graph again, pass retain_graph=True to the first backward");
+  for (size_t i = 0; i < saved.args.tensors.size(); ++i) {
+    const at::Tensor& t = saved.args.tensors[i];
+    TORCH_CHECK(!t.defined() || t._version() == saved.versions[i], "kt.moe_sft_backward: ", kTensorNames[i],
+                " of this kt experts call was modified in place after the forward (version ", t._version(),
+                ", saved at ", saved.versions[i], "); its gradients would be wrong. Modify a clone instead");
+  }
+}
+
+void release_after_backward(SavedForward& saved) {
+  if (torch::autograd::get_current_graph_task_keep_graph()) return;
+  saved.args.tensors.clear();
+  saved.gate_up_act = at::Tensor();
+  saved.lora_act = at::Tensor();
+  saved.y = at::Tensor();
+  saved.freed = true;
+}
+
+}  // namespace kt_ops
