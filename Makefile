@@ -11,9 +11,10 @@ export CCACHE_BASEDIR := $(CURDIR)
 export CCACHE_NOHASHDIR := 1
 
 # transformers 4.x (per-expert nn.Linear experts) beside the installed 5.x, for the HF tests'
-# second run; with the huggingface_hub and tokenizers it needs.
+# second run; with the huggingface_hub and tokenizers it needs, and a datasets that imports
+# with that huggingface_hub (4.x's Trainer imports datasets wherever it is installed).
 TRANSFORMERS4 := .transformers4
-TRANSFORMERS4_PINS := transformers==4.57.6 huggingface_hub==0.36.0 tokenizers==0.22.1
+TRANSFORMERS4_PINS := transformers==4.57.6 huggingface_hub==0.36.0 tokenizers==0.22.1 datasets==4.0.0
 
 # A fresh virtual environment for test-install, and what the installed package must do there.
 INSTALL_VENV := build/venv-install
@@ -32,7 +33,7 @@ deps-system:  ## compilers, GoogleTest, hwloc
 
 deps-python:  ## torch (the exact CPU wheel), the HF stack and the test tools, for $(PY)
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install numpy pytest hypothesis transformers peft safetensors accelerate tqdm matplotlib
+	$(PY) -m pip install numpy pytest hypothesis transformers peft safetensors accelerate tqdm matplotlib trl
 	$(PY) -m pip install --upgrade --no-deps --target $(TRANSFORMERS4) $(TRANSFORMERS4_PINS)
 
 install:  ## build the extension in place against the installed torch
