@@ -198,7 +198,7 @@ class Trainer:
         self.examples = examples
         self.lengths = [len(e) for e in self.examples]
         self.total_steps = args.steps or sum(len(self._plan(e)) for e in range(args.epochs))
-        if args.model is not None:
+        if model is None and args.model is not None:  # sized from the checkpoint it will load
             _check_room(args.out, args.model, args.rank, resumed is not None)
 
         if model is None:

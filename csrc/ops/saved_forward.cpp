@@ -1,8 +1,9 @@
 #include "saved_forward.h"
 
+#include "checks.h"
+
 #include <ATen/SavedTensorHooks.h>
 #include <ATen/ops/equal.h>
-#include <c10/util/Exception.h>
 #include <torch/csrc/autograd/graph_task.h>
 
 #include <algorithm>
@@ -102,12 +103,12 @@ c10::intrusive_ptr<SavedForward> forward_to_reuse(const ForwardArgs& args) {
 }
 
 void check_saved(const SavedForward& saved) {
-  TORCH_CHECK(!saved.freed,
+  KT_CHECK(!saved.freed,
               "kt.moe_sft_backward: what this kt experts call saved for its backward was freed by an earlier "
               "backward; to run backward through the graph again, pass retain_graph=True to the first backward");
   for (size_t i = 0; i < saved.args.tensors.size(); ++i) {
     const at::Tensor& t = saved.args.tensors[i];
-    TORCH_CHECK(!t.defined() || t._version() == saved.versions[i], "kt.moe_sft_backward: ", kTensorNames[i],
+    KT_CHECK(!t.defined() || t._version() == saved.versions[i], "kt.moe_sft_backward: ", kTensorNames[i],
                 " of this kt experts call was modified in place after the forward (version ", t._version(),
                 ", saved at ", saved.versions[i], "); its gradients would be wrong. Modify a clone instead");
   }
