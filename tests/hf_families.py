@@ -13,8 +13,12 @@ TINY = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, expe
             num_experts_per_tok=2, moe_topk=2, num_experts=4, n_routed_experts=4, num_local_experts=4,
             moe_num_experts=4, n_shared_experts=1, num_shared_experts=1, first_k_dense_replace=0,
             decoder_sparse_step=1, mlp_only_layers=[], kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
-            qk_nope_head_dim=16, v_head_dim=16, n_group=1, topk_group=1, num_expert_group=1, num_experts_per_token=2, pad_token_id=0, bos_token_id=1,
+            qk_nope_head_dim=16, v_head_dim=16, n_group=1, topk_group=1, num_expert_group=1, num_experts_per_token=2, moe_k=2,
+            mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16, pad_token_id=0, bos_token_id=1,
             eos_token_id=2)
+# Fields a default config may leave None (each checkpoint's config sets them) that the
+# families' code reads as numbers: they get the tiny value too.
+REQUIRED = ("num_experts_per_tok", "first_k_dense_replace", "head_dim", "n_routed_experts", "n_shared_experts")
 # Sub-configs that hold a multimodal model's language model.
 TEXT_CONFIGS = ("text_config", "language_config", "llm_config")
 MAX_PARAMS = 30_000_000
@@ -35,11 +39,22 @@ def shrink(config) -> None:
             value = TINY["qk_rope_head_dim"]  # multi-head latent attention: head_dim is the rope part
         if key == "num_key_value_heads" and same_heads:
             value = TINY["num_attention_heads"]
-        if key in vars(config) and (getattr(config, key) is not None or key == "first_k_dense_replace"):
+        if key in vars(config) and (getattr(config, key) is not None or key in REQUIRED):
+            current = getattr(config, key)
+            if isinstance(current, list) and not isinstance(value, list):  # one size per modality
+                value = [value] * len(current)
             try:
                 setattr(config, key, value)
             except AttributeError:  # a derived property (no setter)
                 pass
+    # Layer kinds set by period and offset (Jamba's attention every 8th layer from the 4th):
+    # period 2 keeps a layer of each kind within the two layers.
+    for key in [k for k in vars(config) if k.endswith("_layer_period")]:
+        offset = key.replace("_period", "_offset")
+        if isinstance(getattr(config, key), int) and isinstance(getattr(config, offset, None), int):
+            setattr(config, offset, getattr(config, offset) % 2)
+            setattr(config, key, 2)
+    config.use_cache = False  # training forwards: no cache (some layer mixes have no attention layer to size one)
     if "qk_head_dim" in vars(config) and getattr(config, "qk_rope_head_dim", None) is not None:
         config.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim  # derived when the config is made
     # Per-layer kinds (attention kinds, dense or sparse MLPs): one layer of each kind the
