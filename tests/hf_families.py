@@ -19,18 +19,30 @@ TINY = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, expe
 # Fields a default config may leave None (each checkpoint's config sets them) that the
 # families' code reads as numbers: they get the tiny value too.
 REQUIRED = ("num_experts_per_tok", "first_k_dense_replace", "head_dim", "n_routed_experts", "n_shared_experts")
+# The same for a multimodal model's other towers (vision, audio) and their projectors onto the
+# language model's hidden size: only their size, since the tests feed text alone.
+TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, depth=1, num_attention_heads=2,
+                  num_heads=2, num_key_value_heads=2, head_dim=16, out_hidden_size=TINY["hidden_size"],
+                  text_hidden_size=TINY["hidden_size"], projection_hidden_dim=64, projection_intermediate_size=64,
+                  encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32,
+                  output_dim=TINY["hidden_size"], downsample_hidden_size=32)
 # Sub-configs that hold a multimodal model's language model.
 TEXT_CONFIGS = ("text_config", "language_config", "llm_config")
 MAX_PARAMS = 30_000_000
 
 
 def shrink(config) -> None:
-    """Sets every size field of ``config`` (and of its language sub-config) that it has to a
-    tiny value, keeping the structure (attention kinds, MoE layers) the family needs."""
-    for name in TEXT_CONFIGS:
-        sub = getattr(config, name, None)
-        if sub is not None and sub is not config and hasattr(sub, "to_dict"):
+    """Sets every size field of ``config`` (and of its sub-configs) that it has to a tiny value,
+    keeping the structure (attention kinds, MoE layers) the family needs."""
+    for name, sub in list(vars(config).items()):
+        if sub is config or not hasattr(sub, "to_dict"):
+            continue
+        if name in TEXT_CONFIGS:
             shrink(sub)
+        else:
+            for key, value in TINY_TOWER.items():
+                if isinstance(vars(sub).get(key), int) and not isinstance(vars(sub)[key], bool):
+                    setattr(sub, key, value)
     # Families whose attention has as many key/value heads as query heads (multi-head latent
     # attention, say) need that kept.
     same_heads = vars(config).get("num_key_value_heads") == vars(config).get("num_attention_heads")
