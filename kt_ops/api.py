@@ -182,6 +182,10 @@ def moe_sft(
     kernels' scratch buffers are kept by each calling thread and reused by the next call
     (fresh buffers cost a page-fault pass every step); they hold the largest call's working
     set, about ``T * K * (6H + 6I)`` bytes with bf16 activations (0.5 GiB for T = 4096 there).
+    What the backward needs is kept outside saved-tensor hooks, so activation checkpointing
+    neither drops nor recomputes it: under such hooks the output (``T * H`` values) is kept
+    too, and a recompute of the layer with equal inputs gets it back without running the
+    experts again.
 
     Set ``KT_OPS_PROFILE=1`` to have every call print the wall time of its phases.
     """

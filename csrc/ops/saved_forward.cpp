@@ -86,8 +86,8 @@ c10::intrusive_ptr<SavedForward> forward_to_reuse(const ForwardArgs& args) {
     return {};
   }
   for (const at::Tensor& t : args.tensors) {
-    // Traced tensors (torch.compile) hold no values to compare.
-    if (t.defined() && t.key_set().has(c10::DispatchKey::Python)) return {};
+    // Only CPU values can be compared; traced tensors (torch.compile) hold none.
+    if (t.defined() && (!t.device().is_cpu() || t.key_set().has(c10::DispatchKey::Python))) return {};
   }
   std::vector<c10::intrusive_ptr<SavedForward>> candidates;
   {
