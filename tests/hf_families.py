@@ -88,12 +88,15 @@ def tiny_config(model_type: str):
     return config
 
 
-def tiny_model(model_type: str, seed: int = 0):
+def tiny_model(model_type: str, seed: int = 0, **config_fields):
     """A tiny fp32 model of ``model_type`` whose expert weights are bf16-exact (kt packs them
-    to bf16). Raises ValueError if the shrunk config still makes a large model."""
+    to bf16), with ``config_fields`` set on its shrunk config (a tokenizer's vocabulary, say).
+    Raises ValueError if the shrunk config still makes a large model."""
     from kt_ops.models.families import _model_class
 
     config = tiny_config(model_type)
+    for key, value in config_fields.items():
+        setattr(config, key, value)
     model_class = _model_class(model_type)
     with torch.device("meta"):
         skeleton = model_class(config)

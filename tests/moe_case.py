@@ -14,6 +14,12 @@ from kt_ops.reference import TOLERANCES, moe_sft_reference
 ALL_ISAS = ["amx", "avx512", "avx2", "scalar"]
 
 
+def exact_path() -> bool:
+    """Whether the kernels keep activations fp32 (AVX2, scalar) rather than rounding them to
+    bf16 at the GEMM inputs (AMX, AVX-512)."""
+    return kt_ops.isa() in ("avx2", "scalar")
+
+
 @dataclass
 class MoeCase:
     """One layer: unpacked weights, packed experts, routing, optional LoRA."""

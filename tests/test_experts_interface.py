@@ -15,7 +15,7 @@ from kt_ops.models.families import describe_family, interface_model_types
 from kt_ops.models.variants import experts_variant, is_interface_experts
 from kt_ops.packed_weights import PackedExpertWeight
 from kt_ops.reference import TOLERANCES
-from moe_case import CountExpertForwards, assert_close
+from moe_case import CountExpertForwards, assert_close, exact_path
 
 pytest.importorskip("transformers.integrations.moe", reason="transformers 4.x has no experts interface")
 
@@ -136,12 +136,6 @@ def test_family_on_bf16_kernels_is_no_further_from_fp32_than_eager_bf16(model_ty
             bf16_err.append(((outputs(bf16, ids).float() - want).norm() / want.norm()).item())
     median = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
     assert median(kt_err) <= max(TOLERANCES[torch.bfloat16]["rel"], median(bf16_err)), (kt_err, bf16_err)
-
-
-def exact_path() -> bool:
-    """Whether the kernels keep activations fp32 (AVX2, scalar) rather than rounding them to
-    bf16 at the GEMM inputs (AMX, AVX-512)."""
-    return kt_ops.isa() in ("avx2", "scalar")
 
 
 @pytest.fixture

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import kt_ops
-from hf_families import expert_targets, tiny_config
+from hf_families import expert_targets, tiny_model
 from kt_ops.models.variants import is_interface_experts
 from kt_ops.packed_weights import PackedExpertWeight
 from kt_ops.reference import TOLERANCES
-from moe_case import CountExpertForwards, assert_close
+from moe_case import CountExpertForwards, assert_close, exact_path
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformers.integrations.moe", reason="transformers 4.x has no experts interface")
@@ -23,23 +23,10 @@ pytest.importorskip("transformers.integrations.moe", reason="transformers 4.x ha
 DEFAULT = Path(kt_ops.__file__).parent / "default"  # the built-in job's tokenizer and chat data
 
 
-def exact_path() -> bool:
-    """The avx2 and scalar paths keep fp32 activations; AMX and AVX-512 round them to bf16."""
-    return kt_ops.isa() in ("avx2", "scalar")
-
-
 def tokenizer_and_model():
     """The built-in job's tokenizer and a tiny Qwen3-MoE on the kt experts implementation."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(DEFAULT)
-    config = tiny_config("qwen3_moe")
-    config.vocab_size = len(tokenizer)
-    config.pad_token_id = tokenizer.pad_token_id
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # bf16-exact experts, so the eager model is the same function
-        for name, p in model.named_parameters():
-            if ".experts." in name:
-                p.copy_(p.bfloat16().float())
+    model = tiny_model("qwen3_moe", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     model.set_experts_implementation("kt")
     return tokenizer, model
 

@@ -488,20 +488,6 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
     }
   });
 
-  // The down bias's part of the routing-weight gradient: h includes bd, so dL/dw gains dy.bd.
-  if (w.down_bias) {
-    parallel_for(T, threads, [&](int64_t t) {
-      std::vector<float> dy(H);
-      load_f32(args.grad_y, args.act_dtype, t * H, H, dy.data());
-      for (int64_t j = 0; j < K; ++j) {
-        const float* b = w.down_bias + args.ids[t * K + j] * H;
-        float dot = 0.f;
-        for (int64_t c = 0; c < H; ++c) dot += dy[c] * b[c];
-        args.grad_weights[t * K + j] += dot;
-      }
-    });
-  }
-
   timer.mark("gate_grad");
 
   // Phase 4, per expert: padding rows of the fused gradient; [dg B_g | du B_u].
@@ -519,12 +505,14 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
 
   timer.mark("lora_b_gu");
 
-  // The bias gradients, per expert over its pairs in pair order (zero for experts without
-  // tokens): d bg|bu = sum of the pairs' dg|du rows, d bd = sum of w dy.
-  if ((args.grad_gate_up_bias && w.gate_up_bias) || (args.grad_down_bias && w.down_bias)) {
+  // What the biases add to the gradients, per expert over its pairs in pair order (zero for
+  // experts without tokens): d bg|bu = sum of the pairs' dg|du rows, d bd = sum of w dy, and
+  // each pair's routing weight gains dy.bd (h includes bd). One read of dy serves both.
+  const bool gate_up_bias_grad = args.grad_gate_up_bias && w.gate_up_bias;
+  if (gate_up_bias_grad || w.down_bias) {
     parallel_for(E, threads, [&](int64_t e) {
       const int64_t n = route.count(e);
-      if (args.grad_gate_up_bias && w.gate_up_bias) {
+      if (gate_up_bias_grad) {
         float* gb = args.grad_gate_up_bias + e * 2 * I;
         std::fill(gb, gb + 2 * I, 0.f);
         for (int64_t i = 0; i < n; ++i) {
@@ -535,14 +523,20 @@ void backward_impl(const Kernels& k, int threads, const MoeBackwardArgs& args) {
           }
         }
       }
-      if (args.grad_down_bias && w.down_bias) {
-        float* gd = args.grad_down_bias + e * H;
-        std::fill(gd, gd + H, 0.f);
+      if (w.down_bias) {
+        const float* b = w.down_bias + e * H;
+        float* gd = args.grad_down_bias ? args.grad_down_bias + e * H : nullptr;
+        if (gd) std::fill(gd, gd + H, 0.f);
         std::vector<float> dy(H);
         for (int64_t i = 0; i < n; ++i) {
           const int64_t pair = route.pairs[route.first[e] + i];
           load_f32(args.grad_y, args.act_dtype, pair / K * H, H, dy.data());
-          for (int64_t c = 0; c < H; ++c) gd[c] += args.weights[pair] * dy[c];
+          float dot = 0.f;
+          for (int64_t c = 0; c < H; ++c) dot += dy[c] * b[c];
+          args.grad_weights[pair] += dot;
+          if (gd) {
+            for (int64_t c = 0; c < H; ++c) gd[c] += args.weights[pair] * dy[c];
+          }
         }
       }
     });

@@ -47,10 +47,14 @@ class ExpertsVariant:
         if not self.gated:
             parts.append(f"{self.activation}(up), no gate")
         elif self.kernel_gate is None:
-            parts.append(f"{self.gate}._apply_gate" if self.gate != "default" else f"{self.activation}(gate) * up")
+            parts.append(self._own_gate())
         else:
             parts.append(describe_gate(self.kernel_gate))
         return ", ".join(parts)
+
+    def _own_gate(self) -> str:
+        """The module's gate, by where it comes from."""
+        return f"{self.gate}._apply_gate" if self.gate != "default" else f"{self.activation}(gate) * up"
 
     def unsupported(self) -> Optional[str]:
         """Why the kt kernels cannot compute this variant, or None when they can."""
@@ -59,7 +63,7 @@ class ExpertsVariant:
         if self.post_expert_norm:
             return "a norm after each expert"
         if self.kernel_gate is None:
-            gate = f"the gate of {self.gate}._apply_gate" if self.gate != "default" else f"{self.activation}(gate) * up"
+            gate = f"the gate of {self._own_gate()}" if self.gate != "default" else self._own_gate()
             return (f"{gate} (activation {self.activation}), which is none of the kernels' gates: "
                     "act(min(g, limit)) * (clamp(u, -limit, limit) + offset) with act silu(alpha v), gelu or "
                     "gelu_tanh")
@@ -118,12 +122,11 @@ def _gate_of(module: nn.Module) -> Optional[tuple[Gate, bool]]:
     attrs = _numeric_attributes(module)
     cached = _GATE_CACHE.get(module)
     if cached is None or cached[0] != attrs:
-        cached = _GATE_CACHE[module] = (attrs, _probe_gate(module))
+        cached = _GATE_CACHE[module] = (attrs, _probe_gate(module, dict(attrs)))
     return cached[1]
 
 
-def _probe_gate(module: nn.Module) -> Optional[tuple[Gate, bool]]:
-    attrs = dict(_numeric_attributes(module))
+def _probe_gate(module: nn.Module, attrs: dict[str, float]) -> Optional[tuple[Gate, bool]]:
     limits = [None] + sorted({v for k, v in attrs.items() if "limit" in k.lower() and 0 < v < math.inf})
     alphas = [1.0] + sorted({v for k, v in attrs.items() if "alpha" in k.lower() and 0 < v < math.inf} - {1.0})
     reach = 3 * max([4.0] + [v for v in limits if v is not None])
