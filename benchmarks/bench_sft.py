@@ -91,8 +91,11 @@ def _materialise(model: nn.Module, device: torch.device, dtype: torch.dtype, see
 
 def build_kt(cfg, shape, rank: int, device: torch.device) -> nn.Module:
     """Non-expert modules on ``device``, routed experts random and packed in CPU memory, layer by layer."""
+    import peft
     import transformers
     from accelerate import init_empty_weights
+
+    from kt_ops.models.surgery import expert_lora_config, use_kt_experts
 
     with init_empty_weights(include_buffers=False):
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
@@ -106,9 +109,11 @@ def build_kt(cfg, shape, rank: int, device: torch.device) -> nn.Module:
     experts = {layer: kt_ops.pack_experts(*(w.roll(layer, dims=0) for w in (w_gate, w_up, w_down)))
                for layer in range(first, cfg.num_hidden_layers)}
     del w_gate, w_up, w_down
-    kt_ops.patch_model(model, rank, 2 * rank, experts=experts)
+    # kt_ops.patch_model in three steps, so that the attention, router and head weights are
+    # drawn in between, on the device (PEFT then makes the experts' LoRA in CPU memory).
+    use_kt_experts(model, experts=experts)
     _materialise(model, device, torch.bfloat16, seed=1)
-    return model.to(device)
+    return peft.get_peft_model(model.to(device), expert_lora_config(model, kt_ops.ExpertLoraConfig(rank, 2 * rank)))
 
 
 def build_gpu_peft(cfg, rank: int, device: torch.device) -> nn.Module:

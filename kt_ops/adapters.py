@@ -79,16 +79,40 @@ def _per_expert_targets(family: Family, user_targets: Any) -> str:
     return f"(?:(.*\\.)?({'|'.join(map(re.escape, sorted(user_targets)))}))|(?:{experts})"
 
 
-def save_adapter(model: nn.Module, out_dir: Union[str, os.PathLike]) -> None:
-    """Writes ``adapter_model.safetensors`` and ``adapter_config.json`` in PEFT's format.
+def _is_peft_adapter(model: nn.Module) -> bool:
+    """Whether the whole adapter of ``model`` is PEFT's (no KtExperts with LoRA of their own)."""
+    from kt_ops.models.surgery import is_peft_model
 
-    Stock PEFT loads it with ``PeftModel.from_pretrained(unpatched_model, out_dir)``: LoRA
-    through ``target_parameters`` on fused experts (transformers 5.x), through
-    ``target_modules`` on each expert's ``nn.Linear`` for per-expert lists (4.x). If the user
-    also wrapped the patched model with PEFT LoRA on other modules (attention, say), those
-    tensors and their targets are saved in the same adapter. Routers that train (the
-    default of :func:`patch_model`) are saved whole, as PEFT's ``modules_to_save``.
+    return is_peft_model(model) and not any(isinstance(m, KtExperts) for m in model.modules())
+
+
+def _save_peft_adapter(model: nn.Module, out_dir: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    adapter = model.active_adapter
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tmp-") as staging:
+        model.save_pretrained(staging, selected_adapters=[adapter])
+        # PEFT writes the default adapter at the top, any other in a directory of its name.
+        written = staging if adapter == "default" else os.path.join(staging, adapter)
+        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+            with replacing(os.path.join(out_dir, name)) as tmp:
+                os.replace(os.path.join(written, name), tmp)
+
+
+def save_adapter(model: nn.Module, out_dir: Union[str, os.PathLike]) -> None:
+    """Writes ``adapter_model.safetensors`` and ``adapter_config.json`` in PEFT's format, each
+    file whole (a kill leaves the previous one), tensors first: a directory with a config
+    always has the tensors that config describes.
+
+    For the ``PeftModel`` :func:`kt_ops.patch_model` returns on transformers 5.x, this is
+    PEFT's own ``save_pretrained`` of the active adapter, written atomically. For a 4.x model
+    with :class:`KtExperts`, the experts' LoRA is written as stock PEFT writes it for the
+    unpatched model (``target_modules`` LoRA on each expert's ``nn.Linear``), with PEFT LoRA
+    on other modules if the model was wrapped with some, and trained routers as
+    ``modules_to_save``; ``PeftModel.from_pretrained(unpatched_model, out_dir)`` loads it.
     """
+    if _is_peft_adapter(model):
+        _save_peft_adapter(model, os.fspath(out_dir))
+        return
     import peft
     from safetensors.torch import save_file
 
@@ -123,8 +147,6 @@ def save_adapter(model: nn.Module, out_dir: Union[str, os.PathLike]) -> None:
                           base_model_name_or_path=getattr(base.config, "_name_or_path", None) or None)
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    # Tensors first, config last, each written whole: a directory with a config always has
-    # the tensors that config describes (a kill in between leaves the previous config).
     with replacing(os.path.join(out_dir, ADAPTER_WEIGHTS)) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tmp-") as staging:
@@ -218,6 +240,8 @@ def load_adapter(model: nn.Module, in_dir: Union[str, os.PathLike]) -> nn.Module
     in_dir = os.fspath(in_dir)
     cfg = read_adapter_config(in_dir)
     tensors = _read_adapter_tensors(in_dir)
+    if _is_peft_adapter(model):
+        return _load_peft_adapter(model, cfg, tensors)
     _, family = family_of(model)
     layers = moe_layers(model)
     for name, m in layers.items():
@@ -257,6 +281,88 @@ def load_adapter(model: nn.Module, in_dir: Union[str, os.PathLike]) -> nn.Module
     if other_lora is not None:
         model = other_lora()
     return model
+
+
+def _load_peft_adapter(model: nn.Module, cfg: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """load_adapter into a PeftModel: the file's tensors must be what the model's active
+    adapter holds (names and shapes; whole modules such as routers may be left out, and keep
+    their values); per-expert expert LoRA (PEFT's keys for a 4.x model) is first turned into
+    the fused experts' keys."""
+    import peft
+
+    adapter = model.active_adapter
+    mine = model.peft_config[adapter]
+    if cfg["r"] != mine.r or float(cfg["lora_alpha"]) != float(mine.lora_alpha):
+        raise ValueError(f"kt_ops.load_adapter: adapter has r={cfg['r']}, lora_alpha={cfg['lora_alpha']}; the model's "
+                         f"adapter {adapter!r} has r={mine.r}, lora_alpha={mine.lora_alpha}")
+    current = peft.get_peft_model_state_dict(model, adapter_name=adapter)
+    expected = {k: tuple(v.shape) for k, v in current.items()}
+    if not cfg.get("target_parameters"):
+        tensors = _per_expert_to_fused(model, tensors, mine.r)
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise KeyError(f"kt_ops.load_adapter: unexpected keys {unexpected[:3]}: no module of the model takes them")
+    # Whole modules the model trains (its routers) that the adapter does not hold keep their values.
+    saved_whole = cfg.get("modules_to_save") or []
+    missing = sorted(k for k in set(expected) - set(tensors)
+                     if ".lora_" in k or any(k.rpartition(".")[0].endswith(t) for t in saved_whole))
+    if missing:
+        raise KeyError(f"kt_ops.load_adapter: missing key {missing[0]} (and {len(missing) - 1} more)")
+    for key, t in tensors.items():
+        if tuple(t.shape) != expected[key]:
+            raise ValueError(f"kt_ops.load_adapter: {key} has shape {tuple(t.shape)}, expected {expected[key]}")
+    peft.set_peft_model_state_dict(model, {**current, **tensors}, adapter_name=adapter)
+    return model
+
+
+def _per_expert_to_fused(model: nn.Module, tensors: dict[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
+    """``tensors`` with PEFT's per-expert LoRA keys of a transformers 4.x model
+    (``...experts.{e}.gate_proj.lora_A.weight``) replaced by the keys and layout of PEFT's
+    ``target_parameters`` LoRA on the same model's fused 5.x experts. Fused experts share
+    one A between gate and up, so the two must be equal (ValueError otherwise)."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    from kt_ops.models.families import ARCHITECTURES
+    from kt_ops.models.variants import experts_variant, interface_experts_shape
+
+    family = ARCHITECTURES.get(getattr(model.config, "model_type", None))
+    if family is None:
+        return tensors
+    tensors = dict(tensors)
+    wrapper_keys: dict[str, dict[str, str]] = {}  # experts module path -> parameter -> key stem
+    for name, m in model.named_modules():
+        if isinstance(m, ParamWrapper):
+            path = re.sub(r"(\.base_layer)+$", "", name)
+            wrapper_keys.setdefault(path, {})[m.parameter_name] = name + "."
+    for path, stems in wrapper_keys.items():
+        experts = model.get_submodule(path)
+        while "base_layer" in experts._modules:
+            experts = experts.base_layer
+        e, h, i = interface_experts_shape(experts)
+        variant = experts_variant(experts)
+        if not path.endswith("." + family.experts) or variant.transposed:
+            continue
+        block = path[: -len(family.experts)] + family.expert_list + "."
+        if not any(k.startswith(block) for k in tensors):
+            continue
+        shapes = {"A": [(r, h), (r, h), (r, i)], "B": [(i, r), (i, r), (h, r)]}
+        stacked = []
+        for j, proj in enumerate(family.expert_linears):
+            for ab in "AB":
+                stacked.append(torch.stack([_take(tensors, f"{block}{x}.{proj}.lora_{ab}.weight", shapes[ab][j])
+                                            for x in range(e)]))
+        a_g, b_g, a_u, b_u, a_d, b_d = stacked
+        if not torch.equal(a_g, a_u):
+            raise ValueError(f"kt_ops.load_adapter: {_unwrapped_name(path)}: gate and up have different lora_A; the "
+                             "fused experts of this model share one A between gate and up (PEFT's target_parameters "
+                             "LoRA on gate_up_proj)")
+        b_gu = torch.cat([b_g, b_u], dim=1) if variant.concatenated else torch.stack([b_g, b_u], 2).flatten(1, 2)
+        for param, (a, b) in (("gate_up_proj", (a_g, b_gu)), ("down_proj", (a_d, b_d))):
+            if param not in stems:
+                raise KeyError(f"kt_ops.load_adapter: the model has no LoRA on {path}.{param} for the adapter's "
+                               "expert LoRA")
+            tensors[stems[param] + "lora_A.weight"], tensors[stems[param] + "lora_B.weight"] = to_peft_layout(a, b)
+    return tensors
 
 
 def _plan_other_lora(model: nn.Module, cfg: dict, tensors: dict[str, torch.Tensor]):

@@ -156,18 +156,12 @@ def _generate(ns: argparse.Namespace) -> int:
     from kt_ops import default
     from kt_ops.weights import load_model
     from kt_ops.data import render_chat
-    from kt_ops.adapters import load_adapter, read_adapter_config
     from kt_ops.train import resolve_device
 
     model_dir = ns.model or default.model_dir()
-    rank, alpha = 16, 32.0  # without an adapter: fresh LoRA (B = 0) leaves the model unchanged
-    if ns.adapter:
-        cfg = read_adapter_config(ns.adapter, "kt-sft generate")
-        rank, alpha = cfg["r"], cfg["lora_alpha"]
     device = resolve_device(ns.device)
-    model = load_model(model_dir, rank, alpha, device=device, progress=False)
-    if ns.adapter:
-        model = load_adapter(model, ns.adapter)
+    # Without an adapter: fresh LoRA (B = 0), which leaves the model unchanged.
+    model = load_model(model_dir, adapter=ns.adapter, device=device, progress=False)
     model.eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     messages = ([{"role": "system", "content": ns.system}] if ns.system else []) + [{"role": "user", "content": ns.prompt}]

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from kt_ops.api import PackedExperts, moe_sft, pack_experts
-from kt_ops.models.variants import ExpertsVariant, experts_variant
+from kt_ops.models.variants import ExpertsVariant, experts_variant, interface_experts_shape
 from kt_ops.packed_weights import ExpertsLayout, PackedExpertWeight, packed_parameters, to_canonical
 
 # The fused-layout LoRA parameters of KtExperts, and the per-expert ones (transformers 4.x).
@@ -175,7 +175,7 @@ def _set_base_parameter(module: nn.Module, name: str, value: nn.Parameter) -> No
         module._parameters[name] = value
 
 
-def _supported_variant(module: nn.Module) -> ExpertsVariant:
+def supported_variant(module: nn.Module) -> ExpertsVariant:
     variant = experts_variant(module)
     reason = variant.unsupported()
     if reason is not None:
@@ -201,20 +201,46 @@ def _canonical_biases(module: nn.Module, layout: ExpertsLayout, device: torch.de
     return gate_up, down
 
 
-def packed_experts_of(module: nn.Module, layout: ExpertsLayout) -> PackedExperts:
+def _layout(variant: ExpertsVariant) -> ExpertsLayout:
+    return ExpertsLayout(variant.concatenated, variant.transposed)
+
+
+def packed_experts_of(module: nn.Module, layout: ExpertsLayout, numa_nodes: int = 0) -> PackedExperts:
     """The packed experts of an experts module of transformers' experts interface, of weight
-    layout ``layout``. The first call packs its weights (from whatever device they are on) and
-    puts PackedExpertWeight stand-ins in place of its ``gate_up_proj`` and ``down_proj``, so
-    the bf16 weights are held once, in CPU memory; later calls return what those stand-ins
-    hold."""
+    layout ``layout``. The first call packs its weights (from whatever device they are on;
+    ``numa_nodes`` as :func:`kt_ops.pack_experts` takes it) and puts PackedExpertWeight
+    stand-ins in place of its ``gate_up_proj`` and ``down_proj``, so the bf16 weights are
+    held once, in CPU memory; later calls return what those stand-ins hold."""
     gate_up, down = _base_parameter(module, "gate_up_proj"), _base_parameter(module, "down_proj")
     if isinstance(gate_up, PackedExpertWeight) and isinstance(down, PackedExpertWeight) and gate_up.packed is down.packed:
         return gate_up.packed
     weights = [w.detach().to("cpu", torch.bfloat16).contiguous() for w in to_canonical(gate_up, down, layout)]
-    packed = pack_experts(*weights)
-    for name, param in zip(("gate_up_proj", "down_proj"), packed_parameters(packed, layout, gate_up.dtype)):
-        _set_base_parameter(module, name, param)
+    packed = pack_experts(*weights, numa_nodes)
+    _install(module, packed, layout, gate_up.dtype)
     return packed
+
+
+def _install(module: nn.Module, packed: PackedExperts, layout: ExpertsLayout, dtype: torch.dtype) -> None:
+    for name, param in zip(("gate_up_proj", "down_proj"), packed_parameters(packed, layout, dtype)):
+        _set_base_parameter(module, name, param)
+
+
+def use_packed_experts(module: nn.Module, packed: Optional[PackedExperts] = None, numa_nodes: int = 0) -> None:
+    """Makes an experts module of transformers' experts interface hold its weights packed:
+    ``packed`` (from :func:`kt_ops.load_experts`; the module's own weights are then never
+    read, so they may be on the meta device), or its own weights packed now. Raises
+    ValueError, changing nothing, for a variant the kt kernels cannot compute or experts of
+    other sizes than the module's."""
+    layout = _layout(supported_variant(module))
+    if packed is None:
+        packed_experts_of(module, layout, numa_nodes)
+        return
+    want = interface_experts_shape(module)
+    got = (packed.num_experts, packed.hidden_size, packed.intermediate_size)
+    if got != want:
+        raise ValueError(f"kt_ops: the packed experts hold {got[0]} experts of hidden size {got[1]} and intermediate "
+                         f"size {got[2]}; the module has {want[0]} of {want[1]} and {want[2]}")
+    _install(module, packed, layout, _base_parameter(module, "gate_up_proj").dtype)
 
 
 def _lora_factors(module: nn.Module, name: str, transposed: bool
@@ -241,8 +267,8 @@ def kt_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index
     the CPU, with the LoRA PEFT puts on its ``gate_up_proj`` / ``down_proj`` computed from its
     factors (no ``B A`` is ever formed). Inputs may be on any device; the result comes back on
     theirs."""
-    variant = _supported_variant(self)
-    layout = ExpertsLayout(variant.concatenated, variant.transposed)
+    variant = supported_variant(self)
+    layout = _layout(variant)
     packed = packed_experts_of(self, layout)
     cpu = torch.device("cpu")
     gate_up_bias, down_bias = _canonical_biases(self, layout, cpu) if variant.bias else (None, None)

@@ -1,8 +1,9 @@
 """LoRA fine-tuning of an MoE model end to end: what ``kt-sft train`` runs.
 
 A thin loop over the library: :func:`kt_ops.load_model` (experts streamed into packed CPU
-memory, the rest on ``device``), optional PEFT LoRA on other modules, :mod:`kt_ops.data` for
-the packed rows, AdamW, and :func:`kt_ops.save_adapter` for a PEFT-format adapter. A step is
+memory, the rest on ``device``, LoRA on the experts and optionally other modules as one PEFT
+adapter), :mod:`kt_ops.data` for the packed rows, AdamW, and :func:`kt_ops.save_adapter` for
+the adapter. A step is
 a group of rows (one forward/backward each: gradient accumulation) of at most
 ``max_tokens_per_step`` tokens; the loss is the mean over the step's assistant tokens.
 """
@@ -31,7 +32,8 @@ from torch.utils.checkpoint import checkpoint
 from kt_ops import data as sft_data
 from kt_ops import run_state
 from kt_ops.files import replacing, write_json
-from kt_ops.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, add_peft_lora, load_adapter, save_adapter
+from kt_ops.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
+from kt_ops.models.surgery import ExpertLoraConfig
 from kt_ops.run_state import CHECKPOINT, CheckpointError
 
 _LOSS_CHUNK = 1024  # label positions whose logits are materialised at once
@@ -152,8 +154,9 @@ class Trainer:
 
     def __init__(self, args: TrainArgs, log=print, *, model: Optional[nn.Module] = None,
                  examples: Optional[list[sft_data.Example]] = None):
-        """``model`` (a patched model) and ``examples`` replace loading them from ``args.model``
-        and ``args.data``: benchmarks build models too large to write as checkpoints."""
+        """``model`` (what :func:`kt_ops.patch_model` returns, with the LoRA of ``args``) and
+        ``examples`` replace loading them from ``args.model`` and ``args.data``: benchmarks
+        build models too large to write as checkpoints."""
         import transformers
 
         from kt_ops import default
@@ -202,10 +205,9 @@ class Trainer:
             _check_room(args.out, args.model, args.rank, resumed is not None)
 
         if model is None:
-            model = load_model(args.model, args.rank, args.alpha, dtype=getattr(torch, args.dtype), device=self.device,
+            lora = ExpertLoraConfig(args.rank, args.alpha, target_modules=tuple(args.target_modules))
+            model = load_model(args.model, config=lora, dtype=getattr(torch, args.dtype), device=self.device,
                                progress=args.progress)
-        if args.target_modules:
-            model = add_peft_lora(model, args.rank, args.alpha, list(args.target_modules))
         if args.grad_checkpointing:
             # Non-reentrant, as transformers 5.x's default (4.x defaults to reentrant, which with frozen
             # embeddings sees no input that needs a gradient and drops the backward).

@@ -14,7 +14,7 @@ from torch import nn
 
 from kt_ops.api import PackedExperts, pack_experts
 from kt_ops.files import read_json
-from kt_ops.models.families import ARCHITECTURES, Family, experts_shape, family_of, moe_layers
+from kt_ops.models.families import ARCHITECTURES, Family, experts_shape, family_of, interface_experts, moe_layers
 
 FP8_BLOCK = 128  # DeepSeek-V3-style fp8 checkpoints scale each 128 x 128 block
 
@@ -232,19 +232,29 @@ def _progress(items: list, desc: str, unit: str, enabled: bool):
     return tqdm(items, desc=desc, unit=unit)
 
 
-def _model_type(checkpoint_dir: str, caller: str) -> tuple[str, Family]:
+def _model_type(checkpoint_dir: str, caller: str) -> tuple[str, Optional[Family]]:
+    """The checkpoint's model type, and its family when kt_ops reads its expert tensors itself
+    (:data:`ARCHITECTURES`); ValueError when config.json names none."""
     path = os.path.join(checkpoint_dir, "config.json")
     doc = read_json(path, caller)
     model_type = doc.get("model_type") if isinstance(doc, dict) else None
-    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
-        raise ValueError(f"{caller}: no MoE family for model_type {model_type!r} in {path}; supported: "
-                         f"{', '.join(sorted(ARCHITECTURES))}")
-    return model_type, ARCHITECTURES[model_type]
+    if not isinstance(model_type, str):
+        raise ValueError(f"{caller}: {path} has no \"model_type\"")
+    return model_type, ARCHITECTURES.get(model_type)
 
 
-def empty_model(checkpoint_dir: str, caller: str) -> nn.Module:
+def _streamed_family(checkpoint_dir: str, caller: str) -> Family:
+    model_type, family = _model_type(checkpoint_dir, caller)
+    if family is None:
+        raise ValueError(f"{caller}: kt_ops reads the expert tensors of {', '.join(sorted(ARCHITECTURES))} "
+                         f"checkpoints; {os.path.join(checkpoint_dir, 'config.json')} has model_type {model_type!r}")
+    return family
+
+
+def empty_model(checkpoint_dir: str, caller: str, dtype: Optional[torch.dtype] = None) -> nn.Module:
     """The checkpoint's causal LM built from its config with every tensor on the meta device
-    (no memory): its shapes are what the checkpoint's tensors must have."""
+    (no memory), of ``dtype`` (default: transformers' default): its shapes are what the
+    checkpoint's tensors must have."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -253,7 +263,7 @@ def empty_model(checkpoint_dir: str, caller: str) -> nn.Module:
         if hasattr(hf_config, "quantization_config"):  # fp8 weights are dequantised here instead
             del hf_config.quantization_config
         with init_empty_weights(include_buffers=False):
-            return AutoModelForCausalLM.from_config(hf_config)
+            return AutoModelForCausalLM.from_config(hf_config, **({} if dtype is None else {"dtype": dtype}))
     except (ValueError, TypeError, KeyError, AttributeError, OSError) as e:
         raise ValueError(f"{caller}: transformers cannot build a model from {checkpoint_dir}/config.json "
                          f"({type(e).__name__}: {e})") from None
@@ -262,9 +272,15 @@ def empty_model(checkpoint_dir: str, caller: str) -> nn.Module:
 def expert_shapes(model: nn.Module) -> dict[int, tuple[int, int, int]]:
     """``{layer index: (E, H, I)}`` of every MoE layer of an unpatched model (weights may be
     on the meta device)."""
-    _, family = family_of(model)
-    return {int(re.search(r"layers\.(\d+)\.", name).group(1)): tuple(experts_shape(m, family))
-            for name, m in moe_layers(model).items()}
+    from kt_ops.models.variants import interface_experts_shape
+
+    layers = interface_experts(model)
+    if layers:
+        shapes = {name: interface_experts_shape(m) for name, m in layers.items()}
+    else:
+        _, family = family_of(model)
+        shapes = {name: tuple(experts_shape(m, family)) for name, m in moe_layers(model).items()}
+    return {int(re.search(r"layers\.(\d+)\.", name).group(1)): shape for name, shape in shapes.items()}
 
 
 def load_experts(checkpoint_dir: Union[str, os.PathLike], *, layers: Optional[list[int]] = None,
@@ -296,7 +312,7 @@ def load_experts(checkpoint_dir: Union[str, os.PathLike], *, layers: Optional[li
     """
     checkpoint_dir = os.fspath(checkpoint_dir)
     caller = "kt_ops.load_experts"
-    _, family = _model_type(checkpoint_dir, caller)
+    family = _streamed_family(checkpoint_dir, caller)
     shapes = expert_shapes(empty_model(checkpoint_dir, caller))
     ckpt = _Checkpoint(checkpoint_dir, caller)
     return _load_experts(ckpt, family, shapes, layers, numa_nodes, progress, caller)
@@ -369,31 +385,97 @@ def _load_experts(ckpt: _Checkpoint, family: Family, shapes: dict[int, tuple[int
 
 
 def load_model(checkpoint_dir: Union[str, os.PathLike], lora_rank: Optional[int] = None,
-               lora_alpha: Optional[float] = None, *, config: Any = None, dtype: torch.dtype = torch.bfloat16,
+               lora_alpha: Optional[float] = None, *, config: Any = None,
+               adapter: Union[str, os.PathLike, None] = None, dtype: torch.dtype = torch.bfloat16,
                device: Union[str, torch.device, None] = None, numa_nodes: int = 0,
                progress: bool = True) -> nn.Module:
-    """A kt_ops-patched causal LM from a Hugging Face checkpoint directory, built without ever
-    holding the bf16 routed experts in full.
+    """A causal LM from a Hugging Face checkpoint directory with its routed experts on the kt
+    kernels and LoRA on them (:func:`kt_ops.patch_model`), built without ever holding the
+    bf16 routed experts in full.
 
-    The model is built with empty parameters; the routed experts are streamed and packed by
-    :func:`load_experts`; every other tensor is read from the safetensors files (fp8 ones
-    dequantised with their block scales) in ``dtype``, straight onto ``device``; then
-    :func:`kt_ops.patch_model` puts LoRA (``lora_rank``/``lora_alpha`` or ``config``) on the
-    experts. Non-expert modules end on ``device`` (default: the CPU); the experts stay in
-    CPU memory whatever the device.
+    For the families of :data:`~kt_ops.models.families.ARCHITECTURES` the model is built with
+    empty parameters; the routed experts are streamed and packed by :func:`load_experts`;
+    every other tensor is read from the safetensors files (fp8 ones dequantised with their
+    block scales) in ``dtype``, straight onto ``device``. Every tensor's shape and dtype is
+    checked against the model the config describes before the experts are read. Other
+    families of transformers' experts interface are loaded by transformers
+    (``from_pretrained``, so the whole model passes through memory once) and then packed.
 
-    Every tensor's shape and dtype is checked against the model the config describes before
-    the experts are read. Raises KeyError naming checkpoint tensors the model has no place
-    for, or model tensors the checkpoint lacks; ValueError naming a tensor (and its file) of
-    the wrong shape or dtype, or a corrupt file.
+    The LoRA is ``lora_rank``/``lora_alpha`` or ``config`` as :func:`kt_ops.patch_model`
+    takes them, or that of a saved ``adapter`` directory (its config, then its tensors,
+    through :func:`kt_ops.load_adapter`). Non-expert modules end on ``device`` (default: the
+    CPU); the experts and their LoRA stay in CPU memory whatever the device.
+
+    Returns what :func:`kt_ops.patch_model` returns (a ``PeftModel`` on transformers 5.x).
+    Raises KeyError naming checkpoint tensors the model has no place for, or model tensors
+    the checkpoint lacks; ValueError naming a tensor (and its file) of the wrong shape or
+    dtype, or a corrupt file.
     """
-    from kt_ops.models.surgery import patch_model
+    from kt_ops.adapters import load_adapter
+    from kt_ops.models.surgery import expert_lora_config, patch_model, resolve_lora_config, use_kt_experts
 
     caller = "kt_ops.load_model"
     checkpoint_dir = os.fspath(checkpoint_dir)
     device = torch.device(device or "cpu")
+    if adapter is not None:
+        if config is not None or lora_rank is not None or lora_alpha is not None:
+            raise ValueError(f"{caller}: give either adapter or lora_rank/lora_alpha/config, not both")
+        config = _adapter_lora_config(os.fspath(adapter), caller)
     _, family = _model_type(checkpoint_dir, caller)
-    model = empty_model(checkpoint_dir, caller)
+    model = empty_model(checkpoint_dir, caller, dtype)
+    interface = bool(interface_experts(model))
+    if family is None and not interface:
+        raise ValueError(f"{caller}: found no routed experts kt_ops can run in {checkpoint_dir}: its model type is "
+                         f"none of {', '.join(sorted(ARCHITECTURES))} and its experts do not use transformers' "
+                         "experts interface")
+    if family is None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=dtype)
+        experts = None
+    else:
+        experts = _load_into(model, checkpoint_dir, family, dtype, device, numa_nodes, progress, caller)
+    if interface:
+        import peft
+
+        use_kt_experts(model, experts=experts, numa_nodes=numa_nodes)
+        _check_complete(model, caller)
+        # PEFT makes each LoRA tensor where its base parameter is: the experts' in CPU memory.
+        model = peft.get_peft_model(model.to(device), expert_lora_config(model, resolve_lora_config(lora_rank, lora_alpha, config)))
+    else:
+        model = patch_model(model, lora_rank, lora_alpha, config=config, experts=experts)
+        _check_complete(model, caller)
+        model = model.to(device)
+    return model if adapter is None else load_adapter(model, adapter)
+
+
+def _adapter_lora_config(adapter: str, caller: str) -> Any:
+    """The LoRA configuration of a saved adapter directory, for the model to load it into:
+    PEFT's own LoraConfig of a fused-experts adapter; for a per-expert one (written for a
+    transformers 4.x model), its rank, alpha and whether it holds routers (its LoRA on other
+    modules is added by :func:`kt_ops.load_adapter` on 4.x models; a 5.x model refuses it,
+    naming the keys)."""
+    from kt_ops.adapters import read_adapter_config
+    from kt_ops.models.surgery import ExpertLoraConfig
+
+    cfg = read_adapter_config(adapter, caller)
+    if cfg.get("target_parameters"):
+        import peft
+
+        return peft.LoraConfig.from_pretrained(adapter)
+    return ExpertLoraConfig(cfg["r"], float(cfg["lora_alpha"]), bool(cfg.get("modules_to_save")))
+
+
+def _check_complete(model: nn.Module, caller: str) -> None:
+    absent = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if absent:
+        raise KeyError(f"{caller}: the checkpoint has no tensor for {absent[:5]}")
+
+
+def _load_into(model: nn.Module, checkpoint_dir: str, family: Family, dtype: torch.dtype, device: torch.device,
+               numa_nodes: int, progress: bool, caller: str) -> dict[int, PackedExperts]:
+    """Streams the checkpoint's expert tensors into packed experts (returned) and its other
+    tensors into ``model``'s empty parameters, on ``device``."""
     ckpt = _Checkpoint(checkpoint_dir, caller)
     per_expert, fused = _expert_keys(family)
     wanted = {n: t for n, t in model.state_dict().items()}
@@ -429,8 +511,4 @@ def load_model(checkpoint_dir: Union[str, os.PathLike], lora_rank: Optional[int]
     del state
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    patch_model(model, lora_rank, lora_alpha, config=config, experts=experts)
-    absent = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if absent:
-        raise KeyError(f"{caller}: the checkpoint has no tensor for {absent[:5]}")
-    return model.to(device)
+    return experts

@@ -244,8 +244,7 @@ def test_short_run_writes_every_output_and_stock_peft_loads_the_adapter(tmp_path
     ids = torch.tensor([[5, 17, 300, 41, 9, 77]])
     # fp32 beside the bf16 experts: in bf16, PEFT's per-expert path (transformers 4.x) rounds
     # differently enough to hide what this checks.
-    kt = kt_ops.load_adapter(kt_ops.load_model(default.model_dir(), cfg["r"], cfg["lora_alpha"], dtype=torch.float32,
-                                               progress=False), out)
+    kt = kt_ops.load_model(default.model_dir(), adapter=out, dtype=torch.float32, progress=False)
     by_peft = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(default.model_dir(),
                                                                                   dtype=torch.float32), out)
     with torch.no_grad():
@@ -389,7 +388,7 @@ def test_hf_trainer_example_trains_a_patched_model(tmp_path, cache_home):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 20 and summary["loss_last_logged"] < summary["loss_first_logged"]
-    kt_ops.load_adapter(kt_ops.load_model(default.model_dir(), 16, 32, progress=False), out)
+    kt_ops.load_model(default.model_dir(), adapter=out, progress=False)
 
 
 _STEP_FAULTS = """

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from kt_ops.experts import KtExperts
-from kt_ops.models.variants import ExpertsVariant, experts_variant, is_interface_experts
+from kt_ops.models.variants import ExpertsVariant, experts_variant, interface_experts_shape, is_interface_experts
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,26 @@ def experts_shape(experts: nn.Module, family: Family) -> tuple[int, int, int]:
 
 
 # ---------------------------------------------------------------- families of transformers' experts interface
+
+def interface_experts(model: nn.Module) -> dict[str, nn.Module]:
+    """Module path -> experts module of transformers' experts interface, for every MoE layer
+    of ``model`` (empty for transformers 4.x models and models of one's own)."""
+    # PEFT's wrappers around an experts module pass its attributes through: the module is the innermost.
+    return {name: m for name, m in model.named_modules() if is_interface_experts(m) and "base_layer" not in m._modules}
+
+
+def router_of(model: nn.Module, experts_name: str) -> Optional[str]:
+    """Path of the router of the experts module at ``experts_name``: the one module beside it
+    (a child of the same block) with a 2-D ``weight`` of one row per expert over the hidden
+    size; None when there is not exactly one such module."""
+    block_name, _, own = experts_name.rpartition(".")
+    block = model.get_submodule(block_name)
+    e, h, _ = interface_experts_shape(block.get_submodule(own))
+    found = [name for name, m in block.named_children() if name != own
+             and isinstance(getattr(m, "weight", None), torch.Tensor) and tuple(m.weight.shape) == (e, h)]
+    return f"{block_name}.{found[0]}" if len(found) == 1 else None
+
+
 
 @dataclass(frozen=True)
 class InterfaceFamily:

@@ -1,6 +1,10 @@
-"""Model surgery: the routed experts of every MoE layer replaced by KtExperts.
+"""Putting the routed experts of a model on the kt kernels, with LoRA on them.
 
-Only the routed experts are replaced. The router, shared experts, attention and everything
+Models of transformers' experts interface keep their modules: their experts hold packed
+weights, run with the "kt" experts implementation, and get stock PEFT LoRA. In transformers
+4.x models, the expert lists are replaced by KtExperts.
+
+Only the routed experts change. The router, shared experts, attention and everything
 else stay the model's own modules, so routing (softmax or sigmoid scores, normalisation,
 group-limited top-k, score correction bias, routed scaling factor) and the router logits and
 auxiliary loss are exactly what the model computes, and the routing weights carry gradients
@@ -8,6 +12,7 @@ into the router through the kt op's backward.
 """
 from __future__ import annotations
 
+import copy
 import re
 import types
 from dataclasses import dataclass
@@ -17,16 +22,21 @@ import torch
 from torch import nn
 
 from kt_ops.api import PackedExperts, pack_experts
-from kt_ops.experts import KtExperts
-from kt_ops.models.families import ROUTER, experts_shape, expert_weights, family_of, moe_layers
+from kt_ops.experts import EXPERTS_IMPLEMENTATION, KtExperts, supported_variant, use_packed_experts
+from kt_ops.models.families import (ROUTER, experts_shape, expert_weights, family_of, interface_experts, moe_layers,
+                                    router_of)
+from kt_ops.models.variants import interface_experts_shape
 
 @dataclass(frozen=True)
 class ExpertLoraConfig:
-    """LoRA on the routed experts: rank ``r`` and ``lora_alpha`` (scaling = alpha / r)."""
+    """LoRA on the routed experts: rank ``r`` and ``lora_alpha`` (scaling = alpha / r); the
+    routers train too unless ``train_router`` is False; ``target_modules`` puts PEFT LoRA of
+    the same rank on other modules as well (attention, say), in the same adapter."""
 
     r: int = 16
     lora_alpha: float = 32.0
     train_router: bool = True
+    target_modules: tuple[str, ...] = ()
 
 
 def _softmax_topk_forward(block: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,44 +67,165 @@ def _experts_call(block: nn.Module, hidden_states: torch.Tensor, ids: torch.Tens
 _PER_EXPERT_ROUTING = {"softmax_topk": ("forward", _softmax_topk_forward), "moe_method": ("moe", _experts_call)}
 
 
-def _resolve_config(lora_rank: Optional[int], lora_alpha: Optional[float], config: Any) -> ExpertLoraConfig:
+def resolve_lora_config(lora_rank: Optional[int], lora_alpha: Optional[float], config: Any) -> Any:
+    """The LoRA :func:`patch_model` puts on the experts: an :class:`ExpertLoraConfig` from
+    rank and alpha, or ``config`` (an ExpertLoraConfig or a ``peft.LoraConfig``) as it is."""
     if config is not None and (lora_rank is not None or lora_alpha is not None):
         raise ValueError("kt_ops.patch_model: give either config or lora_rank/lora_alpha, not both")
     if config is None:
-        return ExpertLoraConfig(16 if lora_rank is None else lora_rank, 32.0 if lora_alpha is None else lora_alpha)
-    if isinstance(config, ExpertLoraConfig):
-        return config
-    if hasattr(config, "r") and hasattr(config, "lora_alpha"):  # peft.LoraConfig
-        return ExpertLoraConfig(int(config.r), float(config.lora_alpha))
-    raise TypeError(f"kt_ops.patch_model: config must be an ExpertLoraConfig or a peft.LoraConfig, got "
-                    f"{type(config).__name__}")
+        config = ExpertLoraConfig(16 if lora_rank is None else lora_rank, 32.0 if lora_alpha is None else lora_alpha)
+    if not (isinstance(config, ExpertLoraConfig) or (hasattr(config, "r") and hasattr(config, "target_parameters"))):
+        raise TypeError(f"kt_ops.patch_model: config must be an ExpertLoraConfig or a peft.LoraConfig, got "
+                        f"{type(config).__name__}")
+    if config.r < 1:
+        raise ValueError(f"kt_ops: lora_rank must be >= 1, got {config.r}")
+    return config
 
 
 def patch_model(model: nn.Module, lora_rank: Optional[int] = None, lora_alpha: Optional[float] = None, *,
                 config: Any = None, numa_nodes: int = 0,
                 experts: Optional[dict[int, PackedExperts]] = None) -> nn.Module:
-    """Replaces the routed experts of every MoE layer with :class:`KtExperts`, in place.
+    """Puts the routed experts of every MoE layer on the kt kernels, with LoRA on each
+    expert's gate, up and down projections.
 
     Args:
-        model: a transformers MoE model of a family in :data:`ARCHITECTURES`, with 5.x fused
-            experts or 4.x per-expert ``nn.Linear`` lists, its expert weights on the CPU or any
-            device (they are copied to the CPU and packed to bf16; the originals are released).
+        model: a transformers MoE model, its expert weights on the CPU or any device (they
+            are copied to the CPU and packed to bf16; the originals are released).
         lora_rank, lora_alpha: LoRA rank and alpha on every expert's gate/up/down (default 16
             and 32).
         config: instead of the two above, an :class:`ExpertLoraConfig` or a
-            ``peft.LoraConfig`` (its ``r`` and ``lora_alpha``).
+            ``peft.LoraConfig``. A LoraConfig is taken as it is, with the experts' parameters
+            added as its ``target_parameters`` and the routers as its ``modules_to_save``
+            where it names none.
         numa_nodes: passed to :func:`kt_ops.pack_experts`.
         experts: ``{layer index: PackedExperts}`` from :func:`kt_ops.load_experts`; the
             model's own expert weights are then never read, so they may sit on the ``meta``
             device (``with torch.device("meta"):`` when building the model) and the full bf16
             model is never materialised.
 
-    Returns the model. Every parameter is then frozen except the expert LoRA tensors (named
-    ``...experts.lora_*``, so ``"lora" in name`` finds them) and, unless
-    ``config.train_router`` is False, the routers. In 4.x models the MoE block's expert loop
-    is replaced too (see :class:`Family`); its routing and outputs stay the block's.
+    Models whose experts use transformers' experts interface (transformers 5.x, every family
+    of :func:`kt_ops.supported_families`) get the "kt" experts implementation and stock PEFT
+    LoRA: the result is ``peft.get_peft_model(model, LoraConfig(target_parameters=[...
+    "mlp.experts.gate_up_proj", "mlp.experts.down_proj"], modules_to_save=[routers]))``, a
+    ``PeftModel`` that every PEFT, transformers and TRL tool takes as it takes an eager one.
+    PEFT makes each LoRA tensor where its base parameter is, so move the model to its device
+    before this call: the experts' LoRA then stays in CPU memory beside the packed experts.
+
+    Transformers 4.x models (per-expert ``nn.Linear`` lists, the families of
+    :data:`~kt_ops.models.families.ARCHITECTURES`) have their expert lists replaced by
+    :class:`KtExperts` in place, with the LoRA as its parameters (``...experts.lora_*``);
+    every other parameter is frozen except, unless ``train_router`` is False, the routers.
+    Their MoE block's expert loop is replaced too (see :class:`Family`); its routing and
+    outputs stay the block's.
+
+    Returns the model (the ``PeftModel`` in the first case).
     """
-    cfg = _resolve_config(lora_rank, lora_alpha, config)
+    cfg = resolve_lora_config(lora_rank, lora_alpha, config)
+    if is_peft_model(model):
+        raise ValueError("kt_ops.patch_model: the model already has a PEFT adapter; patch the base model (PEFT's "
+                         "add_adapter adds further adapters)")
+    if interface_experts(model):
+        use_kt_experts(model, experts=experts, numa_nodes=numa_nodes)
+        import peft
+
+        return peft.get_peft_model(model, expert_lora_config(model, cfg))
+    return _replace_expert_lists(model, cfg, numa_nodes, experts)
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    try:
+        import peft
+    except ImportError:
+        return False
+    return isinstance(model, peft.PeftModel)
+
+
+def _layer_index(name: str) -> int:
+    return int(re.search(r"layers\.(\d+)\.", name).group(1))
+
+
+def _given_experts(experts: dict[int, PackedExperts], name: str, shape: tuple[int, int, int]) -> PackedExperts:
+    """``experts[layer of name]``, checked against the module's (E, H, I)."""
+    index = _layer_index(name)
+    if index not in experts:
+        raise KeyError(f"kt_ops.patch_model: experts has no layer {index} (for {name}); it has {sorted(experts)}")
+    packed = experts[index]
+    if (packed.num_experts, packed.hidden_size, packed.intermediate_size) != tuple(shape):
+        e, h, i = shape
+        raise ValueError(f"kt_ops.patch_model: experts[{index}] holds {packed.num_experts} experts of hidden size "
+                         f"{packed.hidden_size} and intermediate size {packed.intermediate_size}; {name} has {e} of "
+                         f"{h} and {i}")
+    return packed
+
+
+def use_kt_experts(model: nn.Module, *, experts: Optional[dict[int, PackedExperts]] = None,
+                   numa_nodes: int = 0) -> dict[str, nn.Module]:
+    """Packs the experts of every experts module of transformers' experts interface in
+    ``model`` (or takes ``experts`` from :func:`kt_ops.load_experts` for them) and sets the
+    "kt" experts implementation; no LoRA. Returns ``{module path: experts module}``. Every
+    module is checked (a variant the kernels cannot compute, missing or mis-sized experts)
+    before the first is changed."""
+    layers = interface_experts(model)
+    if not layers:
+        raise ValueError("kt_ops.patch_model: found no experts module of transformers' experts interface")
+    given = {}
+    for name, module in layers.items():
+        supported_variant(module)
+        if experts is not None:
+            given[name] = _given_experts(experts, name, interface_experts_shape(module))
+    for name, module in layers.items():
+        use_packed_experts(module, given.get(name), numa_nodes)
+    model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+    return layers
+
+
+def expert_lora_config(model: nn.Module, config: Any):
+    """The ``peft.LoraConfig`` :func:`patch_model` gives ``peft.get_peft_model`` for a model of
+    transformers' experts interface: ``config`` (an :class:`ExpertLoraConfig` or a LoraConfig)
+    with the experts' own parameter names as ``target_parameters`` and the routers (found
+    beside the experts by :func:`~kt_ops.models.families.router_of`) as ``modules_to_save``
+    where the config names none. ValueError when a router is wanted and a layer has none
+    that can be found."""
+    import peft
+
+    layers = interface_experts(model)
+    stems = sorted({".".join(name.split(".")[-2:]) for name in layers})
+    targets = [f"{stem}.{p}" for stem in stems for p in ("gate_up_proj", "down_proj")]
+    if isinstance(config, ExpertLoraConfig):
+        want_routers = config.train_router
+        config = peft.LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                                 target_modules=list(config.target_modules))
+    else:
+        config = copy.deepcopy(config)
+        want_routers = config.modules_to_save is None
+        if config.target_modules is None:  # PEFT would pick its per-architecture default modules
+            config.target_modules = []
+    if not config.target_parameters:
+        config.target_parameters = targets
+    if want_routers:
+        routers = []
+        for name in layers:
+            router = router_of(model, name)
+            if router is None:
+                e, h, _ = interface_experts_shape(layers[name])
+                raise ValueError(f"kt_ops.patch_model: found no router beside {name} (one module with a [{e}, {h}] "
+                                 "weight); pass train_router=False, or a peft.LoraConfig with modules_to_save")
+            # PEFT matches names by suffix: "mlp.gate", not "gate" (which also names shared_expert_gate).
+            routers.append(".".join(router.split(".")[-2:]))
+        config.modules_to_save = sorted(set(routers))
+    if config.task_type is None and model.get_output_embeddings() is not None:
+        config.task_type = "CAUSAL_LM"  # what AutoPeftModelForCausalLM reads from the saved adapter
+    return config
+
+
+def _replace_expert_lists(model: nn.Module, cfg: Any, numa_nodes: int,
+                          experts: Optional[dict[int, PackedExperts]]) -> nn.Module:
+    """patch_model for transformers 4.x models: expert lists replaced by KtExperts."""
+    from kt_ops.adapters import add_peft_lora
+
+    if not isinstance(cfg, ExpertLoraConfig):  # a peft.LoraConfig: its rank, alpha and other targets
+        cfg = ExpertLoraConfig(int(cfg.r), float(cfg.lora_alpha), cfg.modules_to_save is None,
+                               tuple(cfg.target_modules or ()))
     _, family = family_of(model)
     act = getattr(model.config, "hidden_act", "silu")
     if act != "silu":
@@ -113,15 +244,8 @@ def patch_model(model: nn.Module, lora_rank: Optional[int] = None, lora_alpha: O
         if experts is None:
             packed = pack_experts(*expert_weights(module), numa_nodes)
         else:
-            index = int(re.search(r"layers\.(\d+)\.", name).group(1))
-            if index not in experts:
-                raise KeyError(f"kt_ops.patch_model: experts has no layer {index} (for {name}); it has {sorted(experts)}")
-            packed = experts[index]
-            if (packed.num_experts, packed.hidden_size, packed.intermediate_size) != (e, h, i):
-                raise ValueError(f"kt_ops.patch_model: experts[{index}] holds {packed.num_experts} experts of "
-                                 f"hidden size {packed.hidden_size} and intermediate size "
-                                 f"{packed.intermediate_size}; {name} has {e} of {h} and {i}")
-        per_expert = isinstance(module, nn.ModuleList)
+            packed = _given_experts(experts, name, (e, h, i))
+        per_expert = isinstance(module, nn.ModuleList)  # else fused experts of a 5.x without the interface
         new = KtExperts(packed, h, cfg.r, cfg.lora_alpha, per_expert=per_expert)
         block_name, _, child = name.rpartition(".")
         block = model.get_submodule(block_name)
@@ -132,4 +256,6 @@ def patch_model(model: nn.Module, lora_rank: Optional[int] = None, lora_alpha: O
         if cfg.train_router:
             for p in block.get_submodule(ROUTER).parameters():
                 p.requires_grad_(True)
+    if cfg.target_modules:
+        model = add_peft_lora(model, cfg.r, cfg.lora_alpha, list(cfg.target_modules))
     return model

@@ -87,6 +87,13 @@ def is_interface_experts(module: nn.Module) -> bool:
     return all(hasattr(module, a) for a in ("has_gate", "is_concatenated", "is_transposed", "has_bias"))
 
 
+def interface_experts_shape(module: nn.Module) -> tuple[int, int, int]:
+    """(E, H, I) of an experts module of transformers' experts interface, from its down
+    projection's shape only (its weights may be on the meta device or packed)."""
+    e, a, b = module.down_proj.shape
+    return (e, b, a) if module.is_transposed else (e, a, b)
+
+
 def experts_variant(module: nn.Module) -> ExpertsVariant:
     """The variant of an experts module of transformers' experts interface."""
     from transformers.integrations.moe import _default_apply_gate
