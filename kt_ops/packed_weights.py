@@ -19,6 +19,7 @@ in kt's packed layout (:class:`kt_ops.PackedExperts`, shared by the module's pro
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -103,6 +104,18 @@ class PackedExpertWeight(torch.Tensor):
 
     def data_ptr(self) -> int:
         return self._dense_for_serialising().data_ptr()
+
+    def __deepcopy__(self, memo: dict) -> "PackedExpertWeight":
+        # A copy of the model holds copies of the packed experts, one shared by its two
+        # projections as here (the memo maps the PackedExperts once).
+        if id(self) in memo:
+            return memo[id(self)]
+        out = PackedExpertWeight(copy.deepcopy(self.packed, memo), self.role, self.experts_layout, self.dtype,
+                                 copy.deepcopy(self.deltas, memo))
+        if isinstance(self, torch.nn.Parameter):
+            out = torch.nn.Parameter(out, requires_grad=self.requires_grad)
+        memo[id(self)] = out
+        return out
 
     def __repr__(self) -> str:
         terms = f" + {len(self.deltas)} low-rank term(s)" if self.deltas else ""

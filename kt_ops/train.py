@@ -211,7 +211,11 @@ class Trainer:
         if args.grad_checkpointing:
             # Non-reentrant, as transformers 5.x's default (4.x defaults to reentrant, which with frozen
             # embeddings sees no input that needs a gradient and drops the backward).
-            self._base(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base = self._base(model)
+            if hasattr(base, "activation_checkpointing_enable"):  # the newer name (the older one is deprecated)
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]

@@ -438,10 +438,11 @@ def load_model(checkpoint_dir: Union[str, os.PathLike], lora_rank: Optional[int]
     if interface:
         import peft
 
+        lora = expert_lora_config(model, resolve_lora_config(lora_rank, lora_alpha, config))
         use_kt_experts(model, experts=experts, numa_nodes=numa_nodes)
         _check_complete(model, caller)
         # PEFT makes each LoRA tensor where its base parameter is: the experts' in CPU memory.
-        model = peft.get_peft_model(model.to(device), expert_lora_config(model, resolve_lora_config(lora_rank, lora_alpha, config)))
+        model = peft.get_peft_model(model.to(device), lora)
     else:
         model = patch_model(model, lora_rank, lora_alpha, config=config, experts=experts)
         _check_complete(model, caller)

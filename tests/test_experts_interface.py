@@ -268,6 +268,22 @@ def test_several_active_adapters_are_a_clear_error(qwen3):
         kt(input_ids=tokens())
 
 
+@pytest.mark.parametrize("model_type", ["olmoe", "gpt_oss"])
+def test_load_model_takes_a_family_whose_checkpoints_kt_ops_does_not_stream(model_type, tmp_path):
+    """Through transformers' own loading, then packed: the same model as patching the one in
+    memory (gpt-oss: biases, interleaved gate/up, its clamped gate)."""
+    model = tiny_model(model_type)
+    model.save_pretrained(tmp_path)
+    loaded = kt_ops.load_model(tmp_path, 4, 8, dtype=torch.float32, progress=False)
+    patched = kt_ops.patch_model(model, 4, 8)
+    assert isinstance(loaded, peft.PeftModel) and experts_of(loaded)
+    assert ({n for n, p in loaded.named_parameters() if p.requires_grad}
+            == {n for n, p in patched.named_parameters() if p.requires_grad})
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_close("logits", loaded(input_ids=ids).logits, patched(input_ids=ids).logits, torch.float32)
+
+
 def test_unpack_experts_inverts_pack_experts():
     g = torch.Generator().manual_seed(0)
     for e, i, h, nodes in [(3, 45, 70, 1), (3, 70, 33, 2), (2, 100, 64, 3)]:

@@ -283,6 +283,23 @@ def test_model_to_never_moves_packed_experts():
     assert not any(t is p.gate_up for p in packed.values() for t in kt.state_dict().values())
 
 
+def test_a_deep_copy_of_a_patched_model_is_independent():
+    kt = kt_ops.patch_model(tiny_model("qwen2_moe"), lora_rank=R, lora_alpha=ALPHA)
+    randomize_lora(kt)
+    ids = tokens()
+    with torch.no_grad():
+        want = kt(ids).logits
+    twin = copy.deepcopy(kt)
+    packed, copied = packed_by_layer(kt), packed_by_layer(twin)
+    assert all(copied[k] is not packed[k] and packed_equal(copied[k], packed[k]) for k in packed)
+    with torch.no_grad():
+        assert torch.equal(twin(ids).logits, want)
+        for p in copied.values():  # the copy's experts change; the original's do not
+            p.gate_up.zero_()
+        assert not torch.equal(twin(ids).logits, want)
+        assert torch.equal(kt(ids).logits, want)
+
+
 def test_bad_inputs_are_named(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -125,10 +125,11 @@ def patch_model(model: nn.Module, lora_rank: Optional[int] = None, lora_alpha: O
         raise ValueError("kt_ops.patch_model: the model already has a PEFT adapter; patch the base model (PEFT's "
                          "add_adapter adds further adapters)")
     if interface_experts(model):
-        use_kt_experts(model, experts=experts, numa_nodes=numa_nodes)
         import peft
 
-        return peft.get_peft_model(model, expert_lora_config(model, cfg))
+        lora = expert_lora_config(model, cfg)  # first: it may refuse, and nothing has changed yet
+        use_kt_experts(model, experts=experts, numa_nodes=numa_nodes)
+        return peft.get_peft_model(model, lora)
     return _replace_expert_lists(model, cfg, numa_nodes, experts)
 
 
