@@ -205,18 +205,20 @@ def _layout(variant: ExpertsVariant) -> ExpertsLayout:
     return ExpertsLayout(variant.concatenated, variant.transposed)
 
 
-def packed_experts_of(module: nn.Module, layout: ExpertsLayout, numa_nodes: int = 0) -> PackedExperts:
+def packed_experts_of(module: nn.Module, layout: ExpertsLayout, numa_nodes: int = 0,
+                      dtype: Optional[torch.dtype] = None) -> PackedExperts:
     """The packed experts of an experts module of transformers' experts interface, of weight
     layout ``layout``. The first call packs its weights (from whatever device they are on;
     ``numa_nodes`` as :func:`kt_ops.pack_experts` takes it) and puts PackedExpertWeight
-    stand-ins in place of its ``gate_up_proj`` and ``down_proj``, so the bf16 weights are
-    held once, in CPU memory; later calls return what those stand-ins hold."""
+    stand-ins of ``dtype`` (default: the weights' own) in place of its ``gate_up_proj`` and
+    ``down_proj``, so the bf16 weights are held once, in CPU memory; later calls return what
+    those stand-ins hold."""
     gate_up, down = _base_parameter(module, "gate_up_proj"), _base_parameter(module, "down_proj")
     if isinstance(gate_up, PackedExpertWeight) and isinstance(down, PackedExpertWeight) and gate_up.packed is down.packed:
         return gate_up.packed
     weights = [w.detach().to("cpu", torch.bfloat16).contiguous() for w in to_canonical(gate_up, down, layout)]
     packed = pack_experts(*weights, numa_nodes)
-    _install(module, packed, layout, gate_up.dtype)
+    _install(module, packed, layout, dtype or gate_up.dtype)
     return packed
 
 
@@ -225,22 +227,24 @@ def _install(module: nn.Module, packed: PackedExperts, layout: ExpertsLayout, dt
         _set_base_parameter(module, name, param)
 
 
-def use_packed_experts(module: nn.Module, packed: Optional[PackedExperts] = None, numa_nodes: int = 0) -> None:
+def use_packed_experts(module: nn.Module, packed: Optional[PackedExperts] = None, numa_nodes: int = 0,
+                       dtype: Optional[torch.dtype] = None) -> None:
     """Makes an experts module of transformers' experts interface hold its weights packed:
     ``packed`` (from :func:`kt_ops.load_experts`; the module's own weights are then never
-    read, so they may be on the meta device), or its own weights packed now. Raises
-    ValueError, changing nothing, for a variant the kt kernels cannot compute or experts of
-    other sizes than the module's."""
+    read, so they may be on the meta device), or its own weights packed now. The stand-ins
+    show as ``dtype`` (default: the module's weights' dtype). Raises ValueError, changing
+    nothing, for a variant the kt kernels cannot compute or experts of other sizes than the
+    module's."""
     layout = _layout(supported_variant(module))
     if packed is None:
-        packed_experts_of(module, layout, numa_nodes)
+        packed_experts_of(module, layout, numa_nodes, dtype)
         return
     want = interface_experts_shape(module)
     got = (packed.num_experts, packed.hidden_size, packed.intermediate_size)
     if got != want:
         raise ValueError(f"kt_ops: the packed experts hold {got[0]} experts of hidden size {got[1]} and intermediate "
                          f"size {got[2]}; the module has {want[0]} of {want[1]} and {want[2]}")
-    _install(module, packed, layout, _base_parameter(module, "gate_up_proj").dtype)
+    _install(module, packed, layout, dtype or _base_parameter(module, "gate_up_proj").dtype)
 
 
 def _lora_factors(module: nn.Module, name: str, transposed: bool

@@ -165,7 +165,13 @@ def use_kt_experts(model: nn.Module, *, experts: Optional[dict[int, PackedExpert
     ``model`` (or takes ``experts`` from :func:`kt_ops.load_experts` for them) and sets the
     "kt" experts implementation; no LoRA. Returns ``{module path: experts module}``. Every
     module is checked (a variant the kernels cannot compute, missing or mis-sized experts)
-    before the first is changed."""
+    before the first is changed.
+
+    The packed weights show as float32 parameters whatever the model's dtype. PEFT casts the
+    LoRA factors to the dtype of the parameter they adapt on every forward; as float32 they
+    reach the kt op as views of PEFT's fp32 LoRA weights, and their gradients come back in
+    fp32, where a bf16 model would have them rounded to bf16 (and copied twice) each step.
+    The kernels read the bf16 packed weights either way."""
     layers = interface_experts(model)
     if not layers:
         raise ValueError("kt_ops.patch_model: found no experts module of transformers' experts interface")
@@ -175,7 +181,7 @@ def use_kt_experts(model: nn.Module, *, experts: Optional[dict[int, PackedExpert
         if experts is not None:
             given[name] = _given_experts(experts, name, interface_experts_shape(module))
     for name, module in layers.items():
-        use_packed_experts(module, given.get(name), numa_nodes)
+        use_packed_experts(module, given.get(name), numa_nodes, dtype=torch.float32)
     model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
     return layers
 
