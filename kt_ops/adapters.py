@@ -220,8 +220,14 @@ def _read_adapter_tensors(in_dir: str) -> dict[str, torch.Tensor]:
 
 def load_adapter(model: nn.Module, in_dir: Union[str, os.PathLike]) -> nn.Module:
     """Loads a PEFT-format adapter (written by :func:`save_adapter` or by PEFT itself) into
-    a patched model; returns the model (wrapped in a ``peft.PeftModel`` if the adapter has
-    LoRA on other modules than the experts and ``model`` is not one yet).
+    a patched model; returns the model.
+
+    Into the ``PeftModel`` :func:`kt_ops.patch_model` returns on transformers 5.x, the
+    adapter's tensors must be those of the model's active adapter (its targets come from the
+    patch: ``kt_ops.load_model(..., adapter=dir)`` builds the model from the adapter's own
+    config); routers the adapter does not hold keep their values. Into a 4.x model with
+    :class:`KtExperts`, the result is wrapped in a ``peft.PeftModel`` if the adapter has LoRA
+    on other modules than the experts and ``model`` is not one yet.
 
     The layout is read from ``adapter_config.json`` (checked by
     :func:`read_adapter_config`): ``target_parameters`` LoRA on fused ``gate_up_proj`` /

@@ -116,6 +116,43 @@ def test_family_matches_eager_with_the_same_peft_adapter(model_type, monkeypatch
         assert_close("disabled", outputs(kt, ids), outputs(model, ids), torch.float32)
 
 
+@pytest.mark.parametrize("model_type", [t for t in families() if t not in NO_TINY_MODEL])
+def test_patch_model_trains_the_expert_lora_and_the_routers_of_every_family(model_type, monkeypatch):
+    """kt_ops.patch_model on every family it can compute: PEFT LoRA on the experts, the
+    routers found beside them as modules_to_save; a fresh adapter leaves the function as it
+    was, and every expert LoRA B and every router gets a gradient."""
+    monkeypatch.setenv("KT_OPS_MAX_ISA", "avx2")
+    model = tiny_model(model_type)
+    if experts_variant(experts_of(model)[0]).unsupported() is not None:
+        pytest.skip("a variant the kernels cannot compute (the test above checks its error)")
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = outputs(model, ids)
+    kt = kt_ops.patch_model(copy.deepcopy(model), lora_rank=4, lora_alpha=8)
+    config = kt.peft_config["default"]
+    assert config.modules_to_save and config.target_parameters
+    with torch.no_grad():
+        assert_close("fresh adapter", outputs(kt, ids), want, torch.float32)
+    outputs(kt, ids).float().pow(2).mean().backward()
+    trained = {n: p.grad for n, p in kt.named_parameters() if p.requires_grad}
+    # Does some tensor of each router get a gradient, as in the eager model? (A bias that only
+    # selects experts gets none; phimoe's routing in eval mode passes none.)
+    eager = copy.deepcopy(model)
+    eager.requires_grad_(True)
+    outputs(eager, ids).float().pow(2).mean().backward()
+    eager_grads = {n: p.grad for n, p in eager.named_parameters()}
+    routers = {}
+    for n, g in trained.items():
+        if ".modules_to_save." in n:
+            router, _, tensor = n.removeprefix("base_model.model.").partition(".modules_to_save.default.")
+            got, want = (t is not None and bool(t.abs().sum() > 0) for t in (g, eager_grads[f"{router}.{tensor}"]))
+            routers.setdefault(router, [False, False])
+            routers[router] = [routers[router][0] or got, routers[router][1] or want]
+    assert routers and all(got == want for got, want in routers.values()), routers
+    lora_b = {n: g for n, g in trained.items() if "lora_B" in n}
+    assert len(lora_b) == 2 * len(experts_of(kt)) and all(g is not None and g.abs().sum() > 0 for g in lora_b.values())
+
+
 @pytest.mark.skipif(kt_ops.isa() not in ("amx", "avx512"), reason="no bf16 kernel path on this CPU")
 @pytest.mark.parametrize("model_type", [t for t in families() if t not in NO_TINY_MODEL])
 def test_family_on_bf16_kernels_is_no_further_from_fp32_than_eager_bf16(model_type):

@@ -122,13 +122,13 @@ def interface_experts(model: nn.Module) -> dict[str, nn.Module]:
 
 def router_of(model: nn.Module, experts_name: str) -> Optional[str]:
     """Path of the router of the experts module at ``experts_name``: the one module beside it
-    (a child of the same block) with a 2-D ``weight`` of one row per expert over the hidden
-    size; None when there is not exactly one such module."""
+    (a child of the same block) holding a matrix of one row per expert (or one more, for a
+    "no expert" slot), at any depth; None when there is not exactly one such module."""
     block_name, _, own = experts_name.rpartition(".")
     block = model.get_submodule(block_name)
-    e, h, _ = interface_experts_shape(block.get_submodule(own))
+    e = interface_experts_shape(block.get_submodule(own))[0]
     found = [name for name, m in block.named_children() if name != own
-             and isinstance(getattr(m, "weight", None), torch.Tensor) and tuple(m.weight.shape) == (e, h)]
+             and any(p.dim() == 2 and p.shape[0] in (e, e + 1) for p in m.parameters())]
     return f"{block_name}.{found[0]}" if len(found) == 1 else None
 
 
