@@ -270,7 +270,8 @@ def kt_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index
     """The "kt" experts implementation: ``self``'s routed experts through ``torch.ops.kt`` on
     the CPU, with the LoRA PEFT puts on its ``gate_up_proj`` / ``down_proj`` computed from its
     factors (no ``B A`` is ever formed). Inputs may be on any device; the result comes back on
-    theirs."""
+    theirs. Expert ids of ``num_experts`` or more are skipped, as the interface's other
+    implementations skip them."""
     variant = supported_variant(self)
     layout = _layout(variant)
     packed = packed_experts_of(self, layout)
@@ -288,8 +289,14 @@ def kt_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index
     if down is not None:
         a, b, s = (_to_device(t, cpu) if isinstance(t, torch.Tensor) else t for t in down)
         lora[4:] = [a, b if s == scaling else b * (s / scaling)]
-    y = moe_sft(_to_device(hidden_states, cpu), top_k_index.to(cpu), _to_device(top_k_weights, cpu), packed,
-                lora, scaling, gate=variant.kernel_gate, gate_up_bias=gate_up_bias, down_bias=down_bias)
+    ids, weights = top_k_index.to(cpu), _to_device(top_k_weights, cpu)
+    # Ids of num_experts or more are the interface's sentinels (a "no expert" routing slot, or
+    # an expert held elsewhere): they add nothing and pass no gradient to their weight.
+    sentinel = ids >= packed.num_experts
+    if bool(sentinel.any()):
+        ids, weights = ids.masked_fill(sentinel, 0), weights.masked_fill(sentinel, 0)
+    y = moe_sft(_to_device(hidden_states, cpu), ids, weights, packed, lora, scaling, gate=variant.kernel_gate,
+                gate_up_bias=gate_up_bias, down_bias=down_bias)
     return _to_device(y, hidden_states.device)
 
 

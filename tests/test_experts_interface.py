@@ -184,6 +184,32 @@ def tokens():
     return torch.randint(3, VOCAB, (1, 11), generator=torch.Generator().manual_seed(3))
 
 
+def test_sentinel_expert_ids_add_nothing_as_in_eager(qwen3, monkeypatch):
+    """Ids of num_experts (a "no expert" routing slot, or an expert held elsewhere) are
+    skipped by the eager experts and by the interface's other implementations: the kt ones
+    too, with no gradient to their routing weights."""
+    monkeypatch.setenv("KT_OPS_MAX_ISA", "avx2")
+    experts = experts_of(qwen3)[0]
+    e, h = experts.num_experts, qwen3.config.hidden_size
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, h, generator=g)
+    ids = torch.randint(0, e, (6, 2), generator=g)
+    ids[1, 0] = ids[4, 1] = e
+    results = {}
+    for impl in ("eager", "kt"):
+        module = copy.deepcopy(experts)
+        module.config._experts_implementation = impl
+        xi, w = x.clone().requires_grad_(True), torch.rand(6, 2, generator=torch.Generator().manual_seed(6))
+        w.requires_grad_(True)
+        y = module(xi, ids, w)
+        y.pow(2).sum().backward()
+        assert isinstance(module.gate_up_proj, PackedExpertWeight) == (impl == "kt")  # the kt experts ran
+        results[impl] = (y.detach(), xi.grad, w.grad)
+    for what, got, want in zip(("y", "grad x", "grad weights"), results["kt"], results["eager"]):
+        assert_close(what, got, want, torch.float32)
+    assert results["kt"][2][1, 0] == 0 and results["kt"][2][4, 1] == 0
+
+
 def test_experts_are_held_once_packed_and_read_as_their_true_values(qwen3):
     before = {n: p.detach().clone() for n, p in qwen3.named_parameters() if ".experts." in n}
     ids = tokens()
