@@ -351,6 +351,39 @@ def test_load_model_takes_a_family_whose_checkpoints_kt_ops_does_not_stream(mode
         assert_close("logits", loaded(input_ids=ids).logits, patched(input_ids=ids).logits, torch.float32)
 
 
+def test_kt_sft_trains_a_family_whose_checkpoints_kt_ops_does_not_stream(tmp_path, capsys):
+    """kt-sft on an OLMoE checkpoint: loaded by transformers, packed, trained with PEFT's
+    LoRA; the adapter loads into the stock eager model with stock PEFT."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kt_ops import default
+    from kt_ops.cli import main
+
+    tokenizer = AutoTokenizer.from_pretrained(default.ASSETS)
+    checkpoint = tmp_path / "olmoe"
+    tiny_model("olmoe", vocab_size=len(tokenizer)).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(checkpoint), "--data", default.DATA, "--out", str(out), "--steps", "3",
+                 "--max-tokens-per-step", "256", "--no-progress"]) == 0
+    capsys.readouterr()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["completed"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["target_parameters"] and config["modules_to_save"] == ["mlp.gate"]
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "adapter_model.safetensors")
+    assert any(".experts." in k and "lora_B" in k and v.abs().sum() > 0 for k, v in saved.items())  # it trained
+    by_peft = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(checkpoint), out)
+    kt = kt_ops.load_model(checkpoint, adapter=out, dtype=torch.float32, progress=False)
+    ids = torch.randint(3, len(tokenizer), (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_close("logits", kt(input_ids=ids).logits, by_peft(input_ids=ids).logits, torch.bfloat16)
+
+
 def test_unpack_experts_inverts_pack_experts():
     g = torch.Generator().manual_seed(0)
     for e, i, h, nodes in [(3, 45, 70, 1), (3, 70, 33, 2), (2, 100, 64, 3)]:
