@@ -1,11 +1,12 @@
-"""The kt-sft fine-tune through transformers' own Trainer: a kt_ops-patched model is an
-ordinary transformers model, so Trainer needs no special casing.
+"""The kt-sft fine-tune through transformers' own Trainer: kt_ops.load_model gives an ordinary
+PEFT model over the "kt" experts implementation, so Trainer needs no special casing.
 
     python examples/hf_trainer.py --out runs/hf_trainer          # the built-in tiny Qwen3-MoE
     python examples/hf_trainer.py --model DIR --data FILE.jsonl --out DIR
 
 The routed experts stay in CPU memory (torch.ops.kt); the rest goes where Trainer puts it
-(the GPU when there is one). The adapter is written with kt_ops.save_adapter (PEFT format).
+(the GPU when there is one). The adapter is written with kt_ops.save_adapter (PEFT's
+save_pretrained, each file written whole).
 """
 import argparse
 import json
@@ -37,7 +38,7 @@ def main() -> None:
     examples = data.load_examples(args.data or default.DATA, tokenizer, max_seq_len=256)
     train_set = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
 
-    model = kt_ops.load_model(model_dir, lora_rank=16, lora_alpha=32)  # experts on the CPU, LoRA on each
+    model = kt_ops.load_model(model_dir, lora_rank=16, lora_alpha=32)  # experts on the CPU, PEFT LoRA on each
     training = transformers.TrainingArguments(
         output_dir=args.out, max_steps=args.max_steps, learning_rate=args.lr, lr_scheduler_type="cosine",
         warmup_steps=5, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
