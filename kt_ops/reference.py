@@ -91,3 +91,86 @@ def moe_flops(tokens: int, top_k: int, hidden: int, intermediate: int) -> float:
     """Base-GEMM FLOPs of one forward + backward (2 x 2*T*K*3*H*I), the unit every benchmark
     reports effective TFLOP/s in (see PERF.md)."""
     return 2.0 * 2.0 * tokens * top_k * 3.0 * hidden * intermediate
+
+
+# ---------------------------------------------------------------- quantized weight formats
+#
+# What each frozen-weight format means, exactly: a weight W [..., N, K] (N output rows, K the
+# reduction) is stored as integer or fp8 codes q and float32 scales, and stands for
+# dequantize(q, scales). The kernels of a format compute with these values; quantize is how
+# kt_ops makes a format from bf16 weights (checkpoints that ship a format are read as they
+# are). Rounding is to nearest, ties to even (torch.round); a row or group of zeros gets
+# scale 1, since any scale gives it zeros.
+
+INT8_MAX = 127  # int8 codes of quantize_int8 lie in [-127, 127]
+INT4_MAX = 7  # int4 codes of quantize_int4 lie in [-7, 7]; dequantize_int4 reads [-8, 7]
+INT4_GROUP_SIZES = (32, 64, 128)
+FP8_BLOCK = 128  # fp8 e4m3 weights carry one scale per 128 x 128 block (DeepSeek-V3, Kimi-K2)
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+
+
+def _scale_for(amax: torch.Tensor, top: float) -> torch.Tensor:
+    return torch.where(amax > 0, amax / top, torch.ones_like(amax))
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per output row: ``(q int8 [..., N, K], scale float32
+    [..., N])``, ``scale = max|W[n, :]| / 127``."""
+    w = w.float()
+    scale = _scale_for(w.abs().amax(dim=-1), INT8_MAX)
+    q = torch.round(w / scale[..., None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 ``q[..., n, k] * scale[..., n]``."""
+    return q.float() * scale.float()[..., None]
+
+
+def _check_group(k: int, group_size: int) -> None:
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"kt_ops: int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    if k % group_size:
+        raise ValueError(f"kt_ops: int4 group_size {group_size} does not divide the reduction size {k}")
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int4 with one scale per ``group_size`` consecutive reduction elements of a
+    row: ``(q int8 [..., N, K] holding codes in [-7, 7], scale float32 [..., N, K /
+    group_size])``, ``scale = max|group| / 7``. (Two codes share a byte in the packed
+    experts; here each has its own.)"""
+    _check_group(w.shape[-1], group_size)
+    groups = w.float().unflatten(-1, (-1, group_size))
+    scale = _scale_for(groups.abs().amax(dim=-1), INT4_MAX)
+    q = torch.round(groups / scale[..., None]).clamp(-INT4_MAX, INT4_MAX).to(torch.int8)
+    return q.flatten(-2), scale
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
+    """float32 ``q[..., n, k] * scale[..., n, k // group_size]``."""
+    _check_group(q.shape[-1], group_size)
+    return (q.float().unflatten(-1, (-1, group_size)) * scale.float()[..., None]).flatten(-2)
+
+
+def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 e4m3 with one scale per 128 x 128 block of the last two dimensions (the edge blocks
+    are partial): ``(q float8_e4m3fn [..., N, K], scale_inv float32 [..., ceil(N / 128),
+    ceil(K / 128)])``, ``scale_inv = max|block| / 448``, the name and meaning checkpoints use
+    (the weight is ``q * scale_inv``)."""
+    w = w.float()
+    n, k = w.shape[-2:]
+    padded = F.pad(w, (0, -k % FP8_BLOCK, 0, -n % FP8_BLOCK))
+    blocks = padded.unflatten(-1, (-1, FP8_BLOCK)).unflatten(-3, (-1, FP8_BLOCK))  # [..., bn, 128, bk, 128]
+    scale_inv = _scale_for(blocks.abs().amax(dim=(-3, -1)), FP8_MAX)
+    return (w / _per_element(scale_inv, n, k)).to(torch.float8_e4m3fn), scale_inv
+
+
+def _per_element(block_scales: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """[..., ceil(n/128), ceil(k/128)] block values spread over [..., n, k]."""
+    return block_scales.float().repeat_interleave(FP8_BLOCK, -2)[..., :n, :].repeat_interleave(FP8_BLOCK, -1)[..., :k]
+
+
+def dequantize_fp8(q: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """float32 ``q[..., n, k] * scale_inv[..., n // 128, k // 128]``."""
+    n, k = q.shape[-2:]
+    return q.float() * _per_element(scale_inv, n, k)

@@ -15,8 +15,8 @@ from torch import nn
 from kt_ops.api import PackedExperts, pack_experts
 from kt_ops.files import read_json
 from kt_ops.models.families import ARCHITECTURES, Family, experts_shape, family_of, interface_experts, moe_layers
+from kt_ops.reference import FP8_BLOCK, dequantize_fp8
 
-FP8_BLOCK = 128  # DeepSeek-V3-style fp8 checkpoints scale each 128 x 128 block
 
 
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -209,9 +209,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _dequantize(weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
     """An fp8 weight [out, in] multiplied by its per-128x128-block scales, in bf16."""
-    out, inp = weight.shape
-    scale = scale_inv.float().repeat_interleave(FP8_BLOCK, 0)[:out].repeat_interleave(FP8_BLOCK, 1)[:, :inp]
-    return (weight.float() * scale).to(torch.bfloat16)
+    return dequantize_fp8(weight, scale_inv).to(torch.bfloat16)
 
 
 def _expert_keys(family: Family) -> tuple[re.Pattern, re.Pattern]:
