@@ -65,7 +65,6 @@ void check_numel(const char* op, const std::string& what, std::initializer_list<
 
 namespace {
 
-c10::SymInt padded(const c10::SymInt& v) { return (v + 31) / 32 * 32; }
 
 bool is_activation_dtype(at::ScalarType t) { return t == at::kBFloat16 || t == at::kFloat; }
 
@@ -122,17 +121,17 @@ MoeSizes check_moe_args(const char* op, const at::Tensor& x, const at::Tensor& t
   KT_CHECK(gate_up.scalar_type() == at::kBFloat16 && gate_up.dim() == 4 && gate_up.sym_size(0) > 0, "kt.", op,
               ": gate_up must be the bfloat16 [S, E, 2*Is, Hp] tensor made by kt.pack_experts, got ",
               describe(gate_up));
-  const c10::SymInt slices = gate_up.sym_size(0), width = padded((I + slices - 1) / slices);
+  const c10::SymInt slices = gate_up.sym_size(0), width = kt::padded_slice_width(I, slices);
   s.experts = gate_up.sym_size(1);
-  KT_CHECK(gate_up.sym_size(2) == 2 * width && gate_up.sym_size(3) == padded(s.hidden), "kt.", op,
+  KT_CHECK(gate_up.sym_size(2) == 2 * width && gate_up.sym_size(3) == kt::padded_size(s.hidden), "kt.", op,
               ": gate_up must be packed for H = ", s.hidden, " and I = ", I, " (shape [", slices, ", E, ",
-              2 * width, ", ", padded(s.hidden), "]), got ", describe(gate_up));
+              2 * width, ", ", kt::padded_size(s.hidden), "]), got ", describe(gate_up));
   KT_CHECK(down.scalar_type() == at::kBFloat16 && down.dim() == 4 && down.sym_size(0) == slices &&
-                  down.sym_size(1) == s.experts && down.sym_size(2) == padded(s.hidden) &&
+                  down.sym_size(1) == s.experts && down.sym_size(2) == kt::padded_size(s.hidden) &&
                   down.sym_size(3) == width,
               "kt.", op, ": down must be the bfloat16 tensor made by kt.pack_experts with gate_up for E = ",
               s.experts, ", H = ", s.hidden, ", I = ", I, " (shape [", slices, ", ", s.experts, ", ",
-              padded(s.hidden), ", ", width, "]), got ", describe(down));
+              kt::padded_size(s.hidden), ", ", width, "]), got ", describe(down));
 
   KT_CHECK(layout.scalar_type() == at::kLong && layout.dim() == 1 && layout.sym_size(0) == kt::kLayoutFields,
            "kt.", op, ": layout must be the int64 [", kt::kLayoutFields,

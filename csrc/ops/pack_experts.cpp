@@ -39,7 +39,6 @@ ExpertShape check_pack_args(const at::Tensor& w_gate, const at::Tensor& w_up, co
   return s;
 }
 
-c10::SymInt padded(const c10::SymInt& v) { return (v + 31) / 32 * 32; }
 
 // More slices than any machine has NUMA nodes.
 constexpr int64_t kMaxNumaNodes = 1024;
@@ -55,7 +54,7 @@ int64_t slice_count(const ExpertShape& s, int64_t numa_nodes) {
 }
 
 PackResult allocate(const ExpertShape& s, int64_t slices, const at::TensorOptions& opts) {
-  const c10::SymInt width = padded((s.intermediate + slices - 1) / slices), hp = padded(s.hidden);
+  const c10::SymInt width = kt::padded_slice_width(s.intermediate, slices), hp = kt::padded_size(s.hidden);
   check_numel("pack_experts", "gate_up", {slices, s.experts, 2 * width, hp});
   return {at::empty_symint({slices, s.experts, 2 * width, hp}, opts),
           at::empty_symint({slices, s.experts, hp, width}, opts),
@@ -114,7 +113,8 @@ ExpertShape check_unpack_args(const at::Tensor& gate_up, const at::Tensor& down,
   KT_CHECK(gate_up.scalar_type() == at::kBFloat16 && gate_up.dim() == 4 && gate_up.sym_size(0) > 0, "kt.", op,
            ": gate_up must be the bfloat16 [S, E, 2*Is, Hp] tensor made by kt.pack_experts, got ", describe(gate_up));
   const c10::SymInt slices = gate_up.sym_size(0), experts = gate_up.sym_size(1);
-  const c10::SymInt width = padded((c10::SymInt(intermediate) + slices - 1) / slices), hp = padded(c10::SymInt(hidden));
+  const c10::SymInt width = kt::padded_slice_width(c10::SymInt(intermediate), slices),
+                    hp = kt::padded_size(c10::SymInt(hidden));
   KT_CHECK(gate_up.sym_size(2) == 2 * width && gate_up.sym_size(3) == hp, "kt.", op, ": gate_up must be packed for H = ",
            hidden, " and I = ", intermediate, ", got ", describe(gate_up));
   KT_CHECK(down.scalar_type() == at::kBFloat16 && down.dim() == 4 && down.sym_size(0) == slices &&

@@ -21,6 +21,18 @@ constexpr int64_t kPadTo = 32;                             // both dims are padd
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
+// The size rule of the packed experts, for any integer type: the ops layer applies it to
+// symbolic sizes (torch.compile), the kernels to int64_t.
+template <typename Int>
+Int padded_size(const Int& v) {
+  return (v + (kPadTo - 1)) / kPadTo * kPadTo;
+}
+// Padded width of each of `slices` slices of an intermediate dimension of size `intermediate`.
+template <typename Int, typename Count>
+Int padded_slice_width(const Int& intermediate, const Count& slices) {
+  return padded_size((intermediate + slices - 1) / slices);
+}
+
 // Offset of W[n][k] inside a packed matrix with padded depth kp.
 inline int64_t packed_offset(int64_t n, int64_t k, int64_t kp) {
   return ((n / kPanelRows) * (kp / kBlockDepth) + k / kBlockDepth) * kBlockElems +
@@ -61,8 +73,8 @@ void pack_transposed_panels(const bf16* packed, int64_t np, int64_t kp, int64_t 
 struct ExpertLayout {
   int64_t experts, hidden, intermediate, slices;
 
-  int64_t hp() const { return round_up(hidden, kPadTo); }
-  int64_t slice_width() const { return round_up((intermediate + slices - 1) / slices, kPadTo); }
+  int64_t hp() const { return padded_size(hidden); }
+  int64_t slice_width() const { return padded_slice_width(intermediate, slices); }
   // Intermediate columns of slice s that hold weights (the rest is padding).
   int64_t slice_columns(int64_t s) const {
     const int64_t left = intermediate - s * slice_width();
