@@ -61,6 +61,13 @@ def to_peft_layout(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torc
     return a_w, b_w
 
 
+def from_peft_layout(a_w: torch.Tensor, b_w: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`to_peft_layout`: PEFT's fused-experts ``lora_A.weight`` [E*r, in] and
+    ``lora_B.weight`` [out, r*E] as A [E, r, in] and B [E, out, r] (views)."""
+    r = a_w.shape[0] // experts
+    return a_w.reshape(experts, r, a_w.shape[1]), b_w.reshape(b_w.shape[0], r, experts).permute(2, 0, 1)
+
+
 def _unwrapped_name(name: str) -> str:
     """A module path inside a PeftModel ("base_model.model.model.layers.0...") as inside the
     plain model ("model.layers.0...")."""
@@ -265,7 +272,8 @@ def load_adapter(model: nn.Module, in_dir: Union[str, os.PathLike]) -> nn.Module
     # Plan: every value the model will take, read and checked; nothing is written yet.
     expert_values = {}
     for name, m in layers.items():
-        values = _read_fused(tensors, name, m) if fused else _read_per_expert(tensors, name, m, family)
+        values = (_read_fused(tensors, name, m) if fused else
+                  _read_per_expert(tensors, name, (m.num_experts, m.hidden_size, m.intermediate_size, m.rank), family))
         m.check_lora(values, name)
         expert_values[name] = values
     saved_whole = cfg.get("modules_to_save") or []
@@ -348,16 +356,9 @@ def _per_expert_to_fused(model: nn.Module, tensors: dict[str, torch.Tensor], r: 
         variant = experts_variant(experts)
         if not path.endswith("." + family.experts) or variant.transposed:
             continue
-        block = path[: -len(family.experts)] + family.expert_list + "."
-        if not any(k.startswith(block) for k in tensors):
+        if not any(k.startswith(_per_expert_prefix(path, family)) for k in tensors):
             continue
-        shapes = {"A": [(r, h), (r, h), (r, i)], "B": [(i, r), (i, r), (h, r)]}
-        stacked = []
-        for j, proj in enumerate(family.expert_linears):
-            for ab in "AB":
-                stacked.append(torch.stack([_take(tensors, f"{block}{x}.{proj}.lora_{ab}.weight", shapes[ab][j])
-                                            for x in range(e)]))
-        a_g, b_g, a_u, b_u, a_d, b_d = stacked
+        a_g, b_g, a_u, b_u, a_d, b_d = _read_per_expert(tensors, path, (e, h, i, r), family)
         if not torch.equal(a_g, a_u):
             raise ValueError(f"kt_ops.load_adapter: {_unwrapped_name(path)}: gate and up have different lora_A; the "
                              "fused experts of this model share one A between gate and up (PEFT's target_parameters "
@@ -466,25 +467,32 @@ def _read_fused(tensors: dict[str, torch.Tensor], name: str, m: KtExperts) -> li
         base = "base_layer." * (len(FUSED_PARAMETERS) - 1 - depth)
         a_w = _take(tensors, prefix + base + "lora_A.weight", (e * r, fan_in))
         b_w = _take(tensors, prefix + base + "lora_B.weight", (fan_out, r * e))
-        pairs.append((a_w.reshape(e, r, fan_in), b_w.reshape(fan_out, r, e).permute(2, 0, 1)))
+        pairs.append(from_peft_layout(a_w, b_w, e))
     (a_gu, b_gu), (a_d, b_d) = pairs
     return [a_gu, b_gu[:, :i], a_gu, b_gu[:, i:], a_d, b_d]
 
 
-def _read_per_expert(tensors: dict[str, torch.Tensor], name: str, m: KtExperts, family: Family) -> list[torch.Tensor]:
-    """(A_g, B_g, A_u, B_u, A_d, B_d) of one layer from PEFT LoRA keys on per-expert nn.Linear
-    modules (``...experts.{e}.gate_proj.lora_A.weight``)."""
+def _per_expert_prefix(name: str, family: Family) -> str:
+    """Where PEFT keeps the per-expert LoRA keys of the experts module at ``name``
+    (``base_model.model.<layer>.<expert list>.``)."""
     layer = _unwrapped_name(name)
     for suffix in (family.experts, family.expert_list):
         if layer.endswith("." + suffix):
             layer = layer[: -len(suffix)]
             break
-    prefix = f"base_model.model.{layer}{family.expert_list}."
-    i, h, r = m.intermediate_size, m.hidden_size, m.rank
+    return f"base_model.model.{layer}{family.expert_list}."
+
+
+def _read_per_expert(tensors: dict[str, torch.Tensor], name: str, sizes: tuple[int, int, int, int],
+                     family: Family) -> list[torch.Tensor]:
+    """(A_g, B_g, A_u, B_u, A_d, B_d) of one layer of ``sizes`` (E, H, I, r) from PEFT LoRA
+    keys on per-expert nn.Linear modules (``...experts.{e}.gate_proj.lora_A.weight``)."""
+    prefix = _per_expert_prefix(name, family)
+    e, h, i, r = sizes
     shapes = {"A": [(r, h), (r, h), (r, i)], "B": [(i, r), (i, r), (h, r)]}
     out = []
     for j, proj in enumerate(family.expert_linears):
         for ab in "AB":
-            out.append(torch.stack([_take(tensors, f"{prefix}{e}.{proj}.lora_{ab}.weight", shapes[ab][j])
-                                    for e in range(m.num_experts)]))
+            out.append(torch.stack([_take(tensors, f"{prefix}{x}.{proj}.lora_{ab}.weight", shapes[ab][j])
+                                    for x in range(e)]))
     return out

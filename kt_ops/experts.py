@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from kt_ops.api import PackedExperts, moe_sft, pack_experts
-from kt_ops.models.variants import ExpertsVariant, experts_variant, interface_experts_shape
+from kt_ops.models.variants import ExpertsVariant, experts_variant
 from kt_ops.packed_weights import ExpertsLayout, PackedExpertWeight, packed_parameters, to_canonical
 
 # The fused-layout LoRA parameters of KtExperts, and the per-expert ones (transformers 4.x).
@@ -231,19 +231,14 @@ def use_packed_experts(module: nn.Module, packed: Optional[PackedExperts] = None
                        dtype: Optional[torch.dtype] = None) -> None:
     """Makes an experts module of transformers' experts interface hold its weights packed:
     ``packed`` (from :func:`kt_ops.load_experts`; the module's own weights are then never
-    read, so they may be on the meta device), or its own weights packed now. The stand-ins
-    show as ``dtype`` (default: the module's weights' dtype). Raises ValueError, changing
-    nothing, for a variant the kt kernels cannot compute or experts of other sizes than the
-    module's."""
+    read, so they may be on the meta device; the caller has checked their sizes against the
+    module's), or its own weights packed now. The stand-ins show as ``dtype`` (default: the
+    module's weights' dtype). Raises ValueError, changing nothing, for a variant the kt
+    kernels cannot compute."""
     layout = _layout(supported_variant(module))
     if packed is None:
         packed_experts_of(module, layout, numa_nodes, dtype)
         return
-    want = interface_experts_shape(module)
-    got = (packed.num_experts, packed.hidden_size, packed.intermediate_size)
-    if got != want:
-        raise ValueError(f"kt_ops: the packed experts hold {got[0]} experts of hidden size {got[1]} and intermediate "
-                         f"size {got[2]}; the module has {want[0]} of {want[1]} and {want[2]}")
     _install(module, packed, layout, dtype or _base_parameter(module, "gate_up_proj").dtype)
 
 

@@ -351,6 +351,12 @@ def test_load_model_takes_a_family_whose_checkpoints_kt_ops_does_not_stream(mode
         assert_close("logits", loaded(input_ids=ids).logits, patched(input_ids=ids).logits, torch.float32)
 
 
+def test_load_experts_names_the_families_it_streams(tmp_path):
+    tiny_model("olmoe").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="kt_ops reads the expert tensors of deepseek_v2, .* has model_type 'olmoe'"):
+        kt_ops.load_experts(tmp_path, progress=False)
+
+
 def test_kt_sft_trains_a_family_whose_checkpoints_kt_ops_does_not_stream(tmp_path, capsys):
     """kt-sft on an OLMoE checkpoint: loaded by transformers, packed, trained with PEFT's
     LoRA; the adapter loads into the stock eager model with stock PEFT."""

@@ -15,10 +15,11 @@ from safetensors.torch import load_file, save_file
 
 import kt_ops
 from hf_models import FAMILIES, VOCAB, tiny_model
-from kt_ops.adapters import lora_state_dict
+from kt_ops.adapters import from_peft_layout, lora_state_dict
 from kt_ops.experts import KtExperts
 from kt_ops.models.families import expert_weights, interface_experts, moe_layers
 from kt_ops.models.surgery import ExpertLoraConfig
+from kt_ops.packed_weights import PackedExpertWeight
 from moe_case import assert_close
 
 # transformers 5.x: patch_model gives a PeftModel over the "kt" experts implementation.
@@ -149,11 +150,11 @@ def loaded_expert_lora(kt, layer: int, e: int) -> list:
         return [t[e] for t in m.lora_tensors()]
     state = peft.get_peft_model_state_dict(kt)
     prefix = f"base_model.model.model.layers.{layer}.mlp.experts."
-    r, i = kt.peft_config["default"].r, kt.config.intermediate_size
+    i, experts = kt.config.intermediate_size, kt.config.num_local_experts
     pairs = []
     for stem in (prefix + "base_layer.", prefix):  # gate_up_proj, wrapped first, then down_proj
-        a, b = state[stem + "lora_A.weight"], state[stem + "lora_B.weight"]
-        pairs.append((a.reshape(-1, r, a.shape[1])[e], b.reshape(b.shape[0], r, -1)[:, :, e]))
+        a, b = from_peft_layout(state[stem + "lora_A.weight"], state[stem + "lora_B.weight"], experts)
+        pairs.append((a[e], b[e]))
     (a_gu, b_gu), (a_d, b_d) = pairs
     return [a_gu, b_gu[:i], a_gu, b_gu[i:], a_d, b_d]
 
@@ -311,6 +312,8 @@ def test_bad_inputs_are_named(tmp_path):
         kt_ops.patch_model(tiny_model("mixtral"), lora_rank=4, config=peft.LoraConfig(r=4))
     with pytest.raises(ValueError, match="lora_rank must be >= 1, got 0"):
         kt_ops.patch_model(tiny_model("mixtral"), lora_rank=0)
+    with pytest.raises(TypeError, match="config must be an ExpertLoraConfig or a peft.LoraConfig, got dict"):
+        kt_ops.patch_model(tiny_model("mixtral"), config={"r": 4})
     dense = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2))
     with pytest.raises(ValueError, match="no MoE family for model_type 'llama'; supported: deepseek_v2"):
@@ -345,6 +348,47 @@ def test_bad_inputs_are_named(tmp_path):
             kt_ops.load_adapter(kt, tmp_path)
     with pytest.raises(ValueError, match="is not patched"):
         kt_ops.save_adapter(tiny_model("qwen3_moe"), tmp_path)
+
+
+@pytest.mark.skipif(not PEFT_EXPERTS, reason="the PEFT path of transformers 5.x")
+def test_peft_path_errors_are_named_and_change_nothing(tmp_path):
+    # Two modules beside the experts with one row per expert: which is the router is unclear.
+    model = tiny_model("qwen3_moe")
+    block = model.model.layers[0].mlp
+    block.other = torch.nn.Linear(model.config.hidden_size, model.config.num_experts)
+    with pytest.raises(ValueError, match=r"found no router beside model.layers.0.mlp.experts .*train_router=False"):
+        kt_ops.patch_model(model, lora_rank=R, lora_alpha=ALPHA)
+    assert not any(isinstance(p, PackedExpertWeight) for p in model.parameters())  # nothing was packed
+    # A per-expert adapter into a model whose adapter has LoRA on down_proj only.
+    source = kt_ops.patch_model(tiny_model("mixtral"), lora_rank=R, lora_alpha=ALPHA)
+    tensors = {}
+    cfg = source.config
+    for layer in range(cfg.num_hidden_layers):
+        for e in range(cfg.num_local_experts):
+            for proj, (rows, cols) in {"w1": (R, cfg.hidden_size), "w3": (R, cfg.hidden_size),
+                                       "w2": (R, cfg.intermediate_size)}.items():
+                key = f"base_model.model.model.layers.{layer}.block_sparse_moe.experts.{e}.{proj}"
+                tensors[f"{key}.lora_A.weight"] = torch.zeros(rows, cols)
+                out = cfg.hidden_size if proj == "w2" else cfg.intermediate_size
+                tensors[f"{key}.lora_B.weight"] = torch.zeros(out, R)
+    save_file(tensors, os.path.join(tmp_path, "adapter_model.safetensors"))
+    peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["w1", "w2", "w3"]).save_pretrained(tmp_path)
+    down_only = kt_ops.patch_model(tiny_model("mixtral"), config=peft.LoraConfig(
+        r=R, lora_alpha=ALPHA, target_parameters=["mlp.experts.down_proj"], modules_to_save=[]))
+    with pytest.raises(KeyError, match=r"the model has no LoRA on .*mlp.experts.gate_up_proj"):
+        kt_ops.load_adapter(down_only, tmp_path)
+
+
+def test_load_model_errors_are_named(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "moe")
+    with pytest.raises(ValueError, match="give either adapter or lora_rank/lora_alpha/config, not both"):
+        kt_ops.load_model(tmp_path / "moe", R, adapter=tmp_path / "moe", progress=False)
+    LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(tmp_path / "dense")
+    with pytest.raises(ValueError, match="found no routed experts kt_ops can run in .*dense: its model type is none of"):
+        kt_ops.load_model(tmp_path / "dense", progress=False)
 
 
 def packed_equal(a, b):
