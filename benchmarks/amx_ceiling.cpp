@@ -31,7 +31,7 @@
 #include <vector>
 
 #include "../csrc/kernels/amx_tiles.h"
-#include "kt/isa.h"
+#include "kt/kernels.h"
 #include "kt/packing.h"
 #include "kt/thread_pool.h"
 #include "kt/topology.h"
@@ -153,7 +153,7 @@ int main(int argc, char** argv) {
     Buffer<float> c;
   };
   std::vector<Buffers> buf(max_threads);
-  const kt::Kernels& k = kt::kernels_for(kt::Isa::kAmx);
+  const kt::KernelSet& k = *kt::select_kernels(kt::Isa::kAmx, kt::WeightFormat::kBF16);
 
   std::printf("%-8s %-12s %10s %12s %12s\n", "threads", "figure", "TFLOP/s/thr", "% tile peak", "% load-bound");
   for (int threads : counts) {
@@ -181,7 +181,7 @@ int main(int argc, char** argv) {
       const int64_t calls = 2 * sets;
       const double secs = best_seconds(threads, 3, [&](int64_t t) {
         for (int64_t i = 0; i < calls; ++i)
-          k.gemm_bf16(s.m, s.kp, buf[t].a.data(), lda, buf[t].w.data() + (i % sets) * wsize, s.panels,
+          k.weight_gemm(s.m, s.kp, buf[t].a.data(), lda, buf[t].w.data() + (i % sets) * wsize, s.panels,
                       buf[t].c.data(), ldc, false);
       });
       const double tf = 2.0 * s.m * s.kp * s.panels * kt::kPanelRows * calls / secs / 1e12;

@@ -31,6 +31,12 @@ def topology() -> str:
     return torch.ops.kt.topology()
 
 
+def weight_formats() -> list[str]:
+    """The weight formats this build packs experts in and computes with, e.g. ``["bf16"]``:
+    the values :func:`pack_experts` takes as ``format``."""
+    return list(torch.ops.kt.weight_formats())
+
+
 @dataclass(frozen=True)
 class PackedExperts:
     """Frozen expert weights of one MoE layer in the kernels' layout.
@@ -39,22 +45,37 @@ class PackedExperts:
     node, each in its node's memory and computed by its node's threads.
 
     Attributes:
-        gate_up: bf16 ``[S, E, 2*Is, Hp]``, gate and up projections, 16-row panels interleaved.
-        down: bf16 ``[S, E, Hp, Is]``, the down projection.
-        layout: int64 ``[6]``, what the two hold (weight format, E, H, I, S); the ops check
-            every call's sizes against it.
+        tensors: what ``torch.ops.kt.pack_experts`` returned, the list the MoE ops take:
+            :attr:`gate_up`, :attr:`down`, :attr:`layout`, then the format's scales (none for
+            ``"bf16"``).
+        format: the weight format (one of :func:`weight_formats`).
         intermediate_size: I, the experts' intermediate size.
         hidden_size: H, the experts' hidden size.
 
     Hp is H rounded up to 32 and Is is I / S rounded up to 32, padded with zeros; real
-    model sizes need no padding, so the packed bytes equal the bf16 weight bytes there.
+    model sizes need no padding, so the packed bytes equal the weight bytes there.
     """
 
-    gate_up: torch.Tensor
-    down: torch.Tensor
-    layout: torch.Tensor
+    tensors: tuple[torch.Tensor, ...]
+    format: str
     intermediate_size: int
     hidden_size: int
+
+    @property
+    def gate_up(self) -> torch.Tensor:
+        """``[S, E, 2*Is, Hp]``: the gate and up projections, 16-row panels interleaved."""
+        return self.tensors[0]
+
+    @property
+    def down(self) -> torch.Tensor:
+        """``[S, E, Hp, Is]``: the down projection."""
+        return self.tensors[1]
+
+    @property
+    def layout(self) -> torch.Tensor:
+        """int64 ``[6]``: what the packed tensors hold (weight format, E, H, I, S); the ops check
+        every call's sizes against it."""
+        return self.tensors[2]
 
     @property
     def num_experts(self) -> int:
@@ -67,18 +88,17 @@ class PackedExperts:
 
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The bf16 weights these were packed from: ``(w_gate [E, I, H], w_up [E, I, H],
-        w_down [E, H, I])``, new tensors (packing is a lossless permutation)."""
-        return torch.ops.kt.unpack_experts(self.gate_up, self.down, self.layout, self.hidden_size,
-                                           self.intermediate_size)
+        w_down [E, H, I])``, new tensors (packing bf16 is a lossless permutation)."""
+        return torch.ops.kt.unpack_experts(list(self.tensors), self.hidden_size, self.intermediate_size)
 
     @property
     def nbytes(self) -> int:
-        """Resident bytes of the packed weights."""
-        return self.gate_up.nbytes + self.down.nbytes + self.layout.nbytes
+        """Resident bytes of the packed experts, scales and layout included."""
+        return sum(t.nbytes for t in self.tensors)
 
 
-def pack_experts(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                 numa_nodes: int = 0) -> PackedExperts:
+def pack_experts(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, numa_nodes: int = 0, *,
+                 format: str = "bf16", group_size: int = 0) -> PackedExperts:
     """Packs one layer's expert weights for :func:`moe_sft`.
 
     Args:
@@ -87,11 +107,13 @@ def pack_experts(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
         w_down: bf16 ``[E, H, I]``.
         numa_nodes: slices to split the intermediate dimension into, 0 to 1024; 0 (the
             default) gives one per NUMA node of :func:`topology`. Never more than I / 32.
+        format: the weight format to hold them in, one of :func:`weight_formats`.
+        group_size: the quantization group of formats that have one; 0 for the others.
 
     The inputs are not kept: once packed they can be freed.
     """
-    gate_up, down, layout = torch.ops.kt.pack_experts(w_gate, w_up, w_down, numa_nodes)
-    return PackedExperts(gate_up, down, layout, int(w_gate.shape[1]), int(w_gate.shape[2]))
+    tensors = torch.ops.kt.pack_experts(w_gate, w_up, w_down, numa_nodes, format, group_size)
+    return PackedExperts(tuple(tensors), format, int(w_gate.shape[1]), int(w_gate.shape[2]))
 
 
 @dataclass(frozen=True)
@@ -125,7 +147,7 @@ SWIGLU = Gate()
 
 def _lora_args(lora: Optional[LoraTuple]) -> list[Optional[torch.Tensor]]:
     if lora is None:
-        return [None] * 6
+        return []
     lora = list(lora)
     if len(lora) != 6:
         raise ValueError(
@@ -189,9 +211,8 @@ def moe_sft(
 
     Set ``KT_OPS_PROFILE=1`` to have every call print the wall time of its phases.
     """
-    a_g, b_g, a_u, b_u, a_d, b_d = _lora_args(lora)
     y, _, _ = torch.ops.kt.moe_sft_forward(
-        x, topk_ids, topk_weights, experts.gate_up, experts.down, experts.layout, experts.intermediate_size,
-        a_g, b_g, a_u, b_u, a_d, b_d, float(lora_scaling), gate_up_bias, down_bias, *gate.op_args(),
+        x, topk_ids, topk_weights, list(experts.tensors), experts.intermediate_size, _lora_args(lora),
+        float(lora_scaling), gate_up_bias, down_bias, *gate.op_args(),
     )
     return y

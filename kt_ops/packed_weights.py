@@ -142,10 +142,10 @@ class PackedExpertWeight(torch.Tensor):
         else:
             down = values.to(torch.bfloat16)
         fresh = pack_experts(*(t.contiguous() for t in to_canonical(gate_up, down, self.experts_layout)),
-                             numa_nodes=self.packed.numa_slices)
+                             numa_nodes=self.packed.numa_slices, format=self.packed.format)
         with torch.no_grad():
-            self.packed.gate_up.copy_(fresh.gate_up)
-            self.packed.down.copy_(fresh.down)
+            for kept, new in zip(self.packed.tensors, fresh.tensors):
+                kept.copy_(new)
         self._serialized = None
 
     @classmethod

@@ -127,8 +127,7 @@ def test_saved_activations_match_the_documented_bytes_per_token():
     h, i, e, k, t, r = 64, 48, 8, 4, 10, 16
     case = make_case(h, i, e, k, t, r)
     _, gate_up_act, lora_act = torch.ops.kt.moe_sft_forward(
-        case.x, case.topk_ids, case.topk_weights, case.experts.gate_up, case.experts.down, case.experts.layout, i,
-        *case.lora, case.scaling)
+        case.x, case.topk_ids, case.topk_weights, list(case.experts.tensors), i, case.lora, case.scaling)
     assert gate_up_act.nbytes + lora_act.nbytes == t * (k * 2 * i * 2 + k * 3 * r * 4)
     qwen3 = 8 * 2 * 768 * 2 + 8 * 3 * 16 * 4
     assert qwen3 == 26112, "update the figure in kt_ops.moe_sft's docstring"

@@ -23,8 +23,8 @@ def call(case, **override):
                 down_bias=None, activation="silu", activation_alpha=1.0, activation_limit=None, up_offset=0.0)
     args.update(override)
     return torch.ops.kt.moe_sft_forward(
-        args["x"], args["topk_ids"], args["topk_weights"], args["gate_up"], args["down"], args["layout"],
-        args["intermediate_size"], *args["lora"], args["lora_scaling"], args["gate_up_bias"], args["down_bias"],
+        args["x"], args["topk_ids"], args["topk_weights"], [args["gate_up"], args["down"], args["layout"]],
+        args["intermediate_size"], list(args["lora"]), args["lora_scaling"], args["gate_up_bias"], args["down_bias"],
         args["activation"], args["activation_alpha"], args["activation_limit"], args["up_offset"])
 
 
@@ -86,7 +86,7 @@ BAD = {
     "layout_values": (lambda c: dict(layout=torch.arange(6)),
                       "layout must be the tensor made by kt.pack_experts with gate_up and down; this one holds other values"),
     "layout_format": (lambda c: dict(layout=with_field(c.experts.layout, 1, 7)),
-                      "layout names weight format 7, which this build of kt_ops cannot compute (it has: 0 = bf16)"),
+                      "layout names weight format 7, which this build of kt_ops cannot compute (it has: bf16)"),
     "layout_experts": (lambda c: dict(layout=with_field(c.experts.layout, 2, 5)),
                        "gate_up must hold the 5 experts in 1 slices that layout describes, got bfloat16 [1, 6, 128, 96]"),
     "activation_name": (lambda c: dict(activation="relu"),
@@ -124,6 +124,44 @@ def test_forward_argument_checks(case, name):
         call(case, **make_override(case))
 
 
+@pytest.mark.parametrize("experts, lora, message", [
+    (lambda c: list(c.experts.tensors[:2]), None,
+     "experts must be the tensors kt.pack_experts returned (gate_up, down, layout, then the format's scales), got 2 "
+     "tensors"),
+    (lambda c: list(c.experts.tensors) + [torch.zeros(3)], None,
+     "experts must be the 3 tensors kt.pack_experts returns for format bf16, got 4"),
+    (lambda c: list(c.experts.tensors), lambda c: list(c.lora[:4]),
+     "lora must be empty (no LoRA) or the six tensors [A_gate, B_gate, A_up, B_up, A_down, B_down] (a pair may be "
+     "None), got 4 entries"),
+])
+def test_list_argument_checks(case, experts, lora, message):
+    args = [case.x, case.topk_ids, case.topk_weights, experts(case), I, lora(case) if lora else list(case.lora),
+            case.scaling, *SWIGLU_ARGS]
+    with pytest.raises(RuntimeError, match=re.escape(OP + message)):
+        torch.ops.kt.moe_sft_forward(*args)
+
+
+def test_meta_experts_of_an_unknown_weight_dtype_are_refused(case):
+    meta = [t.to("meta") for t in (case.x.detach(), case.topk_ids, case.topk_weights.detach())]
+    experts = [case.experts.gate_up.float().to("meta"), case.experts.down.to("meta"), case.experts.layout.to("meta")]
+    with pytest.raises(RuntimeError, match=re.escape(
+            OP + "gate_up must be the [S, E, 2*Is, Hp] tensor made by kt.pack_experts, in a weight format this build "
+            "has (bf16), got float32 [1, 6, 128, 96]")):
+        torch.ops.kt.moe_sft_forward(*meta, experts, I, [], 1.0)
+
+
+@pytest.mark.parametrize("fmt, group_size, message", [
+    ("bf17", 0, 'format must be one of bf16 (the weight formats this build has), got "bf17"'),
+    ("", 0, 'format must be one of bf16 (the weight formats this build has), got ""'),
+    ("bf16", 32, "format bf16 has no quantization groups: group_size must be 0, got 32"),
+])
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_pack_experts_checks_the_format(fmt, group_size, message, device):
+    w = [torch.zeros(2, 32, 8).bfloat16(), torch.zeros(2, 32, 8).bfloat16(), torch.zeros(2, 8, 32).bfloat16()]
+    with pytest.raises(RuntimeError, match=re.escape("kt.pack_experts: " + message)):
+        torch.ops.kt.pack_experts(*[t.to(device) for t in w], 1, fmt, group_size)
+
+
 @pytest.mark.parametrize("bad_id", [-1, E])
 def test_expert_id_out_of_range(case, bad_id):
     ids = case.topk_ids.clone()
@@ -135,8 +173,8 @@ def test_expert_id_out_of_range(case, bad_id):
 
 def test_backward_checks_saved_tensors(case):
     y, gate_up_act, lora_act = call(case)
-    args = [case.grad_y, case.x.detach(), case.topk_ids, case.topk_weights.detach(), case.experts.gate_up,
-            case.experts.down, case.experts.layout, I, *[t.detach() for t in case.lora], case.scaling, *SWIGLU_ARGS]
+    args = [case.grad_y, case.x.detach(), case.topk_ids, case.topk_weights.detach(), list(case.experts.tensors), I,
+            [t.detach() for t in case.lora], case.scaling, *SWIGLU_ARGS]
     with pytest.raises(RuntimeError, match=re.escape(
             "kt.moe_sft_backward: gate_up_act must be the bfloat16 [7, 2, 90] tensor returned by "
             "kt.moe_sft_forward, got bfloat16 [7, 2, 45]")):
@@ -212,8 +250,8 @@ def test_sizes_that_agree_only_after_padding_are_refused(call_hidden, call_inter
              intermediate_size=call_intermediate)
     with pytest.raises(RuntimeError, match=re.escape("kt.moe_sft_backward: " + message)):
         torch.ops.kt.moe_sft_backward(case.grad_y, case.x.detach(), case.topk_ids, case.topk_weights.detach(),
-                                      packed.experts.gate_up, packed.experts.down, packed.experts.layout,
-                                      call_intermediate, *[t.detach() for t in case.lora], case.scaling,
+                                      list(packed.experts.tensors), call_intermediate,
+                                      [t.detach() for t in case.lora], case.scaling,
                                       *SWIGLU_ARGS, torch.zeros(T, K, 2 * call_intermediate, dtype=case.x.dtype),
                                       torch.zeros(T, K, 3 * R))
 
@@ -269,4 +307,4 @@ def test_saved_activations_that_would_overflow_are_refused():
     layout = torch.empty(6, dtype=torch.long, **meta)
     with pytest.raises(RuntimeError, match=re.escape(
             "kt.moe_sft_forward: gate_up_act would be of shape [549755813888, 8, 2097152], 2^62 elements or more")):
-        torch.ops.kt.moe_sft_forward(x, ids, weights, gate_up, down, layout, i, *[None] * 6, 1.0)
+        torch.ops.kt.moe_sft_forward(x, ids, weights, [gate_up, down, layout], i, [], 1.0)

@@ -402,9 +402,9 @@ def test_unpack_experts_checks_its_sizes_against_the_layout():
     w = [torch.zeros(2, 64, 32).bfloat16(), torch.zeros(2, 64, 32).bfloat16(), torch.zeros(2, 32, 64).bfloat16()]
     p = kt_ops.pack_experts(*w, numa_nodes=1)
     with pytest.raises(RuntimeError, match="kt.unpack_experts: layout describes 2 experts of H = 32 and I = 64"):
-        torch.ops.kt.unpack_experts(p.gate_up, p.down, p.layout, 32, 40)
+        torch.ops.kt.unpack_experts(list(p.tensors), 32, 40)
     with pytest.raises(RuntimeError, match="kt.unpack_experts: gate_up must be packed for H = 64"):
-        torch.ops.kt.unpack_experts(p.gate_up, p.down, p.layout, 64, 64)
+        torch.ops.kt.unpack_experts(list(p.tensors), 64, 64)
 
 
 def test_supported_families_are_found_by_introspection():
@@ -454,10 +454,12 @@ def test_the_gate_is_found_by_evaluating_it(gate, attrs, want, concatenated):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda p: (p.gate_up, p.down, p.layout, 0, 64), "hidden_size and intermediate_size must be positive, got 0 and 64"),
-    (lambda p: (p.gate_up, p.down[:, :1], p.layout, 32, 64), "down must be the bfloat16 tensor made by kt.pack_experts with gate_up"),
-    (lambda p: (p.gate_up, p.down, p.layout.int(), 32, 64), "layout must be the int64 [6] tensor made by kt.pack_experts"),
-    (lambda p: (p.gate_up, p.down, torch.arange(6), 32, 64), "layout must be the tensor made by kt.pack_experts with gate_up and down"),
+    (lambda p: ([p.gate_up, p.down, p.layout], 0, 64), "hidden_size and intermediate_size must be positive, got 0 and 64"),
+    (lambda p: ([p.gate_up, p.down[:, :1], p.layout], 32, 64), "down must be the bfloat16 tensor made by kt.pack_experts with gate_up"),
+    (lambda p: ([p.gate_up, p.down, p.layout.int()], 32, 64), "layout must be the int64 [6] tensor made by kt.pack_experts"),
+    (lambda p: ([p.gate_up, p.down, torch.arange(6)], 32, 64), "layout must be the tensor made by kt.pack_experts with gate_up and down"),
+    (lambda p: ([p.gate_up, p.down], 32, 64), "experts must be the tensors kt.pack_experts returned (gate_up, down, layout"),
+    (lambda p: ([p.gate_up, p.down, p.layout, p.layout], 32, 64), "experts must be the 3 tensors kt.pack_experts returns for format bf16, got 4"),
 ])
 def test_unpack_experts_argument_checks(edit, message):
     w = [torch.zeros(2, 64, 32).bfloat16(), torch.zeros(2, 64, 32).bfloat16(), torch.zeros(2, 32, 64).bfloat16()]

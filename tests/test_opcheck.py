@@ -8,10 +8,8 @@ from moe_case import make_case
 
 
 def _forward_args(case):
-    lora = case.lora or [None] * 6
-    return (case.x, case.topk_ids, case.topk_weights, case.experts.gate_up, case.experts.down,
-            case.experts.layout, case.experts.intermediate_size, *lora, case.scaling, case.gate_up_bias,
-            case.down_bias, *case.gate.op_args())
+    return (case.x, case.topk_ids, case.topk_weights, list(case.experts.tensors), case.experts.intermediate_size,
+            list(case.lora or []), case.scaling, case.gate_up_bias, case.down_bias, *case.gate.op_args())
 
 
 # SwiGLU without biases, and gpt-oss's clamped gate with biases.
@@ -34,8 +32,8 @@ def test_opcheck_pack_experts():
 def test_opcheck_unpack_experts(numa_nodes):
     g = torch.Generator().manual_seed(0)
     w = [torch.randn(*s, generator=g).bfloat16() for s in [(3, 45, 70), (3, 45, 70), (3, 70, 45)]]
-    gate_up, down, layout = torch.ops.kt.pack_experts(*w, numa_nodes)
-    torch.library.opcheck(torch.ops.kt.unpack_experts.default, (gate_up, down, layout, 70, 45))
+    experts = torch.ops.kt.pack_experts(*w, numa_nodes)
+    torch.library.opcheck(torch.ops.kt.unpack_experts.default, (experts, 70, 45))
 
 
 @pytest.mark.parametrize("gate", list(GATES))
@@ -51,6 +49,7 @@ def test_opcheck_moe_sft_backward(gate):
     case = make_case(70, 45, 6, 2, 11, 8, **GATES[gate])
     with torch.no_grad():
         _, gate_up_act, lora_act = torch.ops.kt.moe_sft_forward.default(*_forward_args(case))
-    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in _forward_args(case)]
+    detached = [a.detach() if isinstance(a, torch.Tensor) else [t.detach() for t in a] if isinstance(a, list) else a
+                for a in _forward_args(case)]
     args = (case.grad_y, *detached, gate_up_act, lora_act)
     torch.library.opcheck(torch.ops.kt.moe_sft_backward.default, args)

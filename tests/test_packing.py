@@ -20,6 +20,17 @@ def test_packed_bytes_equal_bf16_bytes_for_model_sizes():
     assert packed.nbytes == bf16_bytes + packed.layout.nbytes == bf16_bytes + 48
 
 
+def test_the_build_has_bf16_and_packs_it_by_name():
+    assert "bf16" in kt_ops.weight_formats()
+    w = _weights(2, 64, 32)
+    named = kt_ops.pack_experts(*w, numa_nodes=1, format="bf16")
+    default = kt_ops.pack_experts(*w, numa_nodes=1)
+    assert named.format == default.format == "bf16"
+    assert len(named.tensors) == 3 and named.gate_up.dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for a, b in zip(named.tensors, default.tensors))
+    assert int(named.layout[1]) == 0, "format code of bf16 in the layout"
+
+
 def test_odd_sizes_pad_to_32():
     packed = kt_ops.pack_experts(*_weights(3, 45, 70), numa_nodes=1)
     assert packed.gate_up.shape == (1, 3, 2 * 64, 96)

@@ -159,7 +159,7 @@ def build(c: Call):
     if fault == "layout":
         layout = layout.clone()
         layout[2 + c.seed % 4] += 1  # experts, hidden, intermediate or slices
-    args = (x, ids, weights, packed.gate_up, packed.down, layout, call_i, *lora, 2.0)
+    args = (x, ids, weights, [packed.gate_up, packed.down, layout], call_i, list(lora), 2.0)
     return (w_gate, w_up, w_down), args, fault
 
 
@@ -192,8 +192,7 @@ def forward_and_grads(x, ids, weights, lora, run, grad_y=None):
 @given(calls())
 def test_moe_sft_computes_the_reference_or_names_the_argument(c):
     weights_unpacked, args, fault = build(c)
-    x, ids, weights, gate_up, down, layout, call_i, *rest = args
-    lora, scaling = rest[:6], rest[6]
+    x, ids, weights, experts, call_i, lora, scaling = args
     old = os.environ.get("KT_OPS_MAX_ISA")
     os.environ["KT_OPS_MAX_ISA"] = c.isa
     try:
@@ -206,7 +205,7 @@ def test_moe_sft_computes_the_reference_or_names_the_argument(c):
             return
 
         def kt(x_, ids_, w_, lora_):
-            y, _, _ = torch.ops.kt.moe_sft_forward(x_, ids_, w_, gate_up, down, layout, call_i, *lora_, scaling)
+            y, _, _ = torch.ops.kt.moe_sft_forward(x_, ids_, w_, experts, call_i, list(lora_), scaling)
             return y
 
         def reference(x_, ids_, w_, lora_):

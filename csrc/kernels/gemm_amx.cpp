@@ -5,7 +5,7 @@
 #include <immintrin.h>
 
 #include "amx_tiles.h"
-#include "kt/isa.h"
+#include "kernel_impls.h"
 #include "kt/packing.h"
 
 namespace kt {

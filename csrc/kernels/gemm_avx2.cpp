@@ -5,7 +5,7 @@
 #pragma GCC target("avx2,fma")
 #include <immintrin.h>
 
-#include "kt/isa.h"
+#include "kernel_impls.h"
 #include "kt/packing.h"
 
 namespace kt {

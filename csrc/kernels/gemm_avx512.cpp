@@ -9,7 +9,7 @@
 
 #include <cstring>
 
-#include "kt/isa.h"
+#include "kernel_impls.h"
 #include "kt/packing.h"
 
 namespace kt {
@@ -147,8 +147,9 @@ static inline __m512 load_masked(const void* base, DType dt, int64_t at, __mmask
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-float silu_grad_avx512(int64_t I, int64_t ip, const void* saved, DType saved_dtype, int64_t at, const float* q,
-                       float w, uint16_t* z, uint16_t* fused) {
+float swiglu_backward_avx512(int64_t I, int64_t ip, const void* saved, DType saved_dtype, int64_t at, const float* q,
+                             float w, void* z_out, void* fused_out) {
+  uint16_t *z = static_cast<uint16_t*>(z_out), *fused = static_cast<uint16_t*>(fused_out);
   const __m512 one = _mm512_set1_ps(1.f), wv = _mm512_set1_ps(w);
   __m512 dot = _mm512_setzero_ps();
   for (int64_t c = 0; c < ip; c += kPanelRows) {
@@ -182,8 +183,9 @@ void sigmoid_avx512(int64_t n, const float* x, float* out) {
   }
 }
 
-void gate_up_epilogue_avx512(int64_t valid, int64_t cols, const float* acc, uint16_t* z, void* saved,
-                             DType saved_dtype, int64_t g_at, int64_t u_at) {
+void swiglu_forward_avx512(int64_t valid, int64_t cols, const float* acc, void* z_out, void* saved,
+                           DType saved_dtype, int64_t g_at, int64_t u_at) {
+  uint16_t* z = static_cast<uint16_t*>(z_out);
   for (int64_t c = 0; c < cols; c += kPanelRows) {
     const int64_t left = valid - c;
     if (left <= 0) {

@@ -1,11 +1,12 @@
-// Portable reference GEMM over the packed layout: the fallback path and the yardstick the
-// vector kernels are tested against. The fp32-weight variant serves the LoRA products of the
+// The portable reference kernels over the packed layout: the scalar path, and the yardstick
+// every vector kernel is tested against. The fp32-weight GEMM serves the LoRA products of the
 // fp32 paths, whose LoRA matrices are packed per call in the same layout with fp32 elements.
+// The SwiGLU steps serve both fp32 paths (AVX2 computes its sigmoid here too).
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
-#include "kt/isa.h"
+#include "kernel_impls.h"
 #include "kt/packing.h"
 
 namespace kt {
@@ -42,11 +43,6 @@ void gemm_reference(int64_t m, int64_t kp, const Act* a, int64_t lda, const W* w
 
 }  // namespace
 
-void gemm_scalar_bf16(int64_t m, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* w,
-                      int64_t panels, float* c, int64_t ldc, bool accumulate) {
-  gemm_reference(m, kp, a, lda, w, panels, c, ldc, accumulate);
-}
-
 void gemm_scalar_f32(int64_t m, int64_t kp, const float* a, int64_t lda, const uint16_t* w,
                      int64_t panels, float* c, int64_t ldc, bool accumulate) {
   gemm_reference(m, kp, a, lda, w, panels, c, ldc, accumulate);
@@ -73,6 +69,43 @@ void rank_update_scalar(int64_t rows, int64_t n, int64_t depth, const float* a, 
 void gemm_scalar_f32_f32w(int64_t m, int64_t kp, const float* a, int64_t lda, const float* w,
                           int64_t panels, float* c, int64_t ldc, bool accumulate) {
   gemm_reference(m, kp, a, lda, w, panels, c, ldc, accumulate);
+}
+
+void swiglu_forward_scalar(int64_t valid, int64_t cols, const float* acc, void* z_out, void* saved,
+                           DType saved_dtype, int64_t g_at, int64_t u_at) {
+  float* z = static_cast<float*>(z_out);
+  thread_local std::vector<float> g, u, sg;
+  g.resize(valid), u.resize(valid), sg.resize(valid);
+  std::fill(z, z + cols, 0.f);
+  for (int64_t c = 0; c < valid; ++c) {
+    g[c] = acc[gate_up_column(c, false)];
+    u[c] = acc[gate_up_column(c, true)];
+  }
+  sigmoid_scalar(valid, g.data(), sg.data());
+  for (int64_t c = 0; c < valid; ++c) z[c] = g[c] * sg[c] * u[c];
+  store_f32(saved, saved_dtype, g_at, valid, g.data());
+  store_f32(saved, saved_dtype, u_at, valid, u.data());
+}
+
+float swiglu_backward_scalar(int64_t I, int64_t ip, const void* saved, DType saved_dtype, int64_t at, const float* q,
+                             float w, void* z_out, void* fused_out) {
+  float *z = static_cast<float*>(z_out), *fused = static_cast<float*>(fused_out);
+  thread_local std::vector<float> gu, sig;
+  gu.resize(2 * I), sig.resize(I);
+  std::fill(fused, fused + 2 * ip, 0.f);
+  load_f32(saved, saved_dtype, at, 2 * I, gu.data());
+  sigmoid_scalar(I, gu.data(), sig.data());
+  float z_dot_q = 0.f;
+  for (int64_t c = 0; c < I; ++c) {
+    const float g = gu[c], u = gu[I + c];
+    const float sg = sig[c], silu = g * sg;
+    z[c] = silu * u;
+    z_dot_q += silu * u * q[c];
+    const float dz = w * q[c];
+    fused[gate_up_column(c, false)] = dz * u * sg * (1.f + g * (1.f - sg));
+    fused[gate_up_column(c, true)] = dz * silu;
+  }
+  return z_dot_q;
 }
 
 }  // namespace kt

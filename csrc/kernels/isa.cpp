@@ -6,7 +6,6 @@
 
 #include <stdexcept>
 
-#include "kt/packing.h"
 
 namespace kt {
 namespace {
@@ -81,18 +80,6 @@ Isa select_isa(const char* cap) {
     throw std::invalid_argument(std::string("KT_OPS_MAX_ISA must be one of amx, avx512, avx2, scalar; got '") +
                                 cap + "'");
   return static_cast<int>(limit) < static_cast<int>(best) ? limit : best;
-}
-
-const Kernels& kernels_for(Isa isa) {
-  static const Kernels table[] = {
-      {Isa::kScalar, false, nullptr, gemm_scalar_f32, rank_update_scalar, sigmoid_scalar, pack_transposed_panels, nullptr, nullptr},
-      {Isa::kAvx2, false, nullptr, gemm_avx2_f32, rank_update_scalar, sigmoid_scalar, pack_transposed_panels, nullptr, nullptr},
-      {Isa::kAvx512Bf16, true, gemm_avx512_bf16, nullptr, rank_update_avx512, sigmoid_avx512, pack_transposed_panels_avx512,
-       gate_up_epilogue_avx512, silu_grad_avx512},
-      {Isa::kAmx, true, gemm_amx_bf16, nullptr, rank_update_avx512, sigmoid_avx512, pack_transposed_panels_avx512,
-       gate_up_epilogue_avx512, silu_grad_avx512},
-  };
-  return table[static_cast<int>(isa)];
 }
 
 }  // namespace kt

@@ -35,22 +35,36 @@ c10::intrusive_ptr<SavedForward> saved_of(AutogradContext* ctx) {
   return c10::static_intrusive_pointer_cast<SavedForward>(ctx->saved_data["forward"].toCapsule());
 }
 
+// The given LoRA tensors, in list order: the variables autograd tracks for the lora list (a
+// list entry of None is no variable).
+std::vector<at::Tensor> given_lora(const OptTensorList& lora) {
+  std::vector<at::Tensor> out;
+  for (size_t i = 0; i < lora.size(); ++i)
+    if (const OptTensor t = lora.get(i); t.has_value()) out.push_back(*t);
+  return out;
+}
+
+// Autograd sees the function's arguments flattened: x, topk_ids, topk_weights, one variable
+// per experts tensor, intermediate_size, one per given LoRA tensor (`lora_given`), then the
+// rest; its backward returns one entry per flattened argument.
 struct MoeSft : public torch::autograd::Function<MoeSft> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& topk_ids,
-                               const at::Tensor& topk_weights, const at::Tensor& gate_up,
-                               const at::Tensor& down, const at::Tensor& layout, int64_t intermediate_size,
-                               const OptTensor& lora_gate_a,
-                               const OptTensor& lora_gate_b, const OptTensor& lora_up_a,
-                               const OptTensor& lora_up_b, const OptTensor& lora_down_a,
-                               const OptTensor& lora_down_b, double lora_scaling, const OptTensor& gate_up_bias,
-                               const OptTensor& down_bias, c10::string_view activation, double activation_alpha,
-                               std::optional<double> activation_limit, double up_offset) {
-    const auto or_empty = [](const OptTensor& t) { return t.value_or(at::Tensor()); };
-    ForwardArgs args{{x, topk_ids, topk_weights, gate_up, down, layout, or_empty(lora_gate_a), or_empty(lora_gate_b),
-                      or_empty(lora_up_a), or_empty(lora_up_b), or_empty(lora_down_a), or_empty(lora_down_b),
-                      or_empty(gate_up_bias), or_empty(down_bias)},
-                     intermediate_size, lora_scaling, std::string(activation), activation_alpha, activation_limit,
-                     up_offset};
+                               const at::Tensor& topk_weights, at::TensorList experts, int64_t intermediate_size,
+                               at::TensorList lora_given, const OptTensorList& lora, double lora_scaling,
+                               const OptTensor& gate_up_bias, const OptTensor& down_bias, c10::string_view activation,
+                               double activation_alpha, std::optional<double> activation_limit, double up_offset) {
+    ForwardArgs args;
+    args.x = x, args.topk_ids = topk_ids, args.topk_weights = topk_weights;
+    args.experts = experts.vec();
+    for (size_t i = 0; i < lora.size(); ++i) args.lora.push_back(lora.get(i).value_or(at::Tensor()));
+    args.gate_up_bias = gate_up_bias.value_or(at::Tensor());
+    args.down_bias = down_bias.value_or(at::Tensor());
+    args.intermediate_size = intermediate_size;
+    args.lora_scaling = lora_scaling;
+    args.activation = std::string(activation);
+    args.activation_alpha = activation_alpha;
+    args.activation_limit = activation_limit;
+    args.up_offset = up_offset;
     if (auto earlier = forward_to_reuse(args)) {
       // A checkpoint's recompute: the node made here is discarded with the recomputed graph.
       ctx->saved_data["forward"] = c10::IValue::make_capsule(earlier);
@@ -58,10 +72,9 @@ struct MoeSft : public torch::autograd::Function<MoeSft> {
       return {earlier->y.clone(), earlier->gate_up_act, earlier->lora_act};
     }
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [y, gate_up_act, lora_act] = forward_op().call(
-        x, topk_ids, topk_weights, gate_up, down, layout, intermediate_size, lora_gate_a, lora_gate_b, lora_up_a,
-        lora_up_b, lora_down_a, lora_down_b, lora_scaling, gate_up_bias, down_bias, activation, activation_alpha,
-        activation_limit, up_offset);
+    auto [y, gate_up_act, lora_act] =
+        forward_op().call(x, topk_ids, topk_weights, experts, intermediate_size, lora, lora_scaling, gate_up_bias,
+                          down_bias, activation, activation_alpha, activation_limit, up_offset);
     ctx->saved_data["forward"] = c10::IValue::make_capsule(save_forward(std::move(args), y, gate_up_act, lora_act));
     ctx->mark_non_differentiable({gate_up_act, lora_act});
     return {y, gate_up_act, lora_act};
@@ -71,34 +84,20 @@ struct MoeSft : public torch::autograd::Function<MoeSft> {
     const auto saved = saved_of(ctx);
     check_saved(*saved);
     const ForwardArgs& a = saved->args;
-    const std::vector<at::Tensor>& s = a.tensors;
-    const auto grad = backward_op().call(
-        grads[0], s[0], s[1], s[2], s[3], s[4], s[5], a.intermediate_size, optional_of(s[6]), optional_of(s[7]),
-        optional_of(s[8]), optional_of(s[9]), optional_of(s[10]), optional_of(s[11]), a.lora_scaling,
-        optional_of(s[12]), optional_of(s[13]), a.activation, a.activation_alpha, a.activation_limit, a.up_offset,
-        saved->gate_up_act, saved->lora_act);
-    // One entry per forward argument; absent LoRA tensors and biases get no gradient.
-    const auto if_given = [&](int i, const at::Tensor& g) { return s[i].defined() ? g : at::Tensor(); };
-    variable_list result = {std::get<0>(grad),
-                            at::Tensor(),
-                            std::get<1>(grad),
-                            at::Tensor(),
-                            at::Tensor(),
-                            at::Tensor(),
-                            at::Tensor(),
-                            if_given(6, std::get<2>(grad)),
-                            if_given(7, std::get<3>(grad)),
-                            if_given(8, std::get<4>(grad)),
-                            if_given(9, std::get<5>(grad)),
-                            if_given(10, std::get<6>(grad)),
-                            if_given(11, std::get<7>(grad)),
-                            at::Tensor(),  // lora_scaling
-                            if_given(12, std::get<8>(grad)),
-                            if_given(13, std::get<9>(grad)),
-                            at::Tensor(),   // activation
-                            at::Tensor(),   // activation_alpha
-                            at::Tensor(),   // activation_limit
-                            at::Tensor()};  // up_offset
+    auto [grad_x, grad_weights, grad_lora, grad_gate_up_bias, grad_down_bias] = backward_op().call(
+        grads[0], a.x, a.topk_ids, a.topk_weights, a.experts, a.intermediate_size, a.lora_list(), a.lora_scaling,
+        optional_of(a.gate_up_bias), optional_of(a.down_bias), a.activation, a.activation_alpha, a.activation_limit,
+        a.up_offset, saved->gate_up_act, saved->lora_act);
+    variable_list result = {grad_x, at::Tensor(), grad_weights};
+    result.insert(result.end(), a.experts.size(), at::Tensor());  // the frozen experts
+    result.push_back(at::Tensor());                                // intermediate_size
+    for (size_t i = 0; i < a.lora.size(); ++i)
+      if (a.lora[i].defined()) result.push_back(grad_lora[i]);
+    result.push_back(at::Tensor());  // lora (the list itself; its tensors are lora_given)
+    result.push_back(at::Tensor());  // lora_scaling
+    result.push_back(a.gate_up_bias.defined() ? grad_gate_up_bias : at::Tensor());
+    result.push_back(a.down_bias.defined() ? grad_down_bias : at::Tensor());
+    result.insert(result.end(), 4, at::Tensor());  // activation, its alpha and limit, up_offset
     release_after_backward(*saved);
     return result;
   }
@@ -107,10 +106,10 @@ struct MoeSft : public torch::autograd::Function<MoeSft> {
 }  // namespace
 
 ForwardResult moe_sft_forward_autograd(KT_MOE_FORWARD_PARAMS) {
+  const std::vector<at::Tensor> lora_given = given_lora(lora);
   const variable_list out =
-      MoeSft::apply(x, topk_ids, topk_weights, gate_up, down, layout, intermediate_size, lora_gate_a, lora_gate_b,
-                    lora_up_a, lora_up_b, lora_down_a, lora_down_b, lora_scaling, gate_up_bias, down_bias, activation,
-                    activation_alpha, activation_limit, up_offset);
+      MoeSft::apply(x, topk_ids, topk_weights, experts, intermediate_size, at::TensorList(lora_given), lora,
+                    lora_scaling, gate_up_bias, down_bias, activation, activation_alpha, activation_limit, up_offset);
   return {out[0], out[1], out[2]};
 }
 

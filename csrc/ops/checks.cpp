@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "formats.h"
 #include "kt/packing.h"
 
 namespace kt_ops {
@@ -70,30 +71,67 @@ bool is_activation_dtype(at::ScalarType t) { return t == at::kBFloat16 || t == a
 
 // The packed experts' own account of their sizes against the call's: the padded shapes checked
 // before admit other sizes (H = 60 on experts packed for H = 64, I = 40 on I = 64).
-void check_layout(const char* op, const at::Tensor& layout, const MoeSizes& s, const at::Tensor& gate_up) {
-  const at::Tensor fields = layout.contiguous();
+void check_layout(const char* op, const PackedTensors& p, const MoeSizes& s) {
   kt::ExpertLayout packed{};
   int64_t format = -1;
-  KT_CHECK(kt::decode_layout(fields.data_ptr<int64_t>(), &packed, &format), "kt.", op,
-           ": layout must be the tensor made by kt.pack_experts with gate_up and down; this one holds other "
-           "values");
-  KT_CHECK(format == static_cast<int64_t>(kt::WeightFormat::kBF16), "kt.", op, ": layout names weight format ",
-           format, ", which this build of kt_ops cannot compute (it has: 0 = bf16)");
+  kt::decode_layout(p.layout.contiguous().data_ptr<int64_t>(), &packed, &format);  // check_experts decoded it
   KT_CHECK(s.intermediate == packed.intermediate, "kt.", op,
            ": intermediate_size must be the I the experts were packed with (", packed.intermediate, "), got ",
            s.intermediate);
   KT_CHECK(s.hidden == packed.hidden, "kt.", op, ": x must have the hidden size the experts were packed with (H = ",
            packed.hidden, "), got ", s.hidden);
-  KT_CHECK(gate_up.size(0) == packed.slices && gate_up.size(1) == packed.experts, "kt.", op,
+  KT_CHECK(p.gate_up.size(0) == packed.slices && p.gate_up.size(1) == packed.experts, "kt.", op,
            ": gate_up must hold the ", packed.experts, " experts in ", packed.slices,
-           " slices that layout describes, got ", describe(gate_up));
+           " slices that layout describes, got ", describe(p.gate_up));
 }
 
 }  // namespace
 
+LoraTensors lora_of(const char* op, const c10::List<std::optional<at::Tensor>>& lora) {
+  KT_CHECK(lora.size() == 0 || lora.size() == 6, "kt.", op,
+           ": lora must be empty (no LoRA) or the six tensors [A_gate, B_gate, A_up, B_up, A_down, B_down] (a pair "
+           "may be None), got ", lora.size(), " entries");
+  LoraTensors out;
+  for (size_t i = 0; i < lora.size(); ++i) out[i] = lora.get(i);
+  return out;
+}
+
+PackedTensors check_experts(const char* op, at::TensorList experts, const at::Tensor& ref, const char* ref_name,
+                            bool require_cpu, kt::WeightFormat* format) {
+  KT_CHECK(experts.size() >= 3, "kt.", op,
+           ": experts must be the tensors kt.pack_experts returned (gate_up, down, layout, then the format's "
+           "scales), got ", experts.size(), " tensors");
+  const PackedTensors p{experts[0], experts[1], experts[2]};
+  KT_CHECK(p.layout.scalar_type() == at::kLong && p.layout.dim() == 1 && p.layout.sym_size(0) == kt::kLayoutFields,
+           "kt.", op, ": layout must be the int64 [", kt::kLayoutFields,
+           "] tensor made by kt.pack_experts with gate_up and down, got ", describe(p.layout));
+  const char* const names[3] = {"gate_up", "down", "layout"};
+  for (size_t i = 0; i < experts.size(); ++i)
+    check_device(op, i < 3 ? names[i] : "a scale tensor of experts", experts[i], ref_name, ref, require_cpu);
+  const FormatTensors* f = nullptr;
+  if (require_cpu) {
+    kt::ExpertLayout packed{};
+    int64_t code = -1;
+    KT_CHECK(kt::decode_layout(p.layout.contiguous().data_ptr<int64_t>(), &packed, &code), "kt.", op,
+             ": layout must be the tensor made by kt.pack_experts with gate_up and down; this one holds other "
+             "values");
+    kt::WeightFormat named;
+    KT_CHECK(kt::format_of_code(code, &named) && (f = format_tensors(named)) != nullptr, "kt.", op,
+             ": layout names weight format ", code, ", which this build of kt_ops cannot compute (it has: ",
+             kt::format_names(), ")");
+  } else {
+    f = format_of_weights(p.gate_up.scalar_type());
+    KT_CHECK(f != nullptr, "kt.", op, ": gate_up must be the [S, E, 2*Is, Hp] tensor made by kt.pack_experts, in a "
+             "weight format this build has (", kt::format_names(), "), got ", describe(p.gate_up));
+  }
+  KT_CHECK(experts.size() == f->count, "kt.", op, ": experts must be the ", f->count,
+           " tensors kt.pack_experts returns for format ", kt::format_name(f->format), ", got ", experts.size());
+  *format = f->format;
+  return p;
+}
+
 MoeSizes check_moe_args(const char* op, const at::Tensor& x, const at::Tensor& topk_ids,
-                        const at::Tensor& topk_weights, const at::Tensor& gate_up,
-                        const at::Tensor& down, const at::Tensor& layout, int64_t intermediate_size,
+                        const at::Tensor& topk_weights, at::TensorList experts, int64_t intermediate_size,
                         const LoraTensors& lora, double lora_scaling, bool require_cpu) {
   KT_CHECK(is_activation_dtype(x.scalar_type()) && x.dim() == 2, "kt.", op,
               ": x must be bfloat16 or float32 of shape [T, H], got ", describe(x));
@@ -115,27 +153,30 @@ MoeSizes check_moe_args(const char* op, const at::Tensor& x, const at::Tensor& t
   check_size(op, "top-k (topk_ids' dim 1)", topk_ids.sym_size(1));
   KT_CHECK(std::isfinite(lora_scaling), "kt.", op, ": lora_scaling must be finite, got ",
               lora_scaling);
+  check_device(op, "x", x, "x", x, require_cpu);
+  check_device(op, "topk_ids", topk_ids, "x", x, require_cpu);
+  check_device(op, "topk_weights", topk_weights, "x", x, require_cpu);
+  kt::WeightFormat format;
+  const PackedTensors p = check_experts(op, experts, x, "x", require_cpu, &format);
+  const at::Tensor &gate_up = p.gate_up, &down = p.down;
+  const std::string weights = dtype_name(format_tensors(format)->weights);
 
-  MoeSizes s{x.sym_size(0), topk_ids.sym_size(1), x.sym_size(1), 0, intermediate_size, {0, 0, 0}};
+  MoeSizes s{x.sym_size(0), topk_ids.sym_size(1), x.sym_size(1), 0, intermediate_size, {0, 0, 0}, format};
   const c10::SymInt I(intermediate_size);
-  KT_CHECK(gate_up.scalar_type() == at::kBFloat16 && gate_up.dim() == 4 && gate_up.sym_size(0) > 0, "kt.", op,
-              ": gate_up must be the bfloat16 [S, E, 2*Is, Hp] tensor made by kt.pack_experts, got ",
-              describe(gate_up));
+  KT_CHECK(gate_up.scalar_type() == format_tensors(format)->weights && gate_up.dim() == 4 && gate_up.sym_size(0) > 0,
+           "kt.", op, ": gate_up must be the ", weights, " [S, E, 2*Is, Hp] tensor made by kt.pack_experts, got ",
+           describe(gate_up));
   const c10::SymInt slices = gate_up.sym_size(0), width = kt::padded_slice_width(I, slices);
   s.experts = gate_up.sym_size(1);
   KT_CHECK(gate_up.sym_size(2) == 2 * width && gate_up.sym_size(3) == kt::padded_size(s.hidden), "kt.", op,
               ": gate_up must be packed for H = ", s.hidden, " and I = ", I, " (shape [", slices, ", E, ",
               2 * width, ", ", kt::padded_size(s.hidden), "]), got ", describe(gate_up));
-  KT_CHECK(down.scalar_type() == at::kBFloat16 && down.dim() == 4 && down.sym_size(0) == slices &&
+  KT_CHECK(down.scalar_type() == gate_up.scalar_type() && down.dim() == 4 && down.sym_size(0) == slices &&
                   down.sym_size(1) == s.experts && down.sym_size(2) == kt::padded_size(s.hidden) &&
                   down.sym_size(3) == width,
-              "kt.", op, ": down must be the bfloat16 tensor made by kt.pack_experts with gate_up for E = ",
+              "kt.", op, ": down must be the ", weights, " tensor made by kt.pack_experts with gate_up for E = ",
               s.experts, ", H = ", s.hidden, ", I = ", I, " (shape [", slices, ", ", s.experts, ", ",
               kt::padded_size(s.hidden), ", ", width, "]), got ", describe(down));
-
-  KT_CHECK(layout.scalar_type() == at::kLong && layout.dim() == 1 && layout.sym_size(0) == kt::kLayoutFields,
-           "kt.", op, ": layout must be the int64 [", kt::kLayoutFields,
-           "] tensor made by kt.pack_experts with gate_up and down, got ", describe(layout));
   check_numel(op, "gate_up_act", {s.tokens, s.top_k, 2 * I});
 
   const c10::SymInt in_dims[3] = {s.hidden, s.hidden, I}, out_dims[3] = {I, I, s.hidden};
@@ -161,15 +202,9 @@ MoeSizes check_moe_args(const char* op, const at::Tensor& x, const at::Tensor& t
   }
   check_numel(op, "lora_act", {s.tokens, s.top_k, s.rank[0] + s.rank[1] + s.rank[2]});
 
-  check_device(op, "x", x, "x", x, require_cpu);
-  check_device(op, "topk_ids", topk_ids, "x", x, require_cpu);
-  check_device(op, "topk_weights", topk_weights, "x", x, require_cpu);
-  check_device(op, "gate_up", gate_up, "x", x, require_cpu);
-  check_device(op, "down", down, "x", x, require_cpu);
-  check_device(op, "layout", layout, "x", x, require_cpu);
   for (int i = 0; i < 6; ++i)
     if (lora[i].has_value()) check_device(op, kLoraNames[i], *lora[i], "x", x, require_cpu);
-  if (require_cpu) check_layout(op, layout, s, gate_up);
+  if (require_cpu) check_layout(op, p, s);
   return s;
 }
 

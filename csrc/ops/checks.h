@@ -3,15 +3,18 @@
 //   kt.moe_sft_forward: topk_ids must be int32 or int64 of shape [T, K], got float32 [4]
 #pragma once
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <array>
 #include <cstdio>
 #include <optional>
 #include <string>
 #include <type_traits>
 
 #include "kt/gate.h"
+#include "kt/weight_format.h"
 
 namespace kt_ops {
 
@@ -52,24 +55,41 @@ std::string message(const Args&... args) {
 std::string describe(const at::Tensor& t);
 std::string dtype_name(at::ScalarType t);
 
-// The sizes every MoE op agrees on, read off and checked against each other.
+// The sizes every MoE op agrees on, read off and checked against each other, and the packed
+// experts' weight format.
 struct MoeSizes {
   c10::SymInt tokens, top_k, hidden, experts;
   int64_t intermediate;
   int64_t rank[3];  // LoRA rank of gate, up, down; 0 when absent
+  kt::WeightFormat format;
 };
 
 using LoraTensors = std::array<std::optional<at::Tensor>, 6>;  // A_g, B_g, A_u, B_u, A_d, B_d
 
 extern const char* const kLoraNames[6];
 
+// The op's `lora` list: empty (no LoRA) or the six tensors, any pair of them None.
+LoraTensors lora_of(const char* op, const c10::List<std::optional<at::Tensor>>& lora);
+
+// The packed experts of a call, by role: the tensors kt.pack_experts returned.
+struct PackedTensors {
+  at::Tensor gate_up, down, layout;
+};
+
+// Validates the `experts` list of an op (what kt.pack_experts returned): its length for a
+// format this build has, the layout tensor's dtype and shape and, on the CPU, the format its
+// values name (on Meta, the format is the one of gate_up's dtype); every tensor's device
+// (check_device, against `ref`). Returns the tensors by role and the format; the callers check
+// the shapes, which depend on their other arguments.
+PackedTensors check_experts(const char* op, at::TensorList experts, const at::Tensor& ref, const char* ref_name,
+                            bool require_cpu, kt::WeightFormat* format);
+
 // Validates dtypes, ranks, shapes and devices of the MoE op arguments. `require_cpu` is set
 // by the CPU kernel, which also checks the packed experts' layout tensor against the other
 // arguments (its values are data: the Meta kernel sees only its shape and asks that every
 // tensor shares x's device).
 MoeSizes check_moe_args(const char* op, const at::Tensor& x, const at::Tensor& topk_ids,
-                        const at::Tensor& topk_weights, const at::Tensor& gate_up,
-                        const at::Tensor& down, const at::Tensor& layout, int64_t intermediate_size,
+                        const at::Tensor& topk_weights, at::TensorList experts, int64_t intermediate_size,
                         const LoraTensors& lora, double lora_scaling, bool require_cpu);
 
 // Validates the gate and bias arguments of the MoE ops (their schema in csrc/registration.cpp)

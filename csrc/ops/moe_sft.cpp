@@ -7,7 +7,7 @@
 #include <stdexcept>
 
 #include "checks.h"
-#include "kt/isa.h"
+#include "kt/kernels.h"
 #include "kt/moe_sft.h"
 #include "kt/topology.h"
 #include "ops.h"
@@ -15,12 +15,18 @@
 namespace kt_ops {
 namespace {
 
-const kt::Kernels& current_kernels() {
+// The kernel set a call on experts of `format` takes now: the best this CPU has, capped by
+// KT_OPS_MAX_ISA.
+const kt::KernelSet& current_kernels(kt::WeightFormat format) {
+  kt::Isa isa;
   try {
-    return kt::kernels_for(kt::select_isa(std::getenv("KT_OPS_MAX_ISA")));
+    isa = kt::select_isa(std::getenv("KT_OPS_MAX_ISA"));
   } catch (const std::invalid_argument& e) {
     KT_CHECK(false, "kt_ops: ", e.what());
   }
+  const kt::KernelSet* set = kt::select_kernels(isa, format);
+  KT_CHECK(set != nullptr, "kt_ops: this build has no kernels for weight format ", kt::format_name(format));
+  return *set;
 }
 
 kt::DType act_dtype(const at::Tensor& x) {
@@ -37,11 +43,10 @@ struct KernelInputs {
   kt::MoeWeights w;
 
   KernelInputs(const char* op, const at::Tensor& x_, const at::Tensor& ids_, const at::Tensor& weights_,
-               const at::Tensor& gate_up_, const at::Tensor& down_, const at::Tensor& layout, int64_t intermediate,
-               const LoraTensors& lora_, double scaling, const OptTensor& gate_up_bias_,
-               const OptTensor& down_bias_, c10::string_view activation, double alpha, std::optional<double> limit,
-               double up_offset) {
-    sizes = check_moe_args(op, x_, ids_, weights_, gate_up_, down_, layout, intermediate, lora_, scaling, true);
+               at::TensorList experts, int64_t intermediate, const LoraTensors& lora_, double scaling,
+               const OptTensor& gate_up_bias_, const OptTensor& down_bias_, c10::string_view activation, double alpha,
+               std::optional<double> limit, double up_offset) {
+    sizes = check_moe_args(op, x_, ids_, weights_, experts, intermediate, lora_, scaling, true);
     w.gate = check_gate(op, x_, sizes, gate_up_bias_, down_bias_, activation, alpha, limit, up_offset, true);
     if (gate_up_bias_.has_value()) {
       gate_up_bias = gate_up_bias_->to(at::kFloat).contiguous();
@@ -58,8 +63,8 @@ struct KernelInputs {
     ids = ids_.to(at::kLong).contiguous();
     check_expert_ids(op);
     weights = weights_.to(at::kFloat).contiguous();
-    gate_up = gate_up_.contiguous();
-    down = down_.contiguous();
+    gate_up = experts[0].contiguous();
+    down = experts[1].contiguous();
     w.gate_up = reinterpret_cast<const kt::bf16*>(gate_up.data_ptr());
     w.down = reinterpret_cast<const kt::bf16*>(down.data_ptr());
     w.slices = gate_up.size(0);
@@ -83,11 +88,6 @@ struct KernelInputs {
     }
   }
 };
-
-LoraTensors lora_args(const OptTensor& ga, const OptTensor& gb, const OptTensor& ua,
-                      const OptTensor& ub, const OptTensor& da, const OptTensor& db) {
-  return {ga, gb, ua, ub, da, db};
-}
 
 ForwardResult allocate_forward(const at::Tensor& x, const MoeSizes& s) {
   const int64_t lora_width = s.rank[0] + s.rank[1] + s.rank[2];
@@ -117,24 +117,24 @@ void check_saved(const char* op, const at::Tensor& grad_y, const at::Tensor& x, 
   check_device(op, "lora_act", lora_act, "x", x, require_cpu);
 }
 
+// One LoRA gradient per entry of the op's lora list (`lora_entries`, 0 or 6).
 BackwardResult allocate_backward(const at::Tensor& x, const at::Tensor& topk_weights, const LoraTensors& lora,
-                                 const OptTensor& gate_up_bias, const OptTensor& down_bias) {
-  BackwardResult out;
-  std::get<0>(out) = at::empty_symint(x.sym_sizes(), x.options());
-  std::get<1>(out) = at::empty_symint(topk_weights.sym_sizes(), topk_weights.options());
-  const OptTensor inputs[8] = {lora[0], lora[1], lora[2], lora[3], lora[4], lora[5], gate_up_bias, down_bias};
-  at::Tensor* grads[8] = {&std::get<2>(out), &std::get<3>(out), &std::get<4>(out), &std::get<5>(out),
-                          &std::get<6>(out), &std::get<7>(out), &std::get<8>(out), &std::get<9>(out)};
-  for (int i = 0; i < 8; ++i)
-    *grads[i] = inputs[i].has_value() ? at::empty_symint(inputs[i]->sym_sizes(), inputs[i]->options())
-                                      : at::empty({0}, x.options().dtype(at::kFloat));
-  return out;
+                                 size_t lora_entries, const OptTensor& gate_up_bias, const OptTensor& down_bias) {
+  // An input's gradient has its shape and dtype; an input not given gets an empty tensor.
+  const auto like = [&](const OptTensor& input) {
+    return input.has_value() ? at::empty_symint(input->sym_sizes(), input->options())
+                             : at::empty({0}, x.options().dtype(at::kFloat));
+  };
+  std::vector<at::Tensor> grad_lora;
+  for (size_t i = 0; i < lora_entries; ++i) grad_lora.push_back(like(lora[i]));
+  return {at::empty_symint(x.sym_sizes(), x.options()), at::empty_symint(topk_weights.sym_sizes(), topk_weights.options()),
+          std::move(grad_lora), like(gate_up_bias), like(down_bias)};
 }
 
 }  // namespace
 
 std::string isa() {
-  return kt::isa_name(current_kernels().isa);
+  return current_kernels(kt::WeightFormat::kBF16).name;
 }
 
 std::string topology() {
@@ -143,11 +143,10 @@ std::string topology() {
 
 ForwardResult moe_sft_forward_cpu(KT_MOE_FORWARD_PARAMS) {
   constexpr const char* op = "moe_sft_forward";
-  const LoraTensors lora = lora_args(lora_gate_a, lora_gate_b, lora_up_a, lora_up_b, lora_down_a, lora_down_b);
-  const kt::Kernels& kernels = current_kernels();
-  KernelInputs in(op, x, topk_ids, topk_weights, gate_up, down, layout, intermediate_size, lora, lora_scaling,
+  KernelInputs in(op, x, topk_ids, topk_weights, experts, intermediate_size, lora_of(op, lora), lora_scaling,
                   gate_up_bias, down_bias, activation, activation_alpha, activation_limit, up_offset);
   const MoeSizes& s = in.sizes;
+  const kt::KernelSet& kernels = current_kernels(s.format);
   ForwardResult out = allocate_forward(x, s);
   kt::MoeForwardArgs args{};
   args.dims = in.dims;
@@ -164,9 +163,8 @@ ForwardResult moe_sft_forward_cpu(KT_MOE_FORWARD_PARAMS) {
 }
 
 ForwardResult moe_sft_forward_meta(KT_MOE_FORWARD_PARAMS) {
-  const LoraTensors lora = lora_args(lora_gate_a, lora_gate_b, lora_up_a, lora_up_b, lora_down_a, lora_down_b);
   constexpr const char* op = "moe_sft_forward";
-  const MoeSizes s = check_moe_args(op, x, topk_ids, topk_weights, gate_up, down, layout, intermediate_size, lora,
+  const MoeSizes s = check_moe_args(op, x, topk_ids, topk_weights, experts, intermediate_size, lora_of(op, lora),
                                     lora_scaling, false);
   check_gate(op, x, s, gate_up_bias, down_bias, activation, activation_alpha, activation_limit, up_offset, false);
   return allocate_forward(x, s);
@@ -175,11 +173,11 @@ ForwardResult moe_sft_forward_meta(KT_MOE_FORWARD_PARAMS) {
 BackwardResult moe_sft_backward_cpu(const at::Tensor& grad_y, KT_MOE_FORWARD_PARAMS,
                                     const at::Tensor& gate_up_act, const at::Tensor& lora_act) {
   constexpr const char* op = "moe_sft_backward";
-  const LoraTensors lora = lora_args(lora_gate_a, lora_gate_b, lora_up_a, lora_up_b, lora_down_a, lora_down_b);
-  const kt::Kernels& kernels = current_kernels();
-  KernelInputs in(op, x, topk_ids, topk_weights, gate_up, down, layout, intermediate_size, lora, lora_scaling,
-                  gate_up_bias, down_bias, activation, activation_alpha, activation_limit, up_offset);
+  const LoraTensors lora_in = lora_of(op, lora);
+  KernelInputs in(op, x, topk_ids, topk_weights, experts, intermediate_size, lora_in, lora_scaling, gate_up_bias,
+                  down_bias, activation, activation_alpha, activation_limit, up_offset);
   const MoeSizes& s = in.sizes;
+  const kt::KernelSet& kernels = current_kernels(s.format);
   check_saved(op, grad_y, x, s, gate_up_act, lora_act, true);
   const at::Tensor dy = grad_y.contiguous(), gu_act = gate_up_act.contiguous(), l_act = lora_act.contiguous();
 
@@ -217,31 +215,26 @@ BackwardResult moe_sft_backward_cpu(const at::Tensor& grad_y, KT_MOE_FORWARD_PAR
   }
   kt::moe_sft_backward(kernels, at::get_num_threads(), args);
 
-  BackwardResult out;
-  std::get<0>(out) = grad_x;
-  std::get<1>(out) = grad_w.to(topk_weights.scalar_type());
-  at::Tensor* lora_out[6] = {&std::get<2>(out), &std::get<3>(out), &std::get<4>(out),
-                             &std::get<5>(out), &std::get<6>(out), &std::get<7>(out)};
-  for (int i = 0; i < 6; ++i)
-    *lora_out[i] = lora[i].has_value() ? grad_lora[i].to(lora[i]->scalar_type())
-                                       : at::empty({0}, x.options().dtype(at::kFloat));
-  const auto bias_grad = [&](const OptTensor& bias, const at::Tensor& grad) {
-    return bias.has_value() ? grad.to(bias->scalar_type()) : at::empty({0}, x.options().dtype(at::kFloat));
+  // Each gradient in its input's dtype; an empty tensor where the input was not given (the
+  // lora list may be empty: no LoRA).
+  const auto in_dtype_of = [&](const OptTensor& input, const at::Tensor& grad) {
+    return input.has_value() ? grad.to(input->scalar_type()) : at::empty({0}, x.options().dtype(at::kFloat));
   };
-  std::get<8>(out) = bias_grad(gate_up_bias, grad_gate_up_bias);
-  std::get<9>(out) = bias_grad(down_bias, grad_down_bias);
-  return out;
+  std::vector<at::Tensor> lora_grads;
+  for (size_t i = 0; i < lora.size(); ++i) lora_grads.push_back(in_dtype_of(lora_in[i], grad_lora[i]));
+  return {grad_x, grad_w.to(topk_weights.scalar_type()), std::move(lora_grads),
+          in_dtype_of(gate_up_bias, grad_gate_up_bias), in_dtype_of(down_bias, grad_down_bias)};
 }
 
 BackwardResult moe_sft_backward_meta(const at::Tensor& grad_y, KT_MOE_FORWARD_PARAMS,
                                      const at::Tensor& gate_up_act, const at::Tensor& lora_act) {
   constexpr const char* op = "moe_sft_backward";
-  const LoraTensors lora = lora_args(lora_gate_a, lora_gate_b, lora_up_a, lora_up_b, lora_down_a, lora_down_b);
-  const MoeSizes s = check_moe_args(op, x, topk_ids, topk_weights, gate_up, down, layout, intermediate_size,
-                                    lora, lora_scaling, false);
+  const LoraTensors lora_in = lora_of(op, lora);
+  const MoeSizes s = check_moe_args(op, x, topk_ids, topk_weights, experts, intermediate_size, lora_in, lora_scaling,
+                                    false);
   check_gate(op, x, s, gate_up_bias, down_bias, activation, activation_alpha, activation_limit, up_offset, false);
   check_saved(op, grad_y, x, s, gate_up_act, lora_act, false);
-  return allocate_backward(x, topk_weights, lora, gate_up_bias, down_bias);
+  return allocate_backward(x, topk_weights, lora_in, lora.size(), gate_up_bias, down_bias);
 }
 
 }  // namespace kt_ops

@@ -1,7 +1,10 @@
+// CPU and Meta kernels of kt.pack_experts / kt.unpack_experts, and the formats this build has.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include "checks.h"
+#include "formats.h"
+#include "kt/kernels.h"
 #include "kt/packing.h"
 #include "kt/thread_pool.h"
 #include "kt/topology.h"
@@ -53,21 +56,43 @@ int64_t slice_count(const ExpertShape& s, int64_t numa_nodes) {
   return kt::slices_for(s.intermediate.guard_int(__FILE__, __LINE__), nodes);
 }
 
-PackResult allocate(const ExpertShape& s, int64_t slices, const at::TensorOptions& opts) {
+// The format pack_experts is asked for, and its group size checked against it.
+kt::WeightFormat requested_format(c10::string_view format, int64_t group_size) {
+  const std::string name(format.data(), format.size());
+  kt::WeightFormat f;
+  KT_CHECK(kt::parse_format(name, &f) && format_tensors(f) != nullptr, "kt.pack_experts: format must be one of ",
+           kt::format_names(), " (the weight formats this build has), got \"", name, "\"");
+  KT_CHECK(group_size == 0, "kt.pack_experts: format ", name, " has no quantization groups: group_size must be 0, got ",
+           group_size);
+  return f;
+}
+
+// gate_up, down and layout (then the format's scales) for experts of shape `s`.
+std::vector<at::Tensor> allocate(const ExpertShape& s, int64_t slices, const FormatTensors& format,
+                                 const at::TensorOptions& opts) {
   const c10::SymInt width = kt::padded_slice_width(s.intermediate, slices), hp = kt::padded_size(s.hidden);
   check_numel("pack_experts", "gate_up", {slices, s.experts, 2 * width, hp});
-  return {at::empty_symint({slices, s.experts, 2 * width, hp}, opts),
-          at::empty_symint({slices, s.experts, hp, width}, opts),
-          at::empty({kt::kLayoutFields}, opts.dtype(at::kLong))};
+  const at::TensorOptions weights = opts.dtype(format.weights);
+  return {at::empty_symint({slices, s.experts, 2 * width, hp}, weights),
+          at::empty_symint({slices, s.experts, hp, width}, weights), at::empty({kt::kLayoutFields}, opts.dtype(at::kLong))};
 }
 
 }  // namespace
 
-PackResult pack_experts_cpu(const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
-                            int64_t numa_nodes) {
+std::vector<std::string> weight_formats() {
+  std::vector<std::string> names;
+  for (kt::WeightFormat f : kt::weight_formats())
+    if (format_tensors(f) != nullptr) names.push_back(kt::format_name(f));
+  return names;
+}
+
+std::vector<at::Tensor> pack_experts_cpu(const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
+                                         int64_t numa_nodes, c10::string_view format, int64_t group_size) {
+  const kt::WeightFormat f = requested_format(format, group_size);
   const ExpertShape s = check_pack_args(w_gate, w_up, w_down, /*require_cpu=*/true);
   const int64_t slices = slice_count(s, numa_nodes);
-  auto [gate_up, down, layout_fields] = allocate(s, slices, w_gate.options());
+  std::vector<at::Tensor> packed = allocate(s, slices, *format_tensors(f), w_gate.options());
+  const at::Tensor &gate_up = packed[0], &down = packed[1], &layout_fields = packed[2];
   const at::Tensor g = w_gate.contiguous(), u = w_up.contiguous(), dn = w_down.contiguous();
   const kt::ExpertLayout layout{s.experts.expect_int(), s.hidden.expect_int(), s.intermediate.expect_int(), slices};
   const auto* gp = reinterpret_cast<const kt::bf16*>(g.data_ptr());
@@ -89,58 +114,56 @@ PackResult pack_experts_cpu(const at::Tensor& w_gate, const at::Tensor& w_up, co
   kt::parallel_for_ranges(range_first, at::get_num_threads(), [&](int64_t task) {
     kt::pack_expert_slice(layout, gp, up, dp, task % E, task / E, gu_out, d_out);
   });
-  kt::encode_layout(layout, kt::WeightFormat::kBF16, layout_fields.data_ptr<int64_t>());
-  return {gate_up, down, layout_fields};
+  kt::encode_layout(layout, f, layout_fields.data_ptr<int64_t>());
+  return packed;
 }
 
-PackResult pack_experts_meta(const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
-                             int64_t numa_nodes) {
+std::vector<at::Tensor> pack_experts_meta(const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
+                                          int64_t numa_nodes, c10::string_view format, int64_t group_size) {
+  const kt::WeightFormat f = requested_format(format, group_size);
   const ExpertShape s = check_pack_args(w_gate, w_up, w_down, /*require_cpu=*/false);
-  return allocate(s, slice_count(s, numa_nodes), w_gate.options());
+  return allocate(s, slice_count(s, numa_nodes), *format_tensors(f), w_gate.options());
 }
 
 namespace {
 
 // The sizes unpack_experts' outputs take, checked against the packed tensors' shapes (and, on
 // the CPU, against the values of layout).
-ExpertShape check_unpack_args(const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& layout,
-                              int64_t hidden, int64_t intermediate, bool require_cpu) {
+ExpertShape check_unpack_args(at::TensorList experts, int64_t hidden, int64_t intermediate, bool require_cpu) {
   constexpr const char* op = "unpack_experts";
   KT_CHECK(hidden > 0 && intermediate > 0, "kt.", op, ": hidden_size and intermediate_size must be positive, got ",
            hidden, " and ", intermediate);
   check_size(op, "hidden_size", hidden);
   check_size(op, "intermediate_size", intermediate);
-  KT_CHECK(gate_up.scalar_type() == at::kBFloat16 && gate_up.dim() == 4 && gate_up.sym_size(0) > 0, "kt.", op,
-           ": gate_up must be the bfloat16 [S, E, 2*Is, Hp] tensor made by kt.pack_experts, got ", describe(gate_up));
-  const c10::SymInt slices = gate_up.sym_size(0), experts = gate_up.sym_size(1);
+  // Never empty: the dispatcher finds no kernel for a call without tensors.
+  TORCH_INTERNAL_ASSERT(!experts.empty());
+  kt::WeightFormat format;
+  const PackedTensors p = check_experts(op, experts, experts[0], "gate_up", require_cpu, &format);
+  const at::Tensor &gate_up = p.gate_up, &down = p.down;
+  const std::string weights = dtype_name(format_tensors(format)->weights);
+  KT_CHECK(gate_up.scalar_type() == format_tensors(format)->weights && gate_up.dim() == 4 && gate_up.sym_size(0) > 0,
+           "kt.", op, ": gate_up must be the ", weights, " [S, E, 2*Is, Hp] tensor made by kt.pack_experts, got ",
+           describe(gate_up));
+  const c10::SymInt slices = gate_up.sym_size(0), experts_count = gate_up.sym_size(1);
   const c10::SymInt width = kt::padded_slice_width(c10::SymInt(intermediate), slices),
                     hp = kt::padded_size(c10::SymInt(hidden));
   KT_CHECK(gate_up.sym_size(2) == 2 * width && gate_up.sym_size(3) == hp, "kt.", op, ": gate_up must be packed for H = ",
            hidden, " and I = ", intermediate, ", got ", describe(gate_up));
-  KT_CHECK(down.scalar_type() == at::kBFloat16 && down.dim() == 4 && down.sym_size(0) == slices &&
-               down.sym_size(1) == experts && down.sym_size(2) == hp && down.sym_size(3) == width,
-           "kt.", op, ": down must be the bfloat16 tensor made by kt.pack_experts with gate_up, got ", describe(down));
-  KT_CHECK(layout.scalar_type() == at::kLong && layout.dim() == 1 && layout.sym_size(0) == kt::kLayoutFields, "kt.", op,
-           ": layout must be the int64 [", kt::kLayoutFields, "] tensor made by kt.pack_experts with gate_up and down, got ",
-           describe(layout));
-  check_device(op, "gate_up", gate_up, "gate_up", gate_up, require_cpu);
-  check_device(op, "down", down, "gate_up", gate_up, require_cpu);
-  check_device(op, "layout", layout, "gate_up", gate_up, require_cpu);
+  KT_CHECK(down.scalar_type() == gate_up.scalar_type() && down.dim() == 4 && down.sym_size(0) == slices &&
+               down.sym_size(1) == experts_count && down.sym_size(2) == hp && down.sym_size(3) == width,
+           "kt.", op, ": down must be the ", weights, " tensor made by kt.pack_experts with gate_up, got ",
+           describe(down));
   if (require_cpu) {
-    const at::Tensor fields = layout.contiguous();
     kt::ExpertLayout packed{};
-    int64_t format = -1;
-    KT_CHECK(kt::decode_layout(fields.data_ptr<int64_t>(), &packed, &format) &&
-                 format == static_cast<int64_t>(kt::WeightFormat::kBF16),
-             "kt.", op, ": layout must be the tensor made by kt.pack_experts with gate_up and down; this one holds "
-             "other values");
+    int64_t code = -1;
+    kt::decode_layout(p.layout.contiguous().data_ptr<int64_t>(), &packed, &code);  // check_experts decoded it
     KT_CHECK(packed.hidden == hidden && packed.intermediate == intermediate && packed.experts == gate_up.size(1) &&
                  packed.slices == gate_up.size(0),
              "kt.", op, ": layout describes ", packed.experts, " experts of H = ", packed.hidden, " and I = ",
              packed.intermediate, " in ", packed.slices, " slices; the call gives H = ", hidden, ", I = ", intermediate,
              " and gate_up ", describe(gate_up));
   }
-  return {experts, c10::SymInt(intermediate), c10::SymInt(hidden)};
+  return {experts_count, c10::SymInt(intermediate), c10::SymInt(hidden)};
 }
 
 UnpackResult allocate_unpacked(const ExpertShape& s, const at::TensorOptions& opts) {
@@ -151,11 +174,10 @@ UnpackResult allocate_unpacked(const ExpertShape& s, const at::TensorOptions& op
 
 }  // namespace
 
-UnpackResult unpack_experts_cpu(const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& layout,
-                                int64_t hidden_size, int64_t intermediate_size) {
-  const ExpertShape s = check_unpack_args(gate_up, down, layout, hidden_size, intermediate_size, true);
-  auto [w_gate, w_up, w_down] = allocate_unpacked(s, gate_up.options());
-  const at::Tensor gu = gate_up.contiguous(), dn = down.contiguous();
+UnpackResult unpack_experts_cpu(at::TensorList experts, int64_t hidden_size, int64_t intermediate_size) {
+  const ExpertShape s = check_unpack_args(experts, hidden_size, intermediate_size, true);
+  auto [w_gate, w_up, w_down] = allocate_unpacked(s, experts[0].options().dtype(at::kBFloat16));
+  const at::Tensor gu = experts[0].contiguous(), dn = experts[1].contiguous();
   const int64_t slices = gu.size(0), E = gu.size(1);
   const kt::ExpertLayout layout_{E, hidden_size, intermediate_size, slices};
   const auto* gu_in = reinterpret_cast<const kt::bf16*>(gu.data_ptr());
@@ -170,10 +192,9 @@ UnpackResult unpack_experts_cpu(const at::Tensor& gate_up, const at::Tensor& dow
   return {w_gate, w_up, w_down};
 }
 
-UnpackResult unpack_experts_meta(const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& layout,
-                                 int64_t hidden_size, int64_t intermediate_size) {
-  return allocate_unpacked(check_unpack_args(gate_up, down, layout, hidden_size, intermediate_size, false),
-                           gate_up.options());
+UnpackResult unpack_experts_meta(at::TensorList experts, int64_t hidden_size, int64_t intermediate_size) {
+  return allocate_unpacked(check_unpack_args(experts, hidden_size, intermediate_size, false),
+                           experts[0].options().dtype(at::kBFloat16));
 }
 
 }  // namespace kt_ops

@@ -13,10 +13,6 @@
 namespace kt_ops {
 namespace {
 
-const char* const kTensorNames[] = {"x",         "topk_ids",    "topk_weights", "gate_up",     "down",
-                                    "layout",    "lora_gate_a", "lora_gate_b",  "lora_up_a",   "lora_up_b",
-                                    "lora_down_a", "lora_down_b", "gate_up_bias", "down_bias"};
-
 bool hooks_active() { return !at::SavedTensorDefaultHooks::get_tls_state().stack.empty(); }
 
 // Forwards that may be run again by a checkpoint's recompute; weak, so a graph freed without
@@ -47,23 +43,57 @@ bool same_forward(const SavedForward& saved, const ForwardArgs& args) {
       saved.y._version() != saved.y_version) {
     return false;
   }
+  const std::vector<const at::Tensor*> before = a.tensors(), now = args.tensors();
+  if (before.size() != now.size()) return false;
   // Cheap checks first: shapes, then values.
-  for (size_t i = 0; i < a.tensors.size(); ++i) {
-    const at::Tensor &s = a.tensors[i], &n = args.tensors[i];
+  for (size_t i = 0; i < before.size(); ++i) {
+    const at::Tensor &s = *before[i], &n = *now[i];
     if (s.defined() != n.defined() || (s.defined() && s.sizes() != n.sizes())) return false;
   }
-  for (size_t i = 0; i < a.tensors.size(); ++i) {
-    if (!same_values(a.tensors[i], saved.versions[i], args.tensors[i])) return false;
+  for (size_t i = 0; i < before.size(); ++i) {
+    if (!same_values(*before[i], saved.versions[i], *now[i])) return false;
   }
   return true;
 }
 
 }  // namespace
 
+std::vector<const at::Tensor*> ForwardArgs::tensors() const {
+  std::vector<const at::Tensor*> out{&x, &topk_ids, &topk_weights};
+  for (const at::Tensor& t : experts) out.push_back(&t);
+  for (const at::Tensor& t : lora) out.push_back(&t);
+  out.push_back(&gate_up_bias);
+  out.push_back(&down_bias);
+  return out;
+}
+
+std::string ForwardArgs::name_of(size_t index) const {
+  static const char* const kFirst[] = {"x", "topk_ids", "topk_weights"};
+  static const char* const kExperts[] = {"gate_up", "down", "layout"};
+  if (index < 3) return kFirst[index];
+  index -= 3;
+  if (index < experts.size()) return index < 3 ? kExperts[index] : "experts[" + std::to_string(index) + "]";
+  index -= experts.size();
+  if (index < lora.size()) return kLoraNames[index];
+  return index == lora.size() ? "gate_up_bias" : "down_bias";
+}
+
+c10::List<std::optional<at::Tensor>> ForwardArgs::lora_list() const {
+  c10::List<std::optional<at::Tensor>> out;
+  for (const at::Tensor& t : lora) out.push_back(t.defined() ? std::optional<at::Tensor>(t) : std::nullopt);
+  return out;
+}
+
+void ForwardArgs::clear_tensors() {
+  x = topk_ids = topk_weights = gate_up_bias = down_bias = at::Tensor();
+  experts.clear();
+  lora.clear();
+}
+
 c10::intrusive_ptr<SavedForward> save_forward(ForwardArgs args, const at::Tensor& y, const at::Tensor& gate_up_act,
                                               const at::Tensor& lora_act) {
   auto saved = c10::make_intrusive<SavedForward>();
-  for (const at::Tensor& t : args.tensors) saved->versions.push_back(t.defined() ? t._version() : 0);
+  for (const at::Tensor* t : args.tensors()) saved->versions.push_back(t->defined() ? t->_version() : 0);
   saved->args = std::move(args);
   saved->gate_up_act = gate_up_act;
   saved->lora_act = lora_act;
@@ -85,9 +115,9 @@ c10::intrusive_ptr<SavedForward> forward_to_reuse(const ForwardArgs& args) {
   if (torch::autograd::get_current_graph_task_id() == -1 || !hooks_active()) {
     return {};
   }
-  for (const at::Tensor& t : args.tensors) {
+  for (const at::Tensor* t : args.tensors()) {
     // Only CPU values can be compared; traced tensors (torch.compile) hold none.
-    if (t.defined() && (!t.device().is_cpu() || t.key_set().has(c10::DispatchKey::Python))) return {};
+    if (t->defined() && (!t->device().is_cpu() || t->key_set().has(c10::DispatchKey::Python))) return {};
   }
   std::vector<c10::intrusive_ptr<SavedForward>> candidates;
   {
@@ -106,9 +136,10 @@ void check_saved(const SavedForward& saved) {
   KT_CHECK(!saved.freed,
               "kt.moe_sft_backward: what this kt experts call saved for its backward was freed by an earlier "
               "backward; to run backward through the graph again, pass retain_graph=True to the first backward");
-  for (size_t i = 0; i < saved.args.tensors.size(); ++i) {
-    const at::Tensor& t = saved.args.tensors[i];
-    KT_CHECK(!t.defined() || t._version() == saved.versions[i], "kt.moe_sft_backward: ", kTensorNames[i],
+  const std::vector<const at::Tensor*> tensors = saved.args.tensors();
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = *tensors[i];
+    KT_CHECK(!t.defined() || t._version() == saved.versions[i], "kt.moe_sft_backward: ", saved.args.name_of(i),
                 " of this kt experts call was modified in place after the forward (version ", t._version(),
                 ", saved at ", saved.versions[i], "); its gradients would be wrong. Modify a clone instead");
   }
@@ -116,7 +147,7 @@ void check_saved(const SavedForward& saved) {
 
 void release_after_backward(SavedForward& saved) {
   if (torch::autograd::get_current_graph_task_keep_graph()) return;
-  saved.args.tensors.clear();
+  saved.args.clear_tensors();
   saved.gate_up_act = at::Tensor();
   saved.lora_act = at::Tensor();
   saved.y = at::Tensor();

@@ -11,6 +11,7 @@
 // hooks' pass needs them, to rebuild what the layer's other ops keep).
 #pragma once
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/ivalue.h>
 
@@ -23,20 +24,28 @@ namespace kt_ops {
 
 // The arguments of one forward call, as its backward takes them again.
 struct ForwardArgs {
-  // x, topk_ids, topk_weights, gate_up, down, layout, the six LoRA tensors, gate_up_bias,
-  // down_bias; undefined where absent.
-  std::vector<at::Tensor> tensors;
+  at::Tensor x, topk_ids, topk_weights;
+  std::vector<at::Tensor> experts;     // what kt.pack_experts returned
+  std::vector<at::Tensor> lora;        // the op's lora list: empty or six, undefined where None
+  at::Tensor gate_up_bias, down_bias;  // undefined where absent
   int64_t intermediate_size = 0;
   double lora_scaling = 1.0;
   std::string activation;
   double activation_alpha = 1.0;
   std::optional<double> activation_limit;
   double up_offset = 0.0;
+
+  // Every tensor argument, in a fixed order, and the name messages give it.
+  std::vector<const at::Tensor*> tensors() const;
+  std::string name_of(size_t index) const;
+  // The lora list as the op schema takes it.
+  c10::List<std::optional<at::Tensor>> lora_list() const;
+  void clear_tensors();
 };
 
 struct SavedForward : torch::CustomClassHolder {
   ForwardArgs args;
-  std::vector<int64_t> versions;  // of args.tensors when saved: an in-place change since is an error
+  std::vector<int64_t> versions;  // of args.tensors() when saved: an in-place change since is an error
   at::Tensor gate_up_act, lora_act;
   // The output and its version, kept only where a recompute may come (saved-tensor hooks were
   // active): handed out again while unchanged.

@@ -13,7 +13,7 @@
 
 #include "kt/bf16.h"
 #include "kt/gate.h"
-#include "kt/isa.h"
+#include "kt/kernels.h"
 
 namespace kt {
 
@@ -79,7 +79,7 @@ struct MoeBackwardArgs {
   float* grad_down_bias = nullptr;     // out [E, H] when not null and w has the bias
 };
 
-void moe_sft_forward(const Kernels& k, int num_threads, const MoeForwardArgs& args);
-void moe_sft_backward(const Kernels& k, int num_threads, const MoeBackwardArgs& args);
+void moe_sft_forward(const KernelSet& k, int num_threads, const MoeForwardArgs& args);
+void moe_sft_backward(const KernelSet& k, int num_threads, const MoeBackwardArgs& args);
 
 }  // namespace kt

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "kt/bf16.h"
+#include "kt/weight_format.h"
 
 namespace kt {
 
@@ -104,8 +105,6 @@ inline int64_t slices_for(int64_t intermediate, int64_t nodes) {
 // same shape) and the weight format. The ops check it against their other arguments, so a
 // call on experts packed for other sizes raises instead of computing another function.
 // Fields, in the tensor's order: magic, format, experts, hidden, intermediate, slices.
-enum class WeightFormat : int64_t { kBF16 = 0 };
-
 constexpr int64_t kLayoutFields = 6;
 constexpr int64_t kLayoutMagic = 0x6b745f6f7073;  // "kt_ops" in ASCII
 

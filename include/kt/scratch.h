@@ -9,7 +9,8 @@
 
 namespace kt {
 
-// Slots: buffers alive at the same time in one thread need different slots.
+// Slots: buffers alive at the same time in one thread need different slots. The expert driver
+// names what each slot holds in one place (csrc/kernels/workspace.h).
 enum class Scratch : int {
   kRowsA, kRowsB, kRowsC, kRowsD, kRowsE, kRowsF, kRowsG,  // per-call, expert-sorted rows
   kRowsOut,                                        // per-call, fp32 GEMM outputs in expert-sorted rows

@@ -1,4 +1,5 @@
-// Each ISA's GEMM against the scalar reference, on the ISAs this CPU has (others skip).
+// Every kernel set of the registry (kt/kernels.h), each kernel against its format's scalar
+// reference set, on the ISAs this CPU has (others skip).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -6,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "kt/isa.h"
+#include "kt/kernels.h"
 #include "kt/packing.h"
 #include "test_util.h"
 
@@ -19,16 +20,24 @@ struct GemmCase {
   bool accumulate;
 };
 
-class IsaGemm : public ::testing::TestWithParam<std::tuple<kt::Isa, GemmCase>> {};
+using kt_test::KernelSetParam;
 
-TEST_P(IsaGemm, MatchesScalarReference) {
-  const auto [isa, gc] = GetParam();
-  if (!kt::isa_supported(isa)) GTEST_SKIP() << "CPU lacks " << kt::isa_name(isa);
-  const kt::Kernels& kern = kt::kernels_for(isa);
+class SetGemm : public ::testing::TestWithParam<std::tuple<KernelSetParam, GemmCase>> {};
+
+// The weight GEMM on packed bf16 weights, and the operand GEMM on per-call operands in the
+// set's activation type (fp32 there on the fp32 paths), against the reference's weight GEMM
+// on the same values.
+TEST_P(SetGemm, MatchesScalarReference) {
+  const auto [param, gc] = GetParam();
+  const kt::KernelSet& set = *param.set;
+  if (!kt::isa_supported(set.isa)) GTEST_SKIP() << "CPU lacks " << kt::isa_name(set.isa);
+  const kt::KernelSet& reference = kt_test::reference_of(set);
   const int64_t np = kt::round_up(gc.n, 32), kp = kt::round_up(gc.k, 32);
   const auto w = kt_test::random_bf16(gc.n * gc.k, 11);
   std::vector<bf16> packed(np * kp);
   kt::pack_weight(w.data(), gc.n, gc.k, gc.k, kt::round_up(gc.k, kt::kPadTo), packed.data());
+  std::vector<float> packed_f32(packed.size());
+  for (size_t i = 0; i < packed.size(); ++i) packed_f32[i] = kt::bf16_to_f32(packed[i]);
   // A is zero beyond column k, as the driver guarantees.
   const auto a_vals = kt_test::random_bf16(gc.m * kp, 12);
   std::vector<bf16> a_bf16(gc.m * kp, 0);
@@ -39,38 +48,47 @@ TEST_P(IsaGemm, MatchesScalarReference) {
       a_f32[r * kp + c] = kt::bf16_to_f32(a_vals[r * kp + c]);
     }
   }
+  const bool bf16_act = set.activations == kt::DType::kBF16;
+  const void* a = bf16_act ? static_cast<const void*>(a_bf16.data()) : a_f32.data();
   const int64_t ldc = np + 16;  // a row stride wider than the output checks ldc handling
   const auto init = kt_test::random_bf16(gc.m * ldc, 13);
-  std::vector<float> c(gc.m * ldc), expected(gc.m * ldc);
-  for (size_t i = 0; i < c.size(); ++i) c[i] = expected[i] = kt::bf16_to_f32(init[i]);
+  std::vector<float> expected(gc.m * ldc);
+  for (size_t i = 0; i < expected.size(); ++i) expected[i] = kt::bf16_to_f32(init[i]);
   const int64_t panels = np / 16;
-  kt::gemm_scalar_f32(gc.m, kp, a_f32.data(), kp, packed.data(), panels, expected.data(), ldc, gc.accumulate);
-  if (kern.bf16_activations)
-    kern.gemm_bf16(gc.m, kp, a_bf16.data(), kp, packed.data(), panels, c.data(), ldc, gc.accumulate);
-  else
-    kern.gemm_f32(gc.m, kp, a_f32.data(), kp, packed.data(), panels, c.data(), ldc, gc.accumulate);
-  for (int64_t r = 0; r < gc.m; ++r) {
-    for (int64_t col = 0; col < ldc; ++col) {
-      const float want = expected[r * ldc + col], got = c[r * ldc + col];
-      if (col >= np) {
-        ASSERT_EQ(got, kt::bf16_to_f32(init[r * ldc + col])) << "wrote past the panels at " << r << "," << col;
-      } else {
-        // Only the summation order differs: fp32 rounding over k products of O(1) values.
-        ASSERT_NEAR(got, want, 1e-5f * kp + 1e-5f * std::fabs(want)) << "at " << r << "," << col;
+  reference.weight_gemm(gc.m, kp, a_f32.data(), kp, packed.data(), panels, expected.data(), ldc, gc.accumulate);
+  for (const bool operands : {false, true}) {
+    SCOPED_TRACE(operands ? "operand GEMM" : "weight GEMM");
+    std::vector<float> c(gc.m * ldc);
+    for (size_t i = 0; i < c.size(); ++i) c[i] = kt::bf16_to_f32(init[i]);
+    if (operands) {
+      const void* b = bf16_act ? static_cast<const void*>(packed.data()) : packed_f32.data();
+      set.operand_gemm(gc.m, kp, a, kp, b, panels, c.data(), ldc, gc.accumulate);
+    } else {
+      set.weight_gemm(gc.m, kp, a, kp, packed.data(), panels, c.data(), ldc, gc.accumulate);
+    }
+    for (int64_t r = 0; r < gc.m; ++r) {
+      for (int64_t col = 0; col < ldc; ++col) {
+        const float want = expected[r * ldc + col], got = c[r * ldc + col];
+        if (col >= np) {
+          ASSERT_EQ(got, kt::bf16_to_f32(init[r * ldc + col])) << "wrote past the panels at " << r << "," << col;
+        } else {
+          // Only the summation order differs: fp32 rounding over k products of O(1) values.
+          ASSERT_NEAR(got, want, 1e-5f * kp + 1e-5f * std::fabs(want)) << "at " << r << "," << col;
+        }
       }
     }
   }
 }
 
-std::string case_name(const ::testing::TestParamInfo<std::tuple<kt::Isa, GemmCase>>& info) {
-  const auto& [isa, gc] = info.param;
-  return std::string(kt::isa_name(isa)) + "_m" + std::to_string(gc.m) + "_n" + std::to_string(gc.n) + "_k" +
+std::string case_name(const ::testing::TestParamInfo<std::tuple<KernelSetParam, GemmCase>>& info) {
+  const auto& [param, gc] = info.param;
+  return kt_test::set_name(param) + "_m" + std::to_string(gc.m) + "_n" + std::to_string(gc.n) + "_k" +
          std::to_string(gc.k) + (gc.accumulate ? "_acc" : "");
 }
 
 INSTANTIATE_TEST_SUITE_P(
-    AllIsas, IsaGemm,
-    ::testing::Combine(::testing::Values(kt::Isa::kScalar, kt::Isa::kAvx2, kt::Isa::kAvx512Bf16, kt::Isa::kAmx),
+    AllSets, SetGemm,
+    ::testing::Combine(::testing::ValuesIn(kt_test::all_kernel_sets()),
                        ::testing::Values(GemmCase{16, 16, 32, false}, GemmCase{32, 64, 64, false},
                                          GemmCase{48, 48, 70, true}, GemmCase{80, 96, 128, false},
                                          GemmCase{16, 160, 33, true}, GemmCase{64, 32, 256, true},
@@ -100,11 +118,11 @@ TEST(Isa, NamesRoundTrip) {
 
 namespace {
 
-class IsaPackTransposed : public ::testing::TestWithParam<kt::Isa> {};
+class SetPackTransposed : public ::testing::TestWithParam<KernelSetParam> {};
 
-TEST_P(IsaPackTransposed, MatchesGenericRepack) {
-  const kt::Isa isa = GetParam();
-  if (!kt::isa_supported(isa)) GTEST_SKIP() << "CPU lacks " << kt::isa_name(isa);
+TEST_P(SetPackTransposed, MatchesGenericRepack) {
+  const kt::KernelSet& set = *GetParam().set;
+  if (!kt::isa_supported(set.isa)) GTEST_SKIP() << "CPU lacks " << kt::isa_name(set.isa);
   for (const auto& [n, k] : {std::make_pair(32, 32), std::make_pair(64, 96), std::make_pair(100, 70)}) {
     const int64_t np = kt::round_up(n, 32), kp = kt::round_up(k, 32);
     const auto w = kt_test::random_bf16(n * k, 41);
@@ -113,50 +131,71 @@ TEST_P(IsaPackTransposed, MatchesGenericRepack) {
     for (const auto& [first, count] : {std::make_pair<int64_t, int64_t>(0, kp / 16), std::make_pair<int64_t, int64_t>(1, kp / 16 - 1)}) {
       std::vector<kt::bf16> want(count * 16 * np), got(count * 16 * np + 32, 0x7777);
       kt::pack_transposed_panels(packed.data(), np, kp, first, count, want.data());
-      kt::kernels_for(isa).pack_transposed(packed.data(), np, kp, first, count, got.data());
+      set.pack_transposed(packed.data(), np, kp, first, count, got.data());
       for (size_t i = 0; i < want.size(); ++i) ASSERT_EQ(got[i], want[i]) << "n=" << n << " k=" << k << " first=" << first << " at " << i;
       EXPECT_EQ(got[want.size()], 0x7777) << "wrote past the panels";
     }
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(AllIsas, IsaPackTransposed,
-                         ::testing::Values(kt::Isa::kScalar, kt::Isa::kAvx2, kt::Isa::kAvx512Bf16, kt::Isa::kAmx),
-                         [](const auto& info) { return std::string(kt::isa_name(info.param)); });
+INSTANTIATE_TEST_SUITE_P(AllSets, SetPackTransposed,
+                         ::testing::ValuesIn(kt_test::all_kernel_sets()),
+                         [](const auto& info) { return kt_test::set_name(info.param); });
 
-class IsaSigmoid : public ::testing::TestWithParam<kt::Isa> {};
+class SetSigmoid : public ::testing::TestWithParam<KernelSetParam> {};
 
-TEST_P(IsaSigmoid, MatchesScalarReference) {
-  const kt::Isa isa = GetParam();
-  if (!kt::isa_supported(isa)) GTEST_SKIP() << "CPU lacks " << kt::isa_name(isa);
+TEST_P(SetSigmoid, MatchesScalarReference) {
+  const kt::KernelSet& set = *GetParam().set;
+  if (!kt::isa_supported(set.isa)) GTEST_SKIP() << "CPU lacks " << kt::isa_name(set.isa);
   std::vector<float> x;
   for (float v = -120.f; v <= 120.f; v += 0.0371f) x.push_back(v);
   x.push_back(0.f);
   std::vector<float> want(x.size()), got(x.size() + 1, -1.f);
-  kt::sigmoid_scalar(x.size(), x.data(), want.data());
-  kt::kernels_for(isa).sigmoid(x.size(), x.data(), got.data());
+  kt_test::reference_of(set).sigmoid(x.size(), x.data(), want.data());
+  set.sigmoid(x.size(), x.data(), got.data());
   for (size_t i = 0; i < x.size(); ++i) ASSERT_NEAR(got[i], want[i], 2e-7f + 2e-7f * want[i]) << "x=" << x[i];
   EXPECT_EQ(got[x.size()], -1.f) << "wrote past n";
 }
 
-INSTANTIATE_TEST_SUITE_P(AllIsas, IsaSigmoid,
-                         ::testing::Values(kt::Isa::kScalar, kt::Isa::kAvx2, kt::Isa::kAvx512Bf16, kt::Isa::kAmx),
-                         [](const auto& info) { return std::string(kt::isa_name(info.param)); });
+INSTANTIATE_TEST_SUITE_P(AllSets, SetSigmoid,
+                         ::testing::ValuesIn(kt_test::all_kernel_sets()),
+                         [](const auto& info) { return kt_test::set_name(info.param); });
 
-class IsaGateUpEpilogue : public ::testing::TestWithParam<kt::Isa> {};
+class SetSwigluForward : public ::testing::TestWithParam<KernelSetParam> {};
 
-// The vector epilogue gives the scalar epilogue's bits: that ISA's sigmoid, z = g * sg * u and
-// bf16 rounding (kt::f32_to_bf16, NaN included); zeros past `valid`; nothing written past it.
-TEST_P(IsaGateUpEpilogue, MatchesTheScalarEpilogueBitForBit) {
-  const kt::Isa isa = GetParam();
-  if (!kt::isa_supported(isa)) GTEST_SKIP() << "CPU lacks " << kt::isa_name(isa);
-  const kt::Kernels& k = kt::kernels_for(isa);
-  if (!k.bf16_activations) {
-    EXPECT_EQ(k.gate_up_epilogue, nullptr);
-    return;
-  }
+// An activation value as the set's buffers hold it: bf16 (rounded as kt::f32_to_bf16, NaN
+// included) on the bf16 paths, the fp32 value itself on the others.
+float as_activation(const kt::KernelSet& set, float v) {
+  return set.activations == kt::DType::kBF16 ? kt::bf16_to_f32(kt::f32_to_bf16(v)) : v;
+}
+
+// Reads element i of a buffer of the set's activation type.
+float activation_at(const kt::KernelSet& set, const std::vector<float>& buffer, int64_t i) {
+  if (set.activations == kt::DType::kF32) return buffer[i];
+  bf16 v;
+  std::memcpy(&v, reinterpret_cast<const char*>(buffer.data()) + 2 * i, sizeof v);
+  return kt::bf16_to_f32(v);
+}
+
+// Whether element i of a buffer of the set's activation type is as it was in `before`.
+bool untouched(const kt::KernelSet& set, const std::vector<float>& after, const std::vector<float>& before, int64_t i) {
+  const int64_t size = set.activations == kt::DType::kF32 ? 4 : 2;
+  return std::memcmp(reinterpret_cast<const char*>(after.data()) + size * i,
+                     reinterpret_cast<const char*>(before.data()) + size * i, size) == 0;
+}
+
+// Equal as stored values: bit for bit, any NaN matching any NaN.
+bool same_value(float got, float want) {
+  return (std::isnan(got) && std::isnan(want)) || std::memcmp(&got, &want, sizeof got) == 0;
+}
+
+// The epilogue gives the bits of its definition: the set's sigmoid, z = g * sg * u in the
+// set's activation type; zeros past `valid`; g and u saved exactly; nothing written past them.
+TEST_P(SetSwigluForward, MatchesItsDefinitionBitForBit) {
+  const kt::KernelSet& set = *GetParam().set;
+  if (!kt::isa_supported(set.isa)) GTEST_SKIP() << "CPU lacks " << kt::isa_name(set.isa);
   const int64_t cols = 64;
-  for (int64_t valid : {int64_t{64}, int64_t{41}, int64_t{16}, int64_t{3}}) {
+  for (int64_t valid : {int64_t{64}, int64_t{41}, int64_t{16}, int64_t{3}, int64_t{0}}) {
     for (kt::DType dt : {kt::DType::kBF16, kt::DType::kF32}) {
       std::vector<float> acc(2 * cols);
       for (int64_t i = 0; i < 2 * cols; ++i) {
@@ -172,23 +211,24 @@ TEST_P(IsaGateUpEpilogue, MatchesTheScalarEpilogueBitForBit) {
         g[c] = acc[kt::gate_up_column(c, false)];
         u[c] = acc[kt::gate_up_column(c, true)];
       }
-      k.sigmoid(valid, g.data(), sg.data());
-      std::vector<bf16> z(cols, 0x7777);
+      set.sigmoid(valid, g.data(), sg.data());
+      std::vector<float> z(cols + 4, -3.f);  // room for fp32; bf16 uses the first half
+      const std::vector<float> z_before = z;
       const int64_t g_at = 3, u_at = 3 + cols + 5, n_saved = u_at + cols + 8;
       std::vector<float> saved_f(n_saved, -7.f);
       std::vector<bf16> saved_b(n_saved, 0x7777);
       void* saved = dt == kt::DType::kF32 ? static_cast<void*>(saved_f.data()) : saved_b.data();
-      k.gate_up_epilogue(valid, cols, acc.data(), z.data(), saved, dt, g_at, u_at);
+      set.swiglu_forward(valid, cols, acc.data(), z.data(), saved, dt, g_at, u_at);
       for (int64_t c = 0; c < cols; ++c) {
-        const bf16 want = c < valid ? kt::f32_to_bf16(g[c] * sg[c] * u[c]) : bf16{0};
-        ASSERT_EQ(z[c], want) << "z column " << c << " valid " << valid;
+        const float want = c < valid ? as_activation(set, g[c] * sg[c] * u[c]) : 0.f;
+        ASSERT_TRUE(same_value(activation_at(set, z, c), want)) << "z column " << c << " valid " << valid;
       }
+      for (int64_t c = cols; c < cols + 4; ++c) ASSERT_TRUE(untouched(set, z, z_before, c)) << "wrote past cols";
       for (int64_t i = 0; i < n_saved; ++i) {
         const bool is_g = i >= g_at && i < g_at + valid, is_u = i >= u_at && i < u_at + valid;
         const float want = is_g ? g[i - g_at] : is_u ? u[i - u_at] : -7.f;
         if (dt == kt::DType::kF32) {
-          if (std::isnan(want)) ASSERT_TRUE(std::isnan(saved_f[i])) << i;
-          else ASSERT_EQ(saved_f[i], want) << "saved element " << i;
+          ASSERT_TRUE(same_value(saved_f[i], want)) << "saved element " << i;
         } else {
           ASSERT_EQ(saved_b[i], is_g || is_u ? kt::f32_to_bf16(want) : bf16{0x7777}) << "saved element " << i;
         }
@@ -197,22 +237,16 @@ TEST_P(IsaGateUpEpilogue, MatchesTheScalarEpilogueBitForBit) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(AllIsas, IsaGateUpEpilogue,
-                         ::testing::Values(kt::Isa::kScalar, kt::Isa::kAvx2, kt::Isa::kAvx512Bf16, kt::Isa::kAmx),
-                         [](const auto& info) { return std::string(kt::isa_name(info.param)); });
+INSTANTIATE_TEST_SUITE_P(AllSets, SetSwigluForward, ::testing::ValuesIn(kt_test::all_kernel_sets()),
+                         [](const auto& info) { return kt_test::set_name(info.param); });
 
-class IsaSiluGrad : public ::testing::TestWithParam<kt::Isa> {};
+class SetSwigluBackward : public ::testing::TestWithParam<KernelSetParam> {};
 
-// The vector silu step gives the scalar loop's z and fused-gradient bits; z . q differs only in
-// summation order.
-TEST_P(IsaSiluGrad, MatchesTheScalarLoop) {
-  const kt::Isa isa = GetParam();
-  if (!kt::isa_supported(isa)) GTEST_SKIP() << "CPU lacks " << kt::isa_name(isa);
-  const kt::Kernels& k = kt::kernels_for(isa);
-  if (!k.bf16_activations) {
-    EXPECT_EQ(k.silu_grad, nullptr);
-    return;
-  }
+// The backward step gives its definition's z and fused-gradient bits in the set's activation
+// type; z . q differs only in summation order.
+TEST_P(SetSwigluBackward, MatchesItsDefinition) {
+  const kt::KernelSet& set = *GetParam().set;
+  if (!kt::isa_supported(set.isa)) GTEST_SKIP() << "CPU lacks " << kt::isa_name(set.isa);
   for (int64_t I : {int64_t{48}, int64_t{37}, int64_t{5}}) {
     const int64_t ip = (I + 15) / 16 * 16 + 16;  // one all-padding panel too
     for (kt::DType dt : {kt::DType::kBF16, kt::DType::kF32}) {
@@ -233,38 +267,39 @@ TEST_P(IsaSiluGrad, MatchesTheScalarLoop) {
         saved_b[at + c] = kt::f32_to_bf16(g[c]);
         saved_b[at + I + c] = kt::f32_to_bf16(u[c]);
       }
-      k.sigmoid(I, g.data(), sg.data());
+      set.sigmoid(I, g.data(), sg.data());
       const float w = 0.625f;
-      std::vector<bf16> z(I + 3, 0x7777), fused(2 * ip, 0x7777);
+      std::vector<float> z(I + 3, -3.f), fused(2 * ip, -3.f);  // fp32-sized; bf16 uses the first half
+      const std::vector<float> z_before = z;
       const void* saved = dt == kt::DType::kF32 ? static_cast<const void*>(saved_f.data()) : saved_b.data();
-      const float dot = k.silu_grad(I, ip, saved, dt, at, q.data(), w, z.data(), fused.data());
+      const float dot = set.swiglu_backward(I, ip, saved, dt, at, q.data(), w, z.data(), fused.data());
       float want_dot = 0.f;
-      std::vector<bf16> want_fused(2 * ip, 0);
+      std::vector<float> want_fused(2 * ip, 0.f);
       for (int64_t c = 0; c < I; ++c) {
         const float silu = g[c] * sg[c], dz = w * q[c];
-        ASSERT_EQ(z[c], kt::f32_to_bf16(silu * u[c])) << "z " << c;
+        ASSERT_TRUE(same_value(activation_at(set, z, c), as_activation(set, silu * u[c]))) << "z " << c;
         want_dot += silu * u[c] * q[c];
-        want_fused[kt::gate_up_column(c, false)] = kt::f32_to_bf16(dz * u[c] * sg[c] * (1.f + g[c] * (1.f - sg[c])));
-        want_fused[kt::gate_up_column(c, true)] = kt::f32_to_bf16(dz * silu);
+        want_fused[kt::gate_up_column(c, false)] = as_activation(set, dz * u[c] * sg[c] * (1.f + g[c] * (1.f - sg[c])));
+        want_fused[kt::gate_up_column(c, true)] = as_activation(set, dz * silu);
       }
-      for (int64_t c = I; c < I + 3; ++c) ASSERT_EQ(z[c], 0x7777) << "wrote past I";
-      for (int64_t c = 0; c < 2 * ip; ++c) ASSERT_EQ(fused[c], want_fused[c]) << "fused " << c << " I " << I;
+      for (int64_t c = I; c < I + 3; ++c) ASSERT_TRUE(untouched(set, z, z_before, c)) << "wrote past I at " << c;
+      for (int64_t c = 0; c < 2 * ip; ++c)
+        ASSERT_TRUE(same_value(activation_at(set, fused, c), want_fused[c])) << "fused " << c << " I " << I;
       EXPECT_NEAR(dot, want_dot, 1e-5f * (1.f + std::fabs(want_dot)));
     }
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(AllIsas, IsaSiluGrad,
-                         ::testing::Values(kt::Isa::kScalar, kt::Isa::kAvx2, kt::Isa::kAvx512Bf16, kt::Isa::kAmx),
-                         [](const auto& info) { return std::string(kt::isa_name(info.param)); });
+INSTANTIATE_TEST_SUITE_P(AllSets, SetSwigluBackward, ::testing::ValuesIn(kt_test::all_kernel_sets()),
+                         [](const auto& info) { return kt_test::set_name(info.param); });
 
-class IsaRankUpdate : public ::testing::TestWithParam<kt::Isa> {};
+class SetRankUpdate : public ::testing::TestWithParam<KernelSetParam> {};
 
 // B rows are read in place through row pointers, as bf16 or fp32, dense or as one half of
 // fused 16-column panels (chunk stride 32).
-TEST_P(IsaRankUpdate, MatchesScalarReference) {
-  const kt::Isa isa = GetParam();
-  if (!kt::isa_supported(isa)) GTEST_SKIP() << "CPU lacks " << kt::isa_name(isa);
+TEST_P(SetRankUpdate, MatchesScalarReference) {
+  const kt::KernelSet& set = *GetParam().set;
+  if (!kt::isa_supported(set.isa)) GTEST_SKIP() << "CPU lacks " << kt::isa_name(set.isa);
   struct Case { int64_t rows, n, depth; };
   for (const kt::DType dtype : {kt::DType::kBF16, kt::DType::kF32})
     for (const int64_t chunk_stride : {16, 32})
@@ -298,7 +333,7 @@ TEST_P(IsaRankUpdate, MatchesScalarReference) {
             for (int64_t col = 0; col < cs.n; ++col)
               want[j * ldc + col] += a[p * lda + j] *
                                      b_f32[(cs.depth - 1 - p) * row_elems + col / 16 * chunk_stride + col % 16];
-        kt::kernels_for(isa).rank_update(cs.rows, cs.n, cs.depth, a.data(), lda, b, got.data(), ldc);
+        set.rank_update(cs.rows, cs.n, cs.depth, a.data(), lda, b, got.data(), ldc);
         for (int64_t j = 0; j < cs.rows; ++j)
           for (int64_t col = 0; col < ldc; ++col) {
             const float w = want[j * ldc + col], g = got[j * ldc + col];
@@ -311,8 +346,8 @@ TEST_P(IsaRankUpdate, MatchesScalarReference) {
       }
 }
 
-INSTANTIATE_TEST_SUITE_P(AllIsas, IsaRankUpdate,
-                         ::testing::Values(kt::Isa::kScalar, kt::Isa::kAvx2, kt::Isa::kAvx512Bf16, kt::Isa::kAmx),
-                         [](const auto& info) { return std::string(kt::isa_name(info.param)); });
+INSTANTIATE_TEST_SUITE_P(AllSets, SetRankUpdate,
+                         ::testing::ValuesIn(kt_test::all_kernel_sets()),
+                         [](const auto& info) { return kt_test::set_name(info.param); });
 
 }  // namespace

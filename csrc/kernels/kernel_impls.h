@@ -1,0 +1,47 @@
+// The per-ISA kernels behind the registry's sets (kt/kernels.h), each ISA's in its own
+// translation unit compiled for that ISA. Only the registry (kernel_sets.cpp) and the kernels'
+// own files see these names; everything else calls through a KernelSet.
+#pragma once
+
+#include <cstdint>
+
+#include "kt/kernels.h"
+
+namespace kt {
+
+// Portable reference (gemm_scalar.cpp): fp32 activations against bf16 or fp32 panels.
+void gemm_scalar_f32(int64_t m, int64_t kp, const float* a, int64_t lda, const uint16_t* w, int64_t panels, float* c,
+                     int64_t ldc, bool accumulate);
+void gemm_scalar_f32_f32w(int64_t m, int64_t kp, const float* a, int64_t lda, const float* w, int64_t panels,
+                          float* c, int64_t ldc, bool accumulate);
+void rank_update_scalar(int64_t rows, int64_t n, int64_t depth, const float* a, int64_t lda, const RankRows& b,
+                        float* c, int64_t ldc);
+void sigmoid_scalar(int64_t n, const float* x, float* out);
+// fp32 activations: z and the fused gradient row are float.
+void swiglu_forward_scalar(int64_t valid, int64_t cols, const float* acc, void* z, void* saved, DType saved_dtype,
+                           int64_t g_at, int64_t u_at);
+float swiglu_backward_scalar(int64_t I, int64_t ip, const void* saved, DType saved_dtype, int64_t at, const float* q,
+                             float w, void* z, void* fused);
+
+// AVX2 + FMA (gemm_avx2.cpp): fp32 activations against bf16 panels.
+void gemm_avx2_f32(int64_t m, int64_t kp, const float* a, int64_t lda, const uint16_t* w, int64_t panels, float* c,
+                   int64_t ldc, bool accumulate);
+
+// AVX-512-BF16 (gemm_avx512.cpp): bf16 activations; the vector epilogues are the AMX path's too.
+void gemm_avx512_bf16(int64_t m, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* w, int64_t panels,
+                      float* c, int64_t ldc, bool accumulate);
+void pack_transposed_panels_avx512(const uint16_t* packed, int64_t np, int64_t kp, int64_t first_panel,
+                                   int64_t panel_count, uint16_t* dst);
+void rank_update_avx512(int64_t rows, int64_t n, int64_t depth, const float* a, int64_t lda, const RankRows& b,
+                        float* c, int64_t ldc);
+void sigmoid_avx512(int64_t n, const float* x, float* out);
+void swiglu_forward_avx512(int64_t valid, int64_t cols, const float* acc, void* z, void* saved, DType saved_dtype,
+                           int64_t g_at, int64_t u_at);
+float swiglu_backward_avx512(int64_t I, int64_t ip, const void* saved, DType saved_dtype, int64_t at, const float* q,
+                             float w, void* z, void* fused);
+
+// AMX-BF16 (gemm_amx.cpp): bf16 activations.
+void gemm_amx_bf16(int64_t m, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* w, int64_t panels, float* c,
+                   int64_t ldc, bool accumulate);
+
+}  // namespace kt

@@ -1,0 +1,111 @@
+// The kernel registry: each weight format's kernel sets, best first.
+#include <string>
+
+#include "kernel_impls.h"
+#include "kt/packing.h"
+
+namespace kt {
+namespace {
+
+// A typed GEMM as the registry's GemmFn; the set's activation type says what `a` points to.
+template <typename A, typename W, void (*Gemm)(int64_t, int64_t, const A*, int64_t, const W*, int64_t, float*, int64_t, bool)>
+void as_gemm(int64_t m, int64_t kp, const void* a, int64_t lda, const void* w, int64_t panels, float* c, int64_t ldc,
+             bool accumulate) {
+  Gemm(m, kp, static_cast<const A*>(a), lda, static_cast<const W*>(w), panels, c, ldc, accumulate);
+}
+
+constexpr GemmFn kAmxBf16 = as_gemm<uint16_t, uint16_t, gemm_amx_bf16>;
+constexpr GemmFn kAvx512Bf16 = as_gemm<uint16_t, uint16_t, gemm_avx512_bf16>;
+constexpr GemmFn kAvx2F32 = as_gemm<float, uint16_t, gemm_avx2_f32>;
+constexpr GemmFn kScalarF32 = as_gemm<float, uint16_t, gemm_scalar_f32>;
+constexpr GemmFn kScalarF32F32 = as_gemm<float, float, gemm_scalar_f32_f32w>;
+
+// bf16 weights. On the fp32 paths the LoRA operands are packed as fp32 (exact), on the bf16
+// paths as bf16, read by the weights' own GEMM.
+const KernelSet kBf16Amx{"amx", Isa::kAmx, WeightFormat::kBF16, DType::kBF16, kAmxBf16, kAmxBf16,
+                         pack_transposed_panels_avx512, rank_update_avx512, sigmoid_avx512, swiglu_forward_avx512,
+                         swiglu_backward_avx512};
+const KernelSet kBf16Avx512{"avx512", Isa::kAvx512Bf16, WeightFormat::kBF16, DType::kBF16, kAvx512Bf16, kAvx512Bf16,
+                            pack_transposed_panels_avx512, rank_update_avx512, sigmoid_avx512, swiglu_forward_avx512,
+                            swiglu_backward_avx512};
+const KernelSet kBf16Avx2{"avx2", Isa::kAvx2, WeightFormat::kBF16, DType::kF32, kAvx2F32, kScalarF32F32,
+                          pack_transposed_panels, rank_update_scalar, sigmoid_scalar, swiglu_forward_scalar,
+                          swiglu_backward_scalar};
+const KernelSet kBf16Scalar{"scalar", Isa::kScalar, WeightFormat::kBF16, DType::kF32, kScalarF32, kScalarF32F32,
+                            pack_transposed_panels, rank_update_scalar, sigmoid_scalar, swiglu_forward_scalar,
+                            swiglu_backward_scalar};
+
+struct FormatEntry {
+  WeightFormat format;
+  const char* name;
+  std::vector<const KernelSet*> sets;  // best first, the scalar reference last
+};
+
+const std::vector<FormatEntry>& registry() {
+  static const std::vector<FormatEntry> formats = {
+      {WeightFormat::kBF16, "bf16", {&kBf16Amx, &kBf16Avx512, &kBf16Avx2, &kBf16Scalar}},
+  };
+  return formats;
+}
+
+const FormatEntry* entry_of(WeightFormat format) {
+  for (const FormatEntry& e : registry())
+    if (e.format == format) return &e;
+  return nullptr;
+}
+
+}  // namespace
+
+const char* format_name(WeightFormat format) {
+  const FormatEntry* e = entry_of(format);
+  return e ? e->name : "unknown";
+}
+
+bool parse_format(const std::string& name, WeightFormat* out) {
+  for (const FormatEntry& e : registry()) {
+    if (name == e.name) {
+      *out = e.format;
+      return true;
+    }
+  }
+  return false;
+}
+
+bool format_of_code(int64_t code, WeightFormat* out) {
+  for (const FormatEntry& e : registry()) {
+    if (static_cast<int64_t>(e.format) == code) {
+      *out = e.format;
+      return true;
+    }
+  }
+  return false;
+}
+
+std::string format_names() {
+  std::string names;
+  for (const FormatEntry& e : registry()) names += (names.empty() ? "" : ", ") + std::string(e.name);
+  return names;
+}
+
+const std::vector<WeightFormat>& weight_formats() {
+  static const std::vector<WeightFormat> formats = [] {
+    std::vector<WeightFormat> out;
+    for (const FormatEntry& e : registry()) out.push_back(e.format);
+    return out;
+  }();
+  return formats;
+}
+
+const std::vector<const KernelSet*>& kernel_sets(WeightFormat format) {
+  static const std::vector<const KernelSet*> none;
+  const FormatEntry* e = entry_of(format);
+  return e ? e->sets : none;
+}
+
+const KernelSet* select_kernels(Isa isa, WeightFormat format) {
+  for (const KernelSet* set : kernel_sets(format))
+    if (static_cast<int>(set->isa) <= static_cast<int>(isa)) return set;
+  return nullptr;
+}
+
+}  // namespace kt

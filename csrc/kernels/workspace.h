@@ -1,0 +1,93 @@
+// The expert driver's per-call buffers, by what they hold. Every buffer is bound to a scratch
+// slot (kt/scratch.h) here and nowhere else: buffers alive at the same time get different
+// slots, and the forward and the backward share the slots (one thread never runs both at
+// once), so the memory kept is the larger call's working set.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "kt/moe_sft.h"
+#include "kt/packing.h"
+#include "kt/scratch.h"
+#include "lora_operands.h"
+
+namespace kt {
+
+// Extra elements per row of the activation buffers the GEMMs read as A. Without them a row of
+// 2048 bf16 is 4 KiB, and the 16 rows of one AMX tile load all fall in one L1 set.
+constexpr int64_t kRowSkew = 32;
+
+// The sizes of one call, padded as the packed experts are.
+struct CallShape {
+  int64_t T, K, H, I, E, S;
+  ExpertLayout layout;
+  int64_t hp, is, ip;  // padded H, padded slice width, S * is
+  CallShape(const MoeDims& d, int64_t slices)
+      : T(d.tokens), K(d.top_k), H(d.hidden), I(d.intermediate), E(d.experts), S(slices),
+        layout{E, H, I, S}, hp(layout.hp()), is(layout.slice_width()), ip(S * is) {}
+};
+
+template <typename Act>
+struct ForwardWorkspace {
+  int64_t ld_x, ld_z;  // row strides of x_rows and z_rows
+  Act* x_rows;         // [rows, ld_x] x, expert-sorted
+  Act* x_lora;         // [rows, rgu_p] s x [A_g; A_u]^T
+  Act* z_rows;         // [rows, ld_z] z = gate(g, u)
+  Act* z_lora;         // [rows, rd_p] s z A_d^T
+  float* h_partial;    // [S, rows, hp] each slice's part of the experts' outputs
+  Act* a_gu;           // [E, rgu_p, hp] [A_g; A_u], packed per expert
+  Act* b_gu;           // [E, 2 ip, rgu_p] blockdiag(B_g, B_u) in the fused gate/up row order
+  Act* a_d;            // [E, rd_p, ip] A_d
+  Act* b_d;            // [E, hp, rd_p] B_d
+
+  ForwardWorkspace(const CallShape& c, const LoraShape& l, int64_t rows)
+      : ld_x(c.hp + kRowSkew), ld_z(c.ip + kRowSkew),
+        x_rows(scratch<Act>(Scratch::kRowsA, rows * ld_x)),
+        x_lora(scratch<Act>(Scratch::kRowsB, rows * l.rgu_p)),
+        z_rows(scratch<Act>(Scratch::kRowsC, rows * ld_z)),
+        z_lora(scratch<Act>(Scratch::kRowsD, rows * l.rd_p)),
+        h_partial(scratch<float>(Scratch::kRowsOut, c.S * rows * c.hp)),
+        a_gu(scratch<Act>(Scratch::kLoraA, c.E * l.rgu_p * c.hp)),
+        b_gu(scratch<Act>(Scratch::kLoraB, c.E * 2 * c.ip * l.rgu_p)),
+        a_d(scratch<Act>(Scratch::kLoraC, c.E * l.rd_p * c.ip)),
+        b_d(scratch<Act>(Scratch::kLoraD, c.E * c.hp * l.rd_p)) {}
+};
+
+template <typename Act>
+struct BackwardWorkspace {
+  int64_t ld_dy, ld_grad_gu;  // row strides of dy_rows and grad_gu
+  Act* dy_rows;               // [rows, ld_dy] grad_y, expert-sorted
+  float* dy_b;                // [rows, rd_p] dy B_d
+  Act* dy_b_scaled;           // [rows, rd_p] s dy B_d
+  Act* grad_gu;               // [rows, ld_grad_gu] fused dg | du rows (gate/up weight row order)
+  float* dgu_b;               // [rows, rgu_p] [dg B_g | du B_u]
+  Act* dgu_b_scaled;          // [rows, rgu_p] s [dg B_g | du B_u]
+  Act* z_rows;                // [rows, I] z again, for the down LoRA gradient
+  // q [rows, ip], the gradient of z before the routing weight, and later dx_partial [S, rows,
+  // hp], each slice's part of dx per pair: one buffer, q is dead once dx is computed.
+  float* q_rows;
+  float* dx_partial;
+  Act* bt_d;   // [E, rd_p, hp] B_d^T, packed per expert
+  Act* at_d;   // [E, ip, rd_p] A_d^T
+  Act* bt_gu;  // [E, rgu_p, 2 ip] blockdiag(B_g, B_u)^T
+  Act* at_gu;  // [E, hp, rgu_p] [A_g; A_u]^T
+
+  BackwardWorkspace(const CallShape& c, const LoraShape& l, int64_t rows)
+      : ld_dy(c.hp + kRowSkew), ld_grad_gu(2 * c.ip + kRowSkew),
+        dy_rows(scratch<Act>(Scratch::kRowsA, rows * ld_dy)),
+        dy_b(scratch<float>(Scratch::kRowsB, rows * l.rd_p)),
+        dy_b_scaled(scratch<Act>(Scratch::kRowsC, rows * l.rd_p)),
+        grad_gu(scratch<Act>(Scratch::kRowsD, rows * ld_grad_gu)),
+        dgu_b(scratch<float>(Scratch::kRowsE, rows * l.rgu_p)),
+        dgu_b_scaled(scratch<Act>(Scratch::kRowsF, rows * l.rgu_p)),
+        z_rows(scratch<Act>(Scratch::kRowsG, rows * c.I)),
+        q_rows(scratch<float>(Scratch::kRowsOut, std::max(rows * c.ip, c.S * rows * c.hp))),
+        dx_partial(q_rows),
+        bt_d(scratch<Act>(Scratch::kLoraA, c.E * l.rd_p * c.hp)),
+        at_d(scratch<Act>(Scratch::kLoraB, c.E * c.ip * l.rd_p)),
+        bt_gu(scratch<Act>(Scratch::kLoraC, c.E * l.rgu_p * 2 * c.ip)),
+        at_gu(scratch<Act>(Scratch::kLoraD, c.E * c.hp * l.rgu_p)) {}
+};
+
+}  // namespace kt

@@ -1,0 +1,26 @@
+// The element formats the packed expert weights come in. A format is a way of storing the
+// frozen weights (and their scales, for the quantized ones); the kernels that compute with it
+// are its entries in the kernel registry (kt/kernels.h).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace kt {
+
+enum class WeightFormat : int64_t { kBF16 = 0 };
+
+// The format whose code (the enum's value, as packed experts record it) is `code`; false for
+// a code this build does not know.
+bool format_of_code(int64_t code, WeightFormat* out);
+
+// "bf16", ...
+const char* format_name(WeightFormat format);
+
+// The format named `name`; false when this build has no such format.
+bool parse_format(const std::string& name, WeightFormat* out);
+
+// The names of every format this build computes with, for messages: "bf16".
+std::string format_names();
+
+}  // namespace kt
