@@ -23,13 +23,15 @@ TORCH_LIBRARY(kt, m) {
   //   Is is I / S rounded up to 32;
   //   layout, int64 [6]: what the packed tensors hold (format and true sizes,
   //   kt::encode_layout), which the MoE ops check their other arguments against;
-  //   then the format's scales (none for bf16).
+  //   then the format's scales: none for bf16; for int8 (one scale per output channel, codes
+  //   round(w / scale) in [-127, 127], scale = max|row| / 127) gate_up_scale float32 [S, E, 2*Is]
+  //   (the fused rows' order) and down_scale float32 [S, E, Hp].
   // numa_nodes is at most 1024.
   m.def("pack_experts(Tensor w_gate, Tensor w_up, Tensor w_down, int numa_nodes=0, str format=\"bf16\", "
         "int group_size=0) -> Tensor[]");
 
   // Inverse of pack_experts: the bf16 w_gate, w_up [E, I, H] and w_down [E, H, I] held by
-  // experts, which must hold hidden_size H and intermediate_size I (the Meta kernel sizes the
+  // experts (for a quantized format, the dequantized weights rounded to bf16), which must hold hidden_size H and intermediate_size I (the Meta kernel sizes the
   // outputs from them).
   m.def("unpack_experts(Tensor[] experts, int hidden_size, int intermediate_size) -> "
         "(Tensor w_gate, Tensor w_up, Tensor w_down)");

@@ -88,7 +88,8 @@ class PackedExperts:
 
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The bf16 weights these were packed from: ``(w_gate [E, I, H], w_up [E, I, H],
-        w_down [E, H, I])``, new tensors (packing bf16 is a lossless permutation)."""
+        w_down [E, H, I])``, new tensors (packing bf16 is a lossless permutation; a quantized
+        format gives its dequantized weights rounded to bf16)."""
         return torch.ops.kt.unpack_experts(list(self.tensors), self.hidden_size, self.intermediate_size)
 
     @property
@@ -107,7 +108,11 @@ def pack_experts(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
         w_down: bf16 ``[E, H, I]``.
         numa_nodes: slices to split the intermediate dimension into, 0 to 1024; 0 (the
             default) gives one per NUMA node of :func:`topology`. Never more than I / 32.
-        format: the weight format to hold them in, one of :func:`weight_formats`.
+        format: the weight format to hold them in, one of :func:`weight_formats`:
+            ``"bf16"`` (the weights as they are) or ``"int8"`` (symmetric, one fp32 scale per
+            output channel: :func:`kt_ops.reference.quantize_int8` exactly; about half the
+            bytes). The kernels compute with the dequantized weights; the int8 kernels run on
+            the AVX2 and scalar paths so far (an AMX or AVX-512 CPU takes the AVX2 one).
         group_size: the quantization group of formats that have one; 0 for the others.
 
     The inputs are not kept: once packed they can be freed.

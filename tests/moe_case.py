@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kt_ops
-from kt_ops.reference import TOLERANCES, moe_sft_reference
+from kt_ops.reference import TOLERANCES, dequantize_int8, moe_sft_reference, quantize_int8
 
 ALL_ISAS = ["amx", "avx512", "avx2", "scalar"]
 
@@ -62,11 +62,14 @@ def make_case(
     gate: Optional[kt_ops.Gate] = None,
     biases: bool = False,
     clamped_share: Optional[float] = None,
+    weight_format: str = "bf16",
 ) -> MoeCase:
     """A layer with O(1) activations. Experts at or past ``used_experts`` get no tokens;
     ``numa_nodes`` is passed to pack_experts (0: one slice per NUMA node of this machine);
     ``gate`` is the activation and ``biases`` gives the experts O(1) biases; with
-    ``clamped_share`` the gate's limit becomes :func:`limit_in_a_gap` of that share."""
+    ``clamped_share`` the gate's limit becomes :func:`limit_in_a_gap` of that share. The
+    experts are packed in ``weight_format``; for a quantized one the case's weights become the
+    reference's dequantized weights (fp32), the truth the kernels are held to."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape, scale=1.0):
@@ -85,8 +88,10 @@ def make_case(
         shapes = [(rank, hidden), (intermediate, rank), (rank, hidden), (intermediate, rank),
                   (rank, intermediate), (hidden, rank)]
         lora = [randn(experts, *s, scale=0.5 * s[-1] ** -0.5).to(lora_dtype).requires_grad_() for s in shapes]
-    case = MoeCase(x, topk_ids, topk_weights, w_gate, w_up, w_down,
-                   kt_ops.pack_experts(w_gate, w_up, w_down, numa_nodes), lora)
+    packed = kt_ops.pack_experts(w_gate, w_up, w_down, numa_nodes, format=weight_format)
+    if weight_format == "int8":
+        w_gate, w_up, w_down = (dequantize_int8(*quantize_int8(w)) for w in (w_gate, w_up, w_down))
+    case = MoeCase(x, topk_ids, topk_weights, w_gate, w_up, w_down, packed, lora)
     case.grad_y = randn(tokens, hidden).to(dtype)
     case.gate = gate or kt_ops.Gate()
     if biases:

@@ -26,8 +26,9 @@ def test_gradcheck_fp32_scalar_path(monkeypatch):
     assert torch.autograd.gradcheck(f, tuple(case.inputs_requiring_grad()), eps=1e-2, atol=2e-3, rtol=2e-3)
 
 
-def test_checkpointing_gives_the_same_gradients():
-    case = make_case(64, 48, 8, 2, 37, 8)
+@pytest.mark.parametrize("weight_format", kt_ops.weight_formats())
+def test_checkpointing_gives_the_same_gradients(weight_format):
+    case = make_case(64, 48, 8, 2, 37, 8, weight_format=weight_format)
     _, plain = run_kt(case)
 
     def fn(x, w, *lora):
@@ -51,8 +52,9 @@ def _layer(case, inputs_seen=None):
     return layer
 
 
-def test_checkpointing_runs_the_experts_forward_once_with_the_same_gradients():
-    case = make_case(64, 48, 8, 2, 37, 8, dtype=torch.float32)
+@pytest.mark.parametrize("weight_format", kt_ops.weight_formats())
+def test_checkpointing_runs_the_experts_forward_once_with_the_same_gradients(weight_format):
+    case = make_case(64, 48, 8, 2, 37, 8, dtype=torch.float32, weight_format=weight_format)
     inputs = case.inputs_requiring_grad()
     layer = _layer(case)
     plain = torch.autograd.grad(layer(*inputs), inputs, case.grad_y)
@@ -110,8 +112,9 @@ def test_a_second_backward_needs_retain_graph():
         torch.autograd.grad(y, case.x, case.grad_y)
 
 
-def test_bit_identical_for_any_thread_count(isa_path):
-    case = make_case(96, 80, 12, 4, 301, 16, seed=5)
+@pytest.mark.parametrize("weight_format", kt_ops.weight_formats())
+def test_bit_identical_for_any_thread_count(isa_path, weight_format):
+    case = make_case(96, 80, 12, 4, 301, 16, seed=5, weight_format=weight_format)
     results = []
     for threads in (1, 2, 3):
         torch.set_num_threads(threads)

@@ -7,10 +7,11 @@ import kt_ops
 from moe_case import make_case, run_kt
 
 
+@pytest.mark.parametrize("weight_format", kt_ops.weight_formats())
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compile_fullgraph_forward_and_backward(backend):
+def test_compile_fullgraph_forward_and_backward(backend, weight_format):
     torch._dynamo.reset()
-    case = make_case(64, 48, 8, 2, 19, 8)
+    case = make_case(64, 48, 8, 2, 19, 8, weight_format=weight_format)
     experts, ids, scaling = case.experts, case.topk_ids, case.scaling
 
     def step(x, w, lora):

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import kt_ops
 from kt_ops import Gate
 from moe_case import assert_close, make_case, run_kt, run_reference
 
@@ -34,11 +35,14 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("weight_format", kt_ops.weight_formats())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("case_name", list(CASES))
-def test_forward_and_gradients_match_reference(isa_path, case_name, dtype):
+def test_forward_and_gradients_match_reference(isa_path, case_name, dtype, weight_format):
+    """Quantized formats against the reference on their dequantized weights, at the same
+    tolerances: the weights are the truth, whatever they are stored as."""
     h, i, e, k, t, r, extra = CASES[case_name]
-    case = make_case(h, i, e, k, t, r, dtype=dtype, **extra)
+    case = make_case(h, i, e, k, t, r, dtype=dtype, weight_format=weight_format, **extra)
     y, grads = run_kt(case)
     y_ref, grads_ref = run_reference(case)
     assert y.dtype == dtype and y.shape == (t, h)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from conftest import OPCHECK_EXEMPT
+import kt_ops
 from kt_ops import Gate
 from moe_case import make_case
 
@@ -22,31 +23,35 @@ def test_every_op_is_covered():
     assert ops == tested | set(OPCHECK_EXEMPT), ops
 
 
-def test_opcheck_pack_experts():
+@pytest.mark.parametrize("weight_format", kt_ops.weight_formats())
+def test_opcheck_pack_experts(weight_format):
     g = torch.Generator().manual_seed(0)
     w = [torch.randn(*s, generator=g).bfloat16() for s in [(3, 45, 70), (3, 45, 70), (3, 70, 45)]]
-    torch.library.opcheck(torch.ops.kt.pack_experts.default, tuple(w))
+    torch.library.opcheck(torch.ops.kt.pack_experts.default, (*w, 0, weight_format, 0))
 
 
+@pytest.mark.parametrize("weight_format", kt_ops.weight_formats())
 @pytest.mark.parametrize("numa_nodes", [1, 2])
-def test_opcheck_unpack_experts(numa_nodes):
+def test_opcheck_unpack_experts(numa_nodes, weight_format):
     g = torch.Generator().manual_seed(0)
     w = [torch.randn(*s, generator=g).bfloat16() for s in [(3, 45, 70), (3, 45, 70), (3, 70, 45)]]
-    experts = torch.ops.kt.pack_experts(*w, numa_nodes)
+    experts = torch.ops.kt.pack_experts(*w, numa_nodes, weight_format, 0)
     torch.library.opcheck(torch.ops.kt.unpack_experts.default, (experts, 70, 45))
 
 
+@pytest.mark.parametrize("weight_format", kt_ops.weight_formats())
 @pytest.mark.parametrize("gate", list(GATES))
 @pytest.mark.parametrize("rank", [None, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_opcheck_moe_sft_forward(rank, dtype, gate):
-    case = make_case(70, 45, 6, 2, 11, rank, dtype=dtype, **GATES[gate])
+def test_opcheck_moe_sft_forward(rank, dtype, gate, weight_format):
+    case = make_case(70, 45, 6, 2, 11, rank, dtype=dtype, weight_format=weight_format, **GATES[gate])
     torch.library.opcheck(torch.ops.kt.moe_sft_forward.default, _forward_args(case))
 
 
+@pytest.mark.parametrize("weight_format", kt_ops.weight_formats())
 @pytest.mark.parametrize("gate", list(GATES))
-def test_opcheck_moe_sft_backward(gate):
-    case = make_case(70, 45, 6, 2, 11, 8, **GATES[gate])
+def test_opcheck_moe_sft_backward(gate, weight_format):
+    case = make_case(70, 45, 6, 2, 11, 8, weight_format=weight_format, **GATES[gate])
     with torch.no_grad():
         _, gate_up_act, lora_act = torch.ops.kt.moe_sft_forward.default(*_forward_args(case))
     detached = [a.detach() if isinstance(a, torch.Tensor) else [t.detach() for t in a] if isinstance(a, list) else a

@@ -31,6 +31,39 @@ def test_the_build_has_bf16_and_packs_it_by_name():
     assert int(named.layout[1]) == 0, "format code of bf16 in the layout"
 
 
+@pytest.mark.parametrize("numa_nodes", [1, 2])
+def test_int8_packing_is_the_reference_quantization(numa_nodes):
+    """Codes and per-channel scales of kt_ops.reference.quantize_int8, exactly: the dequantized
+    weights come back (rounded to bf16, as unpack returns them), and the scale tensors hold the
+    reference's scales in the packed row order."""
+    from kt_ops.reference import dequantize_int8, quantize_int8
+
+    w = _weights(3, 96, 64, seed=3)
+    w[0][1].zero_()  # expert 1's gate rows are zero: scale 1
+    packed = kt_ops.pack_experts(*w, numa_nodes, format="int8")
+    assert packed.format == "int8" and [t.dtype for t in packed.tensors] == [
+        torch.int8, torch.int8, torch.int64, torch.float32, torch.float32]
+    for got, want in zip(packed.unpack(), w):
+        assert torch.equal(got, dequantize_int8(*quantize_int8(want)).bfloat16())
+    gate_scale, up_scale, down_scale = (quantize_int8(t)[1] for t in w)
+    assert (gate_scale[1] == 1.0).all()
+    s, width = packed.numa_slices, packed.gate_up.shape[2] // 2
+    fused = packed.tensors[3]  # [S, E, 2 * width]: 16 gate rows, then 16 up rows, ...
+    for sl in range(s):
+        for c in range(min(width, 96 - sl * width)):
+            row = (c // 16) * 32 + c % 16
+            assert fused[sl, :, row].equal(gate_scale[:, sl * width + c])
+            assert fused[sl, :, row + 16].equal(up_scale[:, sl * width + c])
+        assert packed.tensors[4][sl, :, :64].equal(down_scale)  # a down row's scale spans the slices
+
+
+def test_int8_resident_bytes_are_at_most_0_53_of_bf16():
+    w = _weights(8, 256, 512)
+    bf16 = kt_ops.pack_experts(*w).nbytes
+    int8 = kt_ops.pack_experts(*w, format="int8").nbytes
+    assert int8 <= 0.53 * bf16, int8 / bf16
+
+
 def test_odd_sizes_pad_to_32():
     packed = kt_ops.pack_experts(*_weights(3, 45, 70), numa_nodes=1)
     assert packed.gate_up.shape == (1, 3, 2 * 64, 96)

@@ -3,6 +3,7 @@
 
 #include "kernel_impls.h"
 #include "kt/packing.h"
+#include "kt/scratch.h"
 
 namespace kt {
 namespace {
@@ -20,20 +21,60 @@ constexpr GemmFn kAvx2F32 = as_gemm<float, uint16_t, gemm_avx2_f32>;
 constexpr GemmFn kScalarF32 = as_gemm<float, uint16_t, gemm_scalar_f32>;
 constexpr GemmFn kScalarF32F32 = as_gemm<float, float, gemm_scalar_f32_f32w>;
 
+// bf16 weights are the panels: the weight GEMM is the panel GEMM.
+template <GemmFn Panel>
+void bf16_weight_gemm(int64_t m, int64_t kp, const void* a, int64_t lda, const void* w, const float*, int64_t panels,
+                      float* c, int64_t ldc) {
+  Panel(m, kp, a, lda, w, panels, c, ldc, false);
+}
+
+template <typename T>
+void transposed_panels(const void* packed, int64_t np, int64_t kp, int64_t first_panel, int64_t panel_count,
+                       uint16_t* dst) {
+  pack_transposed_panels(static_cast<const T*>(packed), np, kp, first_panel, panel_count, dst);
+}
+
+void transposed_panels_avx512(const void* packed, int64_t np, int64_t kp, int64_t first_panel, int64_t panel_count,
+                              uint16_t* dst) {
+  pack_transposed_panels_avx512(static_cast<const uint16_t*>(packed), np, kp, first_panel, panel_count, dst);
+}
+
+// int8 weight-only: the task's panels decoded exactly to bf16 (a buffer of the calling thread,
+// read from cache by the GEMM), the panel GEMM of the path, then each output column times its
+// channel's scale.
+template <GemmFn Panel>
+void int8_weight_gemm(int64_t m, int64_t kp, const void* a, int64_t lda, const void* w, const float* scales,
+                      int64_t panels, float* c, int64_t ldc) {
+  bf16* decoded = scratch<bf16>(Scratch::kTaskDecoded, panels * kPanelRows * kp);
+  decode_panels(static_cast<const int8_t*>(w), kp, panels, decoded);
+  Panel(m, kp, a, lda, decoded, panels, c, ldc, false);
+  const int64_t cols = panels * kPanelRows;
+  for (int64_t row = 0; row < m; ++row)
+    for (int64_t col = 0; col < cols; ++col) c[row * ldc + col] *= scales[col];
+}
+
 // bf16 weights. On the fp32 paths the LoRA operands are packed as fp32 (exact), on the bf16
 // paths as bf16, read by the weights' own GEMM.
-const KernelSet kBf16Amx{"amx", Isa::kAmx, WeightFormat::kBF16, DType::kBF16, kAmxBf16, kAmxBf16,
-                         pack_transposed_panels_avx512, rank_update_avx512, sigmoid_avx512, swiglu_forward_avx512,
-                         swiglu_backward_avx512};
-const KernelSet kBf16Avx512{"avx512", Isa::kAvx512Bf16, WeightFormat::kBF16, DType::kBF16, kAvx512Bf16, kAvx512Bf16,
-                            pack_transposed_panels_avx512, rank_update_avx512, sigmoid_avx512, swiglu_forward_avx512,
-                            swiglu_backward_avx512};
-const KernelSet kBf16Avx2{"avx2", Isa::kAvx2, WeightFormat::kBF16, DType::kF32, kAvx2F32, kScalarF32F32,
-                          pack_transposed_panels, rank_update_scalar, sigmoid_scalar, swiglu_forward_scalar,
-                          swiglu_backward_scalar};
-const KernelSet kBf16Scalar{"scalar", Isa::kScalar, WeightFormat::kBF16, DType::kF32, kScalarF32, kScalarF32F32,
-                            pack_transposed_panels, rank_update_scalar, sigmoid_scalar, swiglu_forward_scalar,
-                            swiglu_backward_scalar};
+const KernelSet kBf16Amx{"amx", Isa::kAmx, WeightFormat::kBF16, DType::kBF16, 16, bf16_weight_gemm<kAmxBf16>,
+                         kAmxBf16, kAmxBf16, transposed_panels_avx512, rank_update_avx512, sigmoid_avx512,
+                         swiglu_forward_avx512, swiglu_backward_avx512};
+const KernelSet kBf16Avx512{"avx512", Isa::kAvx512Bf16, WeightFormat::kBF16, DType::kBF16, 16,
+                            bf16_weight_gemm<kAvx512Bf16>, kAvx512Bf16, kAvx512Bf16, transposed_panels_avx512,
+                            rank_update_avx512, sigmoid_avx512, swiglu_forward_avx512, swiglu_backward_avx512};
+const KernelSet kBf16Avx2{"avx2", Isa::kAvx2, WeightFormat::kBF16, DType::kF32, 16, bf16_weight_gemm<kAvx2F32>,
+                          kAvx2F32, kScalarF32F32, transposed_panels<bf16>, rank_update_scalar, sigmoid_scalar,
+                          swiglu_forward_scalar, swiglu_backward_scalar};
+const KernelSet kBf16Scalar{"scalar", Isa::kScalar, WeightFormat::kBF16, DType::kF32, 16,
+                            bf16_weight_gemm<kScalarF32>, kScalarF32, kScalarF32F32, transposed_panels<bf16>,
+                            rank_update_scalar, sigmoid_scalar, swiglu_forward_scalar, swiglu_backward_scalar};
+
+// int8 weight-only, on the fp32 paths so far: an AMX or AVX-512 CPU takes the AVX2 set.
+const KernelSet kInt8Avx2{"avx2", Isa::kAvx2, WeightFormat::kInt8, DType::kF32, 8, int8_weight_gemm<kAvx2F32>,
+                          kAvx2F32, kScalarF32F32, transposed_panels<int8_t>, rank_update_scalar, sigmoid_scalar,
+                          swiglu_forward_scalar, swiglu_backward_scalar};
+const KernelSet kInt8Scalar{"scalar", Isa::kScalar, WeightFormat::kInt8, DType::kF32, 8,
+                            int8_weight_gemm<kScalarF32>, kScalarF32, kScalarF32F32, transposed_panels<int8_t>,
+                            rank_update_scalar, sigmoid_scalar, swiglu_forward_scalar, swiglu_backward_scalar};
 
 struct FormatEntry {
   WeightFormat format;
@@ -44,6 +85,7 @@ struct FormatEntry {
 const std::vector<FormatEntry>& registry() {
   static const std::vector<FormatEntry> formats = {
       {WeightFormat::kBF16, "bf16", {&kBf16Amx, &kBf16Avx512, &kBf16Avx2, &kBf16Scalar}},
+      {WeightFormat::kInt8, "int8", {&kInt8Avx2, &kInt8Scalar}},
   };
   return formats;
 }

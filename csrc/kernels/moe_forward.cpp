@@ -64,9 +64,11 @@ void forward_impl(const KernelSet& k, int threads, const MoeForwardArgs& args) {
     const int64_t e = task.expert, np = task.panels, cols = np * kPanelRows, c0 = task.panel * kPanelRows;
     const int64_t m = route.padded_rows(e), n = route.count(e), row0 = route.first_row[e];
     float* acc = scratch<float>(Scratch::kTaskAcc, m * 2 * cols);  // gate and up panels interleaved
+    const int64_t first_row = 2 * (c0 - task.slice * is);  // of the slice's fused gate/up rows
     k.weight_gemm(m, hp, ws.x_rows + row0 * ws.ld_x, ws.ld_x,
-                  w.gate_up + c.layout.gate_up_offset(task.slice, e) + 2 * (c0 - task.slice * is) * hp, 2 * np, acc,
-                  2 * cols, false);
+                  weight_at(w.gate_up, c.layout.gate_up_offset(task.slice, e) + first_row * hp, k.weight_bits),
+                  w.gate_up_scale ? w.gate_up_scale + c.layout.gate_up_scale_offset(task.slice, e) + first_row : nullptr,
+                  2 * np, acc, 2 * cols);
     if (l.rgu)
       k.operand_gemm(m, l.rgu_p, ws.x_lora + row0 * l.rgu_p, l.rgu_p, ws.b_gu + (e * 2 * ip + 2 * c0) * l.rgu_p,
                      2 * np, acc, 2 * cols, true);
@@ -128,7 +130,8 @@ void forward_impl(const KernelSet& k, int threads, const MoeForwardArgs& args) {
     const int64_t m = route.padded_rows(e), row0 = route.first_row[e];
     float* out = ws.h_partial + (task.slice * rows + row0) * hp + c0;
     k.weight_gemm(m, is, ws.z_rows + row0 * ws.ld_z + task.slice * is, ws.ld_z,
-                  w.down + c.layout.down_offset(task.slice, e) + c0 * is, np, out, hp, false);
+                  weight_at(w.down, c.layout.down_offset(task.slice, e) + c0 * is, k.weight_bits),
+                  w.down_scale ? w.down_scale + c.layout.down_scale_offset(task.slice, e) + c0 : nullptr, np, out, hp);
     if (l.rd && task.slice == 0)
       k.operand_gemm(m, l.rd_p, ws.z_lora + row0 * l.rd_p, l.rd_p, ws.b_d + (e * hp + c0) * l.rd_p, np, out, hp,
                      true);

@@ -1,24 +1,36 @@
 #include "kt/packing.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <vector>
 
 namespace kt {
+namespace {
 
-void pack_weight(const bf16* w, int64_t n, int64_t k, int64_t ldw, int64_t kp, bf16* dst) {
+inline bf16 to_bf16(bf16 v) { return v; }
+inline bf16 to_bf16(int8_t v) { return f32_to_bf16(static_cast<float>(v)); }
+
+}  // namespace
+
+template <typename T>
+void pack_weight(const T* w, int64_t n, int64_t k, int64_t ldw, int64_t kp, T* dst) {
   const int64_t np = round_up(n, kPadTo);
-  std::memset(dst, 0, sizeof(bf16) * np * kp);
+  std::memset(dst, 0, sizeof(T) * np * kp);
   for (int64_t r = 0; r < n; ++r)
     for (int64_t c = 0; c < k; ++c) dst[packed_offset(r, c, kp)] = w[r * ldw + c];
 }
 
-void unpack_weight(const bf16* src, int64_t n, int64_t k, int64_t ldw, int64_t kp, bf16* w) {
+template <typename T>
+void unpack_weight(const T* src, int64_t n, int64_t k, int64_t ldw, int64_t kp, T* w) {
   for (int64_t r = 0; r < n; ++r)
     for (int64_t c = 0; c < k; ++c) w[r * ldw + c] = src[packed_offset(r, c, kp)];
 }
 
-void pack_gate_up(const bf16* w_gate, const bf16* w_up, int64_t i, int64_t h, bf16* dst) {
+template <typename T>
+void pack_gate_up(const T* w_gate, const T* w_up, int64_t i, int64_t h, T* dst) {
   const int64_t ip = round_up(i, kPadTo), hp = round_up(h, kPadTo);
-  std::memset(dst, 0, sizeof(bf16) * 2 * ip * hp);
+  std::memset(dst, 0, sizeof(T) * 2 * ip * hp);
   for (int64_t r = 0; r < i; ++r) {
     const int64_t gate_row = gate_up_column(r, false), up_row = gate_up_column(r, true);
     for (int64_t c = 0; c < h; ++c) {
@@ -28,7 +40,8 @@ void pack_gate_up(const bf16* w_gate, const bf16* w_up, int64_t i, int64_t h, bf
   }
 }
 
-void unpack_gate_up(const bf16* src, int64_t i, int64_t h, bf16* w_gate, bf16* w_up) {
+template <typename T>
+void unpack_gate_up(const T* src, int64_t i, int64_t h, T* w_gate, T* w_up) {
   const int64_t hp = round_up(h, kPadTo);
   for (int64_t r = 0; r < i; ++r) {
     const int64_t gate_row = gate_up_column(r, false), up_row = gate_up_column(r, true);
@@ -39,8 +52,9 @@ void unpack_gate_up(const bf16* src, int64_t i, int64_t h, bf16* w_gate, bf16* w
   }
 }
 
-void pack_transposed_panels(const bf16* packed, int64_t np, int64_t kp, int64_t first_panel,
-                            int64_t panel_count, bf16* dst) {
+template <typename T>
+void pack_transposed_panels(const T* packed, int64_t np, int64_t kp, int64_t first_panel, int64_t panel_count,
+                            bf16* dst) {
   // Output panel q holds W^T rows k0..k0+15 (columns of W), i.e. one half of a source
   // block's depth. Each output block (32 n by those 16 k) is filled from the two source
   // panels covering its 32 n: a 16x16 transpose of pairs per source panel.
@@ -51,17 +65,44 @@ void pack_transposed_panels(const bf16* packed, int64_t np, int64_t kp, int64_t 
     for (int64_t nb = 0; nb < dst_blocks; ++nb) {
       bf16* out = dst + (q * dst_blocks + nb) * kBlockElems;
       for (int64_t half = 0; half < 2; ++half) {
-        const bf16* src = packed + ((2 * nb + half) * src_blocks + kb) * kBlockElems;
+        const T* src = packed + ((2 * nb + half) * src_blocks + kb) * kBlockElems;
         for (int64_t kk = 0; kk < kPanelRows; ++kk) {
           const int64_t k_local = k_half * kPanelRows + kk;
-          const bf16* src_row = src + (k_local / 2) * 2 * kPanelRows + (k_local % 2);
+          const T* src_row = src + (k_local / 2) * 2 * kPanelRows + (k_local % 2);
           bf16* out_col = out + half * (kPanelRows / 2) * 2 * kPanelRows + kk * 2;
           for (int64_t n = 0; n < kPanelRows; ++n)
-            out_col[(n / 2) * 2 * kPanelRows + (n % 2)] = src_row[2 * n];
+            out_col[(n / 2) * 2 * kPanelRows + (n % 2)] = to_bf16(src_row[2 * n]);
         }
       }
     }
   }
+}
+
+template void pack_weight(const bf16*, int64_t, int64_t, int64_t, int64_t, bf16*);
+template void pack_weight(const int8_t*, int64_t, int64_t, int64_t, int64_t, int8_t*);
+template void unpack_weight(const bf16*, int64_t, int64_t, int64_t, int64_t, bf16*);
+template void unpack_weight(const int8_t*, int64_t, int64_t, int64_t, int64_t, int8_t*);
+template void pack_gate_up(const bf16*, const bf16*, int64_t, int64_t, bf16*);
+template void pack_gate_up(const int8_t*, const int8_t*, int64_t, int64_t, int8_t*);
+template void unpack_gate_up(const bf16*, int64_t, int64_t, bf16*, bf16*);
+template void unpack_gate_up(const int8_t*, int64_t, int64_t, int8_t*, int8_t*);
+template void pack_transposed_panels(const bf16*, int64_t, int64_t, int64_t, int64_t, bf16*);
+template void pack_transposed_panels(const int8_t*, int64_t, int64_t, int64_t, int64_t, bf16*);
+
+void decode_panels(const int8_t* packed, int64_t kp, int64_t panels, bf16* dst) {
+  const int64_t n = panels * kPanelRows * kp;
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_bf16(packed[i]);
+}
+
+float quantize_row_int8(const bf16* w, int64_t n, int8_t* codes) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < n; ++i) amax = std::fmax(amax, std::fabs(bf16_to_f32(w[i])));
+  const float scale = amax > 0.f ? amax / 127.f : 1.f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float q = std::nearbyint(bf16_to_f32(w[i]) / scale);
+    codes[i] = static_cast<int8_t>(q > 127.f ? 127.f : q < -127.f ? -127.f : q);
+  }
+  return scale;
 }
 
 void pack_expert_slice(const ExpertLayout& layout, const bf16* w_gate, const bf16* w_up,
@@ -82,6 +123,53 @@ void unpack_expert_slice(const ExpertLayout& layout, const bf16* gate_up, const 
   if (cols <= 0) return;
   unpack_gate_up(gate_up + layout.gate_up_offset(s, e), cols, H, w_gate + (e * I + c0) * H, w_up + (e * I + c0) * H);
   unpack_weight(down + layout.down_offset(s, e), H, cols, I, is, w_down + e * H * I + c0);
+}
+
+void pack_expert_slice_int8(const ExpertLayout& layout, const bf16* w_gate, const bf16* w_up, const bf16* w_down,
+                            int64_t e, int64_t s, int8_t* gate_up, int8_t* down, float* gate_up_scale,
+                            float* down_scale) {
+  const int64_t H = layout.hidden, I = layout.intermediate, is = layout.slice_width(), hp = layout.hp();
+  const int64_t c0 = s * is, cols = layout.slice_columns(s);
+  float* gu_scale = gate_up_scale + layout.gate_up_scale_offset(s, e);
+  float* d_scale = down_scale + layout.down_scale_offset(s, e);
+  std::fill(gu_scale, gu_scale + 2 * is, 0.f);
+  std::fill(d_scale, d_scale + hp, 0.f);
+  std::vector<int8_t> g(cols * H), u(cols * H), d_row(I), d(H * cols);
+  for (int64_t r = 0; r < cols; ++r) {
+    const int64_t row = e * I + c0 + r;
+    gu_scale[gate_up_column(r, false)] = quantize_row_int8(w_gate + row * H, H, g.data() + r * H);
+    gu_scale[gate_up_column(r, true)] = quantize_row_int8(w_up + row * H, H, u.data() + r * H);
+  }
+  for (int64_t h = 0; h < H; ++h) {  // the whole row sets the scale; the slice keeps its columns
+    d_scale[h] = quantize_row_int8(w_down + (e * H + h) * I, I, d_row.data());
+    std::memcpy(d.data() + h * cols, d_row.data() + c0, cols);
+  }
+  int8_t* gu = gate_up + layout.gate_up_offset(s, e);
+  std::memset(gu, 0, 2 * is * hp);
+  if (cols > 0) pack_gate_up(g.data(), u.data(), cols, H, gu);
+  pack_weight(d.data(), H, cols, cols, is, down + layout.down_offset(s, e));
+}
+
+void unpack_expert_slice_int8(const ExpertLayout& layout, const int8_t* gate_up, const int8_t* down,
+                              const float* gate_up_scale, const float* down_scale, int64_t e, int64_t s,
+                              bf16* w_gate, bf16* w_up, bf16* w_down) {
+  const int64_t H = layout.hidden, I = layout.intermediate, is = layout.slice_width();
+  const int64_t c0 = s * is, cols = layout.slice_columns(s);
+  if (cols <= 0) return;
+  std::vector<int8_t> g(cols * H), u(cols * H), d(H * cols);
+  unpack_gate_up(gate_up + layout.gate_up_offset(s, e), cols, H, g.data(), u.data());
+  unpack_weight(down + layout.down_offset(s, e), H, cols, cols, is, d.data());
+  const float* gu_scale = gate_up_scale + layout.gate_up_scale_offset(s, e);
+  const float* d_scale = down_scale + layout.down_scale_offset(s, e);
+  for (int64_t r = 0; r < cols; ++r) {
+    const float sg = gu_scale[gate_up_column(r, false)], su = gu_scale[gate_up_column(r, true)];
+    for (int64_t c = 0; c < H; ++c) {
+      w_gate[(e * I + c0 + r) * H + c] = f32_to_bf16(g[r * H + c] * sg);
+      w_up[(e * I + c0 + r) * H + c] = f32_to_bf16(u[r * H + c] * su);
+    }
+  }
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t c = 0; c < cols; ++c) w_down[(e * H + h) * I + c0 + c] = f32_to_bf16(d[h * cols + c] * d_scale[h]);
 }
 
 }  // namespace kt

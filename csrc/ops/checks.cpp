@@ -87,6 +87,20 @@ void check_layout(const char* op, const PackedTensors& p, const MoeSizes& s) {
 
 }  // namespace
 
+void check_channel_scales(const char* op, at::TensorList experts, const c10::SymInt& slices,
+                          const c10::SymInt& experts_count, const c10::SymInt& width, const c10::SymInt& hidden) {
+  const at::Tensor &gs = experts[3], &ds = experts[4];
+  const c10::SymInt two_width = 2 * width, hp = kt::padded_size(hidden);
+  KT_CHECK(gs.scalar_type() == at::kFloat && gs.dim() == 3 && gs.sym_size(0) == slices &&
+               gs.sym_size(1) == experts_count && gs.sym_size(2) == two_width,
+           "kt.", op, ": gate_up_scale (experts[3]) must be the float32 [", slices, ", ", experts_count, ", ", two_width,
+           "] tensor made by kt.pack_experts with gate_up, got ", describe(gs));
+  KT_CHECK(ds.scalar_type() == at::kFloat && ds.dim() == 3 && ds.sym_size(0) == slices &&
+               ds.sym_size(1) == experts_count && ds.sym_size(2) == hp,
+           "kt.", op, ": down_scale (experts[4]) must be the float32 [", slices, ", ", experts_count, ", ", hp,
+           "] tensor made by kt.pack_experts with down, got ", describe(ds));
+}
+
 LoraTensors lora_of(const char* op, const c10::List<std::optional<at::Tensor>>& lora) {
   KT_CHECK(lora.size() == 0 || lora.size() == 6, "kt.", op,
            ": lora must be empty (no LoRA) or the six tensors [A_gate, B_gate, A_up, B_up, A_down, B_down] (a pair "
@@ -177,6 +191,7 @@ MoeSizes check_moe_args(const char* op, const at::Tensor& x, const at::Tensor& t
               "kt.", op, ": down must be the ", weights, " tensor made by kt.pack_experts with gate_up for E = ",
               s.experts, ", H = ", s.hidden, ", I = ", I, " (shape [", slices, ", ", s.experts, ", ",
               kt::padded_size(s.hidden), ", ", width, "]), got ", describe(down));
+  if (format_tensors(format)->channel_scales) check_channel_scales(op, experts, slices, s.experts, width, s.hidden);
   check_numel(op, "gate_up_act", {s.tokens, s.top_k, 2 * I});
 
   const c10::SymInt in_dims[3] = {s.hidden, s.hidden, I}, out_dims[3] = {I, I, s.hidden};

@@ -84,6 +84,11 @@ struct PackedTensors {
 PackedTensors check_experts(const char* op, at::TensorList experts, const at::Tensor& ref, const char* ref_name,
                             bool require_cpu, kt::WeightFormat* format);
 
+// For formats with per-channel scales: experts[3] (gate_up_scale) and experts[4] (down_scale)
+// against the packed shapes.
+void check_channel_scales(const char* op, at::TensorList experts, const c10::SymInt& slices,
+                          const c10::SymInt& experts_count, const c10::SymInt& width, const c10::SymInt& hidden);
+
 // Validates dtypes, ranks, shapes and devices of the MoE op arguments. `require_cpu` is set
 // by the CPU kernel, which also checks the packed experts' layout tensor against the other
 // arguments (its values are data: the Meta kernel sees only its shape and asks that every

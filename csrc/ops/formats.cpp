@@ -4,7 +4,8 @@ namespace kt_ops {
 namespace {
 
 constexpr FormatTensors kFormats[] = {
-    {kt::WeightFormat::kBF16, at::kBFloat16, 3},
+    {kt::WeightFormat::kBF16, at::kBFloat16, 3, false},
+    {kt::WeightFormat::kInt8, at::kChar, 5, true},
 };
 
 }  // namespace

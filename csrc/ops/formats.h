@@ -14,6 +14,9 @@ struct FormatTensors {
   kt::WeightFormat format;
   at::ScalarType weights;  // dtype of gate_up and down
   size_t count;            // gate_up, down, layout, then the format's scales
+  // With per-output-channel scales: gate_up_scale float32 [S, E, 2*Is] (fused row order) and
+  // down_scale float32 [S, E, Hp] follow layout.
+  bool channel_scales;
 };
 
 // The entry of `format`; null for a format this build has no tensors for.

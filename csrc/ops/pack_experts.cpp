@@ -73,8 +73,14 @@ std::vector<at::Tensor> allocate(const ExpertShape& s, int64_t slices, const For
   const c10::SymInt width = kt::padded_slice_width(s.intermediate, slices), hp = kt::padded_size(s.hidden);
   check_numel("pack_experts", "gate_up", {slices, s.experts, 2 * width, hp});
   const at::TensorOptions weights = opts.dtype(format.weights);
-  return {at::empty_symint({slices, s.experts, 2 * width, hp}, weights),
-          at::empty_symint({slices, s.experts, hp, width}, weights), at::empty({kt::kLayoutFields}, opts.dtype(at::kLong))};
+  std::vector<at::Tensor> out{at::empty_symint({slices, s.experts, 2 * width, hp}, weights),
+                              at::empty_symint({slices, s.experts, hp, width}, weights),
+                              at::empty({kt::kLayoutFields}, opts.dtype(at::kLong))};
+  if (format.channel_scales) {
+    out.push_back(at::empty_symint({slices, s.experts, 2 * width}, opts.dtype(at::kFloat)));
+    out.push_back(at::empty_symint({slices, s.experts, hp}, opts.dtype(at::kFloat)));
+  }
+  return out;
 }
 
 }  // namespace
@@ -98,21 +104,33 @@ std::vector<at::Tensor> pack_experts_cpu(const at::Tensor& w_gate, const at::Ten
   const auto* gp = reinterpret_cast<const kt::bf16*>(g.data_ptr());
   const auto* up = reinterpret_cast<const kt::bf16*>(u.data_ptr());
   const auto* dp = reinterpret_cast<const kt::bf16*>(dn.data_ptr());
-  auto* gu_out = reinterpret_cast<kt::bf16*>(gate_up.data_ptr());
-  auto* d_out = reinterpret_cast<kt::bf16*>(down.data_ptr());
+  char* gu_out = static_cast<char*>(gate_up.data_ptr());
+  char* d_out = static_cast<char*>(down.data_ptr());
   // Slice sl's pages go to its node before anything touches them; its node's threads pack it.
+  // (Scales are small and stay where they fall.)
   const kt::Topology& topology = kt::machine_topology();
-  const int64_t E = layout.experts;
+  const int64_t E = layout.experts, element = gate_up.element_size();
   std::vector<int64_t> range_first;
   for (int64_t sl = 0; sl < slices; ++sl) {
     const int node = static_cast<int>(sl % topology.nodes());
-    topology.bind_memory(gu_out + layout.gate_up_offset(sl, 0), sizeof(kt::bf16) * layout.gate_up_elems() / slices, node);
-    topology.bind_memory(d_out + layout.down_offset(sl, 0), sizeof(kt::bf16) * layout.down_elems() / slices, node);
+    topology.bind_memory(gu_out + element * layout.gate_up_offset(sl, 0), element * layout.gate_up_elems() / slices, node);
+    topology.bind_memory(d_out + element * layout.down_offset(sl, 0), element * layout.down_elems() / slices, node);
     range_first.push_back(sl * E);
   }
   range_first.push_back(slices * E);
   kt::parallel_for_ranges(range_first, at::get_num_threads(), [&](int64_t task) {
-    kt::pack_expert_slice(layout, gp, up, dp, task % E, task / E, gu_out, d_out);
+    const int64_t e = task % E, sl = task / E;
+    switch (f) {
+      case kt::WeightFormat::kBF16:
+        kt::pack_expert_slice(layout, gp, up, dp, e, sl, reinterpret_cast<kt::bf16*>(gu_out),
+                              reinterpret_cast<kt::bf16*>(d_out));
+        break;
+      case kt::WeightFormat::kInt8:
+        kt::pack_expert_slice_int8(layout, gp, up, dp, e, sl, reinterpret_cast<int8_t*>(gu_out),
+                                   reinterpret_cast<int8_t*>(d_out), packed[3].data_ptr<float>(),
+                                   packed[4].data_ptr<float>());
+        break;
+    }
   });
   kt::encode_layout(layout, f, layout_fields.data_ptr<int64_t>());
   return packed;
@@ -129,7 +147,8 @@ namespace {
 
 // The sizes unpack_experts' outputs take, checked against the packed tensors' shapes (and, on
 // the CPU, against the values of layout).
-ExpertShape check_unpack_args(at::TensorList experts, int64_t hidden, int64_t intermediate, bool require_cpu) {
+ExpertShape check_unpack_args(at::TensorList experts, int64_t hidden, int64_t intermediate, bool require_cpu,
+                              kt::WeightFormat* format_out) {
   constexpr const char* op = "unpack_experts";
   KT_CHECK(hidden > 0 && intermediate > 0, "kt.", op, ": hidden_size and intermediate_size must be positive, got ",
            hidden, " and ", intermediate);
@@ -153,6 +172,8 @@ ExpertShape check_unpack_args(at::TensorList experts, int64_t hidden, int64_t in
                down.sym_size(1) == experts_count && down.sym_size(2) == hp && down.sym_size(3) == width,
            "kt.", op, ": down must be the ", weights, " tensor made by kt.pack_experts with gate_up, got ",
            describe(down));
+  if (format_tensors(format)->channel_scales) check_channel_scales(op, experts, slices, experts_count, width, hidden);
+  *format_out = format;
   if (require_cpu) {
     kt::ExpertLayout packed{};
     int64_t code = -1;
@@ -175,25 +196,39 @@ UnpackResult allocate_unpacked(const ExpertShape& s, const at::TensorOptions& op
 }  // namespace
 
 UnpackResult unpack_experts_cpu(at::TensorList experts, int64_t hidden_size, int64_t intermediate_size) {
-  const ExpertShape s = check_unpack_args(experts, hidden_size, intermediate_size, true);
+  kt::WeightFormat format;
+  const ExpertShape s = check_unpack_args(experts, hidden_size, intermediate_size, true, &format);
+  const bool scaled = format_tensors(format)->channel_scales;
+  const at::Tensor gu_scale = scaled ? experts[3].contiguous() : at::Tensor(),
+                   d_scale = scaled ? experts[4].contiguous() : at::Tensor();
   auto [w_gate, w_up, w_down] = allocate_unpacked(s, experts[0].options().dtype(at::kBFloat16));
   const at::Tensor gu = experts[0].contiguous(), dn = experts[1].contiguous();
   const int64_t slices = gu.size(0), E = gu.size(1);
   const kt::ExpertLayout layout_{E, hidden_size, intermediate_size, slices};
-  const auto* gu_in = reinterpret_cast<const kt::bf16*>(gu.data_ptr());
-  const auto* d_in = reinterpret_cast<const kt::bf16*>(dn.data_ptr());
   auto* g_out = reinterpret_cast<kt::bf16*>(w_gate.data_ptr());
   auto* u_out = reinterpret_cast<kt::bf16*>(w_up.data_ptr());
   auto* d_out = reinterpret_cast<kt::bf16*>(w_down.data_ptr());
   std::vector<int64_t> range_first{0, slices * E};
   kt::parallel_for_ranges(range_first, at::get_num_threads(), [&](int64_t task) {
-    kt::unpack_expert_slice(layout_, gu_in, d_in, task % E, task / E, g_out, u_out, d_out);
+    const int64_t e = task % E, sl = task / E;
+    switch (format) {
+      case kt::WeightFormat::kBF16:
+        kt::unpack_expert_slice(layout_, reinterpret_cast<const kt::bf16*>(gu.data_ptr()),
+                                reinterpret_cast<const kt::bf16*>(dn.data_ptr()), e, sl, g_out, u_out, d_out);
+        break;
+      case kt::WeightFormat::kInt8:
+        kt::unpack_expert_slice_int8(layout_, static_cast<const int8_t*>(gu.data_ptr()),
+                                     static_cast<const int8_t*>(dn.data_ptr()), gu_scale.data_ptr<float>(),
+                                     d_scale.data_ptr<float>(), e, sl, g_out, u_out, d_out);
+        break;
+    }
   });
   return {w_gate, w_up, w_down};
 }
 
 UnpackResult unpack_experts_meta(at::TensorList experts, int64_t hidden_size, int64_t intermediate_size) {
-  return allocate_unpacked(check_unpack_args(experts, hidden_size, intermediate_size, false),
+  kt::WeightFormat format;
+  return allocate_unpacked(check_unpack_args(experts, hidden_size, intermediate_size, false, &format),
                            experts[0].options().dtype(at::kBFloat16));
 }
 

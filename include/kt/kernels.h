@@ -37,9 +37,16 @@ using GemmFn = void (*)(int64_t m, int64_t kp, const void* a, int64_t lda, const
 using RankUpdateFn = void (*)(int64_t rows, int64_t n, int64_t depth, const float* a, int64_t lda,
                               const RankRows& b, float* c, int64_t ldc);
 
-// pack_transposed_panels (packing.h) of the set's packed weights: the panels the set's
-// weight GEMM reads for the transposed product (dX = dY W).
-using PackTransposedFn = void (*)(const uint16_t* packed, int64_t np, int64_t kp, int64_t first_panel,
+// C = A W^T against the format's packed weights W = diag(scales) Q (Q the packed codes, or the
+// bf16 weights themselves with `scales` null): C[m, 16*p + c] = scales[16*p + c] * sum_k A[m,
+// k] * Q[16*p + c, k], A as for GemmFn, C overwritten. `scales` holds one per output column
+// (the panels' rows) for formats with per-channel scales.
+using WeightGemmFn = void (*)(int64_t m, int64_t kp, const void* a, int64_t lda, const void* w, const float* scales,
+                              int64_t panels, float* c, int64_t ldc);
+
+// pack_transposed_panels (packing.h) of the set's packed weights, as bf16 panels for the set's
+// panel GEMM (the transposed product dX = dY W; scales are the caller's to fold into dY).
+using PackTransposedFn = void (*)(const void* packed, int64_t np, int64_t kp, int64_t first_panel,
                                   int64_t panel_count, uint16_t* dst);
 
 // out[i] = 1 / (1 + exp(-x[i])) for i < n (SiLU and its gradient).
@@ -68,8 +75,10 @@ struct KernelSet {
   // What the GEMMs take as activations: kBF16 (AMX, AVX-512-BF16: rounded to bf16 on the way
   // in) or kF32 (AVX2, scalar: exact fp32). Every activation buffer of the driver is of it.
   DType activations;
-  GemmFn weight_gemm;   // against the packed expert weights (and pack_transposed's panels)
-  GemmFn operand_gemm;  // against operands packed per call in the activation type (LoRA)
+  int64_t weight_bits;  // bits per packed weight element: offsets into the packed tensors scale by it
+  WeightGemmFn weight_gemm;  // against the packed expert weights
+  GemmFn panel_gemm;         // against bf16 panels (pack_transposed's)
+  GemmFn operand_gemm;       // against operands packed per call in the activation type (LoRA)
   PackTransposedFn pack_transposed;
   RankUpdateFn rank_update;
   SigmoidFn sigmoid;

@@ -36,8 +36,13 @@ struct LoraWeights {
 enum Projection { kGate = 0, kUp = 1, kDown = 2 };
 
 struct MoeWeights {
-  const bf16* gate_up;  // [S, E, 2*Is, Hp] packed (ExpertLayout)
-  const bf16* down;     // [S, E, Hp, Is] packed (ExpertLayout)
+  // The packed experts in the kernel set's weight format (ExpertLayout): gate_up [S, E, 2*Is,
+  // Hp], down [S, E, Hp, Is]; for formats with per-channel scales, gate_up_scale [S, E, 2*Is]
+  // and down_scale [S, E, Hp] (null otherwise).
+  const void* gate_up;
+  const void* down;
+  const float* gate_up_scale = nullptr;
+  const float* down_scale = nullptr;
   int64_t slices;       // S, intermediate slices (one per NUMA node)
   LoraWeights lora[3];  // indexed by Projection
   float lora_scaling;

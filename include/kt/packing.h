@@ -41,17 +41,22 @@ inline int64_t packed_offset(int64_t n, int64_t k, int64_t kp) {
 }
 
 // Packs W [n, k] (row stride ldw) into dst as a matrix of depth kp (a multiple of 32, at
-// least k): dst holds round_up(n,32) * kp elements; padding is written as zeros.
-void pack_weight(const bf16* w, int64_t n, int64_t k, int64_t ldw, int64_t kp, bf16* dst);
+// least k): dst holds round_up(n,32) * kp elements; padding is written as zeros. T is the
+// element: bf16, or the int8 codes of a quantized format (same positions).
+template <typename T>
+void pack_weight(const T* w, int64_t n, int64_t k, int64_t ldw, int64_t kp, T* dst);
 
 // Inverse of pack_weight: writes W [n, k] (row stride ldw) from src, packed with depth kp.
-void unpack_weight(const bf16* src, int64_t n, int64_t k, int64_t ldw, int64_t kp, bf16* w);
+template <typename T>
+void unpack_weight(const T* src, int64_t n, int64_t k, int64_t ldw, int64_t kp, T* w);
 
 // The fused gate/up matrix of one expert: rows interleave 16-row panels of gate and up
 // (gate panel j, up panel j, gate panel j+1, ...), so one GEMM pass yields g and u for the
 // same 16 intermediate columns side by side. Shape [2 * round_up(i,32), round_up(h,32)].
-void pack_gate_up(const bf16* w_gate, const bf16* w_up, int64_t i, int64_t h, bf16* dst);
-void unpack_gate_up(const bf16* src, int64_t i, int64_t h, bf16* w_gate, bf16* w_up);
+template <typename T>
+void pack_gate_up(const T* w_gate, const T* w_up, int64_t i, int64_t h, T* dst);
+template <typename T>
+void unpack_gate_up(const T* src, int64_t i, int64_t h, T* w_gate, T* w_up);
 
 // Column index of gate (is_up = false) or up intermediate column c in the fused layout.
 inline int64_t gate_up_column(int64_t c, bool is_up) {
@@ -59,12 +64,22 @@ inline int64_t gate_up_column(int64_t c, bool is_up) {
 }
 
 // The transposed use of a packed matrix (dX = dY W instead of y = x W^T): writes panels
-// [first_panel, first_panel + panel_count) of pack(W^T) into dst. np and kp are the padded
-// sizes of W; dst holds panel_count * 16 * np elements. The backward uses this to stream
-// transposed weights through a small buffer instead of keeping a second copy resident.
-void pack_transposed_panels(const bf16* packed, int64_t np, int64_t kp, int64_t first_panel,
-                            int64_t panel_count, bf16* dst);
+// [first_panel, first_panel + panel_count) of pack(W^T) into dst, as bf16 (int8 codes convert
+// exactly). np and kp are the padded sizes of W; dst holds panel_count * 16 * np elements. The
+// backward uses this to stream transposed weights through a small buffer instead of keeping a
+// second copy resident.
+template <typename T>
+void pack_transposed_panels(const T* packed, int64_t np, int64_t kp, int64_t first_panel, int64_t panel_count,
+                            bf16* dst);
 
+// `panels` consecutive packed panels of depth kp as bf16, same layout: int8 codes convert
+// exactly (|q| <= 127 has at most 8 significant bits).
+void decode_panels(const int8_t* packed, int64_t kp, int64_t panels, bf16* dst);
+
+// Symmetric int8 of one row w[0, n) (kt_ops/reference.py's quantize_int8): writes the codes
+// round(w / scale) (half to even, clamped to +-127) and returns scale = max|w| / 127 (1 for a
+// row of zeros).
+float quantize_row_int8(const bf16* w, int64_t n, int8_t* codes);
 
 // One layer's experts split along the intermediate dimension into `slices` slices of equal
 // padded width Is, one per NUMA node, so each node's threads read only their node's memory:
@@ -86,6 +101,10 @@ struct ExpertLayout {
   // Offsets of expert e's slice s inside the packed tensors.
   int64_t gate_up_offset(int64_t s, int64_t e) const { return (s * experts + e) * 2 * slice_width() * hp(); }
   int64_t down_offset(int64_t s, int64_t e) const { return (s * experts + e) * hp() * slice_width(); }
+  // Per-output-channel scales of a quantized format, [S, E, 2*Is] for gate_up (fused row order)
+  // and [S, E, Hp] for down: expert e's slice s starts at these offsets.
+  int64_t gate_up_scale_offset(int64_t s, int64_t e) const { return (s * experts + e) * 2 * slice_width(); }
+  int64_t down_scale_offset(int64_t s, int64_t e) const { return (s * experts + e) * hp(); }
 };
 
 // How many slices a layer of this intermediate size gets on a machine of `nodes` NUMA nodes:
@@ -133,5 +152,18 @@ void pack_expert_slice(const ExpertLayout& layout, const bf16* w_gate, const bf1
 // w_down [E, H, I] from the packed tensors.
 void unpack_expert_slice(const ExpertLayout& layout, const bf16* gate_up, const bf16* down, int64_t e,
                          int64_t s, bf16* w_gate, bf16* w_up, bf16* w_down);
+
+// pack_expert_slice into int8 with one scale per output channel: each gate, up and down row
+// quantized whole by quantize_row_int8 (a down row spans every slice; each slice holds its
+// scale), codes in the packed layout, scales at gate_up_scale_offset / down_scale_offset
+// (zero for padding rows).
+void pack_expert_slice_int8(const ExpertLayout& layout, const bf16* w_gate, const bf16* w_up, const bf16* w_down,
+                            int64_t e, int64_t s, int8_t* gate_up, int8_t* down, float* gate_up_scale,
+                            float* down_scale);
+
+// The dequantized weights (code * scale, rounded to bf16) of expert e's slice s.
+void unpack_expert_slice_int8(const ExpertLayout& layout, const int8_t* gate_up, const int8_t* down,
+                              const float* gate_up_scale, const float* down_scale, int64_t e, int64_t s,
+                              bf16* w_gate, bf16* w_up, bf16* w_down);
 
 }  // namespace kt

@@ -8,7 +8,9 @@
 
 namespace kt {
 
-enum class WeightFormat : int64_t { kBF16 = 0 };
+// The values are the codes packed experts record (never reused): bf16 weights as they are;
+// int8 codes with one fp32 scale per output channel.
+enum class WeightFormat : int64_t { kBF16 = 0, kInt8 = 1 };
 
 // The format whose code (the enum's value, as packed experts record it) is `code`; false for
 // a code this build does not know.

@@ -24,20 +24,32 @@ using kt_test::KernelSetParam;
 
 class SetGemm : public ::testing::TestWithParam<std::tuple<KernelSetParam, GemmCase>> {};
 
-// The weight GEMM on packed bf16 weights, and the operand GEMM on per-call operands in the
-// set's activation type (fp32 there on the fp32 paths), against the reference's weight GEMM
-// on the same values.
+// The weight GEMM on the set's packed weights (bf16, or int8 codes with a scale per output
+// column) against the sum of products itself; the panel GEMM on bf16 panels and the operand GEMM
+// on per-call operands in the set's activation type (fp32 there on the fp32 paths), with and
+// without accumulating, against the reference set's panel GEMM on the same values.
 TEST_P(SetGemm, MatchesScalarReference) {
   const auto [param, gc] = GetParam();
   const kt::KernelSet& set = *param.set;
   if (!kt::isa_supported(set.isa)) GTEST_SKIP() << "CPU lacks " << kt::isa_name(set.isa);
-  const kt::KernelSet& reference = kt_test::reference_of(set);
+  const kt::KernelSet& reference = *kt::kernel_sets(kt::WeightFormat::kBF16).back();
   const int64_t np = kt::round_up(gc.n, 32), kp = kt::round_up(gc.k, 32);
   const auto w = kt_test::random_bf16(gc.n * gc.k, 11);
   std::vector<bf16> packed(np * kp);
-  kt::pack_weight(w.data(), gc.n, gc.k, gc.k, kt::round_up(gc.k, kt::kPadTo), packed.data());
+  kt::pack_weight(w.data(), gc.n, gc.k, gc.k, kp, packed.data());
   std::vector<float> packed_f32(packed.size());
   for (size_t i = 0; i < packed.size(); ++i) packed_f32[i] = kt::bf16_to_f32(packed[i]);
+  // The format's weights and, as fp32 [np, kp], the values they stand for.
+  std::vector<int8_t> codes(gc.n * gc.k), packed_codes(np * kp);
+  std::vector<float> scales(np, 0.f), values(np * kp, 0.f);
+  const bool int8 = set.format == kt::WeightFormat::kInt8;
+  for (int64_t r = 0; r < gc.n; ++r) {
+    if (int8) scales[r] = kt::quantize_row_int8(w.data() + r * gc.k, gc.k, codes.data() + r * gc.k);
+    for (int64_t c = 0; c < gc.k; ++c)
+      values[r * kp + c] = int8 ? codes[r * gc.k + c] * scales[r] : kt::bf16_to_f32(w[r * gc.k + c]);
+  }
+  kt::pack_weight(codes.data(), gc.n, gc.k, gc.k, kp, packed_codes.data());
+  const void* weights = int8 ? static_cast<const void*>(packed_codes.data()) : packed.data();
   // A is zero beyond column k, as the driver guarantees.
   const auto a_vals = kt_test::random_bf16(gc.m * kp, 12);
   std::vector<bf16> a_bf16(gc.m * kp, 0);
@@ -52,31 +64,47 @@ TEST_P(SetGemm, MatchesScalarReference) {
   const void* a = bf16_act ? static_cast<const void*>(a_bf16.data()) : a_f32.data();
   const int64_t ldc = np + 16;  // a row stride wider than the output checks ldc handling
   const auto init = kt_test::random_bf16(gc.m * ldc, 13);
+  const int64_t panels = np / 16;
+  const auto check = [&](const std::vector<float>& got, const std::vector<float>& want, float tolerance) {
+    for (int64_t r = 0; r < gc.m; ++r) {
+      for (int64_t col = 0; col < ldc; ++col) {
+        const float g = got[r * ldc + col], e = want[r * ldc + col];
+        if (col >= np) {
+          ASSERT_EQ(g, kt::bf16_to_f32(init[r * ldc + col])) << "wrote past the panels at " << r << "," << col;
+        } else {
+          ASSERT_NEAR(g, e, tolerance * (kp + std::fabs(e))) << "at " << r << "," << col;
+        }
+      }
+    }
+  };
+  {
+    SCOPED_TRACE("weight GEMM");
+    std::vector<float> c(gc.m * ldc), want(gc.m * ldc);
+    for (size_t i = 0; i < c.size(); ++i) c[i] = want[i] = kt::bf16_to_f32(init[i]);
+    for (int64_t r = 0; r < gc.m; ++r)
+      for (int64_t col = 0; col < np; ++col) {
+        double sum = 0;
+        for (int64_t k = 0; k < kp; ++k) sum += double(a_f32[r * kp + k]) * values[col * kp + k];
+        want[r * ldc + col] = static_cast<float>(sum);
+      }
+    set.weight_gemm(gc.m, kp, a, kp, weights, int8 ? scales.data() : nullptr, panels, c.data(), ldc);
+    check(c, want, 1e-5f);
+  }
   std::vector<float> expected(gc.m * ldc);
   for (size_t i = 0; i < expected.size(); ++i) expected[i] = kt::bf16_to_f32(init[i]);
-  const int64_t panels = np / 16;
-  reference.weight_gemm(gc.m, kp, a_f32.data(), kp, packed.data(), panels, expected.data(), ldc, gc.accumulate);
+  reference.panel_gemm(gc.m, kp, a_f32.data(), kp, packed.data(), panels, expected.data(), ldc, gc.accumulate);
   for (const bool operands : {false, true}) {
-    SCOPED_TRACE(operands ? "operand GEMM" : "weight GEMM");
+    SCOPED_TRACE(operands ? "operand GEMM" : "panel GEMM");
     std::vector<float> c(gc.m * ldc);
     for (size_t i = 0; i < c.size(); ++i) c[i] = kt::bf16_to_f32(init[i]);
     if (operands) {
       const void* b = bf16_act ? static_cast<const void*>(packed.data()) : packed_f32.data();
       set.operand_gemm(gc.m, kp, a, kp, b, panels, c.data(), ldc, gc.accumulate);
     } else {
-      set.weight_gemm(gc.m, kp, a, kp, packed.data(), panels, c.data(), ldc, gc.accumulate);
+      set.panel_gemm(gc.m, kp, a, kp, packed.data(), panels, c.data(), ldc, gc.accumulate);
     }
-    for (int64_t r = 0; r < gc.m; ++r) {
-      for (int64_t col = 0; col < ldc; ++col) {
-        const float want = expected[r * ldc + col], got = c[r * ldc + col];
-        if (col >= np) {
-          ASSERT_EQ(got, kt::bf16_to_f32(init[r * ldc + col])) << "wrote past the panels at " << r << "," << col;
-        } else {
-          // Only the summation order differs: fp32 rounding over k products of O(1) values.
-          ASSERT_NEAR(got, want, 1e-5f * kp + 1e-5f * std::fabs(want)) << "at " << r << "," << col;
-        }
-      }
-    }
+    // Only the summation order differs: fp32 rounding over k products of O(1) values.
+    check(c, expected, 1e-5f);
   }
 }
 
@@ -120,20 +148,35 @@ namespace {
 
 class SetPackTransposed : public ::testing::TestWithParam<KernelSetParam> {};
 
-TEST_P(SetPackTransposed, MatchesGenericRepack) {
+// The transposed panels hold pack(W^T) as bf16, W the values the packed weights hold (int8
+// codes as they are: the caller folds the scales in); panel `first` of pack(W^T) holds rows
+// [16 first, 16 first + 16) of W^T.
+TEST_P(SetPackTransposed, MatchesThePackedTranspose) {
   const kt::KernelSet& set = *GetParam().set;
   if (!kt::isa_supported(set.isa)) GTEST_SKIP() << "CPU lacks " << kt::isa_name(set.isa);
+  const bool int8 = set.format == kt::WeightFormat::kInt8;
   for (const auto& [n, k] : {std::make_pair(32, 32), std::make_pair(64, 96), std::make_pair(100, 70)}) {
     const int64_t np = kt::round_up(n, 32), kp = kt::round_up(k, 32);
-    const auto w = kt_test::random_bf16(n * k, 41);
-    std::vector<kt::bf16> packed(np * kp);
-    kt::pack_weight(w.data(), n, k, k, kt::round_up(k, kt::kPadTo), packed.data());
+    auto w = kt_test::random_bf16(n * k, 41);
+    std::vector<int8_t> codes(n * k);
+    for (int64_t i = 0; i < n * k; ++i) {
+      codes[i] = static_cast<int8_t>(i * 37 % 255 - 127);
+      if (int8) w[i] = kt::f32_to_bf16(codes[i]);
+    }
+    std::vector<kt::bf16> packed(np * kp), wt(k * n), want(np * kp);
+    std::vector<int8_t> packed_codes(np * kp);
+    kt::pack_weight(w.data(), n, k, k, kp, packed.data());
+    kt::pack_weight(codes.data(), n, k, k, kp, packed_codes.data());
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t c = 0; c < k; ++c) wt[c * n + r] = w[r * k + c];
+    kt::pack_weight(wt.data(), k, n, n, np, want.data());  // pack(W^T): kp rows of depth np
+    const void* src = int8 ? static_cast<const void*>(packed_codes.data()) : packed.data();
     for (const auto& [first, count] : {std::make_pair<int64_t, int64_t>(0, kp / 16), std::make_pair<int64_t, int64_t>(1, kp / 16 - 1)}) {
-      std::vector<kt::bf16> want(count * 16 * np), got(count * 16 * np + 32, 0x7777);
-      kt::pack_transposed_panels(packed.data(), np, kp, first, count, want.data());
-      set.pack_transposed(packed.data(), np, kp, first, count, got.data());
-      for (size_t i = 0; i < want.size(); ++i) ASSERT_EQ(got[i], want[i]) << "n=" << n << " k=" << k << " first=" << first << " at " << i;
-      EXPECT_EQ(got[want.size()], 0x7777) << "wrote past the panels";
+      std::vector<kt::bf16> got(count * 16 * np + 32, 0x7777);
+      set.pack_transposed(src, np, kp, first, count, got.data());
+      for (int64_t i = 0; i < count * 16 * np; ++i)
+        ASSERT_EQ(got[i], want[first * 16 * np + i]) << "n=" << n << " k=" << k << " first=" << first << " at " << i;
+      EXPECT_EQ(got[count * 16 * np], 0x7777) << "wrote past the panels";
     }
   }
 }
