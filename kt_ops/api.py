@@ -32,9 +32,16 @@ def topology() -> str:
 
 
 def weight_formats() -> list[str]:
-    """The weight formats this build packs experts in and computes with, e.g. ``["bf16"]``:
-    the values :func:`pack_experts` takes as ``format``."""
+    """The weight formats this build packs experts in and computes with, e.g. ``["bf16",
+    "int8"]``: the values :func:`pack_experts` takes as ``format``."""
     return list(torch.ops.kt.weight_formats())
+
+
+def check_weight_format(name: str, caller: str) -> None:
+    """Raises ValueError naming ``caller`` unless ``name`` is one of :func:`weight_formats`:
+    for the loaders, which check their arguments before they read anything."""
+    if name not in weight_formats():
+        raise ValueError(f"{caller}: experts_format must be one of {', '.join(weight_formats())}, got {name!r}")
 
 
 @dataclass(frozen=True)

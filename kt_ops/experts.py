@@ -206,10 +206,11 @@ def _layout(variant: ExpertsVariant) -> ExpertsLayout:
 
 
 def packed_experts_of(module: nn.Module, layout: ExpertsLayout, numa_nodes: int = 0,
-                      dtype: Optional[torch.dtype] = None) -> PackedExperts:
+                      dtype: Optional[torch.dtype] = None, experts_format: str = "bf16") -> PackedExperts:
     """The packed experts of an experts module of transformers' experts interface, of weight
     layout ``layout``. The first call packs its weights (from whatever device they are on;
-    ``numa_nodes`` as :func:`kt_ops.pack_experts` takes it) and puts PackedExpertWeight
+    ``numa_nodes`` and ``experts_format`` as :func:`kt_ops.pack_experts` takes them as
+    ``numa_nodes`` and ``format``) and puts PackedExpertWeight
     stand-ins of ``dtype`` (default: the weights' own) in place of its ``gate_up_proj`` and
     ``down_proj``, so the bf16 weights are held once, in CPU memory; later calls return what
     those stand-ins hold."""
@@ -217,7 +218,7 @@ def packed_experts_of(module: nn.Module, layout: ExpertsLayout, numa_nodes: int 
     if isinstance(gate_up, PackedExpertWeight) and isinstance(down, PackedExpertWeight) and gate_up.packed is down.packed:
         return gate_up.packed
     weights = [w.detach().to("cpu", torch.bfloat16).contiguous() for w in to_canonical(gate_up, down, layout)]
-    packed = pack_experts(*weights, numa_nodes)
+    packed = pack_experts(*weights, numa_nodes, format=experts_format)
     _install(module, packed, layout, dtype or gate_up.dtype)
     return packed
 
@@ -228,16 +229,16 @@ def _install(module: nn.Module, packed: PackedExperts, layout: ExpertsLayout, dt
 
 
 def use_packed_experts(module: nn.Module, packed: Optional[PackedExperts] = None, numa_nodes: int = 0,
-                       dtype: Optional[torch.dtype] = None) -> None:
+                       dtype: Optional[torch.dtype] = None, experts_format: str = "bf16") -> None:
     """Makes an experts module of transformers' experts interface hold its weights packed:
     ``packed`` (from :func:`kt_ops.load_experts`; the module's own weights are then never
     read, so they may be on the meta device; the caller has checked their sizes against the
-    module's), or its own weights packed now. The stand-ins show as ``dtype`` (default: the
+    module's), or its own weights packed now in ``experts_format``. The stand-ins show as ``dtype`` (default: the
     module's weights' dtype). Raises ValueError, changing nothing, for a variant the kt
     kernels cannot compute."""
     layout = _layout(supported_variant(module))
     if packed is None:
-        packed_experts_of(module, layout, numa_nodes, dtype)
+        packed_experts_of(module, layout, numa_nodes, dtype, experts_format)
         return
     _install(module, packed, layout, dtype or _base_parameter(module, "gate_up_proj").dtype)
 

@@ -62,6 +62,7 @@ class TrainArgs:
     max_grad_norm: float = 1.0
     device: str = "auto"
     dtype: str = "bfloat16"
+    experts_format: str = "bf16"
     save_every: int = 0
     stop_after: Optional[int] = None
     resume: Optional[str] = None
@@ -73,7 +74,7 @@ class TrainArgs:
     # and the data are compared by content (Trainer.fingerprints), not by path.
     IDENTITY = ("rank", "alpha", "lr", "epochs", "steps", "max_tokens_per_step",
                 "micro_batch_tokens", "max_seq_len", "target_modules", "seed", "warmup_steps", "weight_decay",
-                "max_grad_norm", "dtype")
+                "max_grad_norm", "dtype", "experts_format")
 
 
 class Interrupted(Exception):
@@ -207,7 +208,7 @@ class Trainer:
         if model is None:
             lora = ExpertLoraConfig(args.rank, args.alpha, target_modules=tuple(args.target_modules))
             model = load_model(args.model, config=lora, dtype=getattr(torch, args.dtype), device=self.device,
-                               progress=args.progress)
+                               experts_format=args.experts_format, progress=args.progress)
         if args.grad_checkpointing:
             # Non-reentrant, as transformers 5.x's default (4.x defaults to reentrant, which with frozen
             # embeddings sees no input that needs a gradient and drops the backward).

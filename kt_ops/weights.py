@@ -12,7 +12,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from kt_ops.api import PackedExperts, pack_experts
+from kt_ops.api import PackedExperts, check_weight_format, pack_experts
 from kt_ops.files import read_json
 from kt_ops.models.families import ARCHITECTURES, Family, experts_shape, family_of, interface_experts, moe_layers
 from kt_ops.reference import FP8_BLOCK, dequantize_fp8
@@ -282,7 +282,7 @@ def expert_shapes(model: nn.Module) -> dict[int, tuple[int, int, int]]:
 
 
 def load_experts(checkpoint_dir: Union[str, os.PathLike], *, layers: Optional[list[int]] = None,
-                 numa_nodes: int = 0, progress: bool = True) -> dict[int, PackedExperts]:
+                 numa_nodes: int = 0, experts_format: str = "bf16", progress: bool = True) -> dict[int, PackedExperts]:
     """Packs the routed experts of every MoE layer of a safetensors checkpoint, one layer at a time.
 
     Args:
@@ -295,6 +295,8 @@ def load_experts(checkpoint_dir: Union[str, os.PathLike], *, layers: Optional[li
             bf16/fp16/fp32 or fp8 with 128x128 block scales (``..._scale_inv``).
         layers: layer indices to load (default: every MoE layer).
         numa_nodes: passed to :func:`kt_ops.pack_experts`.
+        experts_format: the weight format to pack in, one of :func:`kt_ops.weight_formats`
+            (``"int8"``: each layer quantized as it is packed).
         progress: show a progress bar over the layers.
 
     Returns ``{layer index: PackedExperts}`` for :func:`kt_ops.patch_model`'s ``experts``.
@@ -310,14 +312,16 @@ def load_experts(checkpoint_dir: Union[str, os.PathLike], *, layers: Optional[li
     """
     checkpoint_dir = os.fspath(checkpoint_dir)
     caller = "kt_ops.load_experts"
+    check_weight_format(experts_format, caller)
     family = _streamed_family(checkpoint_dir, caller)
     shapes = expert_shapes(empty_model(checkpoint_dir, caller))
     ckpt = _Checkpoint(checkpoint_dir, caller)
-    return _load_experts(ckpt, family, shapes, layers, numa_nodes, progress, caller)
+    return _load_experts(ckpt, family, shapes, layers, numa_nodes, experts_format, progress, caller)
 
 
 def _load_experts(ckpt: _Checkpoint, family: Family, shapes: dict[int, tuple[int, int, int]],
-                  layers: Optional[list[int]], numa_nodes: int, progress: bool, caller: str) -> dict[int, PackedExperts]:
+                  layers: Optional[list[int]], numa_nodes: int, experts_format: str, progress: bool,
+                  caller: str) -> dict[int, PackedExperts]:
     gate, up, down = family.expert_linears
     per_expert, fused = _expert_keys(family)
     experts_of: dict[int, set[int]] = defaultdict(set)
@@ -377,7 +381,7 @@ def _load_experts(ckpt: _Checkpoint, family: Family, shapes: dict[int, tuple[int
             else:
                 for proj, w in ((gate, w_gate), (up, w_up), (down, w_down)):
                     ckpt.read_weight(f"{prefix}{x}.{proj}.weight", w[x])
-        out[layer] = pack_experts(w_gate, w_up, w_down, numa_nodes)
+        out[layer] = pack_experts(w_gate, w_up, w_down, numa_nodes, format=experts_format)
         del w_gate, w_up, w_down
     return out
 
@@ -386,7 +390,7 @@ def load_model(checkpoint_dir: Union[str, os.PathLike], lora_rank: Optional[int]
                lora_alpha: Optional[float] = None, *, config: Any = None,
                adapter: Union[str, os.PathLike, None] = None, dtype: torch.dtype = torch.bfloat16,
                device: Union[str, torch.device, None] = None, numa_nodes: int = 0,
-               progress: bool = True) -> nn.Module:
+               experts_format: str = "bf16", progress: bool = True) -> nn.Module:
     """A causal LM from a Hugging Face checkpoint directory with its routed experts on the kt
     kernels and LoRA on them (:func:`kt_ops.patch_model`), built without ever holding the
     bf16 routed experts in full.
@@ -402,7 +406,9 @@ def load_model(checkpoint_dir: Union[str, os.PathLike], lora_rank: Optional[int]
     The LoRA is ``lora_rank``/``lora_alpha`` or ``config`` as :func:`kt_ops.patch_model`
     takes them, or that of a saved ``adapter`` directory (its config, then its tensors,
     through :func:`kt_ops.load_adapter`). Non-expert modules end on ``device`` (default: the
-    CPU); the experts and their LoRA stay in CPU memory whatever the device.
+    CPU); the experts and their LoRA stay in CPU memory whatever the device. The experts are
+    packed in ``experts_format`` (:func:`kt_ops.weight_formats`; ``"int8"`` quantizes each
+    layer as it is read, so the bf16 experts are never held whole).
 
     Returns what :func:`kt_ops.patch_model` returns (a ``PeftModel`` on transformers 5.x).
     Raises KeyError naming checkpoint tensors the model has no place for, or model tensors
@@ -413,6 +419,7 @@ def load_model(checkpoint_dir: Union[str, os.PathLike], lora_rank: Optional[int]
     from kt_ops.models.surgery import expert_lora_config, patch_model, resolve_lora_config, use_kt_experts
 
     caller = "kt_ops.load_model"
+    check_weight_format(experts_format, caller)
     checkpoint_dir = os.fspath(checkpoint_dir)
     device = torch.device(device or "cpu")
     if adapter is not None:
@@ -432,17 +439,17 @@ def load_model(checkpoint_dir: Union[str, os.PathLike], lora_rank: Optional[int]
         model = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=dtype)
         experts = None
     else:
-        experts = _load_into(model, checkpoint_dir, family, dtype, device, numa_nodes, progress, caller)
+        experts = _load_into(model, checkpoint_dir, family, dtype, device, numa_nodes, experts_format, progress, caller)
     if interface:
         import peft
 
         lora = expert_lora_config(model, resolve_lora_config(lora_rank, lora_alpha, config))
-        use_kt_experts(model, experts=experts, numa_nodes=numa_nodes)
+        use_kt_experts(model, experts=experts, numa_nodes=numa_nodes, experts_format=experts_format)
         _check_complete(model, caller)
         # PEFT makes each LoRA tensor where its base parameter is: the experts' in CPU memory.
         model = peft.get_peft_model(model.to(device), lora)
     else:
-        model = patch_model(model, lora_rank, lora_alpha, config=config, experts=experts)
+        model = patch_model(model, lora_rank, lora_alpha, config=config, experts=experts, experts_format=experts_format)
         _check_complete(model, caller)
         model = model.to(device)
     return model if adapter is None else load_adapter(model, adapter)
@@ -472,7 +479,7 @@ def _check_complete(model: nn.Module, caller: str) -> None:
 
 
 def _load_into(model: nn.Module, checkpoint_dir: str, family: Family, dtype: torch.dtype, device: torch.device,
-               numa_nodes: int, progress: bool, caller: str) -> dict[int, PackedExperts]:
+               numa_nodes: int, experts_format: str, progress: bool, caller: str) -> dict[int, PackedExperts]:
     """Streams the checkpoint's expert tensors into packed experts (returned) and its other
     tensors into ``model``'s empty parameters, on ``device``."""
     ckpt = _Checkpoint(checkpoint_dir, caller)
@@ -498,7 +505,7 @@ def _load_into(model: nn.Module, checkpoint_dir: str, family: Family, dtype: tor
         targets[name] = target
     if unexpected:
         raise KeyError(f"{caller}: the model has no place for checkpoint tensor(s) {unexpected[:5]}")
-    experts = _load_experts(ckpt, family, expert_shapes(model), None, numa_nodes, progress, caller)
+    experts = _load_experts(ckpt, family, expert_shapes(model), None, numa_nodes, experts_format, progress, caller)
 
     state = {}
     for name in _progress(names, "loading weights", "tensor", progress):

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from kt_ops.api import PackedExperts, pack_experts
+from kt_ops.api import PackedExperts, check_weight_format, pack_experts
 from kt_ops.experts import EXPERTS_IMPLEMENTATION, KtExperts, supported_variant, use_packed_experts
 from kt_ops.models.families import (ROUTER, experts_shape, expert_weights, family_of, interface_experts, moe_layers,
                                     router_of)
@@ -83,14 +83,14 @@ def resolve_lora_config(lora_rank: Optional[int], lora_alpha: Optional[float], c
 
 
 def patch_model(model: nn.Module, lora_rank: Optional[int] = None, lora_alpha: Optional[float] = None, *,
-                config: Any = None, numa_nodes: int = 0,
+                config: Any = None, numa_nodes: int = 0, experts_format: str = "bf16",
                 experts: Optional[dict[int, PackedExperts]] = None) -> nn.Module:
     """Puts the routed experts of every MoE layer on the kt kernels, with LoRA on each
     expert's gate, up and down projections.
 
     Args:
         model: a transformers MoE model, its expert weights on the CPU or any device (they
-            are copied to the CPU and packed to bf16; the originals are released).
+            are copied to the CPU and packed; the originals are released).
         lora_rank, lora_alpha: LoRA rank and alpha on every expert's gate/up/down (default 16
             and 32).
         config: instead of the two above, an :class:`ExpertLoraConfig` or a
@@ -98,6 +98,9 @@ def patch_model(model: nn.Module, lora_rank: Optional[int] = None, lora_alpha: O
             added as its ``target_parameters`` and the routers as its ``modules_to_save``
             where it names none.
         numa_nodes: passed to :func:`kt_ops.pack_experts`.
+        experts_format: the weight format of the packed experts, one of
+            :func:`kt_ops.weight_formats` (``"int8"`` quantizes each layer as it is packed). Given ``experts`` keep the format they were
+            packed in.
         experts: ``{layer index: PackedExperts}`` from :func:`kt_ops.load_experts`; the
             model's own expert weights are then never read, so they may sit on the ``meta``
             device (``with torch.device("meta"):`` when building the model) and the full bf16
@@ -121,6 +124,7 @@ def patch_model(model: nn.Module, lora_rank: Optional[int] = None, lora_alpha: O
     Returns the model (the ``PeftModel`` in the first case).
     """
     cfg = resolve_lora_config(lora_rank, lora_alpha, config)
+    check_weight_format(experts_format, "kt_ops.patch_model")
     if is_peft_model(model):
         raise ValueError("kt_ops.patch_model: the model already has a PEFT adapter; patch the base model (PEFT's "
                          "add_adapter adds further adapters)")
@@ -128,9 +132,9 @@ def patch_model(model: nn.Module, lora_rank: Optional[int] = None, lora_alpha: O
         import peft
 
         lora = expert_lora_config(model, cfg)  # first: it may refuse, and nothing has changed yet
-        use_kt_experts(model, experts=experts, numa_nodes=numa_nodes)
+        use_kt_experts(model, experts=experts, numa_nodes=numa_nodes, experts_format=experts_format)
         return peft.get_peft_model(model, lora)
-    return _replace_expert_lists(model, cfg, numa_nodes, experts)
+    return _replace_expert_lists(model, cfg, numa_nodes, experts_format, experts)
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -160,9 +164,10 @@ def _given_experts(experts: dict[int, PackedExperts], name: str, shape: tuple[in
 
 
 def use_kt_experts(model: nn.Module, *, experts: Optional[dict[int, PackedExperts]] = None,
-                   numa_nodes: int = 0) -> dict[str, nn.Module]:
+                   numa_nodes: int = 0, experts_format: str = "bf16") -> dict[str, nn.Module]:
     """Packs the experts of every experts module of transformers' experts interface in
-    ``model`` (or takes ``experts`` from :func:`kt_ops.load_experts` for them) and sets the
+    ``model`` in ``experts_format`` (or takes ``experts`` from :func:`kt_ops.load_experts` for
+    them) and sets the
     "kt" experts implementation; no LoRA. Returns ``{module path: experts module}``. Every
     module is checked (a variant the kernels cannot compute, missing or mis-sized experts)
     before the first is changed.
@@ -181,7 +186,7 @@ def use_kt_experts(model: nn.Module, *, experts: Optional[dict[int, PackedExpert
         if experts is not None:
             given[name] = _given_experts(experts, name, interface_experts_shape(module))
     for name, module in layers.items():
-        use_packed_experts(module, given.get(name), numa_nodes, dtype=torch.float32)
+        use_packed_experts(module, given.get(name), numa_nodes, dtype=torch.float32, experts_format=experts_format)
     model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
     return layers
 
@@ -225,7 +230,7 @@ def expert_lora_config(model: nn.Module, config: Any):
     return config
 
 
-def _replace_expert_lists(model: nn.Module, cfg: Any, numa_nodes: int,
+def _replace_expert_lists(model: nn.Module, cfg: Any, numa_nodes: int, experts_format: str,
                           experts: Optional[dict[int, PackedExperts]]) -> nn.Module:
     """patch_model for transformers 4.x models: expert lists replaced by KtExperts."""
     from kt_ops.adapters import add_peft_lora
@@ -249,7 +254,7 @@ def _replace_expert_lists(model: nn.Module, cfg: Any, numa_nodes: int,
             raise ValueError(f"kt_ops.patch_model: {name} is already patched")
         e, h, i = experts_shape(module, family)
         if experts is None:
-            packed = pack_experts(*expert_weights(module), numa_nodes)
+            packed = pack_experts(*expert_weights(module), numa_nodes, format=experts_format)
         else:
             packed = _given_experts(experts, name, (e, h, i))
         per_expert = isinstance(module, nn.ModuleList)  # else fused experts of a 5.x without the interface
