@@ -1,5 +1,9 @@
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
 #include "kt/packing.h"
 #include "test_util.h"
 
@@ -111,5 +115,70 @@ INSTANTIATE_TEST_SUITE_P(OddAndAligned, PackingShapes,
                          ::testing::Values(std::make_pair(1, 1), std::make_pair(17, 33),
                                            std::make_pair(45, 70), std::make_pair(64, 96),
                                            std::make_pair(100, 31)));
+
+}  // namespace
+
+namespace {
+
+// kt_ops/reference.py's quantize_int8 on one row: scale max|w| / 127, codes round half to even,
+// within +-127; a row of zeros has scale 1.
+TEST(Int8Rows, QuantizeAsTheReferenceDefinesIt) {
+  std::vector<bf16> w = {kt::f32_to_bf16(1.27f), kt::f32_to_bf16(-1.27f), kt::f32_to_bf16(0.005f),
+                         kt::f32_to_bf16(0.015f), kt::f32_to_bf16(0.f)};
+  std::vector<int8_t> q(w.size());
+  const float amax = kt::bf16_to_f32(w[0]);
+  const float scale = kt::quantize_row_int8(w.data(), w.size(), q.data());
+  EXPECT_EQ(scale, amax / 127.f);
+  for (size_t i = 0; i < w.size(); ++i) {
+    const float want = std::nearbyint(kt::bf16_to_f32(w[i]) / scale);
+    EXPECT_EQ(q[i], static_cast<int8_t>(want)) << i;
+  }
+  EXPECT_EQ(q[0], 127);
+  EXPECT_EQ(q[1], -127);
+  std::vector<bf16> zeros(7, 0);
+  std::vector<int8_t> qz(7, 5);
+  EXPECT_EQ(kt::quantize_row_int8(zeros.data(), 7, qz.data()), 1.f);
+  for (int8_t v : qz) EXPECT_EQ(v, 0);
+}
+
+// Packed int8 experts hold every row's codes where bf16 packing puts its values, and unpack to
+// code * scale rounded to bf16; padding codes and scales are zero.
+TEST(Int8Experts, PackUnpackAgainstTheRowQuantization) {
+  for (int64_t slices : {1, 2}) {
+    const kt::ExpertLayout layout{3, 70, 45, slices};
+    const int64_t E = 3, H = 70, I = 45;
+    const auto g = kt_test::random_bf16(E * I * H, 5), u = kt_test::random_bf16(E * I * H, 6),
+               d = kt_test::random_bf16(E * H * I, 7);
+    std::vector<int8_t> gu(layout.gate_up_elems(), 9), dn(layout.down_elems(), 9);
+    std::vector<float> gs(slices * E * 2 * layout.slice_width(), -1.f), ds(slices * E * layout.hp(), -1.f);
+    for (int64_t s = 0; s < slices; ++s)
+      for (int64_t e = 0; e < E; ++e) kt::pack_expert_slice_int8(layout, g.data(), u.data(), d.data(), e, s, gu.data(), dn.data(), gs.data(), ds.data());
+    std::vector<bf16> g2(g.size()), u2(u.size()), d2(d.size());
+    for (int64_t s = 0; s < slices; ++s)
+      for (int64_t e = 0; e < E; ++e)
+        kt::unpack_expert_slice_int8(layout, gu.data(), dn.data(), gs.data(), ds.data(), e, s, g2.data(), u2.data(), d2.data());
+    std::vector<int8_t> q(std::max(H, I));
+    for (int64_t e = 0; e < E; ++e) {
+      for (int64_t r = 0; r < I; ++r) {
+        const float sg = kt::quantize_row_int8(g.data() + (e * I + r) * H, H, q.data());
+        for (int64_t c = 0; c < H; ++c) ASSERT_EQ(g2[(e * I + r) * H + c], kt::f32_to_bf16(q[c] * sg)) << e << "," << r;
+        const float su = kt::quantize_row_int8(u.data() + (e * I + r) * H, H, q.data());
+        for (int64_t c = 0; c < H; ++c) ASSERT_EQ(u2[(e * I + r) * H + c], kt::f32_to_bf16(q[c] * su));
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        const float sd = kt::quantize_row_int8(d.data() + (e * H + h) * I, I, q.data());
+        for (int64_t c = 0; c < I; ++c) ASSERT_EQ(d2[(e * H + h) * I + c], kt::f32_to_bf16(q[c] * sd));
+        for (int64_t s = 0; s < slices; ++s) ASSERT_EQ(ds[layout.down_scale_offset(s, e) + h], sd);
+      }
+      for (int64_t s = 0; s < slices; ++s) {
+        for (int64_t h = H; h < layout.hp(); ++h) ASSERT_EQ(ds[layout.down_scale_offset(s, e) + h], 0.f);
+        for (int64_t c = layout.slice_columns(s); c < layout.slice_width(); ++c) {
+          ASSERT_EQ(gs[layout.gate_up_scale_offset(s, e) + kt::gate_up_column(c, false)], 0.f);
+          ASSERT_EQ(gs[layout.gate_up_scale_offset(s, e) + kt::gate_up_column(c, true)], 0.f);
+        }
+      }
+    }
+  }
+}
 
 }  // namespace
