@@ -100,6 +100,9 @@ def main() -> None:
     p.add_argument("--gate", choices=sorted(GATES), default="swiglu",
                    help="the experts' gated activation (the reference column stays SwiGLU: use --ref-repeats 0)")
     p.add_argument("--bias", action="store_true", help="give the experts gate/up and down biases")
+    p.add_argument("--experts-format", default="bf16",
+                   help="weight format of the packed experts (kt_ops.weight_formats(); the reference column "
+                   "computes with the bf16 weights)")
     p.add_argument("--json", help="also write the figures to this file")
     add_malloc_option(p)
     args = p.parse_args()
@@ -107,7 +110,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     shape = model_shape(args.shape)
-    layer = random_layer(shape, args.tokens, args.rank or None, numa_nodes=args.numa_nodes)
+    layer = random_layer(shape, args.tokens, args.rank or None, numa_nodes=args.numa_nodes,
+                         experts_format=args.experts_format)
     flops = moe_flops(args.tokens, shape.top_k, shape.hidden, shape.intermediate)
     if args.ref_repeats and (args.gate != "swiglu" or args.bias):
         p.error("the reference column computes SwiGLU without biases: pass --ref-repeats 0 with --gate / --bias")
@@ -117,12 +121,13 @@ def main() -> None:
     if args.ref_repeats:
         rows["reference"] = time_reference(layer, args.ref_repeats)
 
-    print(f"{shape.name} T={args.tokens} r={args.rank} threads={args.threads} path={kt_ops.isa()} "
+    print(f"{shape.name} T={args.tokens} r={args.rank} threads={args.threads} "
+          f"format={args.experts_format} path={kt_ops.isa(args.experts_format)} "
           f"slices={layer.experts.numa_slices} malloc={args.malloc} gate={args.gate} bias={args.bias} "
           f"(E={shape.experts} H={shape.hidden} I={shape.intermediate} K={shape.top_k})")
     print(f"{'':10} {'fwd s':>8} {'bwd s':>8} {'total s':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'% peak':>7}")
     result = {"shape": shape.name, "tokens": args.tokens, "rank": args.rank, "threads": args.threads,
-              "isa": kt_ops.isa(), "malloc": args.malloc, "gate": args.gate, "bias": args.bias}
+              "isa": kt_ops.isa(args.experts_format), "experts_format": args.experts_format, "malloc": args.malloc, "gate": args.gate, "bias": args.bias}
     for name, (f, b, _) in rows.items():
         total = f + b
         tflops = flops / total / 1e12

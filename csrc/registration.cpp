@@ -4,9 +4,10 @@
 #include "ops/ops.h"
 
 TORCH_LIBRARY(kt, m) {
-  // Name of the kernel path the MoE ops use now: "amx", "avx512", "avx2" or "scalar" - the
-  // best this CPU supports, capped by the environment variable KT_OPS_MAX_ISA.
-  m.def("isa() -> str", &kt_ops::isa);
+  // Name of the kernel path the MoE ops use now on experts of weight format `format`: "amx",
+  // "avx512", "avx2" or "scalar" - the best the format has kernels for that this CPU supports,
+  // capped by the environment variable KT_OPS_MAX_ISA.
+  m.def("isa(str format=\"bf16\") -> str", &kt_ops::isa);
 
   // The weight formats this build computes with, e.g. ["bf16"].
   m.def("weight_formats() -> str[]", &kt_ops::weight_formats);

@@ -9,13 +9,15 @@ import torch
 LoraTuple = Sequence[torch.Tensor]  # (A_gate, B_gate, A_up, B_up, A_down, B_down)
 
 
-def isa() -> str:
-    """Name of the kernel path the ops use now: ``"amx"``, ``"avx512"``, ``"avx2"`` or ``"scalar"``.
+def isa(format: str = "bf16") -> str:
+    """Name of the kernel path the ops use now on experts of weight format ``format``:
+    ``"amx"``, ``"avx512"``, ``"avx2"`` or ``"scalar"``.
 
-    It is the best path this CPU supports, capped by the environment variable
-    ``KT_OPS_MAX_ISA`` (read at every op call, so tests can switch paths in one process).
+    It is the best path this CPU supports that the format has kernels for (int8 has AVX2 and
+    scalar ones so far), capped by the environment variable ``KT_OPS_MAX_ISA`` (read at every
+    op call, so tests can switch paths in one process).
     """
-    return torch.ops.kt.isa()
+    return torch.ops.kt.isa(format)
 
 
 def topology() -> str:

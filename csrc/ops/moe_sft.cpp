@@ -141,8 +141,11 @@ BackwardResult allocate_backward(const at::Tensor& x, const at::Tensor& topk_wei
 
 }  // namespace
 
-std::string isa() {
-  return current_kernels(kt::WeightFormat::kBF16).name;
+std::string isa(c10::string_view format) {
+  const std::string name(format.data(), format.size());
+  kt::WeightFormat f;
+  KT_CHECK(kt::parse_format(name, &f), "kt.isa: format must be one of ", kt::format_names(), ", got \"", name, "\"");
+  return current_kernels(f).name;
 }
 
 std::string topology() {

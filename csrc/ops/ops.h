@@ -19,7 +19,7 @@ using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 // grad x, grad topk_weights, the LoRA gradients (six), the two bias gradients.
 using BackwardResult = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor>;
 
-std::string isa();
+std::string isa(c10::string_view format);
 
 std::string topology();
 
