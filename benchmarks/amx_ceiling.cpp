@@ -14,6 +14,8 @@
 //                T = 4096: 256 rows, the forward gate/up (depth 2048, 32 panels) and down
 //                (depth 768, 16 panels) shapes, each call on weights that are in no cache
 //                (1 GiB of weight sets in all, cycled).
+// And the machine's read bandwidth, in GB/s over all threads: each thread sums its share of
+// 2 GiB with 64-byte loads (best of 3), the ceiling of a weight-bound (small T) layer.
 // A kernel that keeps C in tiles through the depth needs at least one operand tile load
 // per product: c C tiles leave 8 - c registers for operands, and 2x2 (c = 4) is the only
 // layout reaching one load per product. Where loads are slow, the load-bound figure, not
@@ -116,6 +118,17 @@ double best_seconds(int threads, int rounds, const F& fn) {
   return best;
 }
 
+// Sum of n (a multiple of 32) bf16 read as 32-bit words: every byte is loaded once.
+__attribute__((target("avx512f"))) uint32_t read_all(const uint16_t* p, int64_t n) {
+  __m512i acc = _mm512_setzero_si512();
+  for (int64_t i = 0; i < n; i += 32) acc = _mm512_add_epi32(acc, _mm512_load_si512(p + i));
+  alignas(64) uint32_t lanes[16];
+  _mm512_store_si512(lanes, acc);
+  uint32_t sum = 0;
+  for (uint32_t v : lanes) sum += v;
+  return sum;
+}
+
 struct GemmShape {
   const char* name;
   int64_t m, kp, panels;
@@ -181,12 +194,19 @@ int main(int argc, char** argv) {
       const int64_t calls = 2 * sets;
       const double secs = best_seconds(threads, 3, [&](int64_t t) {
         for (int64_t i = 0; i < calls; ++i)
-          k.weight_gemm(s.m, s.kp, buf[t].a.data(), lda, buf[t].w.data() + (i % sets) * wsize, s.panels,
-                      buf[t].c.data(), ldc, false);
+          k.panel_gemm(s.m, s.kp, buf[t].a.data(), lda, buf[t].w.data() + (i % sets) * wsize, s.panels,
+                       buf[t].c.data(), ldc, false);
       });
       const double tf = 2.0 * s.m * s.kp * s.panels * kt::kPanelRows * calls / secs / 1e12;
       report((std::string("kt ") + s.name).c_str(), tf);
     }
+    constexpr int64_t kReadBytes = int64_t(2) << 30;
+    const int64_t share = kt::round_up(kReadBytes / 2 / threads, 32);  // bf16 elements per thread
+    std::vector<uint32_t> sums(threads);
+    kt::parallel_for(threads, threads, [&](int64_t t) { buf[t].w.assign(share); });
+    const double secs = best_seconds(threads, 3, [&](int64_t t) { sums[t] = read_all(buf[t].w.data(), share); });
+    std::printf("%-8d %-12s %10.1f GB/s (checksum %u)\n", threads, "read", 2.0 * share * threads / secs / 1e9,
+                sums[0]);
   }
   return 0;
 }

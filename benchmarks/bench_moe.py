@@ -140,6 +140,14 @@ def main() -> None:
         speedup = result["kt_ops"]["tokens_per_s"] / result["reference"]["tokens_per_s"]
         print(f"kt_ops / reference: {speedup:.1f}x  (forward outputs agree to {rel:.1e} relative)")
         result["speedup"] = speedup
+    # The forward and the backward each read every active expert's packed weights once: at small T,
+    # where they dominate, this against the machine's read bandwidth is the figure to plan with.
+    active = layer.topk_ids.unique().numel()
+    read = 2 * layer.experts.nbytes * active / shape.experts
+    read_gbps = read / (result["kt_ops"]["forward_s"] + result["kt_ops"]["backward_s"]) / 1e9
+    print(f"weights read: {read / 2**30:.2f} GiB per step ({active} of {shape.experts} experts active), "
+          f"{read_gbps:.1f} GB/s")
+    result["weights_read_gbps"] = read_gbps
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"peak RSS {rss:.2f} GiB (packed experts {layer.experts.nbytes / 2**30:.2f} GiB)")
     result["peak_rss_gib"] = rss

@@ -13,8 +13,8 @@ def isa(format: str = "bf16") -> str:
     """Name of the kernel path the ops use now on experts of weight format ``format``:
     ``"amx"``, ``"avx512"``, ``"avx2"`` or ``"scalar"``.
 
-    It is the best path this CPU supports that the format has kernels for (int8 has AVX2 and
-    scalar ones so far), capped by the environment variable ``KT_OPS_MAX_ISA`` (read at every
+    It is the best path this CPU supports that the format has kernels for (every format has
+    all four), capped by the environment variable ``KT_OPS_MAX_ISA`` (read at every
     op call, so tests can switch paths in one process).
     """
     return torch.ops.kt.isa(format)
@@ -120,8 +120,7 @@ def pack_experts(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
         format: the weight format to hold them in, one of :func:`weight_formats`:
             ``"bf16"`` (the weights as they are) or ``"int8"`` (symmetric, one fp32 scale per
             output channel: :func:`kt_ops.reference.quantize_int8` exactly; about half the
-            bytes). The kernels compute with the dequantized weights; the int8 kernels run on
-            the AVX2 and scalar paths so far (an AMX or AVX-512 CPU takes the AVX2 one).
+            bytes). The kernels compute with the dequantized weights, on every path.
         group_size: the quantization group of formats that have one; 0 for the others.
 
     The inputs are not kept: once packed they can be freed.

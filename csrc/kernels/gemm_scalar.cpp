@@ -48,6 +48,11 @@ void gemm_scalar_f32(int64_t m, int64_t kp, const float* a, int64_t lda, const u
   gemm_reference(m, kp, a, lda, w, panels, c, ldc, accumulate);
 }
 
+void scale_columns_scalar(int64_t m, int64_t cols, const float* scales, float* c, int64_t ldc) {
+  for (int64_t row = 0; row < m; ++row)
+    for (int64_t col = 0; col < cols; ++col) c[row * ldc + col] *= scales[col];
+}
+
 void sigmoid_scalar(int64_t n, const float* x, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = 1.f / (1.f + std::exp(-x[i]));
 }

@@ -22,6 +22,8 @@ void swiglu_forward_scalar(int64_t valid, int64_t cols, const float* acc, void* 
                            int64_t g_at, int64_t u_at);
 float swiglu_backward_scalar(int64_t I, int64_t ip, const void* saved, DType saved_dtype, int64_t at, const float* q,
                              float w, void* z, void* fused);
+// c[row, col] *= scales[col] for row < m, col < cols (a multiple of 16): per-channel scales.
+void scale_columns_scalar(int64_t m, int64_t cols, const float* scales, float* c, int64_t ldc);
 
 // AVX2 + FMA (gemm_avx2.cpp): fp32 activations against bf16 panels.
 void gemm_avx2_f32(int64_t m, int64_t kp, const float* a, int64_t lda, const uint16_t* w, int64_t panels, float* c,
@@ -30,8 +32,16 @@ void gemm_avx2_f32(int64_t m, int64_t kp, const float* a, int64_t lda, const uin
 // AVX-512-BF16 (gemm_avx512.cpp): bf16 activations; the vector epilogues are the AMX path's too.
 void gemm_avx512_bf16(int64_t m, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* w, int64_t panels,
                       float* c, int64_t ldc, bool accumulate);
+
+// AVX-512-BF16 panel conversions (panels_avx512.cpp): pack_transposed_panels and decode_panels
+// (packing.h) of bf16 and int8 panels, and scale_columns_scalar's vector twin.
 void pack_transposed_panels_avx512(const uint16_t* packed, int64_t np, int64_t kp, int64_t first_panel,
                                    int64_t panel_count, uint16_t* dst);
+void pack_transposed_panels_avx512(const int8_t* packed, int64_t np, int64_t kp, int64_t first_panel,
+                                   int64_t panel_count, uint16_t* dst);
+void decode_panels_avx512(const int8_t* packed, int64_t kp, int64_t panels, uint16_t* dst);
+void scale_columns_avx512(int64_t m, int64_t cols, const float* scales, float* c, int64_t ldc);
+
 void rank_update_avx512(int64_t rows, int64_t n, int64_t depth, const float* a, int64_t lda, const RankRows& b,
                         float* c, int64_t ldc);
 void sigmoid_avx512(int64_t n, const float* x, float* out);

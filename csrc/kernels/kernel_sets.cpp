@@ -34,32 +34,39 @@ void transposed_panels(const void* packed, int64_t np, int64_t kp, int64_t first
   pack_transposed_panels(static_cast<const T*>(packed), np, kp, first_panel, panel_count, dst);
 }
 
+template <typename T>
 void transposed_panels_avx512(const void* packed, int64_t np, int64_t kp, int64_t first_panel, int64_t panel_count,
                               uint16_t* dst) {
-  pack_transposed_panels_avx512(static_cast<const uint16_t*>(packed), np, kp, first_panel, panel_count, dst);
+  pack_transposed_panels_avx512(static_cast<const T*>(packed), np, kp, first_panel, panel_count, dst);
 }
 
-// int8 weight-only: the task's panels decoded exactly to bf16 (a buffer of the calling thread,
-// read from cache by the GEMM), the panel GEMM of the path, then each output column times its
-// channel's scale.
-template <GemmFn Panel>
+using DecodeFn = void (*)(const int8_t* packed, int64_t kp, int64_t panels, bf16* dst);
+using ScaleColumnsFn = void (*)(int64_t m, int64_t cols, const float* scales, float* c, int64_t ldc);
+
+// int8 weight-only, per pair of panels: the pair decoded exactly to bf16 in a buffer of the
+// calling thread (64 KiB at depth 1024: it stays in L2 while every row block of A meets it, as
+// the bf16 weights themselves do in the panel GEMMs, which also take panel pairs outermost),
+// the path's panel GEMM on it, then each output column times its channel's scale.
+template <GemmFn Panel, DecodeFn Decode, ScaleColumnsFn Scale>
 void int8_weight_gemm(int64_t m, int64_t kp, const void* a, int64_t lda, const void* w, const float* scales,
                       int64_t panels, float* c, int64_t ldc) {
-  bf16* decoded = scratch<bf16>(Scratch::kTaskDecoded, panels * kPanelRows * kp);
-  decode_panels(static_cast<const int8_t*>(w), kp, panels, decoded);
-  Panel(m, kp, a, lda, decoded, panels, c, ldc, false);
-  const int64_t cols = panels * kPanelRows;
-  for (int64_t row = 0; row < m; ++row)
-    for (int64_t col = 0; col < cols; ++col) c[row * ldc + col] *= scales[col];
+  const int8_t* codes = static_cast<const int8_t*>(w);
+  bf16* decoded = scratch<bf16>(Scratch::kTaskDecoded, 2 * kPanelRows * kp);
+  for (int64_t p = 0; p < panels; p += 2) {
+    const int64_t count = panels - p < 2 ? panels - p : 2, col = p * kPanelRows;
+    Decode(codes + col * kp, kp, count, decoded);
+    Panel(m, kp, a, lda, decoded, count, c + col, ldc, false);
+    Scale(m, count * kPanelRows, scales + col, c + col, ldc);
+  }
 }
 
 // bf16 weights. On the fp32 paths the LoRA operands are packed as fp32 (exact), on the bf16
 // paths as bf16, read by the weights' own GEMM.
 const KernelSet kBf16Amx{"amx", Isa::kAmx, WeightFormat::kBF16, DType::kBF16, 16, bf16_weight_gemm<kAmxBf16>,
-                         kAmxBf16, kAmxBf16, transposed_panels_avx512, rank_update_avx512, sigmoid_avx512,
+                         kAmxBf16, kAmxBf16, transposed_panels_avx512<bf16>, rank_update_avx512, sigmoid_avx512,
                          swiglu_forward_avx512, swiglu_backward_avx512};
 const KernelSet kBf16Avx512{"avx512", Isa::kAvx512Bf16, WeightFormat::kBF16, DType::kBF16, 16,
-                            bf16_weight_gemm<kAvx512Bf16>, kAvx512Bf16, kAvx512Bf16, transposed_panels_avx512,
+                            bf16_weight_gemm<kAvx512Bf16>, kAvx512Bf16, kAvx512Bf16, transposed_panels_avx512<bf16>,
                             rank_update_avx512, sigmoid_avx512, swiglu_forward_avx512, swiglu_backward_avx512};
 const KernelSet kBf16Avx2{"avx2", Isa::kAvx2, WeightFormat::kBF16, DType::kF32, 16, bf16_weight_gemm<kAvx2F32>,
                           kAvx2F32, kScalarF32F32, transposed_panels<bf16>, rank_update_scalar, sigmoid_scalar,
@@ -68,13 +75,23 @@ const KernelSet kBf16Scalar{"scalar", Isa::kScalar, WeightFormat::kBF16, DType::
                             bf16_weight_gemm<kScalarF32>, kScalarF32, kScalarF32F32, transposed_panels<bf16>,
                             rank_update_scalar, sigmoid_scalar, swiglu_forward_scalar, swiglu_backward_scalar};
 
-// int8 weight-only, on the fp32 paths so far: an AMX or AVX-512 CPU takes the AVX2 set.
-const KernelSet kInt8Avx2{"avx2", Isa::kAvx2, WeightFormat::kInt8, DType::kF32, 8, int8_weight_gemm<kAvx2F32>,
-                          kAvx2F32, kScalarF32F32, transposed_panels<int8_t>, rank_update_scalar, sigmoid_scalar,
-                          swiglu_forward_scalar, swiglu_backward_scalar};
+// int8 weight-only: the bf16 sets' kernels on decoded panels.
+const KernelSet kInt8Amx{"amx", Isa::kAmx, WeightFormat::kInt8, DType::kBF16, 8,
+                         int8_weight_gemm<kAmxBf16, decode_panels_avx512, scale_columns_avx512>, kAmxBf16, kAmxBf16,
+                         transposed_panels_avx512<int8_t>, rank_update_avx512, sigmoid_avx512, swiglu_forward_avx512,
+                         swiglu_backward_avx512};
+const KernelSet kInt8Avx512{"avx512", Isa::kAvx512Bf16, WeightFormat::kInt8, DType::kBF16, 8,
+                            int8_weight_gemm<kAvx512Bf16, decode_panels_avx512, scale_columns_avx512>, kAvx512Bf16,
+                            kAvx512Bf16, transposed_panels_avx512<int8_t>, rank_update_avx512, sigmoid_avx512,
+                            swiglu_forward_avx512, swiglu_backward_avx512};
+const KernelSet kInt8Avx2{"avx2", Isa::kAvx2, WeightFormat::kInt8, DType::kF32, 8,
+                          int8_weight_gemm<kAvx2F32, decode_panels, scale_columns_scalar>, kAvx2F32, kScalarF32F32,
+                          transposed_panels<int8_t>, rank_update_scalar, sigmoid_scalar, swiglu_forward_scalar,
+                          swiglu_backward_scalar};
 const KernelSet kInt8Scalar{"scalar", Isa::kScalar, WeightFormat::kInt8, DType::kF32, 8,
-                            int8_weight_gemm<kScalarF32>, kScalarF32, kScalarF32F32, transposed_panels<int8_t>,
-                            rank_update_scalar, sigmoid_scalar, swiglu_forward_scalar, swiglu_backward_scalar};
+                            int8_weight_gemm<kScalarF32, decode_panels, scale_columns_scalar>, kScalarF32,
+                            kScalarF32F32, transposed_panels<int8_t>, rank_update_scalar, sigmoid_scalar,
+                            swiglu_forward_scalar, swiglu_backward_scalar};
 
 struct FormatEntry {
   WeightFormat format;
@@ -85,7 +102,7 @@ struct FormatEntry {
 const std::vector<FormatEntry>& registry() {
   static const std::vector<FormatEntry> formats = {
       {WeightFormat::kBF16, "bf16", {&kBf16Amx, &kBf16Avx512, &kBf16Avx2, &kBf16Scalar}},
-      {WeightFormat::kInt8, "int8", {&kInt8Avx2, &kInt8Scalar}},
+      {WeightFormat::kInt8, "int8", {&kInt8Amx, &kInt8Avx512, &kInt8Avx2, &kInt8Scalar}},
   };
   return formats;
 }
