@@ -35,10 +35,10 @@ void gemm_avx512_bf16(int64_t m, int64_t kp, const uint16_t* a, int64_t lda, con
 
 // AVX-512-BF16 panel conversions (panels_avx512.cpp): pack_transposed_panels and decode_panels
 // (packing.h) of bf16 and int8 panels, and scale_columns_scalar's vector twin.
-void pack_transposed_panels_avx512(const uint16_t* packed, int64_t np, int64_t kp, int64_t first_panel,
-                                   int64_t panel_count, uint16_t* dst);
-void pack_transposed_panels_avx512(const int8_t* packed, int64_t np, int64_t kp, int64_t first_panel,
-                                   int64_t panel_count, uint16_t* dst);
+void pack_transposed_panels_avx512(const uint16_t* packed, const float* row_scales, int64_t np, int64_t kp,
+                                   int64_t first_panel, int64_t panel_count, uint16_t* dst);
+void pack_transposed_panels_avx512(const int8_t* packed, const float* row_scales, int64_t np, int64_t kp,
+                                   int64_t first_panel, int64_t panel_count, uint16_t* dst);
 void decode_panels_avx512(const int8_t* packed, int64_t kp, int64_t panels, uint16_t* dst);
 void scale_columns_avx512(int64_t m, int64_t cols, const float* scales, float* c, int64_t ldc);
 

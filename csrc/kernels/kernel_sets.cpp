@@ -29,15 +29,15 @@ void bf16_weight_gemm(int64_t m, int64_t kp, const void* a, int64_t lda, const v
 }
 
 template <typename T>
-void transposed_panels(const void* packed, int64_t np, int64_t kp, int64_t first_panel, int64_t panel_count,
-                       uint16_t* dst) {
-  pack_transposed_panels(static_cast<const T*>(packed), np, kp, first_panel, panel_count, dst);
+void transposed_panels(const void* packed, const float* row_scales, int64_t np, int64_t kp, int64_t first_panel,
+                       int64_t panel_count, uint16_t* dst) {
+  pack_transposed_panels(static_cast<const T*>(packed), row_scales, np, kp, first_panel, panel_count, dst);
 }
 
 template <typename T>
-void transposed_panels_avx512(const void* packed, int64_t np, int64_t kp, int64_t first_panel, int64_t panel_count,
-                              uint16_t* dst) {
-  pack_transposed_panels_avx512(static_cast<const T*>(packed), np, kp, first_panel, panel_count, dst);
+void transposed_panels_avx512(const void* packed, const float* row_scales, int64_t np, int64_t kp,
+                              int64_t first_panel, int64_t panel_count, uint16_t* dst) {
+  pack_transposed_panels_avx512(static_cast<const T*>(packed), row_scales, np, kp, first_panel, panel_count, dst);
 }
 
 using DecodeFn = void (*)(const int8_t* packed, int64_t kp, int64_t panels, bf16* dst);

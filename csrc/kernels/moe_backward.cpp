@@ -65,22 +65,13 @@ void backward_impl(const KernelSet& k, int threads, const MoeBackwardArgs& args)
   PhaseTimer timer("kt.moe_sft_backward", T);
   const Routing route(args.ids, T * K, c.E);
   const int64_t rows = route.rows();
-  const bool scaled = w.gate_up_scale != nullptr;
-  BackwardWorkspace<Act> ws(c, l, rows, scaled);
+  BackwardWorkspace<Act> ws(c, l, rows);
   timer.mark("route");
 
   // Phase 1, per expert: gather dy rows, pack the transposed LoRA operands, dy B_d.
   parallel_for(route.active.size(), threads, [&](int64_t task) {
     const int64_t e = route.active[task], m = route.padded_rows(e), row0 = route.first_row[e];
     gather_rows(route, e, args.grad_y, args.act_dtype, K, H, ws.dy_rows, ws.ld_dy);
-    if (scaled) {  // every slice holds the same down scales
-      const float* sd = w.down_scale + c.layout.down_scale_offset(0, e);
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t col = 0; col < ws.ld_dy; ++col) {
-          const int64_t at = (row0 + i) * ws.ld_dy + col;
-          ws.dy_scaled[at] = col < hp ? f32_to_act<Act>(act_to_f32(ws.dy_rows[at]) * sd[col]) : Act(0);
-        }
-    }
     if (l.rgu) {
       pack_elements(l.rgu_p, 2 * ip, ws.bt_gu + e * l.rgu_p * 2 * ip,
                     [&](int64_t j, int64_t row) { return lora_b_gu(w, l, e, I, row, j); });
@@ -99,16 +90,17 @@ void backward_impl(const KernelSet& k, int threads, const MoeBackwardArgs& args)
   timer.mark("gather+pack");
 
   // Phase 2, per (expert, intermediate columns): q = dy W_d + s (dy B_d) A_d, the gradient
-  // of z before the routing weight. W_d's transposed panels stream through a small buffer.
+  // of z before the routing weight. W_d's transposed panels stream through a small buffer, as
+  // the dequantized weights for a format with scales (which thus cost no scaled copy of dy).
   SliceTasks(route, c.S, is / kPanelRows, is / kPanelRows).run(threads, [&](const Task& task) {
     const int64_t e = task.expert, np = task.panels, cols = np * kPanelRows, c0 = task.panel * kPanelRows;
     const int64_t m = route.padded_rows(e), row0 = route.first_row[e];
     bf16* wt = scratch<bf16>(Scratch::kTaskWeights, cols * hp);
-    k.pack_transposed(weight_at(w.down, c.layout.down_offset(task.slice, e), k.weight_bits), hp, is,
+    k.pack_transposed(weight_at(w.down, c.layout.down_offset(task.slice, e), k.weight_bits),
+                      w.down_scale ? w.down_scale + c.layout.down_scale_offset(task.slice, e) : nullptr, hp, is,
                       (c0 - task.slice * is) / kPanelRows, np, wt);
     float* out = ws.q_rows + row0 * ip + c0;
-    const Act* dy = scaled ? ws.dy_scaled : ws.dy_rows;
-    k.panel_gemm(m, hp, dy + row0 * ws.ld_dy, ws.ld_dy, wt, np, out, ip, false);
+    k.panel_gemm(m, hp, ws.dy_rows + row0 * ws.ld_dy, ws.ld_dy, wt, np, out, ip, false);
     if (l.rd)
       k.operand_gemm(m, l.rd_p, ws.dy_b_scaled + row0 * l.rd_p, l.rd_p, ws.at_d + (e * ip + c0) * l.rd_p, np, out,
                      ip, true);
@@ -154,16 +146,6 @@ void backward_impl(const KernelSet& k, int threads, const MoeBackwardArgs& args)
   parallel_for(route.active.size(), threads, [&](int64_t task) {
     const int64_t e = route.active[task], m = route.padded_rows(e), row0 = route.first_row[e];
     std::fill(ws.grad_gu + (row0 + route.count(e)) * ws.ld_grad_gu, ws.grad_gu + (row0 + m) * ws.ld_grad_gu, Act(0));
-    if (scaled) {  // slice s's fused columns take slice s's scales
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t col = 0; col < ws.ld_grad_gu; ++col) {
-          const int64_t at = (row0 + i) * ws.ld_grad_gu + col, sl = col / (2 * is);
-          ws.grad_gu_scaled[at] =
-              col < 2 * ip ? f32_to_act<Act>(act_to_f32(ws.grad_gu[at]) *
-                                             w.gate_up_scale[c.layout.gate_up_scale_offset(sl, e) + col % (2 * is)])
-                           : Act(0);
-        }
-    }
     if (!l.rgu) return;
     float* out = ws.dgu_b + row0 * l.rgu_p;
     k.operand_gemm(m, 2 * ip, ws.grad_gu + row0 * ws.ld_grad_gu, ws.ld_grad_gu, ws.bt_gu + e * l.rgu_p * 2 * ip,
@@ -184,11 +166,12 @@ void backward_impl(const KernelSet& k, int threads, const MoeBackwardArgs& args)
     const int64_t e = task.expert, np = task.panels, cols = np * kPanelRows, c0 = task.panel * kPanelRows;
     const int64_t m = route.padded_rows(e), row0 = route.first_row[e];
     bf16* wt = scratch<bf16>(Scratch::kTaskWeights, cols * 2 * is);
-    k.pack_transposed(weight_at(w.gate_up, c.layout.gate_up_offset(task.slice, e), k.weight_bits), 2 * is, hp,
-                      task.panel, np, wt);
+    k.pack_transposed(weight_at(w.gate_up, c.layout.gate_up_offset(task.slice, e), k.weight_bits),
+                      w.gate_up_scale ? w.gate_up_scale + c.layout.gate_up_scale_offset(task.slice, e) : nullptr,
+                      2 * is, hp, task.panel, np, wt);
     float* out = ws.dx_partial + (task.slice * rows + row0) * hp + c0;
-    const Act* grad = scaled ? ws.grad_gu_scaled : ws.grad_gu;
-    k.panel_gemm(m, 2 * is, grad + row0 * ws.ld_grad_gu + 2 * task.slice * is, ws.ld_grad_gu, wt, np, out, hp, false);
+    k.panel_gemm(m, 2 * is, ws.grad_gu + row0 * ws.ld_grad_gu + 2 * task.slice * is, ws.ld_grad_gu, wt, np, out, hp,
+                 false);
     if (l.rgu && task.slice == 0)
       k.operand_gemm(m, l.rgu_p, ws.dgu_b_scaled + row0 * l.rgu_p, l.rgu_p, ws.at_gu + (e * hp + c0) * l.rgu_p, np,
                      out, hp, true);

@@ -53,8 +53,8 @@ void unpack_gate_up(const T* src, int64_t i, int64_t h, T* w_gate, T* w_up) {
 }
 
 template <typename T>
-void pack_transposed_panels(const T* packed, int64_t np, int64_t kp, int64_t first_panel, int64_t panel_count,
-                            bf16* dst) {
+void pack_transposed_panels(const T* packed, const float* row_scales, int64_t np, int64_t kp, int64_t first_panel,
+                            int64_t panel_count, bf16* dst) {
   // Output panel q holds W^T rows k0..k0+15 (columns of W), i.e. one half of a source
   // block's depth. Each output block (32 n by those 16 k) is filled from the two source
   // panels covering its 32 n: a 16x16 transpose of pairs per source panel.
@@ -70,8 +70,10 @@ void pack_transposed_panels(const T* packed, int64_t np, int64_t kp, int64_t fir
           const int64_t k_local = k_half * kPanelRows + kk;
           const T* src_row = src + (k_local / 2) * 2 * kPanelRows + (k_local % 2);
           bf16* out_col = out + half * (kPanelRows / 2) * 2 * kPanelRows + kk * 2;
+          const float* scale = row_scales ? row_scales + (2 * nb + half) * kPanelRows : nullptr;
           for (int64_t n = 0; n < kPanelRows; ++n)
-            out_col[(n / 2) * 2 * kPanelRows + (n % 2)] = to_bf16(src_row[2 * n]);
+            out_col[(n / 2) * 2 * kPanelRows + (n % 2)] =
+                scale ? f32_to_bf16(src_row[2 * n] * scale[n]) : to_bf16(src_row[2 * n]);
         }
       }
     }
@@ -86,8 +88,8 @@ template void pack_gate_up(const bf16*, const bf16*, int64_t, int64_t, bf16*);
 template void pack_gate_up(const int8_t*, const int8_t*, int64_t, int64_t, int8_t*);
 template void unpack_gate_up(const bf16*, int64_t, int64_t, bf16*, bf16*);
 template void unpack_gate_up(const int8_t*, int64_t, int64_t, int8_t*, int8_t*);
-template void pack_transposed_panels(const bf16*, int64_t, int64_t, int64_t, int64_t, bf16*);
-template void pack_transposed_panels(const int8_t*, int64_t, int64_t, int64_t, int64_t, bf16*);
+template void pack_transposed_panels(const bf16*, const float*, int64_t, int64_t, int64_t, int64_t, bf16*);
+template void pack_transposed_panels(const int8_t*, const float*, int64_t, int64_t, int64_t, int64_t, bf16*);
 
 void decode_panels(const int8_t* packed, int64_t kp, int64_t panels, bf16* dst) {
   const int64_t n = panels * kPanelRows * kp;

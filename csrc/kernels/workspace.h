@@ -68,17 +68,12 @@ struct BackwardWorkspace {
   // hp], each slice's part of dx per pair: one buffer, q is dead once dx is computed.
   float* q_rows;
   float* dx_partial;
-  // For weights with per-channel scales (W = diag(s) Q), the transposed products take the
-  // scales into their A: dy_scaled [rows, ld_dy] = dy diag(s_down), grad_gu_scaled [rows,
-  // ld_grad_gu] = [dg | du] diag(s_gate_up) per slice. Empty without scales.
-  Act* dy_scaled;
-  Act* grad_gu_scaled;
   Act* bt_d;   // [E, rd_p, hp] B_d^T, packed per expert
   Act* at_d;   // [E, ip, rd_p] A_d^T
   Act* bt_gu;  // [E, rgu_p, 2 ip] blockdiag(B_g, B_u)^T
   Act* at_gu;  // [E, hp, rgu_p] [A_g; A_u]^T
 
-  BackwardWorkspace(const CallShape& c, const LoraShape& l, int64_t rows, bool scaled)
+  BackwardWorkspace(const CallShape& c, const LoraShape& l, int64_t rows)
       : ld_dy(c.hp + kRowSkew), ld_grad_gu(2 * c.ip + kRowSkew),
         dy_rows(scratch<Act>(Scratch::kRowsA, rows * ld_dy)),
         dy_b(scratch<float>(Scratch::kRowsB, rows * l.rd_p)),
@@ -89,8 +84,6 @@ struct BackwardWorkspace {
         z_rows(scratch<Act>(Scratch::kRowsG, rows * c.I)),
         q_rows(scratch<float>(Scratch::kRowsOut, std::max(rows * c.ip, c.S * rows * c.hp))),
         dx_partial(q_rows),
-        dy_scaled(scratch<Act>(Scratch::kRowsH, scaled ? rows * ld_dy : 0)),
-        grad_gu_scaled(scratch<Act>(Scratch::kRowsI, scaled ? rows * ld_grad_gu : 0)),
         bt_d(scratch<Act>(Scratch::kLoraA, c.E * l.rd_p * c.hp)),
         at_d(scratch<Act>(Scratch::kLoraB, c.E * c.ip * l.rd_p)),
         bt_gu(scratch<Act>(Scratch::kLoraC, c.E * l.rgu_p * 2 * c.ip)),

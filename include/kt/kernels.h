@@ -45,9 +45,10 @@ using WeightGemmFn = void (*)(int64_t m, int64_t kp, const void* a, int64_t lda,
                               int64_t panels, float* c, int64_t ldc);
 
 // pack_transposed_panels (packing.h) of the set's packed weights, as bf16 panels for the set's
-// panel GEMM (the transposed product dX = dY W; scales are the caller's to fold into dY).
-using PackTransposedFn = void (*)(const void* packed, int64_t np, int64_t kp, int64_t first_panel,
-                                  int64_t panel_count, uint16_t* dst);
+// panel GEMM (the transposed product dX = dY W): the dequantized weights, with `row_scales`
+// the per-channel scales of a format that has them (null for bf16).
+using PackTransposedFn = void (*)(const void* packed, const float* row_scales, int64_t np, int64_t kp,
+                                  int64_t first_panel, int64_t panel_count, uint16_t* dst);
 
 // out[i] = 1 / (1 + exp(-x[i])) for i < n (SiLU and its gradient).
 using SigmoidFn = void (*)(int64_t n, const float* x, float* out);

@@ -64,13 +64,14 @@ inline int64_t gate_up_column(int64_t c, bool is_up) {
 }
 
 // The transposed use of a packed matrix (dX = dY W instead of y = x W^T): writes panels
-// [first_panel, first_panel + panel_count) of pack(W^T) into dst, as bf16 (int8 codes convert
-// exactly). np and kp are the padded sizes of W; dst holds panel_count * 16 * np elements. The
-// backward uses this to stream transposed weights through a small buffer instead of keeping a
-// second copy resident.
+// [first_panel, first_panel + panel_count) of pack(W^T) into dst, as bf16. np and kp are the
+// padded sizes of W; dst holds panel_count * 16 * np elements. For a quantized W = diag(s) Q,
+// `row_scales` holds s (np entries, one per row of the packed matrix) and the panels hold the
+// dequantized weights bf16(Q[n][k] * s[n]); bf16 weights take null. The backward uses this to
+// stream transposed weights through a small buffer instead of keeping a second copy resident.
 template <typename T>
-void pack_transposed_panels(const T* packed, int64_t np, int64_t kp, int64_t first_panel, int64_t panel_count,
-                            bf16* dst);
+void pack_transposed_panels(const T* packed, const float* row_scales, int64_t np, int64_t kp, int64_t first_panel,
+                            int64_t panel_count, bf16* dst);
 
 // `panels` consecutive packed panels of depth kp as bf16, same layout: int8 codes convert
 // exactly (|q| <= 127 has at most 8 significant bits).

@@ -15,7 +15,6 @@ enum class Scratch : int {
   kRowsA, kRowsB, kRowsC, kRowsD, kRowsE, kRowsF, kRowsG,  // per-call, expert-sorted rows
   kRowsOut,                                        // per-call, fp32 GEMM outputs in expert-sorted rows
   kLoraA, kLoraB, kLoraC, kLoraD,                  // per-call packed LoRA operands
-  kRowsH, kRowsI,                                  // per-call, scaled copies for formats with scales
   kTaskAcc, kTaskWeights, kTaskDecoded,            // per work item, in worker threads
   kCount
 };

@@ -148,8 +148,8 @@ namespace {
 
 class SetPackTransposed : public ::testing::TestWithParam<KernelSetParam> {};
 
-// The transposed panels hold pack(W^T) as bf16, W the values the packed weights hold (int8
-// codes as they are: the caller folds the scales in); panel `first` of pack(W^T) holds rows
+// The transposed panels hold pack(W^T) as bf16, W the dequantized weights (for int8,
+// bf16(code * scale) with the scale of the code's row); panel `first` of pack(W^T) holds rows
 // [16 first, 16 first + 16) of W^T.
 TEST_P(SetPackTransposed, MatchesThePackedTranspose) {
   const kt::KernelSet& set = *GetParam().set;
@@ -159,9 +159,11 @@ TEST_P(SetPackTransposed, MatchesThePackedTranspose) {
     const int64_t np = kt::round_up(n, 32), kp = kt::round_up(k, 32);
     auto w = kt_test::random_bf16(n * k, 41);
     std::vector<int8_t> codes(n * k);
+    std::vector<float> scales(np, 0.f);  // zero for the padding rows, as pack_experts writes them
+    for (int64_t r = 0; r < n; ++r) scales[r] = 1e-3f * (1 + r % 7) + (r % 3 == 0 ? 1.f : 0.f);
     for (int64_t i = 0; i < n * k; ++i) {
       codes[i] = static_cast<int8_t>(i * 37 % 255 - 127);
-      if (int8) w[i] = kt::f32_to_bf16(codes[i]);
+      if (int8) w[i] = kt::f32_to_bf16(codes[i] * scales[i / k]);
     }
     std::vector<kt::bf16> packed(np * kp), wt(k * n), want(np * kp);
     std::vector<int8_t> packed_codes(np * kp);
@@ -173,7 +175,7 @@ TEST_P(SetPackTransposed, MatchesThePackedTranspose) {
     const void* src = int8 ? static_cast<const void*>(packed_codes.data()) : packed.data();
     for (const auto& [first, count] : {std::make_pair<int64_t, int64_t>(0, kp / 16), std::make_pair<int64_t, int64_t>(1, kp / 16 - 1)}) {
       std::vector<kt::bf16> got(count * 16 * np + 32, 0x7777);
-      set.pack_transposed(src, np, kp, first, count, got.data());
+      set.pack_transposed(src, int8 ? scales.data() : nullptr, np, kp, first, count, got.data());
       for (int64_t i = 0; i < count * 16 * np; ++i)
         ASSERT_EQ(got[i], want[first * 16 * np + i]) << "n=" << n << " k=" << k << " first=" << first << " at " << i;
       EXPECT_EQ(got[count * 16 * np], 0x7777) << "wrote past the panels";

@@ -60,11 +60,11 @@ TEST_P(PackingShapes, TransposedPanelsEqualPackingTheTranspose) {
   kt::pack_weight(wt.data(), k, n, n, kt::round_up(n, kt::kPadTo), expected.data());
   // Whole matrix at once, and panel by panel from an offset.
   std::vector<bf16> got(kp * np);
-  kt::pack_transposed_panels(packed.data(), np, kp, 0, kp / 16, got.data());
+  kt::pack_transposed_panels(packed.data(), nullptr, np, kp, 0, kp / 16, got.data());
   EXPECT_EQ(got, expected);
   const int64_t first = 1, count = kp / 16 - 1;
   std::vector<bf16> part(count * 16 * np);
-  kt::pack_transposed_panels(packed.data(), np, kp, first, count, part.data());
+  kt::pack_transposed_panels(packed.data(), nullptr, np, kp, first, count, part.data());
   EXPECT_TRUE(std::equal(part.begin(), part.end(), expected.begin() + first * 16 * np));
 }
 
