@@ -1,4 +1,5 @@
 // The kernel registry: each weight format's kernel sets, best first.
+#include <stdexcept>
 #include <string>
 
 #include "kernel_impls.h"
@@ -47,7 +48,7 @@ using ScaleColumnsFn = void (*)(int64_t m, int64_t cols, const float* scales, fl
 // calling thread (64 KiB at depth 1024: it stays in L2 while every row block of A meets it, as
 // the bf16 weights themselves do in the panel GEMMs, which also take panel pairs outermost),
 // the path's panel GEMM on it, then each output column times its channel's scale.
-template <GemmFn Panel, DecodeFn Decode, ScaleColumnsFn Scale>
+template <typename Act, GemmFn Panel, DecodeFn Decode, ScaleColumnsFn Scale>
 void int8_weight_gemm(int64_t m, int64_t kp, const void* a, int64_t lda, const void* w, const float* scales,
                       int64_t panels, float* c, int64_t ldc) {
   const int8_t* codes = static_cast<const int8_t*>(w);
@@ -62,68 +63,76 @@ void int8_weight_gemm(int64_t m, int64_t kp, const void* a, int64_t lda, const v
 
 // bf16 weights. On the fp32 paths the LoRA operands are packed as fp32 (exact), on the bf16
 // paths as bf16, read by the weights' own GEMM.
-const KernelSet kBf16Amx{"amx", Isa::kAmx, WeightFormat::kBF16, DType::kBF16, 16, bf16_weight_gemm<kAmxBf16>,
+const KernelSet kBf16Amx{"amx", Isa::kAmx, WeightFormat::kBF16, DType::kBF16, bf16_weight_gemm<kAmxBf16>,
                          kAmxBf16, kAmxBf16, transposed_panels_avx512<bf16>, rank_update_avx512, sigmoid_avx512,
                          swiglu_forward_avx512, swiglu_backward_avx512};
-const KernelSet kBf16Avx512{"avx512", Isa::kAvx512Bf16, WeightFormat::kBF16, DType::kBF16, 16,
+const KernelSet kBf16Avx512{"avx512", Isa::kAvx512Bf16, WeightFormat::kBF16, DType::kBF16,
                             bf16_weight_gemm<kAvx512Bf16>, kAvx512Bf16, kAvx512Bf16, transposed_panels_avx512<bf16>,
                             rank_update_avx512, sigmoid_avx512, swiglu_forward_avx512, swiglu_backward_avx512};
-const KernelSet kBf16Avx2{"avx2", Isa::kAvx2, WeightFormat::kBF16, DType::kF32, 16, bf16_weight_gemm<kAvx2F32>,
+const KernelSet kBf16Avx2{"avx2", Isa::kAvx2, WeightFormat::kBF16, DType::kF32, bf16_weight_gemm<kAvx2F32>,
                           kAvx2F32, kScalarF32F32, transposed_panels<bf16>, rank_update_scalar, sigmoid_scalar,
                           swiglu_forward_scalar, swiglu_backward_scalar};
-const KernelSet kBf16Scalar{"scalar", Isa::kScalar, WeightFormat::kBF16, DType::kF32, 16,
+const KernelSet kBf16Scalar{"scalar", Isa::kScalar, WeightFormat::kBF16, DType::kF32,
                             bf16_weight_gemm<kScalarF32>, kScalarF32, kScalarF32F32, transposed_panels<bf16>,
                             rank_update_scalar, sigmoid_scalar, swiglu_forward_scalar, swiglu_backward_scalar};
 
 // int8 weight-only: the bf16 sets' kernels on decoded panels.
-const KernelSet kInt8Amx{"amx", Isa::kAmx, WeightFormat::kInt8, DType::kBF16, 8,
-                         int8_weight_gemm<kAmxBf16, decode_panels_avx512, scale_columns_avx512>, kAmxBf16, kAmxBf16,
+const KernelSet kInt8Amx{"amx", Isa::kAmx, WeightFormat::kInt8, DType::kBF16,
+                         int8_weight_gemm<bf16, kAmxBf16, decode_panels_avx512, scale_columns_avx512>, kAmxBf16, kAmxBf16,
                          transposed_panels_avx512<int8_t>, rank_update_avx512, sigmoid_avx512, swiglu_forward_avx512,
                          swiglu_backward_avx512};
-const KernelSet kInt8Avx512{"avx512", Isa::kAvx512Bf16, WeightFormat::kInt8, DType::kBF16, 8,
-                            int8_weight_gemm<kAvx512Bf16, decode_panels_avx512, scale_columns_avx512>, kAvx512Bf16,
+const KernelSet kInt8Avx512{"avx512", Isa::kAvx512Bf16, WeightFormat::kInt8, DType::kBF16,
+                            int8_weight_gemm<bf16, kAvx512Bf16, decode_panels_avx512, scale_columns_avx512>, kAvx512Bf16,
                             kAvx512Bf16, transposed_panels_avx512<int8_t>, rank_update_avx512, sigmoid_avx512,
                             swiglu_forward_avx512, swiglu_backward_avx512};
-const KernelSet kInt8Avx2{"avx2", Isa::kAvx2, WeightFormat::kInt8, DType::kF32, 8,
-                          int8_weight_gemm<kAvx2F32, decode_panels, scale_columns_scalar>, kAvx2F32, kScalarF32F32,
+const KernelSet kInt8Avx2{"avx2", Isa::kAvx2, WeightFormat::kInt8, DType::kF32,
+                          int8_weight_gemm<float, kAvx2F32, decode_panels, scale_columns_scalar>, kAvx2F32, kScalarF32F32,
                           transposed_panels<int8_t>, rank_update_scalar, sigmoid_scalar, swiglu_forward_scalar,
                           swiglu_backward_scalar};
-const KernelSet kInt8Scalar{"scalar", Isa::kScalar, WeightFormat::kInt8, DType::kF32, 8,
-                            int8_weight_gemm<kScalarF32, decode_panels, scale_columns_scalar>, kScalarF32,
+const KernelSet kInt8Scalar{"scalar", Isa::kScalar, WeightFormat::kInt8, DType::kF32,
+                            int8_weight_gemm<float, kScalarF32, decode_panels, scale_columns_scalar>, kScalarF32,
                             kScalarF32F32, transposed_panels<int8_t>, rank_update_scalar, sigmoid_scalar,
                             swiglu_forward_scalar, swiglu_backward_scalar};
 
 struct FormatEntry {
-  WeightFormat format;
-  const char* name;
+  FormatInfo info;
   std::vector<const KernelSet*> sets;  // best first, the scalar reference last
 };
 
+// One entry per format: what it stores and the kernels that compute with it.
 const std::vector<FormatEntry>& registry() {
   static const std::vector<FormatEntry> formats = {
-      {WeightFormat::kBF16, "bf16", {&kBf16Amx, &kBf16Avx512, &kBf16Avx2, &kBf16Scalar}},
-      {WeightFormat::kInt8, "int8", {&kInt8Amx, &kInt8Avx512, &kInt8Avx2, &kInt8Scalar}},
+      {{WeightFormat::kBF16, "bf16", WeightStorage::kBF16, 16, WeightScales::kNone},
+       {&kBf16Amx, &kBf16Avx512, &kBf16Avx2, &kBf16Scalar}},
+      {{WeightFormat::kInt8, "int8", WeightStorage::kInt8, 8, WeightScales::kPerChannel},
+       {&kInt8Amx, &kInt8Avx512, &kInt8Avx2, &kInt8Scalar}},
   };
   return formats;
 }
 
 const FormatEntry* entry_of(WeightFormat format) {
   for (const FormatEntry& e : registry())
-    if (e.format == format) return &e;
+    if (e.info.format == format) return &e;
   return nullptr;
 }
 
 }  // namespace
 
+const FormatInfo& format_info(WeightFormat format) {
+  const FormatEntry* e = entry_of(format);
+  if (e == nullptr) throw std::invalid_argument("kt: no weight format has code " + std::to_string(static_cast<int64_t>(format)));
+  return e->info;
+}
+
 const char* format_name(WeightFormat format) {
   const FormatEntry* e = entry_of(format);
-  return e ? e->name : "unknown";
+  return e ? e->info.name : "unknown";
 }
 
 bool parse_format(const std::string& name, WeightFormat* out) {
   for (const FormatEntry& e : registry()) {
-    if (name == e.name) {
-      *out = e.format;
+    if (name == e.info.name) {
+      *out = e.info.format;
       return true;
     }
   }
@@ -132,8 +141,8 @@ bool parse_format(const std::string& name, WeightFormat* out) {
 
 bool format_of_code(int64_t code, WeightFormat* out) {
   for (const FormatEntry& e : registry()) {
-    if (static_cast<int64_t>(e.format) == code) {
-      *out = e.format;
+    if (static_cast<int64_t>(e.info.format) == code) {
+      *out = e.info.format;
       return true;
     }
   }
@@ -142,14 +151,14 @@ bool format_of_code(int64_t code, WeightFormat* out) {
 
 std::string format_names() {
   std::string names;
-  for (const FormatEntry& e : registry()) names += (names.empty() ? "" : ", ") + std::string(e.name);
+  for (const FormatEntry& e : registry()) names += (names.empty() ? "" : ", ") + std::string(e.info.name);
   return names;
 }
 
 const std::vector<WeightFormat>& weight_formats() {
   static const std::vector<WeightFormat> formats = [] {
     std::vector<WeightFormat> out;
-    for (const FormatEntry& e : registry()) out.push_back(e.format);
+    for (const FormatEntry& e : registry()) out.push_back(e.info.format);
     return out;
   }();
   return formats;

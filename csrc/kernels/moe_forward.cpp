@@ -21,6 +21,7 @@ void forward_impl(const KernelSet& k, int threads, const MoeForwardArgs& args) {
   const int64_t K = c.K, H = c.H, I = c.I, hp = c.hp, is = c.is, ip = c.ip;
   const float s = w.lora_scaling;
   const LoraShape l(w);
+  const int64_t bits = format_info(k.format).bits;
   PhaseTimer timer("kt.moe_sft_forward", c.T);
   const Routing route(args.ids, c.T * K, c.E);
   ForwardWorkspace<Act> ws(c, l, route.rows());
@@ -66,7 +67,7 @@ void forward_impl(const KernelSet& k, int threads, const MoeForwardArgs& args) {
     float* acc = scratch<float>(Scratch::kTaskAcc, m * 2 * cols);  // gate and up panels interleaved
     const int64_t first_row = 2 * (c0 - task.slice * is);  // of the slice's fused gate/up rows
     k.weight_gemm(m, hp, ws.x_rows + row0 * ws.ld_x, ws.ld_x,
-                  weight_at(w.gate_up, c.layout.gate_up_offset(task.slice, e) + first_row * hp, k.weight_bits),
+                  weight_at(w.gate_up, c.layout.gate_up_offset(task.slice, e) + first_row * hp, bits),
                   w.gate_up_scale ? w.gate_up_scale + c.layout.gate_up_scale_offset(task.slice, e) + first_row : nullptr,
                   2 * np, acc, 2 * cols);
     if (l.rgu)
@@ -130,7 +131,7 @@ void forward_impl(const KernelSet& k, int threads, const MoeForwardArgs& args) {
     const int64_t m = route.padded_rows(e), row0 = route.first_row[e];
     float* out = ws.h_partial + (task.slice * rows + row0) * hp + c0;
     k.weight_gemm(m, is, ws.z_rows + row0 * ws.ld_z + task.slice * is, ws.ld_z,
-                  weight_at(w.down, c.layout.down_offset(task.slice, e) + c0 * is, k.weight_bits),
+                  weight_at(w.down, c.layout.down_offset(task.slice, e) + c0 * is, bits),
                   w.down_scale ? w.down_scale + c.layout.down_scale_offset(task.slice, e) + c0 : nullptr, np, out, hp);
     if (l.rd && task.slice == 0)
       k.operand_gemm(m, l.rd_p, ws.z_lora + row0 * l.rd_p, l.rd_p, ws.b_d + (e * hp + c0) * l.rd_p, np, out, hp,

@@ -72,9 +72,7 @@ bool is_activation_dtype(at::ScalarType t) { return t == at::kBFloat16 || t == a
 // The packed experts' own account of their sizes against the call's: the padded shapes checked
 // before admit other sizes (H = 60 on experts packed for H = 64, I = 40 on I = 64).
 void check_layout(const char* op, const PackedTensors& p, const MoeSizes& s) {
-  kt::ExpertLayout packed{};
-  int64_t format = -1;
-  kt::decode_layout(p.layout.contiguous().data_ptr<int64_t>(), &packed, &format);  // check_experts decoded it
+  const kt::ExpertLayout& packed = p.sizes;
   KT_CHECK(s.intermediate == packed.intermediate, "kt.", op,
            ": intermediate_size must be the I the experts were packed with (", packed.intermediate, "), got ",
            s.intermediate);
@@ -115,32 +113,30 @@ PackedTensors check_experts(const char* op, at::TensorList experts, const at::Te
   KT_CHECK(experts.size() >= 3, "kt.", op,
            ": experts must be the tensors kt.pack_experts returned (gate_up, down, layout, then the format's "
            "scales), got ", experts.size(), " tensors");
-  const PackedTensors p{experts[0], experts[1], experts[2]};
+  PackedTensors p{experts[0], experts[1], experts[2], {}};
   KT_CHECK(p.layout.scalar_type() == at::kLong && p.layout.dim() == 1 && p.layout.sym_size(0) == kt::kLayoutFields,
            "kt.", op, ": layout must be the int64 [", kt::kLayoutFields,
            "] tensor made by kt.pack_experts with gate_up and down, got ", describe(p.layout));
   const char* const names[3] = {"gate_up", "down", "layout"};
   for (size_t i = 0; i < experts.size(); ++i)
     check_device(op, i < 3 ? names[i] : "a scale tensor of experts", experts[i], ref_name, ref, require_cpu);
-  const FormatTensors* f = nullptr;
+  FormatTensors f{};
   if (require_cpu) {
-    kt::ExpertLayout packed{};
     int64_t code = -1;
-    KT_CHECK(kt::decode_layout(p.layout.contiguous().data_ptr<int64_t>(), &packed, &code), "kt.", op,
+    KT_CHECK(kt::decode_layout(p.layout.contiguous().data_ptr<int64_t>(), &p.sizes, &code), "kt.", op,
              ": layout must be the tensor made by kt.pack_experts with gate_up and down; this one holds other "
              "values");
     kt::WeightFormat named;
-    KT_CHECK(kt::format_of_code(code, &named) && (f = format_tensors(named)) != nullptr, "kt.", op,
-             ": layout names weight format ", code, ", which this build of kt_ops cannot compute (it has: ",
-             kt::format_names(), ")");
+    KT_CHECK(kt::format_of_code(code, &named), "kt.", op, ": layout names weight format ", code,
+             ", which this build of kt_ops cannot compute (it has: ", kt::format_names(), ")");
+    f = format_tensors(named);
   } else {
-    f = format_of_weights(p.gate_up.scalar_type());
-    KT_CHECK(f != nullptr, "kt.", op, ": gate_up must be the [S, E, 2*Is, Hp] tensor made by kt.pack_experts, in a "
+    KT_CHECK(format_of_weights(p.gate_up.scalar_type(), &f), "kt.", op, ": gate_up must be the [S, E, 2*Is, Hp] tensor made by kt.pack_experts, in a "
              "weight format this build has (", kt::format_names(), "), got ", describe(p.gate_up));
   }
-  KT_CHECK(experts.size() == f->count, "kt.", op, ": experts must be the ", f->count,
-           " tensors kt.pack_experts returns for format ", kt::format_name(f->format), ", got ", experts.size());
-  *format = f->format;
+  KT_CHECK(experts.size() == f.count, "kt.", op, ": experts must be the ", f.count,
+           " tensors kt.pack_experts returns for format ", kt::format_name(f.format), ", got ", experts.size());
+  *format = f.format;
   return p;
 }
 
@@ -173,11 +169,11 @@ MoeSizes check_moe_args(const char* op, const at::Tensor& x, const at::Tensor& t
   kt::WeightFormat format;
   const PackedTensors p = check_experts(op, experts, x, "x", require_cpu, &format);
   const at::Tensor &gate_up = p.gate_up, &down = p.down;
-  const std::string weights = dtype_name(format_tensors(format)->weights);
+  const std::string weights = dtype_name(format_tensors(format).weights);
 
   MoeSizes s{x.sym_size(0), topk_ids.sym_size(1), x.sym_size(1), 0, intermediate_size, {0, 0, 0}, format};
   const c10::SymInt I(intermediate_size);
-  KT_CHECK(gate_up.scalar_type() == format_tensors(format)->weights && gate_up.dim() == 4 && gate_up.sym_size(0) > 0,
+  KT_CHECK(gate_up.scalar_type() == format_tensors(format).weights && gate_up.dim() == 4 && gate_up.sym_size(0) > 0,
            "kt.", op, ": gate_up must be the ", weights, " [S, E, 2*Is, Hp] tensor made by kt.pack_experts, got ",
            describe(gate_up));
   const c10::SymInt slices = gate_up.sym_size(0), width = kt::padded_slice_width(I, slices);
@@ -191,7 +187,7 @@ MoeSizes check_moe_args(const char* op, const at::Tensor& x, const at::Tensor& t
               "kt.", op, ": down must be the ", weights, " tensor made by kt.pack_experts with gate_up for E = ",
               s.experts, ", H = ", s.hidden, ", I = ", I, " (shape [", slices, ", ", s.experts, ", ",
               kt::padded_size(s.hidden), ", ", width, "]), got ", describe(down));
-  if (format_tensors(format)->channel_scales) check_channel_scales(op, experts, slices, s.experts, width, s.hidden);
+  if (format_tensors(format).channel_scales) check_channel_scales(op, experts, slices, s.experts, width, s.hidden);
   check_numel(op, "gate_up_act", {s.tokens, s.top_k, 2 * I});
 
   const c10::SymInt in_dims[3] = {s.hidden, s.hidden, I}, out_dims[3] = {I, I, s.hidden};

@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "kt/gate.h"
+#include "kt/packing.h"
 #include "kt/weight_format.h"
 
 namespace kt_ops {
@@ -74,6 +75,7 @@ LoraTensors lora_of(const char* op, const c10::List<std::optional<at::Tensor>>& 
 // The packed experts of a call, by role: the tensors kt.pack_experts returned.
 struct PackedTensors {
   at::Tensor gate_up, down, layout;
+  kt::ExpertLayout sizes;  // what layout holds (on the CPU; zeros on Meta, which sees no values)
 };
 
 // Validates the `experts` list of an op (what kt.pack_experts returned): its length for a

@@ -1,25 +1,24 @@
 #include "formats.h"
 
+#include "kt/kernels.h"
+
 namespace kt_ops {
-namespace {
 
-constexpr FormatTensors kFormats[] = {
-    {kt::WeightFormat::kBF16, at::kBFloat16, 3, false},
-    {kt::WeightFormat::kInt8, at::kChar, 5, true},
-};
-
-}  // namespace
-
-const FormatTensors* format_tensors(kt::WeightFormat format) {
-  for (const FormatTensors& f : kFormats)
-    if (f.format == format) return &f;
-  return nullptr;
+FormatTensors format_tensors(kt::WeightFormat format) {
+  const kt::FormatInfo& info = kt::format_info(format);
+  const bool channel_scales = info.scales == kt::WeightScales::kPerChannel;
+  const at::ScalarType weights = info.storage == kt::WeightStorage::kBF16 ? at::kBFloat16 : at::kChar;
+  return {format, weights, channel_scales ? size_t(5) : size_t(3), channel_scales};
 }
 
-const FormatTensors* format_of_weights(at::ScalarType weights) {
-  for (const FormatTensors& f : kFormats)
-    if (f.weights == weights) return &f;
-  return nullptr;
+bool format_of_weights(at::ScalarType weights, FormatTensors* out) {
+  for (kt::WeightFormat f : kt::weight_formats()) {
+    if (format_tensors(f).weights == weights) {
+      *out = format_tensors(f);
+      return true;
+    }
+  }
+  return false;
 }
 
 }  // namespace kt_ops

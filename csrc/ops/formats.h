@@ -1,5 +1,6 @@
 // The ops' side of each weight format (kt/weight_format.h): the tensors that carry packed
-// experts of that format through the op schemas, in the order kt.pack_experts returns them.
+// experts of that format through the op schemas, in the order kt.pack_experts returns them,
+// derived from the format's description in the kernel registry.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -19,11 +20,11 @@ struct FormatTensors {
   bool channel_scales;
 };
 
-// The entry of `format`; null for a format this build has no tensors for.
-const FormatTensors* format_tensors(kt::WeightFormat format);
+// The tensors of `format`, one of kt::weight_formats().
+FormatTensors format_tensors(kt::WeightFormat format);
 
 // The format whose weights are of dtype `weights` (the Meta kernels see no layout values);
-// null when none is.
-const FormatTensors* format_of_weights(at::ScalarType weights);
+// false when none is.
+bool format_of_weights(at::ScalarType weights, FormatTensors* out);
 
 }  // namespace kt_ops

@@ -60,7 +60,7 @@ int64_t slice_count(const ExpertShape& s, int64_t numa_nodes) {
 kt::WeightFormat requested_format(c10::string_view format, int64_t group_size) {
   const std::string name(format.data(), format.size());
   kt::WeightFormat f;
-  KT_CHECK(kt::parse_format(name, &f) && format_tensors(f) != nullptr, "kt.pack_experts: format must be one of ",
+  KT_CHECK(kt::parse_format(name, &f), "kt.pack_experts: format must be one of ",
            kt::format_names(), " (the weight formats this build has), got \"", name, "\"");
   KT_CHECK(group_size == 0, "kt.pack_experts: format ", name, " has no quantization groups: group_size must be 0, got ",
            group_size);
@@ -88,7 +88,7 @@ std::vector<at::Tensor> allocate(const ExpertShape& s, int64_t slices, const For
 std::vector<std::string> weight_formats() {
   std::vector<std::string> names;
   for (kt::WeightFormat f : kt::weight_formats())
-    if (format_tensors(f) != nullptr) names.push_back(kt::format_name(f));
+    names.push_back(kt::format_name(f));
   return names;
 }
 
@@ -97,7 +97,7 @@ std::vector<at::Tensor> pack_experts_cpu(const at::Tensor& w_gate, const at::Ten
   const kt::WeightFormat f = requested_format(format, group_size);
   const ExpertShape s = check_pack_args(w_gate, w_up, w_down, /*require_cpu=*/true);
   const int64_t slices = slice_count(s, numa_nodes);
-  std::vector<at::Tensor> packed = allocate(s, slices, *format_tensors(f), w_gate.options());
+  std::vector<at::Tensor> packed = allocate(s, slices, format_tensors(f), w_gate.options());
   const at::Tensor &gate_up = packed[0], &down = packed[1], &layout_fields = packed[2];
   const at::Tensor g = w_gate.contiguous(), u = w_up.contiguous(), dn = w_down.contiguous();
   const kt::ExpertLayout layout{s.experts.expect_int(), s.hidden.expect_int(), s.intermediate.expect_int(), slices};
@@ -140,7 +140,7 @@ std::vector<at::Tensor> pack_experts_meta(const at::Tensor& w_gate, const at::Te
                                           int64_t numa_nodes, c10::string_view format, int64_t group_size) {
   const kt::WeightFormat f = requested_format(format, group_size);
   const ExpertShape s = check_pack_args(w_gate, w_up, w_down, /*require_cpu=*/false);
-  return allocate(s, slice_count(s, numa_nodes), *format_tensors(f), w_gate.options());
+  return allocate(s, slice_count(s, numa_nodes), format_tensors(f), w_gate.options());
 }
 
 namespace {
@@ -159,8 +159,8 @@ ExpertShape check_unpack_args(at::TensorList experts, int64_t hidden, int64_t in
   kt::WeightFormat format;
   const PackedTensors p = check_experts(op, experts, experts[0], "gate_up", require_cpu, &format);
   const at::Tensor &gate_up = p.gate_up, &down = p.down;
-  const std::string weights = dtype_name(format_tensors(format)->weights);
-  KT_CHECK(gate_up.scalar_type() == format_tensors(format)->weights && gate_up.dim() == 4 && gate_up.sym_size(0) > 0,
+  const std::string weights = dtype_name(format_tensors(format).weights);
+  KT_CHECK(gate_up.scalar_type() == format_tensors(format).weights && gate_up.dim() == 4 && gate_up.sym_size(0) > 0,
            "kt.", op, ": gate_up must be the ", weights, " [S, E, 2*Is, Hp] tensor made by kt.pack_experts, got ",
            describe(gate_up));
   const c10::SymInt slices = gate_up.sym_size(0), experts_count = gate_up.sym_size(1);
@@ -172,12 +172,10 @@ ExpertShape check_unpack_args(at::TensorList experts, int64_t hidden, int64_t in
                down.sym_size(1) == experts_count && down.sym_size(2) == hp && down.sym_size(3) == width,
            "kt.", op, ": down must be the ", weights, " tensor made by kt.pack_experts with gate_up, got ",
            describe(down));
-  if (format_tensors(format)->channel_scales) check_channel_scales(op, experts, slices, experts_count, width, hidden);
+  if (format_tensors(format).channel_scales) check_channel_scales(op, experts, slices, experts_count, width, hidden);
   *format_out = format;
   if (require_cpu) {
-    kt::ExpertLayout packed{};
-    int64_t code = -1;
-    kt::decode_layout(p.layout.contiguous().data_ptr<int64_t>(), &packed, &code);  // check_experts decoded it
+    const kt::ExpertLayout& packed = p.sizes;
     KT_CHECK(packed.hidden == hidden && packed.intermediate == intermediate && packed.experts == gate_up.size(1) &&
                  packed.slices == gate_up.size(0),
              "kt.", op, ": layout describes ", packed.experts, " experts of H = ", packed.hidden, " and I = ",
@@ -198,7 +196,7 @@ UnpackResult allocate_unpacked(const ExpertShape& s, const at::TensorOptions& op
 UnpackResult unpack_experts_cpu(at::TensorList experts, int64_t hidden_size, int64_t intermediate_size) {
   kt::WeightFormat format;
   const ExpertShape s = check_unpack_args(experts, hidden_size, intermediate_size, true, &format);
-  const bool scaled = format_tensors(format)->channel_scales;
+  const bool scaled = format_tensors(format).channel_scales;
   const at::Tensor gu_scale = scaled ? experts[3].contiguous() : at::Tensor(),
                    d_scale = scaled ? experts[4].contiguous() : at::Tensor();
   auto [w_gate, w_up, w_down] = allocate_unpacked(s, experts[0].options().dtype(at::kBFloat16));

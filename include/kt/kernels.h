@@ -76,7 +76,6 @@ struct KernelSet {
   // What the GEMMs take as activations: kBF16 (AMX, AVX-512-BF16: rounded to bf16 on the way
   // in) or kF32 (AVX2, scalar: exact fp32). Every activation buffer of the driver is of it.
   DType activations;
-  int64_t weight_bits;  // bits per packed weight element: offsets into the packed tensors scale by it
   WeightGemmFn weight_gemm;  // against the packed expert weights
   GemmFn panel_gemm;         // against bf16 panels (pack_transposed's)
   GemmFn operand_gemm;       // against operands packed per call in the activation type (LoRA)
@@ -87,11 +86,11 @@ struct KernelSet {
   SwigluBackwardFn swiglu_backward;
 };
 
-// Every format this build has kernels for.
+// Every format this build has: each has kernel sets ending in the scalar reference.
 const std::vector<WeightFormat>& weight_formats();
 
-// The sets of `format`, best first; the last is the scalar reference. Empty for a format
-// without kernels.
+// The sets of `format`, best first; the last is the scalar reference. Empty for a code that is
+// no format.
 const std::vector<const KernelSet*>& kernel_sets(WeightFormat format);
 
 // The first set of `format` that runs on `isa`: the path an op takes; null when there is none.

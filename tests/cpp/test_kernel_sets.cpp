@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <set>
+#include <stdexcept>
 #include <string>
 
 #include "kt/kernels.h"
@@ -72,6 +73,25 @@ TEST(KernelRegistry, FormatNamesAndCodesRoundTrip) {
   EXPECT_FALSE(kt::format_of_code(1 << 20, &unused));
   EXPECT_TRUE(kt::kernel_sets(static_cast<kt::WeightFormat>(1 << 20)).empty());
   EXPECT_EQ(kt::select_kernels(kt::Isa::kAmx, static_cast<kt::WeightFormat>(1 << 20)), nullptr);
+}
+
+// Each format's description is its own (the ops derive the packed tensors from it) and agrees
+// with what its packing writes: bf16 elements are 16 bits and carry no scales, int8 codes 8
+// bits with one scale per output channel.
+TEST(KernelRegistry, FormatDescriptionsMatchTheirPacking) {
+  for (kt::WeightFormat format : kt::weight_formats()) {
+    const kt::FormatInfo& info = kt::format_info(format);
+    EXPECT_EQ(info.format, format);
+    EXPECT_EQ(std::string(info.name), kt::format_name(format));
+  }
+  const kt::FormatInfo &bf16 = kt::format_info(kt::WeightFormat::kBF16), &int8 = kt::format_info(kt::WeightFormat::kInt8);
+  EXPECT_EQ(bf16.storage, kt::WeightStorage::kBF16);
+  EXPECT_EQ(bf16.bits, 8 * static_cast<int64_t>(sizeof(kt::bf16)));
+  EXPECT_EQ(bf16.scales, kt::WeightScales::kNone);
+  EXPECT_EQ(int8.storage, kt::WeightStorage::kInt8);
+  EXPECT_EQ(int8.bits, 8 * static_cast<int64_t>(sizeof(int8_t)));
+  EXPECT_EQ(int8.scales, kt::WeightScales::kPerChannel);
+  EXPECT_THROW(kt::format_info(static_cast<kt::WeightFormat>(1 << 20)), std::invalid_argument);
 }
 
 }  // namespace
