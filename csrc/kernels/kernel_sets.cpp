@@ -45,18 +45,27 @@ using DecodeFn = void (*)(const int8_t* packed, int64_t kp, int64_t panels, bf16
 using ScaleColumnsFn = void (*)(int64_t m, int64_t cols, const float* scales, float* c, int64_t ldc);
 
 // int8 weight-only, per pair of panels: the pair decoded exactly to bf16 in a buffer of the
-// calling thread (64 KiB at depth 1024: it stays in L2 while every row block of A meets it, as
-// the bf16 weights themselves do in the panel GEMMs, which also take panel pairs outermost),
-// the path's panel GEMM on it, then each output column times its channel's scale.
+// calling thread, the path's panel GEMM on it, then each output column times its channel's
+// scale. With more rows than one 32-row block the whole depth is decoded at once (64 KiB at
+// depth 1024: it stays in L2 while every row block of A meets it, as the bf16 weights do in the
+// panel GEMMs, which also take panel pairs outermost). With one row block (small T) each decode
+// is read by one block only, so the depth goes in chunks whose 16 KiB stay in L1, and a thread
+// reads memory in short runs between its products instead of one long run before them.
 template <typename Act, GemmFn Panel, DecodeFn Decode, ScaleColumnsFn Scale>
 void int8_weight_gemm(int64_t m, int64_t kp, const void* a, int64_t lda, const void* w, const float* scales,
                       int64_t panels, float* c, int64_t ldc) {
+  constexpr int64_t kChunkDepth = 256;
   const int8_t* codes = static_cast<const int8_t*>(w);
-  bf16* decoded = scratch<bf16>(Scratch::kTaskDecoded, 2 * kPanelRows * kp);
+  const int64_t chunk = m > 32 ? kp : kChunkDepth;
+  bf16* decoded = scratch<bf16>(Scratch::kTaskDecoded, 2 * kPanelRows * chunk);
   for (int64_t p = 0; p < panels; p += 2) {
     const int64_t count = panels - p < 2 ? panels - p : 2, col = p * kPanelRows;
-    Decode(codes + col * kp, kp, count, decoded);
-    Panel(m, kp, a, lda, decoded, count, c + col, ldc, false);
+    for (int64_t k0 = 0; k0 < kp; k0 += chunk) {
+      const int64_t depth = kp - k0 < chunk ? kp - k0 : chunk;
+      for (int64_t q = 0; q < count; ++q)
+        Decode(codes + (col + q * kPanelRows) * kp + k0 * kPanelRows, depth, 1, decoded + q * kPanelRows * depth);
+      Panel(m, depth, static_cast<const Act*>(a) + k0, lda, decoded, count, c + col, ldc, k0 > 0);
+    }
     Scale(m, count * kPanelRows, scales + col, c + col, ldc);
   }
 }

@@ -120,7 +120,8 @@ INSTANTIATE_TEST_SUITE_P(
                        ::testing::Values(GemmCase{16, 16, 32, false}, GemmCase{32, 64, 64, false},
                                          GemmCase{48, 48, 70, true}, GemmCase{80, 96, 128, false},
                                          GemmCase{16, 160, 33, true}, GemmCase{64, 32, 256, true},
-                                         GemmCase{48, 96, 1000, false}, GemmCase{32, 64, 2048, true})),
+                                         GemmCase{48, 96, 1000, false}, GemmCase{32, 64, 2048, true},
+                                         GemmCase{16, 64, 600, false})),
     case_name);
 
 TEST(Isa, CapSelectsAtMostTheCap) {
