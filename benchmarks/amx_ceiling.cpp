@@ -15,7 +15,10 @@
 //                (depth 768, 16 panels) shapes, each call on weights that are in no cache
 //                (1 GiB of weight sets in all, cycled).
 // And the machine's read bandwidth, in GB/s over all threads: each thread sums its share of
-// 2 GiB with 64-byte loads (best of 3), the ceiling of a weight-bound (small T) layer.
+// 2 GiB with 64-byte loads (best of 3), the ceiling of a weight-bound (small T) layer; then
+// the int8 weight GEMMs' decode to bf16 (decode_panels_avx512) in the 256-deep chunks they take
+// at small T, in GB/s of int8 read: from the same 2 GiB (memory), and from one chunk that
+// stays in L1 (its compute rate).
 // A kernel that keeps C in tiles through the depth needs at least one operand tile load
 // per product: c C tiles leave 8 - c registers for operands, and 2x2 (c = 4) is the only
 // layout reaching one load per product. Where loads are slow, the load-bound figure, not
@@ -33,6 +36,7 @@
 #include <vector>
 
 #include "../csrc/kernels/amx_tiles.h"
+#include "../csrc/kernels/kernel_impls.h"
 #include "kt/kernels.h"
 #include "kt/packing.h"
 #include "kt/thread_pool.h"
@@ -207,6 +211,19 @@ int main(int argc, char** argv) {
     const double secs = best_seconds(threads, 3, [&](int64_t t) { sums[t] = read_all(buf[t].w.data(), share); });
     std::printf("%-8d %-12s %10.1f GB/s (checksum %u)\n", threads, "read", 2.0 * share * threads / secs / 1e9,
                 sums[0]);
+    constexpr int64_t kChunk = 16 * 256;  // int8 elements of one panel's 256-deep chunk
+    const int64_t codes = share * 2 / kChunk * kChunk;  // int8 elements per thread: the same bytes
+    std::vector<Buffer<uint16_t>> chunk_out(threads);
+    kt::parallel_for(threads, threads, [&](int64_t t) { chunk_out[t].assign(kChunk); });
+    for (const bool from_memory : {true, false}) {
+      const double decode_secs = best_seconds(threads, 3, [&](int64_t t) {
+        const auto* src = reinterpret_cast<const int8_t*>(buf[t].w.data());
+        for (int64_t at = 0; at < codes; at += kChunk)
+          kt::decode_panels_avx512(src + (from_memory ? at : 0), 256, 1, chunk_out[t].data());
+      });
+      std::printf("%-8d %-12s %10.1f GB/s of int8\n", threads, from_memory ? "decode mem" : "decode L1",
+                  double(codes) * threads / decode_secs / 1e9);
+    }
   }
   return 0;
 }

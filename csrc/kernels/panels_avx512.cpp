@@ -92,10 +92,16 @@ void pack_transposed_panels_avx512(const int8_t* packed, const float* row_scales
   transpose_panels(packed, row_scales, np, kp, first_panel, panel_count, dst);
 }
 
+// The codes 4 KiB ahead are prefetched: the int8 weight GEMM decodes a panel in 4 KiB pieces
+// (256 deep) with products in between, and the hardware prefetchers stop at each 4 KiB page.
 void decode_panels_avx512(const int8_t* packed, int64_t kp, int64_t panels, uint16_t* dst) {
   const int64_t n = panels * kPanelRows * kp;  // a multiple of 512
   const __m512 one = _mm512_set1_ps(1.f);
-  for (int64_t i = 0; i < n; i += 32) _mm512_storeu_si512(dst + i, load_bf16x32(packed + i, one, one));
+  for (int64_t i = 0; i < n; i += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(packed + i + 4096), _MM_HINT_T0);
+    _mm512_storeu_si512(dst + i, load_bf16x32(packed + i, one, one));
+    _mm512_storeu_si512(dst + i + 32, load_bf16x32(packed + i + 32, one, one));
+  }
 }
 
 void scale_columns_avx512(int64_t m, int64_t cols, const float* scales, float* c, int64_t ldc) {
