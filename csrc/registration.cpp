@@ -26,7 +26,11 @@ TORCH_LIBRARY(kt, m) {
   //   kt::encode_layout), which the MoE ops check their other arguments against;
   //   then the format's scales: none for bf16; for int8 (one scale per output channel, codes
   //   round(w / scale) in [-127, 127], scale = max|row| / 127) gate_up_scale float32 [S, E, 2*Is]
-  //   (the fused rows' order) and down_scale float32 [S, E, Hp].
+  //   (the fused rows' order) and down_scale float32 [S, E, Hp]; for int4 (codes round(w /
+  //   scale) in [-7, 7] two per byte, so gate_up and down are uint8 of half the last dimension,
+  //   scale = max|group| / 7 in bf16 per group_size elements of a row: 32, 64 or 128, 0 taking
+  //   32) gate_up_scale bfloat16 [S, E, 2*Is * Hp/32] and down_scale bfloat16 [S, E, Hp * Is/32],
+  //   one per row of each 32-deep packed block (kt/weight_format.h's WeightScales::kPerBlock).
   // numa_nodes is at most 1024.
   m.def("pack_experts(Tensor w_gate, Tensor w_up, Tensor w_down, int numa_nodes=0, str format=\"bf16\", "
         "int group_size=0) -> Tensor[]");

@@ -35,7 +35,7 @@ def topology() -> str:
 
 def weight_formats() -> list[str]:
     """The weight formats this build packs experts in and computes with, e.g. ``["bf16",
-    "int8"]``: the values :func:`pack_experts` takes as ``format``."""
+    "int8", "int4"]``: the values :func:`pack_experts` takes as ``format``."""
     return list(torch.ops.kt.weight_formats())
 
 
@@ -118,10 +118,14 @@ def pack_experts(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
         numa_nodes: slices to split the intermediate dimension into, 0 to 1024; 0 (the
             default) gives one per NUMA node of :func:`topology`. Never more than I / 32.
         format: the weight format to hold them in, one of :func:`weight_formats`:
-            ``"bf16"`` (the weights as they are) or ``"int8"`` (symmetric, one fp32 scale per
+            ``"bf16"`` (the weights as they are), ``"int8"`` (symmetric, one fp32 scale per
             output channel: :func:`kt_ops.reference.quantize_int8` exactly; about half the
-            bytes). The kernels compute with the dequantized weights, on every path.
-        group_size: the quantization group of formats that have one; 0 for the others.
+            bytes) or ``"int4"`` (symmetric, two codes per byte, one bf16 scale per
+            ``group_size`` elements of each row's reduction:
+            :func:`kt_ops.reference.quantize_int4` exactly; about 0.28 of the bytes). The
+            kernels compute with the dequantized weights, on every path.
+        group_size: the quantization group of ``"int4"``: 32, 64 or 128, dividing H and I;
+            0 (the default) takes 32. Must be 0 for the formats without groups.
 
     The inputs are not kept: once packed they can be freed.
     """

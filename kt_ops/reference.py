@@ -136,20 +136,23 @@ def _check_group(k: int, group_size: int) -> None:
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int4 with one scale per ``group_size`` consecutive reduction elements of a
-    row: ``(q int8 [..., N, K] holding codes in [-7, 7], scale float32 [..., N, K /
-    group_size])``, ``scale = max|group| / 7``. (Two codes share a byte in the packed
-    experts; here each has its own.)"""
+    row: ``(q int8 [..., N, K] holding codes in [-7, 7], scale bfloat16 [..., N, K /
+    group_size])``, ``scale = max|group| / 7`` rounded to bf16 (as int4 checkpoints ship their
+    scales; 1 where that rounds to 0). (Two codes share a byte in the packed experts; here each
+    has its own.)"""
     _check_group(w.shape[-1], group_size)
     groups = w.float().unflatten(-1, (-1, group_size))
-    scale = _scale_for(groups.abs().amax(dim=-1), INT4_MAX)
-    q = torch.round(groups / scale[..., None]).clamp(-INT4_MAX, INT4_MAX).to(torch.int8)
+    scale = _scale_for(groups.abs().amax(dim=-1), INT4_MAX).bfloat16()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(groups / scale.float()[..., None]).clamp(-INT4_MAX, INT4_MAX).to(torch.int8)
     return q.flatten(-2), scale
 
 
 def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
-    """float32 ``q[..., n, k] * scale[..., n, k // group_size]``."""
+    """``q[..., n, k] * scale[..., n, k // group_size]`` rounded to bf16 (as float32): the
+    weights the kernels compute with, which decode int4 to bf16 with its scales applied."""
     _check_group(q.shape[-1], group_size)
-    return (q.float().unflatten(-1, (-1, group_size)) * scale.float()[..., None]).flatten(-2)
+    return (q.float().unflatten(-1, (-1, group_size)) * scale.float()[..., None]).flatten(-2).bfloat16().float()
 
 
 def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -296,7 +296,7 @@ def load_experts(checkpoint_dir: Union[str, os.PathLike], *, layers: Optional[li
         layers: layer indices to load (default: every MoE layer).
         numa_nodes: passed to :func:`kt_ops.pack_experts`.
         experts_format: the weight format to pack in, one of :func:`kt_ops.weight_formats`
-            (``"int8"``: each layer quantized as it is packed).
+            (``"int8"``, ``"int4"``: each layer quantized as it is packed; int4 in groups of 32).
         progress: show a progress bar over the layers.
 
     Returns ``{layer index: PackedExperts}`` for :func:`kt_ops.patch_model`'s ``experts``.
@@ -407,8 +407,8 @@ def load_model(checkpoint_dir: Union[str, os.PathLike], lora_rank: Optional[int]
     takes them, or that of a saved ``adapter`` directory (its config, then its tensors,
     through :func:`kt_ops.load_adapter`). Non-expert modules end on ``device`` (default: the
     CPU); the experts and their LoRA stay in CPU memory whatever the device. The experts are
-    packed in ``experts_format`` (:func:`kt_ops.weight_formats`; ``"int8"`` quantizes each
-    layer as it is read, so the bf16 experts are never held whole).
+    packed in ``experts_format`` (:func:`kt_ops.weight_formats`; ``"int8"`` and ``"int4"``
+    quantize each layer as it is read, so the bf16 experts are never held whole).
 
     Returns what :func:`kt_ops.patch_model` returns (a ``PeftModel`` on transformers 5.x).
     Raises KeyError naming checkpoint tensors the model has no place for, or model tensors

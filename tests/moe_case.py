@@ -9,7 +9,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kt_ops
-from kt_ops.reference import TOLERANCES, dequantize_int8, moe_sft_reference, quantize_int8
+from kt_ops.reference import (TOLERANCES, dequantize_int4, dequantize_int8, moe_sft_reference, quantize_int4,
+                              quantize_int8)
 
 ALL_ISAS = ["amx", "avx512", "avx2", "scalar"]
 
@@ -45,6 +46,18 @@ class MoeCase:
         return [self.x, self.topk_weights] + (self.lora or []) + self.biases()
 
 
+INT4_TEST_GROUP = 32  # the smallest group: the most scales, and the sizes it admits are the most varied
+
+
+def format_sizes(weight_format: str, hidden: int, intermediate: int) -> tuple[int, int]:
+    """H and I as a test of ``weight_format`` takes them: as they are, or for a format with
+    quantization groups (int4) the nearest multiples of the group at or below them (the group at
+    least), which keeps a case about as large as it was."""
+    if weight_format != "int4":
+        return hidden, intermediate
+    return tuple(max(INT4_TEST_GROUP, n // INT4_TEST_GROUP * INT4_TEST_GROUP) for n in (hidden, intermediate))
+
+
 def make_case(
     hidden: int,
     intermediate: int,
@@ -69,7 +82,10 @@ def make_case(
     ``gate`` is the activation and ``biases`` gives the experts O(1) biases; with
     ``clamped_share`` the gate's limit becomes :func:`limit_in_a_gap` of that share. The
     experts are packed in ``weight_format``; for a quantized one the case's weights become the
-    reference's dequantized weights (fp32), the truth the kernels are held to."""
+    reference's dequantized weights (fp32), the truth the kernels are held to. A format with
+    quantization groups (int4, in groups of INT4_TEST_GROUP) needs H and I divisible by the
+    group: for it they become :func:`format_sizes`'."""
+    hidden, intermediate = format_sizes(weight_format, hidden, intermediate)
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape, scale=1.0):
@@ -88,7 +104,12 @@ def make_case(
         shapes = [(rank, hidden), (intermediate, rank), (rank, hidden), (intermediate, rank),
                   (rank, intermediate), (hidden, rank)]
         lora = [randn(experts, *s, scale=0.5 * s[-1] ** -0.5).to(lora_dtype).requires_grad_() for s in shapes]
-    packed = kt_ops.pack_experts(w_gate, w_up, w_down, numa_nodes, format=weight_format)
+    if weight_format == "int4":
+        packed = kt_ops.pack_experts(w_gate, w_up, w_down, numa_nodes, format="int4", group_size=INT4_TEST_GROUP)
+        w_gate, w_up, w_down = (dequantize_int4(*quantize_int4(w, INT4_TEST_GROUP), INT4_TEST_GROUP)
+                                for w in (w_gate, w_up, w_down))
+    else:
+        packed = kt_ops.pack_experts(w_gate, w_up, w_down, numa_nodes, format=weight_format)
     if weight_format == "int8":
         w_gate, w_up, w_down = (dequantize_int8(*quantize_int8(w)) for w in (w_gate, w_up, w_down))
     case = MoeCase(x, topk_ids, topk_weights, w_gate, w_up, w_down, packed, lora)

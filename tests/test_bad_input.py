@@ -86,7 +86,7 @@ BAD = {
     "layout_values": (lambda c: dict(layout=torch.arange(6)),
                       "layout must be the tensor made by kt.pack_experts with gate_up and down; this one holds other values"),
     "layout_format": (lambda c: dict(layout=with_field(c.experts.layout, 1, 7)),
-                      "layout names weight format 7, which this build of kt_ops cannot compute (it has: bf16, int8)"),
+                      "layout names weight format 7, which this build of kt_ops cannot compute (it has: bf16, int8, int4)"),
     "layout_experts": (lambda c: dict(layout=with_field(c.experts.layout, 2, 5)),
                        "gate_up must hold the 5 experts in 1 slices that layout describes, got bfloat16 [1, 6, 128, 96]"),
     "activation_name": (lambda c: dict(activation="relu"),
@@ -152,18 +152,39 @@ def test_list_argument_checks(case, experts, lora, message):
     (lambda t: t[:4] + [t[4][:, :5]],
      "down_scale (experts[4]) must be the float32 [1, 6, 96] tensor made by kt.pack_experts with down, got "
      "float32 [1, 5, 96]"),
-    (lambda t: [t[0].view(torch.uint8)] + t[1:],
-     "gate_up must be the int8 [S, E, 2*Is, Hp] tensor made by kt.pack_experts, got uint8 [1, 6, 128, 96]"),
+    (lambda t: [t[0].view(torch.int16)] + t[1:],
+     "gate_up must be the int8 [S, E, 2*Is, Hp] tensor made by kt.pack_experts, got int16 [1, 6, 128, 48]"),
 ])
 @pytest.mark.parametrize("device", ["cpu", "meta"])
 def test_int8_experts_are_checked(edit, message, device):
     case = make_case(H, I, E, K, T, R, numa_nodes=1, weight_format="int8")
     experts = [t.to(device) for t in edit(list(case.experts.tensors))]
-    if device == "meta" and "uint8" in message:
+    if device == "meta" and "int16" in message:
         message = "gate_up must be the [S, E, 2*Is, Hp] tensor made by kt.pack_experts, in a weight format"
     args = [t.detach().to(device) for t in (case.x, case.topk_ids, case.topk_weights)]
     with pytest.raises(RuntimeError, match=re.escape(OP + message)):
         torch.ops.kt.moe_sft_forward(*args, experts, I, [], 1.0)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t[:3], "experts must be the 5 tensors kt.pack_experts returns for format int4, got 3"),
+    (lambda t: t[:3] + [t[3].float(), t[4]],
+     "gate_up_scale (experts[3]) must be the bfloat16 [1, 6, 384] tensor made by kt.pack_experts with gate_up, got "
+     "float32 [1, 6, 384]"),
+    (lambda t: t[:4] + [t[4][:, :, :10]],
+     "down_scale (experts[4]) must be the bfloat16 [1, 6, 192] tensor made by kt.pack_experts with down, got "
+     "bfloat16 [1, 6, 10]"),
+    (lambda t: [t[0][..., :40]] + t[1:],
+     "gate_up must be packed for H = 96 and I = 64 (shape [1, E, 128, 48]), got uint8 [1, 6, 128, 40]"),
+])
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_int4_experts_are_checked(edit, message, device):
+    """int4: codes two per byte (gate_up's last dimension is Hp / 2), bf16 scales per block."""
+    case = make_case(96, 64, E, K, T, R, numa_nodes=1, weight_format="int4")
+    experts = [t.to(device) for t in edit(list(case.experts.tensors))]
+    args = [t.detach().to(device) for t in (case.x, case.topk_ids, case.topk_weights)]
+    with pytest.raises(RuntimeError, match=re.escape(OP + message)):
+        torch.ops.kt.moe_sft_forward(*args, experts, 64, [], 1.0)
 
 
 def test_meta_experts_of_an_unknown_weight_dtype_are_refused(case):
@@ -171,15 +192,18 @@ def test_meta_experts_of_an_unknown_weight_dtype_are_refused(case):
     experts = [case.experts.gate_up.float().to("meta"), case.experts.down.to("meta"), case.experts.layout.to("meta")]
     with pytest.raises(RuntimeError, match=re.escape(
             OP + "gate_up must be the [S, E, 2*Is, Hp] tensor made by kt.pack_experts, in a weight format this build "
-            "has (bf16, int8), got float32 [1, 6, 128, 96]")):
+            "has (bf16, int8, int4), got float32 [1, 6, 128, 96]")):
         torch.ops.kt.moe_sft_forward(*meta, experts, I, [], 1.0)
 
 
 @pytest.mark.parametrize("fmt, group_size, message", [
-    ("bf17", 0, 'format must be one of bf16, int8 (the weight formats this build has), got "bf17"'),
-    ("", 0, 'format must be one of bf16, int8 (the weight formats this build has), got ""'),
+    ("bf17", 0, 'format must be one of bf16, int8, int4 (the weight formats this build has), got "bf17"'),
+    ("", 0, 'format must be one of bf16, int8, int4 (the weight formats this build has), got ""'),
     ("bf16", 32, "format bf16 has no quantization groups: group_size must be 0, got 32"),
     ("int8", 64, "format int8 has no quantization groups: group_size must be 0, got 64"),
+    ("int4", 48, "format int4 takes group_size 32, 64 or 128 (0: 32), got 48"),
+    ("int4", 0, "format int4 groups of 32 must divide the hidden size H = 8 and the intermediate size I = 32"),
+    ("int4", 64, "format int4 groups of 64 must divide the hidden size H = 8 and the intermediate size I = 32"),
 ])
 @pytest.mark.parametrize("device", ["cpu", "meta"])
 def test_pack_experts_checks_the_format(fmt, group_size, message, device):

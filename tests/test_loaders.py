@@ -157,21 +157,23 @@ def test_every_expert_tensor_is_checked_against_the_config(checkpoint, edit, mes
         kt_ops.load_experts(checkpoint, progress=False)
 
 
-def test_int8_experts_load_as_pack_experts_makes_them(checkpoint):
-    """Quantized as they are read: the same tensors as packing the bf16 experts in int8."""
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_experts_load_as_pack_experts_makes_them(checkpoint, fmt):
+    """Quantized as they are read: the same tensors as packing the bf16 experts in the format
+    (int4 in its default groups of 32)."""
     bf16 = kt_ops.load_experts(checkpoint, progress=False)
-    int8 = kt_ops.load_experts(checkpoint, experts_format="int8", progress=False)
-    assert bf16.keys() == int8.keys()
-    for layer, packed in int8.items():
-        want = kt_ops.pack_experts(*bf16[layer].unpack(), bf16[layer].numa_slices, format="int8")
-        assert packed.format == "int8" and len(packed.tensors) == len(want.tensors)
+    quantized = kt_ops.load_experts(checkpoint, experts_format=fmt, progress=False)
+    assert bf16.keys() == quantized.keys()
+    for layer, packed in quantized.items():
+        want = kt_ops.pack_experts(*bf16[layer].unpack(), bf16[layer].numa_slices, format=fmt)
+        assert packed.format == fmt and len(packed.tensors) == len(want.tensors)
         assert all(torch.equal(a, b) for a, b in zip(packed.tensors, want.tensors))
 
 
 @pytest.mark.parametrize("load", [lambda p: kt_ops.load_experts(p, experts_format="int3", progress=False),
                                   lambda p: kt_ops.load_model(p, experts_format="int3", progress=False)])
 def test_an_unknown_experts_format_is_named_before_anything_is_read(checkpoint, load):
-    with pytest.raises(ValueError, match=re.escape("experts_format must be one of bf16, int8, got 'int3'")):
+    with pytest.raises(ValueError, match=re.escape("experts_format must be one of bf16, int8, int4, got 'int3'")):
         load(checkpoint)
 
 

@@ -45,7 +45,7 @@ def test_forward_and_gradients_match_reference(isa_path, case_name, dtype, weigh
     case = make_case(h, i, e, k, t, r, dtype=dtype, weight_format=weight_format, **extra)
     y, grads = run_kt(case)
     y_ref, grads_ref = run_reference(case)
-    assert y.dtype == dtype and y.shape == (t, h)
+    assert y.dtype == dtype and y.shape == (t, case.x.shape[1])
     assert_close("y", y, y_ref, dtype)
     names = (GRAD_NAMES if r is not None else GRAD_NAMES[:2]) + (["gate_up_bias", "down_bias"] if case.biases() else [])
     assert len(names) == len(grads)

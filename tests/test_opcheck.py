@@ -5,7 +5,7 @@ import torch
 from conftest import OPCHECK_EXEMPT
 import kt_ops
 from kt_ops import Gate
-from moe_case import make_case
+from moe_case import format_sizes, make_case
 
 
 def _forward_args(case):
@@ -26,7 +26,8 @@ def test_every_op_is_covered():
 @pytest.mark.parametrize("weight_format", kt_ops.weight_formats())
 def test_opcheck_pack_experts(weight_format):
     g = torch.Generator().manual_seed(0)
-    w = [torch.randn(*s, generator=g).bfloat16() for s in [(3, 45, 70), (3, 45, 70), (3, 70, 45)]]
+    h, i = format_sizes(weight_format, 70, 45)
+    w = [torch.randn(*s, generator=g).bfloat16() for s in [(3, i, h), (3, i, h), (3, h, i)]]
     torch.library.opcheck(torch.ops.kt.pack_experts.default, (*w, 0, weight_format, 0))
 
 
@@ -34,9 +35,10 @@ def test_opcheck_pack_experts(weight_format):
 @pytest.mark.parametrize("numa_nodes", [1, 2])
 def test_opcheck_unpack_experts(numa_nodes, weight_format):
     g = torch.Generator().manual_seed(0)
-    w = [torch.randn(*s, generator=g).bfloat16() for s in [(3, 45, 70), (3, 45, 70), (3, 70, 45)]]
+    h, i = format_sizes(weight_format, 70, 96 if weight_format == "int4" else 45)  # int4: two slices of 32 and more
+    w = [torch.randn(*s, generator=g).bfloat16() for s in [(3, i, h), (3, i, h), (3, h, i)]]
     experts = torch.ops.kt.pack_experts(*w, numa_nodes, weight_format, 0)
-    torch.library.opcheck(torch.ops.kt.unpack_experts.default, (experts, 70, 45))
+    torch.library.opcheck(torch.ops.kt.unpack_experts.default, (experts, h, i))
 
 
 @pytest.mark.parametrize("weight_format", kt_ops.weight_formats())

@@ -109,3 +109,46 @@ def test_meta_shapes_match_cpu(numa_nodes):
     meta = torch.ops.kt.pack_experts(*[t.to("meta") for t in w], numa_nodes)
     for a, b in zip(cpu, meta):
         assert a.shape == b.shape and a.dtype == b.dtype and b.device.type == "meta"
+
+
+@pytest.mark.parametrize("numa_nodes", [1, 2])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_packing_is_the_reference_quantization(numa_nodes, group_size):
+    """Codes and group scales of kt_ops.reference.quantize_int4, exactly: the dequantized weights
+    come back, and the scale tensors hold the reference's scales, one per row of each packed
+    block (a group of 64 or 128 is 2 or 4 blocks), in the packed order; the codes sit two per
+    byte."""
+    from kt_ops.reference import dequantize_int4, quantize_int4
+
+    w = _weights(3, 128, 256, seed=4)  # [E, I, H] = [3, 128, 256]
+    w[0][1, :, :group_size].zero_()  # a group of zeros: scale 1
+    packed = kt_ops.pack_experts(*w, numa_nodes, format="int4", group_size=group_size)
+    assert packed.format == "int4" and [t.dtype for t in packed.tensors] == [
+        torch.uint8, torch.uint8, torch.int64, torch.bfloat16, torch.bfloat16]
+    for got, want in zip(packed.unpack(), w):
+        assert torch.equal(got, dequantize_int4(*quantize_int4(want, group_size), group_size).bfloat16())
+    gate_scale, up_scale, down_scale = (quantize_int4(t, group_size)[1] for t in w)
+    assert (gate_scale[1, :, 0] == 1.0).all()
+    s, width = packed.numa_slices, packed.gate_up.shape[2] // 2
+    gu_blocks, d_blocks = 256 // 32, width // 32
+    # [S, E, panels, blocks, 16]: panel p holds 16 fused rows (gate, then up, alternating).
+    fused = packed.tensors[3].unflatten(-1, (2 * width // 16, gu_blocks, 16))
+    for sl in range(s):
+        for c in range(min(width, 128 - sl * width)):
+            panel = (c // 16) * 2
+            for b in range(gu_blocks):
+                assert fused[sl, :, panel, b, c % 16].equal(gate_scale[:, sl * width + c, b * 32 // group_size])
+                assert fused[sl, :, panel + 1, b, c % 16].equal(up_scale[:, sl * width + c, b * 32 // group_size])
+        down = packed.tensors[4][sl].unflatten(-1, (256 // 16, d_blocks, 16))  # [E, panels of h, blocks, 16]
+        for b in range(d_blocks):
+            col = sl * width + b * 32
+            want = down_scale[:, :, col // group_size] if col < 128 else torch.zeros(3, 256, dtype=torch.bfloat16)
+            assert down[:, :, b, :].flatten(1).equal(want)
+
+
+def test_int4_resident_bytes_are_at_most_0_30_of_bf16():
+    w = _weights(8, 256, 512)
+    bf16 = kt_ops.pack_experts(*w).nbytes
+    for group_size in (32, 64, 128):
+        int4 = kt_ops.pack_experts(*w, format="int4", group_size=group_size).nbytes
+        assert int4 <= 0.30 * bf16, (group_size, int4 / bf16)

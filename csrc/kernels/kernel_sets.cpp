@@ -24,83 +24,136 @@ constexpr GemmFn kScalarF32F32 = as_gemm<float, float, gemm_scalar_f32_f32w>;
 
 // bf16 weights are the panels: the weight GEMM is the panel GEMM.
 template <GemmFn Panel>
-void bf16_weight_gemm(int64_t m, int64_t kp, const void* a, int64_t lda, const void* w, const float*, int64_t panels,
+void bf16_weight_gemm(int64_t m, int64_t kp, const void* a, int64_t lda, const void* w, const void*, int64_t panels,
                       float* c, int64_t ldc) {
   Panel(m, kp, a, lda, w, panels, c, ldc, false);
 }
 
-template <typename T>
-void transposed_panels(const void* packed, const float* row_scales, int64_t np, int64_t kp, int64_t first_panel,
-                       int64_t panel_count, uint16_t* dst) {
-  pack_transposed_panels(static_cast<const T*>(packed), row_scales, np, kp, first_panel, panel_count, dst);
+void bf16_transposed(const void* packed, const void*, int64_t np, int64_t kp, int64_t first_panel,
+                     int64_t panel_count, uint16_t* dst) {
+  pack_transposed_panels(static_cast<const bf16*>(packed), nullptr, np, kp, first_panel, panel_count, dst);
+}
+void bf16_transposed_avx512(const void* packed, const void*, int64_t np, int64_t kp, int64_t first_panel,
+                            int64_t panel_count, uint16_t* dst) {
+  pack_transposed_panels_avx512(static_cast<const bf16*>(packed), np, kp, first_panel, panel_count, dst);
+}
+void int8_transposed(const void* packed, const void* scales, int64_t np, int64_t kp, int64_t first_panel,
+                     int64_t panel_count, uint16_t* dst) {
+  pack_transposed_panels(static_cast<const int8_t*>(packed), static_cast<const float*>(scales), np, kp, first_panel,
+                         panel_count, dst);
+}
+void int8_transposed_avx512(const void* packed, const void* scales, int64_t np, int64_t kp, int64_t first_panel,
+                            int64_t panel_count, uint16_t* dst) {
+  pack_transposed_panels_int8_avx512(static_cast<const int8_t*>(packed), static_cast<const float*>(scales), np, kp,
+                                     first_panel, panel_count, dst);
+}
+void int4_transposed(const void* packed, const void* scales, int64_t np, int64_t kp, int64_t first_panel,
+                     int64_t panel_count, uint16_t* dst) {
+  pack_transposed_panels_int4(static_cast<const uint8_t*>(packed), static_cast<const bf16*>(scales), np, kp,
+                              first_panel, panel_count, dst);
+}
+void int4_transposed_avx512(const void* packed, const void* scales, int64_t np, int64_t kp, int64_t first_panel,
+                            int64_t panel_count, uint16_t* dst) {
+  pack_transposed_panels_int4_avx512(static_cast<const uint8_t*>(packed), static_cast<const bf16*>(scales), np, kp,
+                                     first_panel, panel_count, dst);
 }
 
-template <typename T>
-void transposed_panels_avx512(const void* packed, const float* row_scales, int64_t np, int64_t kp,
-                              int64_t first_panel, int64_t panel_count, uint16_t* dst) {
-  pack_transposed_panels_avx512(static_cast<const T*>(packed), row_scales, np, kp, first_panel, panel_count, dst);
+// Decodes reduction steps [k0, k0 + depth) of packed panel `panel` (of a matrix of depth kp) to
+// bf16 panels of depth `depth` at dst: the codes as they are for int8 (its per-channel scales
+// go on the outputs), the dequantized weights for int4.
+using RangeDecodeFn = void (*)(const void* packed, const void* scales, int64_t kp, int64_t panel, int64_t k0,
+                               int64_t depth, bf16* dst);
+
+template <void (*Decode)(const int8_t*, int64_t, int64_t, bf16*)>
+void int8_range(const void* packed, const void*, int64_t kp, int64_t panel, int64_t k0, int64_t depth, bf16* dst) {
+  Decode(static_cast<const int8_t*>(packed) + (panel * kp + k0) * kPanelRows, depth, 1, dst);
 }
 
-using DecodeFn = void (*)(const int8_t* packed, int64_t kp, int64_t panels, bf16* dst);
+template <void (*Decode)(const uint8_t*, const bf16*, int64_t, int64_t, bf16*)>
+void int4_range(const void* packed, const void* scales, int64_t kp, int64_t panel, int64_t k0, int64_t depth,
+                bf16* dst) {
+  Decode(static_cast<const uint8_t*>(packed) + (panel * kp + k0) * kPanelRows / 2,
+         static_cast<const bf16*>(scales) + (panel * (kp / kBlockDepth) + k0 / kBlockDepth) * kPanelRows, depth, 1,
+         dst);
+}
+
 using ScaleColumnsFn = void (*)(int64_t m, int64_t cols, const float* scales, float* c, int64_t ldc);
 
-// int8 weight-only, per pair of panels: the pair decoded exactly to bf16 in a buffer of the
-// calling thread, the path's panel GEMM on it, then each output column times its channel's
-// scale. With more rows than one 32-row block the whole depth is decoded at once (64 KiB at
-// depth 1024: it stays in L2 while every row block of A meets it, as the bf16 weights do in the
-// panel GEMMs, which also take panel pairs outermost). With one row block (small T) each decode
-// is read by one block only, so the depth goes in chunks whose 16 KiB stay in L1, and a thread
-// reads memory in short runs between its products instead of one long run before them.
-template <typename Act, GemmFn Panel, DecodeFn Decode, ScaleColumnsFn Scale>
-void int8_weight_gemm(int64_t m, int64_t kp, const void* a, int64_t lda, const void* w, const float* scales,
-                      int64_t panels, float* c, int64_t ldc) {
+// The quantized formats' weight GEMM, per pair of panels: the pair decoded to bf16 in a buffer
+// of the calling thread, the path's panel GEMM on it, then (int8: `Scale` not null) each output
+// column times its channel's scale. With more rows than one 32-row block the whole depth is
+// decoded at once (64 KiB at depth 1024: it stays in L2 while every row block of A meets it, as
+// the bf16 weights do in the panel GEMMs, which also take panel pairs outermost). With one row
+// block (small T) each decode is read by one block only, so the depth goes in chunks whose 16
+// KiB stay in L1, and a thread reads memory in short runs between its products instead of one
+// long run before them.
+template <typename Act, GemmFn Panel, RangeDecodeFn Decode, ScaleColumnsFn Scale>
+void decoded_weight_gemm(int64_t m, int64_t kp, const void* a, int64_t lda, const void* w, const void* scales,
+                         int64_t panels, float* c, int64_t ldc) {
   constexpr int64_t kChunkDepth = 256;
-  const int8_t* codes = static_cast<const int8_t*>(w);
   const int64_t chunk = m > 32 ? kp : kChunkDepth;
   bf16* decoded = scratch<bf16>(Scratch::kTaskDecoded, 2 * kPanelRows * chunk);
   for (int64_t p = 0; p < panels; p += 2) {
     const int64_t count = panels - p < 2 ? panels - p : 2, col = p * kPanelRows;
     for (int64_t k0 = 0; k0 < kp; k0 += chunk) {
       const int64_t depth = kp - k0 < chunk ? kp - k0 : chunk;
-      for (int64_t q = 0; q < count; ++q)
-        Decode(codes + (col + q * kPanelRows) * kp + k0 * kPanelRows, depth, 1, decoded + q * kPanelRows * depth);
+      for (int64_t q = 0; q < count; ++q) Decode(w, scales, kp, p + q, k0, depth, decoded + q * kPanelRows * depth);
       Panel(m, depth, static_cast<const Act*>(a) + k0, lda, decoded, count, c + col, ldc, k0 > 0);
     }
-    Scale(m, count * kPanelRows, scales + col, c + col, ldc);
+    if constexpr (Scale != nullptr) Scale(m, count * kPanelRows, static_cast<const float*>(scales) + col, c + col, ldc);
   }
 }
 
 // bf16 weights. On the fp32 paths the LoRA operands are packed as fp32 (exact), on the bf16
 // paths as bf16, read by the weights' own GEMM.
 const KernelSet kBf16Amx{"amx", Isa::kAmx, WeightFormat::kBF16, DType::kBF16, bf16_weight_gemm<kAmxBf16>,
-                         kAmxBf16, kAmxBf16, transposed_panels_avx512<bf16>, rank_update_avx512, sigmoid_avx512,
+                         kAmxBf16, kAmxBf16, bf16_transposed_avx512, rank_update_avx512, sigmoid_avx512,
                          swiglu_forward_avx512, swiglu_backward_avx512};
 const KernelSet kBf16Avx512{"avx512", Isa::kAvx512Bf16, WeightFormat::kBF16, DType::kBF16,
-                            bf16_weight_gemm<kAvx512Bf16>, kAvx512Bf16, kAvx512Bf16, transposed_panels_avx512<bf16>,
+                            bf16_weight_gemm<kAvx512Bf16>, kAvx512Bf16, kAvx512Bf16, bf16_transposed_avx512,
                             rank_update_avx512, sigmoid_avx512, swiglu_forward_avx512, swiglu_backward_avx512};
 const KernelSet kBf16Avx2{"avx2", Isa::kAvx2, WeightFormat::kBF16, DType::kF32, bf16_weight_gemm<kAvx2F32>,
-                          kAvx2F32, kScalarF32F32, transposed_panels<bf16>, rank_update_scalar, sigmoid_scalar,
+                          kAvx2F32, kScalarF32F32, bf16_transposed, rank_update_scalar, sigmoid_scalar,
                           swiglu_forward_scalar, swiglu_backward_scalar};
 const KernelSet kBf16Scalar{"scalar", Isa::kScalar, WeightFormat::kBF16, DType::kF32,
-                            bf16_weight_gemm<kScalarF32>, kScalarF32, kScalarF32F32, transposed_panels<bf16>,
+                            bf16_weight_gemm<kScalarF32>, kScalarF32, kScalarF32F32, bf16_transposed,
                             rank_update_scalar, sigmoid_scalar, swiglu_forward_scalar, swiglu_backward_scalar};
 
-// int8 weight-only: the bf16 sets' kernels on decoded panels.
+// int8 weight-only: the bf16 sets' kernels on decoded panels, the scales on the outputs.
 const KernelSet kInt8Amx{"amx", Isa::kAmx, WeightFormat::kInt8, DType::kBF16,
-                         int8_weight_gemm<bf16, kAmxBf16, decode_panels_avx512, scale_columns_avx512>, kAmxBf16, kAmxBf16,
-                         transposed_panels_avx512<int8_t>, rank_update_avx512, sigmoid_avx512, swiglu_forward_avx512,
-                         swiglu_backward_avx512};
+                         decoded_weight_gemm<bf16, kAmxBf16, int8_range<decode_panels_avx512>, scale_columns_avx512>,
+                         kAmxBf16, kAmxBf16, int8_transposed_avx512, rank_update_avx512, sigmoid_avx512,
+                         swiglu_forward_avx512, swiglu_backward_avx512};
 const KernelSet kInt8Avx512{"avx512", Isa::kAvx512Bf16, WeightFormat::kInt8, DType::kBF16,
-                            int8_weight_gemm<bf16, kAvx512Bf16, decode_panels_avx512, scale_columns_avx512>, kAvx512Bf16,
-                            kAvx512Bf16, transposed_panels_avx512<int8_t>, rank_update_avx512, sigmoid_avx512,
+                            decoded_weight_gemm<bf16, kAvx512Bf16, int8_range<decode_panels_avx512>,
+                                                scale_columns_avx512>,
+                            kAvx512Bf16, kAvx512Bf16, int8_transposed_avx512, rank_update_avx512, sigmoid_avx512,
                             swiglu_forward_avx512, swiglu_backward_avx512};
 const KernelSet kInt8Avx2{"avx2", Isa::kAvx2, WeightFormat::kInt8, DType::kF32,
-                          int8_weight_gemm<float, kAvx2F32, decode_panels, scale_columns_scalar>, kAvx2F32, kScalarF32F32,
-                          transposed_panels<int8_t>, rank_update_scalar, sigmoid_scalar, swiglu_forward_scalar,
-                          swiglu_backward_scalar};
+                          decoded_weight_gemm<float, kAvx2F32, int8_range<decode_panels>, scale_columns_scalar>,
+                          kAvx2F32, kScalarF32F32, int8_transposed, rank_update_scalar, sigmoid_scalar,
+                          swiglu_forward_scalar, swiglu_backward_scalar};
 const KernelSet kInt8Scalar{"scalar", Isa::kScalar, WeightFormat::kInt8, DType::kF32,
-                            int8_weight_gemm<float, kScalarF32, decode_panels, scale_columns_scalar>, kScalarF32,
-                            kScalarF32F32, transposed_panels<int8_t>, rank_update_scalar, sigmoid_scalar,
+                            decoded_weight_gemm<float, kScalarF32, int8_range<decode_panels>, scale_columns_scalar>,
+                            kScalarF32, kScalarF32F32, int8_transposed, rank_update_scalar, sigmoid_scalar,
+                            swiglu_forward_scalar, swiglu_backward_scalar};
+
+// int4 weight-only: the bf16 sets' kernels on the dequantized weights.
+const KernelSet kInt4Amx{"amx", Isa::kAmx, WeightFormat::kInt4, DType::kBF16,
+                         decoded_weight_gemm<bf16, kAmxBf16, int4_range<decode_panels_int4_avx512>, nullptr>,
+                         kAmxBf16, kAmxBf16, int4_transposed_avx512, rank_update_avx512, sigmoid_avx512,
+                         swiglu_forward_avx512, swiglu_backward_avx512};
+const KernelSet kInt4Avx512{"avx512", Isa::kAvx512Bf16, WeightFormat::kInt4, DType::kBF16,
+                            decoded_weight_gemm<bf16, kAvx512Bf16, int4_range<decode_panels_int4_avx512>, nullptr>,
+                            kAvx512Bf16, kAvx512Bf16, int4_transposed_avx512, rank_update_avx512, sigmoid_avx512,
+                            swiglu_forward_avx512, swiglu_backward_avx512};
+const KernelSet kInt4Avx2{"avx2", Isa::kAvx2, WeightFormat::kInt4, DType::kF32,
+                          decoded_weight_gemm<float, kAvx2F32, int4_range<decode_panels_int4>, nullptr>, kAvx2F32,
+                          kScalarF32F32, int4_transposed, rank_update_scalar, sigmoid_scalar, swiglu_forward_scalar,
+                          swiglu_backward_scalar};
+const KernelSet kInt4Scalar{"scalar", Isa::kScalar, WeightFormat::kInt4, DType::kF32,
+                            decoded_weight_gemm<float, kScalarF32, int4_range<decode_panels_int4>, nullptr>,
+                            kScalarF32, kScalarF32F32, int4_transposed, rank_update_scalar, sigmoid_scalar,
                             swiglu_forward_scalar, swiglu_backward_scalar};
 
 struct FormatEntry {
@@ -111,10 +164,12 @@ struct FormatEntry {
 // One entry per format: what it stores and the kernels that compute with it.
 const std::vector<FormatEntry>& registry() {
   static const std::vector<FormatEntry> formats = {
-      {{WeightFormat::kBF16, "bf16", WeightStorage::kBF16, 16, WeightScales::kNone},
+      {{WeightFormat::kBF16, "bf16", WeightStorage::kBF16, 16, WeightScales::kNone, 0},
        {&kBf16Amx, &kBf16Avx512, &kBf16Avx2, &kBf16Scalar}},
-      {{WeightFormat::kInt8, "int8", WeightStorage::kInt8, 8, WeightScales::kPerChannel},
+      {{WeightFormat::kInt8, "int8", WeightStorage::kInt8, 8, WeightScales::kPerChannel, 0},
        {&kInt8Amx, &kInt8Avx512, &kInt8Avx2, &kInt8Scalar}},
+      {{WeightFormat::kInt4, "int4", WeightStorage::kInt4, 4, WeightScales::kPerBlock, 32},
+       {&kInt4Amx, &kInt4Avx512, &kInt4Avx2, &kInt4Scalar}},
   };
   return formats;
 }

@@ -62,7 +62,8 @@ void backward_impl(const KernelSet& k, int threads, const MoeBackwardArgs& args)
   const int64_t T = c.T, K = c.K, H = c.H, I = c.I, hp = c.hp, is = c.is, ip = c.ip;
   const float s = w.lora_scaling;
   const LoraShape l(w);
-  const int64_t bits = format_info(k.format).bits;
+  const FormatInfo& format = format_info(k.format);
+  const int64_t bits = format.bits;
   PhaseTimer timer("kt.moe_sft_backward", T);
   const Routing route(args.ids, T * K, c.E);
   const int64_t rows = route.rows();
@@ -98,7 +99,7 @@ void backward_impl(const KernelSet& k, int threads, const MoeBackwardArgs& args)
     const int64_t m = route.padded_rows(e), row0 = route.first_row[e];
     bf16* wt = scratch<bf16>(Scratch::kTaskWeights, cols * hp);
     k.pack_transposed(weight_at(w.down, c.layout.down_offset(task.slice, e), bits),
-                      w.down_scale ? w.down_scale + c.layout.down_scale_offset(task.slice, e) : nullptr, hp, is,
+                      down_scales_at(w, format, c, task.slice, e, 0), hp, is,
                       (c0 - task.slice * is) / kPanelRows, np, wt);
     float* out = ws.q_rows + row0 * ip + c0;
     k.panel_gemm(m, hp, ws.dy_rows + row0 * ws.ld_dy, ws.ld_dy, wt, np, out, ip, false);
@@ -168,7 +169,7 @@ void backward_impl(const KernelSet& k, int threads, const MoeBackwardArgs& args)
     const int64_t m = route.padded_rows(e), row0 = route.first_row[e];
     bf16* wt = scratch<bf16>(Scratch::kTaskWeights, cols * 2 * is);
     k.pack_transposed(weight_at(w.gate_up, c.layout.gate_up_offset(task.slice, e), bits),
-                      w.gate_up_scale ? w.gate_up_scale + c.layout.gate_up_scale_offset(task.slice, e) : nullptr,
+                      gate_up_scales_at(w, format, c, task.slice, e, 0),
                       2 * is, hp, task.panel, np, wt);
     float* out = ws.dx_partial + (task.slice * rows + row0) * hp + c0;
     k.panel_gemm(m, 2 * is, ws.grad_gu + row0 * ws.ld_grad_gu + 2 * task.slice * is, ws.ld_grad_gu, wt, np, out, hp,

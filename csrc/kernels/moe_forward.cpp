@@ -21,7 +21,8 @@ void forward_impl(const KernelSet& k, int threads, const MoeForwardArgs& args) {
   const int64_t K = c.K, H = c.H, I = c.I, hp = c.hp, is = c.is, ip = c.ip;
   const float s = w.lora_scaling;
   const LoraShape l(w);
-  const int64_t bits = format_info(k.format).bits;
+  const FormatInfo& format = format_info(k.format);
+  const int64_t bits = format.bits;
   PhaseTimer timer("kt.moe_sft_forward", c.T);
   const Routing route(args.ids, c.T * K, c.E);
   ForwardWorkspace<Act> ws(c, l, route.rows());
@@ -68,7 +69,7 @@ void forward_impl(const KernelSet& k, int threads, const MoeForwardArgs& args) {
     const int64_t first_row = 2 * (c0 - task.slice * is);  // of the slice's fused gate/up rows
     k.weight_gemm(m, hp, ws.x_rows + row0 * ws.ld_x, ws.ld_x,
                   weight_at(w.gate_up, c.layout.gate_up_offset(task.slice, e) + first_row * hp, bits),
-                  w.gate_up_scale ? w.gate_up_scale + c.layout.gate_up_scale_offset(task.slice, e) + first_row : nullptr,
+                  gate_up_scales_at(w, format, c, task.slice, e, first_row),
                   2 * np, acc, 2 * cols);
     if (l.rgu)
       k.operand_gemm(m, l.rgu_p, ws.x_lora + row0 * l.rgu_p, l.rgu_p, ws.b_gu + (e * 2 * ip + 2 * c0) * l.rgu_p,
@@ -132,7 +133,7 @@ void forward_impl(const KernelSet& k, int threads, const MoeForwardArgs& args) {
     float* out = ws.h_partial + (task.slice * rows + row0) * hp + c0;
     k.weight_gemm(m, is, ws.z_rows + row0 * ws.ld_z + task.slice * is, ws.ld_z,
                   weight_at(w.down, c.layout.down_offset(task.slice, e) + c0 * is, bits),
-                  w.down_scale ? w.down_scale + c.layout.down_scale_offset(task.slice, e) + c0 : nullptr, np, out, hp);
+                  down_scales_at(w, format, c, task.slice, e, c0), np, out, hp);
     if (l.rd && task.slice == 0)
       k.operand_gemm(m, l.rd_p, ws.z_lora + row0 * l.rd_p, l.rd_p, ws.b_d + (e * hp + c0) * l.rd_p, np, out, hp,
                      true);

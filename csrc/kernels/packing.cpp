@@ -174,4 +174,116 @@ void unpack_expert_slice_int8(const ExpertLayout& layout, const int8_t* gate_up,
     for (int64_t c = 0; c < cols; ++c) w_down[(e * H + h) * I + c0 + c] = f32_to_bf16(d[h * cols + c] * d_scale[h]);
 }
 
+
+namespace {
+
+// Element i of int4 codes packed two per byte.
+inline int int4_code(const uint8_t* packed, int64_t i) {
+  const int v = (packed[i / 2] >> (4 * (i % 2))) & 0xf;
+  return (v ^ 8) - 8;
+}
+
+// Index of the block scale of packed element (n, k) in a matrix of `blocks` blocks per panel.
+inline int64_t block_scale_index(int64_t n, int64_t k, int64_t blocks) {
+  return ((n / kPanelRows) * blocks + k / kBlockDepth) * kPanelRows + n % kPanelRows;
+}
+
+}  // namespace
+
+void pack_int4_codes(const int8_t* codes, int64_t n, uint8_t* out) {
+  for (int64_t i = 0; i < n; i += 2)
+    out[i / 2] = static_cast<uint8_t>((codes[i] & 0xf) | ((codes[i + 1] & 0xf) << 4));
+}
+
+bf16 quantize_group_int4(const bf16* w, int64_t n, int8_t* codes) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < n; ++i) amax = std::fmax(amax, std::fabs(bf16_to_f32(w[i])));
+  bf16 scale = f32_to_bf16(amax > 0.f ? amax / 7.f : 1.f);
+  if (!(bf16_to_f32(scale) > 0.f)) scale = f32_to_bf16(1.f);  // amax / 7 below bf16's range
+  const float s = bf16_to_f32(scale);
+  for (int64_t i = 0; i < n; ++i) {
+    const float q = std::nearbyint(bf16_to_f32(w[i]) / s);
+    codes[i] = static_cast<int8_t>(q > 7.f ? 7.f : q < -7.f ? -7.f : q);
+  }
+  return scale;
+}
+
+void decode_panels_int4(const uint8_t* packed, const bf16* block_scales, int64_t kp, int64_t panels, bf16* dst) {
+  const int64_t blocks = kp / kBlockDepth;
+  for (int64_t i = 0; i < panels * kPanelRows * kp; ++i) {
+    const int64_t panel = i / (kPanelRows * kp), block = i % (kPanelRows * kp) / kBlockElems;
+    const int64_t row = i % (2 * kPanelRows) / 2;
+    const float scale = bf16_to_f32(block_scales[(panel * blocks + block) * kPanelRows + row]);
+    dst[i] = f32_to_bf16(int4_code(packed, i) * scale);
+  }
+}
+
+void pack_transposed_panels_int4(const uint8_t* packed, const bf16* block_scales, int64_t np, int64_t kp,
+                                 int64_t first_panel, int64_t panel_count, bf16* dst) {
+  const int64_t blocks = kp / kBlockDepth, k0 = first_panel * kPanelRows;
+  for (int64_t k = k0; k < k0 + panel_count * kPanelRows; ++k)
+    for (int64_t n = 0; n < np; ++n) {
+      const float scale = bf16_to_f32(block_scales[block_scale_index(n, k, blocks)]);
+      dst[packed_offset(k - k0, n, np)] = f32_to_bf16(int4_code(packed, packed_offset(n, k, kp)) * scale);
+    }
+}
+
+void pack_expert_slice_int4(const ExpertLayout& layout, const bf16* w_gate, const bf16* w_up, const bf16* w_down,
+                            int64_t e, int64_t s, int64_t group, uint8_t* gate_up, uint8_t* down, bf16* gate_up_scale,
+                            bf16* down_scale) {
+  const int64_t H = layout.hidden, I = layout.intermediate, is = layout.slice_width(), hp = layout.hp();
+  const int64_t c0 = s * is, cols = layout.slice_columns(s);
+  const int64_t gu_blocks = hp / kBlockDepth, d_blocks = is / kBlockDepth;
+  const int64_t h_groups = H / group, i_groups = I / group;
+  // Codes in the int8 layout first (same positions), group scales row by row.
+  std::vector<int8_t> g(cols * H), u(cols * H), d(H * cols), d_row(I);
+  std::vector<bf16> g_scale(cols * h_groups), u_scale(cols * h_groups), d_scale(H * i_groups);
+  for (int64_t r = 0; r < cols; ++r)
+    for (int64_t q = 0; q < h_groups; ++q) {
+      const int64_t at = (e * I + c0 + r) * H + q * group;
+      g_scale[r * h_groups + q] = quantize_group_int4(w_gate + at, group, g.data() + r * H + q * group);
+      u_scale[r * h_groups + q] = quantize_group_int4(w_up + at, group, u.data() + r * H + q * group);
+    }
+  for (int64_t h = 0; h < H; ++h) {  // the whole row sets the scales; the slice keeps its columns
+    for (int64_t q = 0; q < i_groups; ++q)
+      d_scale[h * i_groups + q] = quantize_group_int4(w_down + (e * H + h) * I + q * group, group, d_row.data() + q * group);
+    std::memcpy(d.data() + h * cols, d_row.data() + c0, cols);
+  }
+  std::vector<int8_t> gu_codes(2 * is * hp, 0), d_codes(hp * is);
+  if (cols > 0) pack_gate_up(g.data(), u.data(), cols, H, gu_codes.data());
+  pack_weight(d.data(), H, cols, cols, is, d_codes.data());
+  pack_int4_codes(gu_codes.data(), 2 * is * hp, gate_up + layout.gate_up_offset(s, e) / 2);
+  pack_int4_codes(d_codes.data(), hp * is, down + layout.down_offset(s, e) / 2);
+
+  bf16* gu_out = gate_up_scale + layout.gate_up_scale_offset(s, e, gu_blocks);
+  bf16* d_out = down_scale + layout.down_scale_offset(s, e, d_blocks);
+  std::fill(gu_out, gu_out + 2 * is * gu_blocks, bf16(0));
+  std::fill(d_out, d_out + hp * d_blocks, bf16(0));
+  for (int64_t r = 0; r < cols; ++r)
+    for (const bool is_up : {false, true}) {
+      const int64_t n = gate_up_column(r, is_up);
+      const bf16* from = (is_up ? u_scale : g_scale).data() + r * h_groups;
+      for (int64_t k = 0; k < H; k += kBlockDepth) gu_out[block_scale_index(n, k, gu_blocks)] = from[k / group];
+    }
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t k = 0; k < cols; k += kBlockDepth)
+      d_out[block_scale_index(h, k, d_blocks)] = d_scale[h * i_groups + (c0 + k) / group];
+}
+
+void unpack_expert_slice_int4(const ExpertLayout& layout, const uint8_t* gate_up, const uint8_t* down,
+                              const bf16* gate_up_scale, const bf16* down_scale, int64_t e, int64_t s, bf16* w_gate,
+                              bf16* w_up, bf16* w_down) {
+  const int64_t H = layout.hidden, I = layout.intermediate, is = layout.slice_width(), hp = layout.hp();
+  const int64_t c0 = s * is, cols = layout.slice_columns(s);
+  if (cols <= 0) return;
+  const int64_t gu_blocks = hp / kBlockDepth, d_blocks = is / kBlockDepth;
+  std::vector<bf16> gu(2 * is * hp), d(hp * is);
+  decode_panels_int4(gate_up + layout.gate_up_offset(s, e) / 2,
+                     gate_up_scale + layout.gate_up_scale_offset(s, e, gu_blocks), hp, 2 * is / kPanelRows, gu.data());
+  decode_panels_int4(down + layout.down_offset(s, e) / 2, down_scale + layout.down_scale_offset(s, e, d_blocks), is,
+                     hp / kPanelRows, d.data());
+  unpack_gate_up(gu.data(), cols, H, w_gate + (e * I + c0) * H, w_up + (e * I + c0) * H);
+  unpack_weight(d.data(), H, cols, I, is, w_down + e * H * I + c0);
+}
+
 }  // namespace kt

@@ -14,52 +14,93 @@
 namespace kt {
 namespace {
 
-// 32 consecutive packed elements as 32 bf16 in one register: bf16 as they are; int8 codes
-// times their rows' scales (elements 0-15 times lo, 16-31 times hi), rounded to bf16 as
-// f32_to_bf16 does (but for products below fp32's normal range, which vcvtne2ps2bf16 flushes
-// to zero: only rows of max |w| < 1e-36 have them). With scales of 1 the codes convert exactly (|q| <= 127 needs 7
-// significant bits, bf16 has 8).
-inline __m512i load_bf16x32(const uint16_t* p, __m512, __m512) { return _mm512_loadu_si512(p); }
-inline __m512i load_bf16x32(const int8_t* p, __m512 lo_scale, __m512 hi_scale) {
-  const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+// 32 int8 codes as 32 bf16 in one register: the codes times their rows' scales (codes 0-15
+// times lo, 16-31 times hi), rounded to bf16 as f32_to_bf16 does (but for products below
+// fp32's normal range, which vcvtne2ps2bf16 flushes to zero: only rows of max |w| < 1e-36 have
+// them). With scales of 1 the codes convert exactly (|q| <= 127 needs 7 significant bits).
+inline __m512i codes_to_bf16x32(__m256i q, __m512 lo_scale, __m512 hi_scale) {
   const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))), lo_scale);
   const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))), hi_scale);
   return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));  // lo fills words 0-15
 }
 
+// 32 int4 codes (16 bytes, element 2i in the low half of byte i) as 32 sign-extended int8.
+inline __m256i int4_codes(const uint8_t* p) {
+  const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i pairs = _mm256_or_si256(_mm256_and_si256(bytes, _mm256_set1_epi16(0x0f)),
+                                        _mm256_slli_epi16(_mm256_srli_epi16(bytes, 4), 8));
+  const __m256i eight = _mm256_set1_epi8(8);
+  return _mm256_sub_epi8(_mm256_xor_si256(pairs, eight), eight);
+}
+
+// 16 bf16 as 16 fp32.
+inline __m512 bf16x16_to_ps(const uint16_t* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+// A block row's element 2n + (k % 2) is of the block's row n: the scale vectors of a block are
+// its 16 rows' scales, each twice (lo for rows 0-7, hi for rows 8-15).
+struct PairScales {
+  __m512 lo, hi;
+  explicit PairScales(__m512 rows)
+      : lo(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7), rows)),
+        hi(_mm512_permutexvar_ps(_mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15),
+                                 rows)) {}
+};
+
+// The packed matrices the transposition reads, each as 32 elements at a time in bf16 (the
+// dequantized weights) and the scales of block `block` of panel `panel`.
+struct Bf16Source {
+  const uint16_t* packed;
+  __m512i load(int64_t elem, const PairScales&) const { return _mm512_loadu_si512(packed + elem); }
+  PairScales scales(int64_t, int64_t) const { return PairScales(_mm512_set1_ps(1.f)); }
+};
+struct Int8Source {  // per-channel fp32 scales, one per row of the matrix
+  const int8_t* packed;
+  const float* row_scales;
+  __m512i load(int64_t elem, const PairScales& s) const {
+    return codes_to_bf16x32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + elem)), s.lo, s.hi);
+  }
+  PairScales scales(int64_t panel, int64_t) const {
+    return PairScales(row_scales ? _mm512_loadu_ps(row_scales + panel * kPanelRows) : _mm512_set1_ps(1.f));
+  }
+};
+struct Int4Source {  // bf16 scales per row of each block, `blocks` blocks per panel
+  const uint8_t* packed;
+  const uint16_t* block_scales;
+  int64_t blocks;
+  __m512i load(int64_t elem, const PairScales& s) const { return codes_to_bf16x32(int4_codes(packed + elem / 2), s.lo, s.hi); }
+  PairScales scales(int64_t panel, int64_t block) const {
+    return PairScales(bf16x16_to_ps(block_scales + (panel * blocks + block) * kPanelRows));
+  }
+};
+
 // pack_transposed_panels with 512-bit moves. In 32-bit view a source block row holds, per
 // column n, the pair (W[n][k], W[n][k+1]); an output row holds, per k, (W[n][k], W[n+1][k]).
 // For each half-block (16 n by the 16 k of one output panel): within every 64-bit group of
 // a source row, swap words 1 and 2; then transpose the 8x8 matrix of 64-bit groups across
-// the 8 source rows. Output row i, group j = source row j, group i. A block row's element
-// 2n + (k % 2) is of the panel's row n: its scale vectors are the panel's 16 scales, each twice.
-template <typename T>
-void transpose_panels(const T* packed, const float* row_scales, int64_t np, int64_t kp, int64_t first_panel,
-                      int64_t panel_count, uint16_t* dst) {
+// the 8 source rows. Output row i, group j = source row j, group i.
+template <typename Source>
+void transpose_panels(const Source& source, int64_t np, int64_t kp, int64_t first_panel, int64_t panel_count,
+                      uint16_t* dst) {
   const int64_t src_blocks = kp / kBlockDepth, dst_blocks = np / kBlockDepth;
   alignas(64) static const uint16_t swap_words[32] = {0,  2,  1,  3,  4,  6,  5,  7,  8,  10, 9,
                                                       11, 12, 14, 13, 15, 16, 18, 17, 19, 20, 22,
                                                       21, 23, 24, 26, 25, 27, 28, 30, 29, 31};
   const __m512i swap = _mm512_load_si512(swap_words);
-  const __m512i pairs_lo = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-  const __m512i pairs_hi = _mm512_add_epi32(pairs_lo, _mm512_set1_epi32(8));
   // Source panels outermost: each one's blocks for this range of k are one contiguous run,
   // so the reads form two sequential streams. With output panels outermost they were 512-byte
   // pieces of every source panel in turn, more streams than the prefetchers follow.
   for (int64_t nb = 0; nb < dst_blocks; ++nb) {
     for (int64_t half = 0; half < 2; ++half) {
-      const T* panel = packed + (2 * nb + half) * src_blocks * kBlockElems;
-      __m512 lo_scale = _mm512_set1_ps(1.f), hi_scale = lo_scale;
-      if (row_scales) {
-        const __m512 s = _mm512_loadu_ps(row_scales + (2 * nb + half) * kPanelRows);
-        lo_scale = _mm512_permutexvar_ps(pairs_lo, s);
-        hi_scale = _mm512_permutexvar_ps(pairs_hi, s);
-      }
+      const int64_t panel = 2 * nb + half;
       for (int64_t q = 0; q < panel_count; ++q) {
-        const int64_t k0 = (first_panel + q) * kPanelRows;
-        const T* src = panel + (k0 / kBlockDepth) * kBlockElems + ((k0 % kBlockDepth) / kPanelRows) * 8 * 32;
+        const int64_t k0 = (first_panel + q) * kPanelRows, block = k0 / kBlockDepth;
+        const int64_t src = (panel * src_blocks + block) * kBlockElems + ((k0 % kBlockDepth) / kPanelRows) * 8 * 32;
+        const PairScales scales = source.scales(panel, block);
         __m512i r[8], t[8], u[4];
-        for (int j = 0; j < 8; ++j) r[j] = _mm512_permutexvar_epi16(swap, load_bf16x32(src + j * 32, lo_scale, hi_scale));
+        for (int j = 0; j < 8; ++j) r[j] = _mm512_permutexvar_epi16(swap, source.load(src + j * 32, scales));
         for (int j = 0; j < 8; j += 2) {
           t[j] = _mm512_unpacklo_epi64(r[j], r[j + 1]);
           t[j + 1] = _mm512_unpackhi_epi64(r[j], r[j + 1]);
@@ -82,25 +123,45 @@ void transpose_panels(const T* packed, const float* row_scales, int64_t np, int6
 
 }  // namespace
 
-void pack_transposed_panels_avx512(const uint16_t* packed, const float* row_scales, int64_t np, int64_t kp,
-                                   int64_t first_panel, int64_t panel_count, uint16_t* dst) {
-  transpose_panels(packed, row_scales, np, kp, first_panel, panel_count, dst);
+void pack_transposed_panels_avx512(const uint16_t* packed, int64_t np, int64_t kp, int64_t first_panel,
+                                   int64_t panel_count, uint16_t* dst) {
+  transpose_panels(Bf16Source{packed}, np, kp, first_panel, panel_count, dst);
 }
 
-void pack_transposed_panels_avx512(const int8_t* packed, const float* row_scales, int64_t np, int64_t kp,
-                                   int64_t first_panel, int64_t panel_count, uint16_t* dst) {
-  transpose_panels(packed, row_scales, np, kp, first_panel, panel_count, dst);
+void pack_transposed_panels_int8_avx512(const int8_t* packed, const float* row_scales, int64_t np, int64_t kp,
+                                        int64_t first_panel, int64_t panel_count, uint16_t* dst) {
+  transpose_panels(Int8Source{packed, row_scales}, np, kp, first_panel, panel_count, dst);
 }
 
-// The codes 4 KiB ahead are prefetched: the int8 weight GEMM decodes a panel in 4 KiB pieces
-// (256 deep) with products in between, and the hardware prefetchers stop at each 4 KiB page.
+void pack_transposed_panels_int4_avx512(const uint8_t* packed, const uint16_t* block_scales, int64_t np, int64_t kp,
+                                        int64_t first_panel, int64_t panel_count, uint16_t* dst) {
+  transpose_panels(Int4Source{packed, block_scales, kp / kBlockDepth}, np, kp, first_panel, panel_count, dst);
+}
+
+// The codes 4 KiB ahead are prefetched: the weight GEMMs of the quantized formats decode a
+// panel in pieces of 256 reduction steps (4 KiB of int8) with products in between, and the
+// hardware prefetchers stop at each 4 KiB page.
 void decode_panels_avx512(const int8_t* packed, int64_t kp, int64_t panels, uint16_t* dst) {
   const int64_t n = panels * kPanelRows * kp;  // a multiple of 512
   const __m512 one = _mm512_set1_ps(1.f);
   for (int64_t i = 0; i < n; i += 64) {
     _mm_prefetch(reinterpret_cast<const char*>(packed + i + 4096), _MM_HINT_T0);
-    _mm512_storeu_si512(dst + i, load_bf16x32(packed + i, one, one));
-    _mm512_storeu_si512(dst + i + 32, load_bf16x32(packed + i + 32, one, one));
+    for (int64_t j = i; j < i + 64; j += 32)
+      _mm512_storeu_si512(dst + j, codes_to_bf16x32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + j)),
+                                                    one, one));
+  }
+}
+
+void decode_panels_int4_avx512(const uint8_t* packed, const uint16_t* block_scales, int64_t kp, int64_t panels,
+                               uint16_t* dst) {
+  const int64_t blocks = panels * kp / kBlockDepth;  // consecutive over the panels, as their scales
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* codes = packed + b * kBlockElems / 2;
+    for (int line = 0; line < 4; ++line)  // the block 2 KiB ahead: 256 steps of int4
+      _mm_prefetch(reinterpret_cast<const char*>(codes + 2048 + 64 * line), _MM_HINT_T0);
+    const PairScales scales(bf16x16_to_ps(block_scales + b * kPanelRows));
+    for (int row = 0; row < kBlockDepth / 2; ++row)
+      _mm512_storeu_si512(dst + b * kBlockElems + row * 32, codes_to_bf16x32(int4_codes(codes + row * 16), scales.lo, scales.hi));
   }
 }
 

@@ -85,18 +85,25 @@ void check_layout(const char* op, const PackedTensors& p, const MoeSizes& s) {
 
 }  // namespace
 
-void check_channel_scales(const char* op, at::TensorList experts, const c10::SymInt& slices,
-                          const c10::SymInt& experts_count, const c10::SymInt& width, const c10::SymInt& hidden) {
+std::array<c10::SymInt, 2> scale_lengths(const FormatTensors& f, const c10::SymInt& width, const c10::SymInt& hp) {
+  if (f.scales == kt::WeightScales::kPerBlock) return {2 * width * (hp / kt::kBlockDepth), hp * (width / kt::kBlockDepth)};
+  return {2 * width, hp};
+}
+
+void check_scales(const char* op, at::TensorList experts, const FormatTensors& f, const c10::SymInt& slices,
+                  const c10::SymInt& experts_count, const c10::SymInt& width, const c10::SymInt& hidden) {
+  if (f.scales == kt::WeightScales::kNone) return;
   const at::Tensor &gs = experts[3], &ds = experts[4];
-  const c10::SymInt two_width = 2 * width, hp = kt::padded_size(hidden);
-  KT_CHECK(gs.scalar_type() == at::kFloat && gs.dim() == 3 && gs.sym_size(0) == slices &&
-               gs.sym_size(1) == experts_count && gs.sym_size(2) == two_width,
-           "kt.", op, ": gate_up_scale (experts[3]) must be the float32 [", slices, ", ", experts_count, ", ", two_width,
-           "] tensor made by kt.pack_experts with gate_up, got ", describe(gs));
-  KT_CHECK(ds.scalar_type() == at::kFloat && ds.dim() == 3 && ds.sym_size(0) == slices &&
-               ds.sym_size(1) == experts_count && ds.sym_size(2) == hp,
-           "kt.", op, ": down_scale (experts[4]) must be the float32 [", slices, ", ", experts_count, ", ", hp,
-           "] tensor made by kt.pack_experts with down, got ", describe(ds));
+  const auto [gate_up_len, down_len] = scale_lengths(f, width, kt::padded_size(hidden));
+  const std::string dtype = dtype_name(f.scale_dtype);
+  KT_CHECK(gs.scalar_type() == f.scale_dtype && gs.dim() == 3 && gs.sym_size(0) == slices &&
+               gs.sym_size(1) == experts_count && gs.sym_size(2) == gate_up_len,
+           "kt.", op, ": gate_up_scale (experts[3]) must be the ", dtype, " [", slices, ", ", experts_count, ", ",
+           gate_up_len, "] tensor made by kt.pack_experts with gate_up, got ", describe(gs));
+  KT_CHECK(ds.scalar_type() == f.scale_dtype && ds.dim() == 3 && ds.sym_size(0) == slices &&
+               ds.sym_size(1) == experts_count && ds.sym_size(2) == down_len,
+           "kt.", op, ": down_scale (experts[4]) must be the ", dtype, " [", slices, ", ", experts_count, ", ",
+           down_len, "] tensor made by kt.pack_experts with down, got ", describe(ds));
 }
 
 LoraTensors lora_of(const char* op, const c10::List<std::optional<at::Tensor>>& lora) {
@@ -169,25 +176,26 @@ MoeSizes check_moe_args(const char* op, const at::Tensor& x, const at::Tensor& t
   kt::WeightFormat format;
   const PackedTensors p = check_experts(op, experts, x, "x", require_cpu, &format);
   const at::Tensor &gate_up = p.gate_up, &down = p.down;
-  const std::string weights = dtype_name(format_tensors(format).weights);
+  const FormatTensors f = format_tensors(format);
+  const std::string weights = dtype_name(f.weights);
 
   MoeSizes s{x.sym_size(0), topk_ids.sym_size(1), x.sym_size(1), 0, intermediate_size, {0, 0, 0}, format};
   const c10::SymInt I(intermediate_size);
-  KT_CHECK(gate_up.scalar_type() == format_tensors(format).weights && gate_up.dim() == 4 && gate_up.sym_size(0) > 0,
+  KT_CHECK(gate_up.scalar_type() == f.weights && gate_up.dim() == 4 && gate_up.sym_size(0) > 0,
            "kt.", op, ": gate_up must be the ", weights, " [S, E, 2*Is, Hp] tensor made by kt.pack_experts, got ",
            describe(gate_up));
   const c10::SymInt slices = gate_up.sym_size(0), width = kt::padded_slice_width(I, slices);
   s.experts = gate_up.sym_size(1);
-  KT_CHECK(gate_up.sym_size(2) == 2 * width && gate_up.sym_size(3) == kt::padded_size(s.hidden), "kt.", op,
+  const c10::SymInt hp = kt::padded_size(s.hidden);
+  KT_CHECK(gate_up.sym_size(2) == 2 * width && gate_up.sym_size(3) == hp / f.per_element, "kt.", op,
               ": gate_up must be packed for H = ", s.hidden, " and I = ", I, " (shape [", slices, ", E, ",
-              2 * width, ", ", kt::padded_size(s.hidden), "]), got ", describe(gate_up));
+              2 * width, ", ", hp / f.per_element, "]), got ", describe(gate_up));
   KT_CHECK(down.scalar_type() == gate_up.scalar_type() && down.dim() == 4 && down.sym_size(0) == slices &&
-                  down.sym_size(1) == s.experts && down.sym_size(2) == kt::padded_size(s.hidden) &&
-                  down.sym_size(3) == width,
+                  down.sym_size(1) == s.experts && down.sym_size(2) == hp && down.sym_size(3) == width / f.per_element,
               "kt.", op, ": down must be the ", weights, " tensor made by kt.pack_experts with gate_up for E = ",
-              s.experts, ", H = ", s.hidden, ", I = ", I, " (shape [", slices, ", ", s.experts, ", ",
-              kt::padded_size(s.hidden), ", ", width, "]), got ", describe(down));
-  if (format_tensors(format).channel_scales) check_channel_scales(op, experts, slices, s.experts, width, s.hidden);
+              s.experts, ", H = ", s.hidden, ", I = ", I, " (shape [", slices, ", ", s.experts, ", ", hp, ", ",
+              width / f.per_element, "]), got ", describe(down));
+  check_scales(op, experts, f, slices, s.experts, width, s.hidden);
   check_numel(op, "gate_up_act", {s.tokens, s.top_k, 2 * I});
 
   const c10::SymInt in_dims[3] = {s.hidden, s.hidden, I}, out_dims[3] = {I, I, s.hidden};

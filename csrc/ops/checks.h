@@ -13,6 +13,7 @@
 #include <string>
 #include <type_traits>
 
+#include "formats.h"
 #include "kt/gate.h"
 #include "kt/packing.h"
 #include "kt/weight_format.h"
@@ -86,10 +87,14 @@ struct PackedTensors {
 PackedTensors check_experts(const char* op, at::TensorList experts, const at::Tensor& ref, const char* ref_name,
                             bool require_cpu, kt::WeightFormat* format);
 
-// For formats with per-channel scales: experts[3] (gate_up_scale) and experts[4] (down_scale)
-// against the packed shapes.
-void check_channel_scales(const char* op, at::TensorList experts, const c10::SymInt& slices,
-                          const c10::SymInt& experts_count, const c10::SymInt& width, const c10::SymInt& hidden);
+// The lengths of gate_up_scale's and down_scale's last dimension in format f (WeightScales),
+// for slices of padded width `width` and padded hidden size hp.
+std::array<c10::SymInt, 2> scale_lengths(const FormatTensors& f, const c10::SymInt& width, const c10::SymInt& hp);
+
+// For formats with scales: experts[3] (gate_up_scale) and experts[4] (down_scale) against the
+// packed shapes. Nothing for a format without.
+void check_scales(const char* op, at::TensorList experts, const FormatTensors& f, const c10::SymInt& slices,
+                  const c10::SymInt& experts_count, const c10::SymInt& width, const c10::SymInt& hidden);
 
 // Validates dtypes, ranks, shapes and devices of the MoE op arguments. `require_cpu` is set
 // by the CPU kernel, which also checks the packed experts' layout tensor against the other

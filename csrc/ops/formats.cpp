@@ -6,9 +6,16 @@ namespace kt_ops {
 
 FormatTensors format_tensors(kt::WeightFormat format) {
   const kt::FormatInfo& info = kt::format_info(format);
-  const bool channel_scales = info.scales == kt::WeightScales::kPerChannel;
-  const at::ScalarType weights = info.storage == kt::WeightStorage::kBF16 ? at::kBFloat16 : at::kChar;
-  return {format, weights, channel_scales ? size_t(5) : size_t(3), channel_scales};
+  const at::ScalarType weights = info.storage == kt::WeightStorage::kBF16  ? at::kBFloat16
+                                 : info.storage == kt::WeightStorage::kInt8 ? at::kChar
+                                                                            : at::kByte;
+  const bool scaled = info.scales != kt::WeightScales::kNone;
+  return {format,
+          weights,
+          8 * static_cast<int64_t>(c10::elementSize(weights)) / info.bits,
+          scaled ? size_t(5) : size_t(3),
+          info.scales,
+          info.scales == kt::WeightScales::kPerBlock ? at::kBFloat16 : at::kFloat};
 }
 
 bool format_of_weights(at::ScalarType weights, FormatTensors* out) {

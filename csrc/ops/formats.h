@@ -14,10 +14,12 @@ namespace kt_ops {
 struct FormatTensors {
   kt::WeightFormat format;
   at::ScalarType weights;  // dtype of gate_up and down
-  size_t count;            // gate_up, down, layout, then the format's scales
-  // With per-output-channel scales: gate_up_scale float32 [S, E, 2*Is] (fused row order) and
-  // down_scale float32 [S, E, Hp] follow layout.
-  bool channel_scales;
+  // Weight elements per element of gate_up and down (int4: two per byte), dividing their last
+  // dimension: gate_up [S, E, 2*Is, Hp / per_element], down [S, E, Hp, Is / per_element].
+  int64_t per_element;
+  size_t count;  // gate_up, down, layout, then the format's scales
+  kt::WeightScales scales;
+  at::ScalarType scale_dtype;  // of gate_up_scale and down_scale, for a format with scales
 };
 
 // The tensors of `format`, one of kt::weight_formats().

@@ -39,7 +39,7 @@ kt::DType act_dtype(const at::Tensor& x) {
 // Everything the kernel core reads, converted and kept alive for the call.
 struct KernelInputs {
   at::Tensor x, ids, weights, gate_up, down;
-  at::Tensor gate_up_scale, down_scale;  // formats with per-channel scales; undefined otherwise
+  at::Tensor gate_up_scale, down_scale;  // formats with scales; undefined otherwise
   at::Tensor lora[6];  // fp32 contiguous, undefined when absent
   at::Tensor gate_up_bias, down_bias;  // fp32 contiguous, undefined when absent
   MoeSizes sizes;
@@ -71,11 +71,11 @@ struct KernelInputs {
     down = experts[1].contiguous();
     w.gate_up = gate_up.data_ptr();
     w.down = down.data_ptr();
-    if (format_tensors(sizes.format).channel_scales) {  // check_moe_args checked their shapes
+    if (format_tensors(sizes.format).scales != kt::WeightScales::kNone) {  // check_moe_args checked their shapes
       gate_up_scale = experts[3].contiguous();
       down_scale = experts[4].contiguous();
-      w.gate_up_scale = gate_up_scale.data_ptr<float>();
-      w.down_scale = down_scale.data_ptr<float>();
+      w.gate_up_scale = gate_up_scale.data_ptr();
+      w.down_scale = down_scale.data_ptr();
     }
     w.slices = gate_up.size(0);
     w.lora_scaling = static_cast<float>(scaling);

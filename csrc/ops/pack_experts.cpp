@@ -56,15 +56,32 @@ int64_t slice_count(const ExpertShape& s, int64_t numa_nodes) {
   return kt::slices_for(s.intermediate.guard_int(__FILE__, __LINE__), nodes);
 }
 
-// The format pack_experts is asked for, and its group size checked against it.
-kt::WeightFormat requested_format(c10::string_view format, int64_t group_size) {
+struct RequestedFormat {
+  kt::WeightFormat format;
+  int64_t group;  // the quantization group, for a format that has one; else 0
+};
+
+// The format pack_experts is asked for, and its group size (0: the format's default) checked
+// against it and against the sizes it groups.
+RequestedFormat requested_format(c10::string_view format, int64_t group_size, const ExpertShape& s) {
   const std::string name(format.data(), format.size());
   kt::WeightFormat f;
   KT_CHECK(kt::parse_format(name, &f), "kt.pack_experts: format must be one of ",
            kt::format_names(), " (the weight formats this build has), got \"", name, "\"");
-  KT_CHECK(group_size == 0, "kt.pack_experts: format ", name, " has no quantization groups: group_size must be 0, got ",
-           group_size);
-  return f;
+  const kt::FormatInfo& info = kt::format_info(f);
+  if (info.default_group == 0) {
+    KT_CHECK(group_size == 0, "kt.pack_experts: format ", name,
+             " has no quantization groups: group_size must be 0, got ", group_size);
+    return {f, 0};
+  }
+  const int64_t group = group_size == 0 ? info.default_group : group_size;
+  KT_CHECK(kt::is_group_size(group), "kt.pack_experts: format ", name,
+           " takes group_size 32, 64 or 128 (0: ", info.default_group, "), got ", group_size);
+  const int64_t H = s.hidden.guard_int(__FILE__, __LINE__), I = s.intermediate.guard_int(__FILE__, __LINE__);
+  KT_CHECK(H % group == 0 && I % group == 0, "kt.pack_experts: format ", name, " groups of ", group,
+           " must divide the hidden size H = ", H, " and the intermediate size I = ", I,
+           " (each row is quantized group by group along its reduction)");
+  return {f, group};
 }
 
 // gate_up, down and layout (then the format's scales) for experts of shape `s`.
@@ -73,12 +90,13 @@ std::vector<at::Tensor> allocate(const ExpertShape& s, int64_t slices, const For
   const c10::SymInt width = kt::padded_slice_width(s.intermediate, slices), hp = kt::padded_size(s.hidden);
   check_numel("pack_experts", "gate_up", {slices, s.experts, 2 * width, hp});
   const at::TensorOptions weights = opts.dtype(format.weights);
-  std::vector<at::Tensor> out{at::empty_symint({slices, s.experts, 2 * width, hp}, weights),
-                              at::empty_symint({slices, s.experts, hp, width}, weights),
+  std::vector<at::Tensor> out{at::empty_symint({slices, s.experts, 2 * width, hp / format.per_element}, weights),
+                              at::empty_symint({slices, s.experts, hp, width / format.per_element}, weights),
                               at::empty({kt::kLayoutFields}, opts.dtype(at::kLong))};
-  if (format.channel_scales) {
-    out.push_back(at::empty_symint({slices, s.experts, 2 * width}, opts.dtype(at::kFloat)));
-    out.push_back(at::empty_symint({slices, s.experts, hp}, opts.dtype(at::kFloat)));
+  if (format.scales != kt::WeightScales::kNone) {
+    const auto [gate_up_len, down_len] = scale_lengths(format, width, hp);
+    out.push_back(at::empty_symint({slices, s.experts, gate_up_len}, opts.dtype(format.scale_dtype)));
+    out.push_back(at::empty_symint({slices, s.experts, down_len}, opts.dtype(format.scale_dtype)));
   }
   return out;
 }
@@ -94,8 +112,8 @@ std::vector<std::string> weight_formats() {
 
 std::vector<at::Tensor> pack_experts_cpu(const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
                                          int64_t numa_nodes, c10::string_view format, int64_t group_size) {
-  const kt::WeightFormat f = requested_format(format, group_size);
   const ExpertShape s = check_pack_args(w_gate, w_up, w_down, /*require_cpu=*/true);
+  const auto [f, group] = requested_format(format, group_size, s);
   const int64_t slices = slice_count(s, numa_nodes);
   std::vector<at::Tensor> packed = allocate(s, slices, format_tensors(f), w_gate.options());
   const at::Tensor &gate_up = packed[0], &down = packed[1], &layout_fields = packed[2];
@@ -109,12 +127,13 @@ std::vector<at::Tensor> pack_experts_cpu(const at::Tensor& w_gate, const at::Ten
   // Slice sl's pages go to its node before anything touches them; its node's threads pack it.
   // (Scales are small and stay where they fall.)
   const kt::Topology& topology = kt::machine_topology();
-  const int64_t E = layout.experts, element = gate_up.element_size();
+  const int64_t E = layout.experts, bits = kt::format_info(f).bits;
   std::vector<int64_t> range_first;
   for (int64_t sl = 0; sl < slices; ++sl) {
     const int node = static_cast<int>(sl % topology.nodes());
-    topology.bind_memory(gu_out + element * layout.gate_up_offset(sl, 0), element * layout.gate_up_elems() / slices, node);
-    topology.bind_memory(d_out + element * layout.down_offset(sl, 0), element * layout.down_elems() / slices, node);
+    topology.bind_memory(gu_out + layout.gate_up_offset(sl, 0) * bits / 8, layout.gate_up_elems() / slices * bits / 8,
+                         node);
+    topology.bind_memory(d_out + layout.down_offset(sl, 0) * bits / 8, layout.down_elems() / slices * bits / 8, node);
     range_first.push_back(sl * E);
   }
   range_first.push_back(slices * E);
@@ -130,6 +149,11 @@ std::vector<at::Tensor> pack_experts_cpu(const at::Tensor& w_gate, const at::Ten
                                    reinterpret_cast<int8_t*>(d_out), packed[3].data_ptr<float>(),
                                    packed[4].data_ptr<float>());
         break;
+      case kt::WeightFormat::kInt4:
+        kt::pack_expert_slice_int4(layout, gp, up, dp, e, sl, group, reinterpret_cast<uint8_t*>(gu_out),
+                                   reinterpret_cast<uint8_t*>(d_out), static_cast<kt::bf16*>(packed[3].data_ptr()),
+                                   static_cast<kt::bf16*>(packed[4].data_ptr()));
+        break;
     }
   });
   kt::encode_layout(layout, f, layout_fields.data_ptr<int64_t>());
@@ -138,8 +162,8 @@ std::vector<at::Tensor> pack_experts_cpu(const at::Tensor& w_gate, const at::Ten
 
 std::vector<at::Tensor> pack_experts_meta(const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
                                           int64_t numa_nodes, c10::string_view format, int64_t group_size) {
-  const kt::WeightFormat f = requested_format(format, group_size);
   const ExpertShape s = check_pack_args(w_gate, w_up, w_down, /*require_cpu=*/false);
+  const kt::WeightFormat f = requested_format(format, group_size, s).format;
   return allocate(s, slice_count(s, numa_nodes), format_tensors(f), w_gate.options());
 }
 
@@ -159,20 +183,22 @@ ExpertShape check_unpack_args(at::TensorList experts, int64_t hidden, int64_t in
   kt::WeightFormat format;
   const PackedTensors p = check_experts(op, experts, experts[0], "gate_up", require_cpu, &format);
   const at::Tensor &gate_up = p.gate_up, &down = p.down;
-  const std::string weights = dtype_name(format_tensors(format).weights);
-  KT_CHECK(gate_up.scalar_type() == format_tensors(format).weights && gate_up.dim() == 4 && gate_up.sym_size(0) > 0,
+  const FormatTensors f = format_tensors(format);
+  const std::string weights = dtype_name(f.weights);
+  KT_CHECK(gate_up.scalar_type() == f.weights && gate_up.dim() == 4 && gate_up.sym_size(0) > 0,
            "kt.", op, ": gate_up must be the ", weights, " [S, E, 2*Is, Hp] tensor made by kt.pack_experts, got ",
            describe(gate_up));
   const c10::SymInt slices = gate_up.sym_size(0), experts_count = gate_up.sym_size(1);
   const c10::SymInt width = kt::padded_slice_width(c10::SymInt(intermediate), slices),
                     hp = kt::padded_size(c10::SymInt(hidden));
-  KT_CHECK(gate_up.sym_size(2) == 2 * width && gate_up.sym_size(3) == hp, "kt.", op, ": gate_up must be packed for H = ",
+  KT_CHECK(gate_up.sym_size(2) == 2 * width && gate_up.sym_size(3) == hp / f.per_element, "kt.", op,
+           ": gate_up must be packed for H = ",
            hidden, " and I = ", intermediate, ", got ", describe(gate_up));
   KT_CHECK(down.scalar_type() == gate_up.scalar_type() && down.dim() == 4 && down.sym_size(0) == slices &&
-               down.sym_size(1) == experts_count && down.sym_size(2) == hp && down.sym_size(3) == width,
+               down.sym_size(1) == experts_count && down.sym_size(2) == hp && down.sym_size(3) == width / f.per_element,
            "kt.", op, ": down must be the ", weights, " tensor made by kt.pack_experts with gate_up, got ",
            describe(down));
-  if (format_tensors(format).channel_scales) check_channel_scales(op, experts, slices, experts_count, width, hidden);
+  check_scales(op, experts, f, slices, experts_count, width, hidden);
   *format_out = format;
   if (require_cpu) {
     const kt::ExpertLayout& packed = p.sizes;
@@ -196,7 +222,7 @@ UnpackResult allocate_unpacked(const ExpertShape& s, const at::TensorOptions& op
 UnpackResult unpack_experts_cpu(at::TensorList experts, int64_t hidden_size, int64_t intermediate_size) {
   kt::WeightFormat format;
   const ExpertShape s = check_unpack_args(experts, hidden_size, intermediate_size, true, &format);
-  const bool scaled = format_tensors(format).channel_scales;
+  const bool scaled = format_tensors(format).scales != kt::WeightScales::kNone;
   const at::Tensor gu_scale = scaled ? experts[3].contiguous() : at::Tensor(),
                    d_scale = scaled ? experts[4].contiguous() : at::Tensor();
   auto [w_gate, w_up, w_down] = allocate_unpacked(s, experts[0].options().dtype(at::kBFloat16));
@@ -218,6 +244,12 @@ UnpackResult unpack_experts_cpu(at::TensorList experts, int64_t hidden_size, int
         kt::unpack_expert_slice_int8(layout_, static_cast<const int8_t*>(gu.data_ptr()),
                                      static_cast<const int8_t*>(dn.data_ptr()), gu_scale.data_ptr<float>(),
                                      d_scale.data_ptr<float>(), e, sl, g_out, u_out, d_out);
+        break;
+      case kt::WeightFormat::kInt4:
+        kt::unpack_expert_slice_int4(layout_, static_cast<const uint8_t*>(gu.data_ptr()),
+                                     static_cast<const uint8_t*>(dn.data_ptr()),
+                                     static_cast<const kt::bf16*>(gu_scale.data_ptr()),
+                                     static_cast<const kt::bf16*>(d_scale.data_ptr()), e, sl, g_out, u_out, d_out);
         break;
     }
   });

@@ -37,17 +37,16 @@ using GemmFn = void (*)(int64_t m, int64_t kp, const void* a, int64_t lda, const
 using RankUpdateFn = void (*)(int64_t rows, int64_t n, int64_t depth, const float* a, int64_t lda,
                               const RankRows& b, float* c, int64_t ldc);
 
-// C = A W^T against the format's packed weights W = diag(scales) Q (Q the packed codes, or the
-// bf16 weights themselves with `scales` null): C[m, 16*p + c] = scales[16*p + c] * sum_k A[m,
-// k] * Q[16*p + c, k], A as for GemmFn, C overwritten. `scales` holds one per output column
-// (the panels' rows) for formats with per-channel scales.
-using WeightGemmFn = void (*)(int64_t m, int64_t kp, const void* a, int64_t lda, const void* w, const float* scales,
+// C = A W^T against the format's packed weights W (the dequantized weights of the format's
+// codes and `scales`, laid out as kt/weight_format.h's WeightScales says; null for bf16):
+// C[m, 16*p + c] = sum_k A[m, k] * W[16*p + c, k], A as for GemmFn, C overwritten.
+using WeightGemmFn = void (*)(int64_t m, int64_t kp, const void* a, int64_t lda, const void* w, const void* scales,
                               int64_t panels, float* c, int64_t ldc);
 
 // pack_transposed_panels (packing.h) of the set's packed weights, as bf16 panels for the set's
-// panel GEMM (the transposed product dX = dY W): the dequantized weights, with `row_scales`
-// the per-channel scales of a format that has them (null for bf16).
-using PackTransposedFn = void (*)(const void* packed, const float* row_scales, int64_t np, int64_t kp,
+// panel GEMM (the transposed product dX = dY W): the dequantized weights of the codes and
+// `scales` as for WeightGemmFn.
+using PackTransposedFn = void (*)(const void* packed, const void* scales, int64_t np, int64_t kp,
                                   int64_t first_panel, int64_t panel_count, uint16_t* dst);
 
 // out[i] = 1 / (1 + exp(-x[i])) for i < n (SiLU and its gradient).

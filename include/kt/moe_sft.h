@@ -37,12 +37,12 @@ enum Projection { kGate = 0, kUp = 1, kDown = 2 };
 
 struct MoeWeights {
   // The packed experts in the kernel set's weight format (ExpertLayout): gate_up [S, E, 2*Is,
-  // Hp], down [S, E, Hp, Is]; for formats with per-channel scales, gate_up_scale [S, E, 2*Is]
-  // and down_scale [S, E, Hp] (null otherwise).
+  // Hp], down [S, E, Hp, Is]; for the quantized formats their scales, as kt/weight_format.h's
+  // WeightScales lays them out (null for bf16).
   const void* gate_up;
   const void* down;
-  const float* gate_up_scale = nullptr;
-  const float* down_scale = nullptr;
+  const void* gate_up_scale = nullptr;
+  const void* down_scale = nullptr;
   int64_t slices;       // S, intermediate slices (one per NUMA node)
   LoraWeights lora[3];  // indexed by Projection
   float lora_scaling;

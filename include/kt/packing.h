@@ -77,6 +77,23 @@ void pack_transposed_panels(const T* packed, const float* row_scales, int64_t np
 // exactly (|q| <= 127 has at most 8 significant bits).
 void decode_panels(const int8_t* packed, int64_t kp, int64_t panels, bf16* dst);
 
+// int4 codes (in [-8, 7]) two per byte, as WeightStorage::kInt4 holds them: out[i] holds codes
+// 2i and 2i + 1 (n even).
+void pack_int4_codes(const int8_t* codes, int64_t n, uint8_t* out);
+
+// int4: `panels` packed panels of depth kp (codes two per byte, kt/weight_format.h) as the
+// dequantized bf16 weights bf16(code * scale), block_scales holding one per row of each block
+// (WeightScales::kPerBlock); and the transposed panels of such a matrix (np x kp), as
+// pack_transposed_panels writes them.
+void decode_panels_int4(const uint8_t* packed, const bf16* block_scales, int64_t kp, int64_t panels, bf16* dst);
+void pack_transposed_panels_int4(const uint8_t* packed, const bf16* block_scales, int64_t np, int64_t kp,
+                                 int64_t first_panel, int64_t panel_count, bf16* dst);
+
+// Symmetric int4 of one quantization group w[0, n) (kt_ops/reference.py's quantize_int4):
+// writes the codes round(w / scale) (half to even, clamped to +-7) and returns scale =
+// max|w| / 7 rounded to bf16 (1 for a group of zeros).
+bf16 quantize_group_int4(const bf16* w, int64_t n, int8_t* codes);
+
 // Symmetric int8 of one row w[0, n) (kt_ops/reference.py's quantize_int8): writes the codes
 // round(w / scale) (half to even, clamped to +-127) and returns scale = max|w| / 127 (1 for a
 // row of zeros).
@@ -102,10 +119,16 @@ struct ExpertLayout {
   // Offsets of expert e's slice s inside the packed tensors.
   int64_t gate_up_offset(int64_t s, int64_t e) const { return (s * experts + e) * 2 * slice_width() * hp(); }
   int64_t down_offset(int64_t s, int64_t e) const { return (s * experts + e) * hp() * slice_width(); }
-  // Per-output-channel scales of a quantized format, [S, E, 2*Is] for gate_up (fused row order)
-  // and [S, E, Hp] for down: expert e's slice s starts at these offsets.
-  int64_t gate_up_scale_offset(int64_t s, int64_t e) const { return (s * experts + e) * 2 * slice_width(); }
-  int64_t down_scale_offset(int64_t s, int64_t e) const { return (s * experts + e) * hp(); }
+  // The scales of a quantized format, `per_row` for each packed row (kt/weight_format.h's
+  // scales_per_row: 1 per output channel, or one per block of the row's depth): expert e's
+  // slice s starts at these offsets into gate_up_scale [S, E, 2*Is * per_row] and down_scale
+  // [S, E, Hp * per_row].
+  int64_t gate_up_scale_offset(int64_t s, int64_t e, int64_t per_row = 1) const {
+    return (s * experts + e) * 2 * slice_width() * per_row;
+  }
+  int64_t down_scale_offset(int64_t s, int64_t e, int64_t per_row = 1) const {
+    return (s * experts + e) * hp() * per_row;
+  }
 };
 
 // How many slices a layer of this intermediate size gets on a machine of `nodes` NUMA nodes:
@@ -161,6 +184,20 @@ void unpack_expert_slice(const ExpertLayout& layout, const bf16* gate_up, const 
 void pack_expert_slice_int8(const ExpertLayout& layout, const bf16* w_gate, const bf16* w_up, const bf16* w_down,
                             int64_t e, int64_t s, int8_t* gate_up, int8_t* down, float* gate_up_scale,
                             float* down_scale);
+
+// pack_expert_slice into int4 with one bf16 scale per `group` reduction elements of each row
+// (32, 64 or 128, dividing H and I): each gate, up and down row quantized by
+// quantize_group_int4 group by group (a down row spans every slice; each slice holds the scales
+// of its blocks), codes two per byte in the packed layout, block scales as
+// WeightScales::kPerBlock orders them (zero for padding).
+void pack_expert_slice_int4(const ExpertLayout& layout, const bf16* w_gate, const bf16* w_up, const bf16* w_down,
+                            int64_t e, int64_t s, int64_t group, uint8_t* gate_up, uint8_t* down, bf16* gate_up_scale,
+                            bf16* down_scale);
+
+// The dequantized weights (bf16(code * scale)) of expert e's slice s.
+void unpack_expert_slice_int4(const ExpertLayout& layout, const uint8_t* gate_up, const uint8_t* down,
+                              const bf16* gate_up_scale, const bf16* down_scale, int64_t e, int64_t s, bf16* w_gate,
+                              bf16* w_up, bf16* w_down);
 
 // The dequantized weights (code * scale, rounded to bf16) of expert e's slice s.
 void unpack_expert_slice_int8(const ExpertLayout& layout, const int8_t* gate_up, const int8_t* down,

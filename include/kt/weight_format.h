@@ -9,8 +9,9 @@
 namespace kt {
 
 // The values are the codes packed experts record (never reused): bf16 weights as they are;
-// int8 codes with one fp32 scale per output channel.
-enum class WeightFormat : int64_t { kBF16 = 0, kInt8 = 1 };
+// int8 codes with one fp32 scale per output channel; int4 codes, two per byte, with one bf16
+// scale per group of the reduction.
+enum class WeightFormat : int64_t { kBF16 = 0, kInt8 = 1, kInt4 = 2 };
 
 // The format whose code (the enum's value, as packed experts record it) is `code`; false for
 // a code this build does not know.
@@ -18,20 +19,39 @@ bool format_of_code(int64_t code, WeightFormat* out);
 
 // How a format stores the packed experts (kt/packing.h): the element of the packed gate_up and
 // down tensors and the scales beside them.
-enum class WeightStorage { kBF16, kInt8 };
+enum class WeightStorage {
+  kBF16,
+  kInt8,
+  kInt4,  // codes in [-8, 7], two per byte: element 2i in the low half of byte i, 2i + 1 in the high
+};
 enum class WeightScales {
   kNone,
   // fp32 per output channel: gate_up_scale [S, E, 2*Is] (fused row order), down_scale [S, E, Hp].
   kPerChannel,
+  // bf16 per row of each packed block (one output channel by 32 reduction steps), in the packed
+  // order (panel, block, then the panel's 16 rows): gate_up_scale [S, E, 2*Is * Hp/32],
+  // down_scale [S, E, Hp * Is/32]. A quantization group of 64 or 128 is 2 or 4 blocks of one
+  // scale each.
+  kPerBlock,
 };
 
 struct FormatInfo {
   WeightFormat format;
-  const char* name;  // as pack_experts takes it: "bf16", "int8"
+  const char* name;  // as pack_experts takes it: "bf16", "int8", "int4"
   WeightStorage storage;
   int64_t bits;  // bits per packed weight element: offsets into the packed tensors scale by it
   WeightScales scales;
+  int64_t default_group;  // the quantization group pack_experts takes for group_size 0; 0: no groups
 };
+
+// Scales per packed row of depth kp, and bytes per scale.
+inline int64_t scales_per_row(WeightScales scales, int64_t kp) {
+  return scales == WeightScales::kPerBlock ? kp / 32 : scales == WeightScales::kPerChannel ? 1 : 0;
+}
+inline int64_t scale_bytes(WeightScales scales) { return scales == WeightScales::kPerBlock ? 2 : 4; }
+
+// The quantization groups of the formats that have them: 32, 64 or 128 reduction elements.
+inline bool is_group_size(int64_t g) { return g == 32 || g == 64 || g == 128; }
 
 // The description of `format`, one of weight_formats() (kt/kernels.h).
 const FormatInfo& format_info(WeightFormat format);

@@ -2,6 +2,7 @@
 // reference set, on the ISAs this CPU has (others skip).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -39,17 +40,35 @@ TEST_P(SetGemm, MatchesScalarReference) {
   kt::pack_weight(w.data(), gc.n, gc.k, gc.k, kp, packed.data());
   std::vector<float> packed_f32(packed.size());
   for (size_t i = 0; i < packed.size(); ++i) packed_f32[i] = kt::bf16_to_f32(packed[i]);
-  // The format's weights and, as fp32 [np, kp], the values they stand for.
-  std::vector<int8_t> codes(gc.n * gc.k), packed_codes(np * kp);
+  // The format's weights and, as fp32 [np, kp], the values they stand for: int8 codes with a
+  // scale per row; int4 codes with a bf16 scale per 32 steps of a row (here of the zero-padded
+  // row), standing for bf16(code * scale).
+  std::vector<int8_t> codes(gc.n * gc.k), packed_codes(np * kp), codes4(np * kp, 0), packed_codes4(np * kp);
   std::vector<float> scales(np, 0.f), values(np * kp, 0.f);
-  const bool int8 = set.format == kt::WeightFormat::kInt8;
+  std::vector<bf16> padded_w(kp, 0), block_scales(np * kp / 32, 0);
+  const bool int8 = set.format == kt::WeightFormat::kInt8, int4 = set.format == kt::WeightFormat::kInt4;
   for (int64_t r = 0; r < gc.n; ++r) {
     if (int8) scales[r] = kt::quantize_row_int8(w.data() + r * gc.k, gc.k, codes.data() + r * gc.k);
-    for (int64_t c = 0; c < gc.k; ++c)
-      values[r * kp + c] = int8 ? codes[r * gc.k + c] * scales[r] : kt::bf16_to_f32(w[r * gc.k + c]);
+    std::copy(w.begin() + r * gc.k, w.begin() + (r + 1) * gc.k, padded_w.begin());
+    for (int64_t b = 0; b < kp / 32; ++b) {
+      const bf16 s = kt::quantize_group_int4(padded_w.data() + 32 * b, 32, codes4.data() + r * kp + 32 * b);
+      block_scales[((r / 16) * (kp / 32) + b) * 16 + r % 16] = s;
+      for (int64_t c = 32 * b; c < 32 * b + 32 && c < gc.k; ++c)
+        if (int4) values[r * kp + c] = kt::bf16_to_f32(kt::f32_to_bf16(codes4[r * kp + c] * kt::bf16_to_f32(s)));
+    }
+    for (int64_t c = 0; c < gc.k; ++c) {
+      if (int8) values[r * kp + c] = codes[r * gc.k + c] * scales[r];
+      if (!int8 && !int4) values[r * kp + c] = kt::bf16_to_f32(w[r * gc.k + c]);
+    }
   }
   kt::pack_weight(codes.data(), gc.n, gc.k, gc.k, kp, packed_codes.data());
-  const void* weights = int8 ? static_cast<const void*>(packed_codes.data()) : packed.data();
+  kt::pack_weight(codes4.data(), np, kp, kp, kp, packed_codes4.data());
+  std::vector<uint8_t> nibbles(np * kp / 2);
+  kt::pack_int4_codes(packed_codes4.data(), np * kp, nibbles.data());
+  const void* weights = int8   ? static_cast<const void*>(packed_codes.data())
+                        : int4 ? static_cast<const void*>(nibbles.data())
+                               : packed.data();
+  const void* weight_scales = int8 ? static_cast<const void*>(scales.data()) : int4 ? block_scales.data() : nullptr;
   // A is zero beyond column k, as the driver guarantees.
   const auto a_vals = kt_test::random_bf16(gc.m * kp, 12);
   std::vector<bf16> a_bf16(gc.m * kp, 0);
@@ -87,7 +106,7 @@ TEST_P(SetGemm, MatchesScalarReference) {
         for (int64_t k = 0; k < kp; ++k) sum += double(a_f32[r * kp + k]) * values[col * kp + k];
         want[r * ldc + col] = static_cast<float>(sum);
       }
-    set.weight_gemm(gc.m, kp, a, kp, weights, int8 ? scales.data() : nullptr, panels, c.data(), ldc);
+    set.weight_gemm(gc.m, kp, a, kp, weights, weight_scales, panels, c.data(), ldc);
     check(c, want, 1e-5f);
   }
   std::vector<float> expected(gc.m * ldc);
@@ -149,34 +168,48 @@ namespace {
 
 class SetPackTransposed : public ::testing::TestWithParam<KernelSetParam> {};
 
-// The transposed panels hold pack(W^T) as bf16, W the dequantized weights (for int8,
-// bf16(code * scale) with the scale of the code's row); panel `first` of pack(W^T) holds rows
-// [16 first, 16 first + 16) of W^T.
+// The transposed panels hold pack(W^T) as bf16, W the dequantized weights (bf16(code * scale)
+// with, for int8, the scale of the code's row, for int4 that of its row's block); panel `first`
+// of pack(W^T) holds rows [16 first, 16 first + 16) of W^T.
 TEST_P(SetPackTransposed, MatchesThePackedTranspose) {
   const kt::KernelSet& set = *GetParam().set;
   if (!kt::isa_supported(set.isa)) GTEST_SKIP() << "CPU lacks " << kt::isa_name(set.isa);
-  const bool int8 = set.format == kt::WeightFormat::kInt8;
+  const bool int8 = set.format == kt::WeightFormat::kInt8, int4 = set.format == kt::WeightFormat::kInt4;
   for (const auto& [n, k] : {std::make_pair(32, 32), std::make_pair(64, 96), std::make_pair(100, 70)}) {
     const int64_t np = kt::round_up(n, 32), kp = kt::round_up(k, 32);
     auto w = kt_test::random_bf16(n * k, 41);
-    std::vector<int8_t> codes(n * k);
+    std::vector<int8_t> codes(n * k), codes4(np * kp, 0);
     std::vector<float> scales(np, 0.f);  // zero for the padding rows, as pack_experts writes them
     for (int64_t r = 0; r < n; ++r) scales[r] = 1e-3f * (1 + r % 7) + (r % 3 == 0 ? 1.f : 0.f);
+    std::vector<kt::bf16> block_scales(np * kp / 32, 0);
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t b = 0; b < kp / 32; ++b)
+        block_scales[((r / 16) * (kp / 32) + b) * 16 + r % 16] = kt::f32_to_bf16(1e-2f * (1 + (r + 3 * b) % 5));
     for (int64_t i = 0; i < n * k; ++i) {
+      const int64_t r = i / k, c = i % k;
       codes[i] = static_cast<int8_t>(i * 37 % 255 - 127);
-      if (int8) w[i] = kt::f32_to_bf16(codes[i] * scales[i / k]);
+      codes4[r * kp + c] = static_cast<int8_t>(i * 37 % 16 - 8);
+      const float block_scale = kt::bf16_to_f32(block_scales[((r / 16) * (kp / 32) + c / 32) * 16 + r % 16]);
+      if (int8) w[i] = kt::f32_to_bf16(codes[i] * scales[r]);
+      if (int4) w[i] = kt::f32_to_bf16(codes4[r * kp + c] * block_scale);
     }
     std::vector<kt::bf16> packed(np * kp), wt(k * n), want(np * kp);
-    std::vector<int8_t> packed_codes(np * kp);
+    std::vector<int8_t> packed_codes(np * kp), packed_codes4(np * kp);
+    std::vector<uint8_t> nibbles(np * kp / 2);
     kt::pack_weight(w.data(), n, k, k, kp, packed.data());
     kt::pack_weight(codes.data(), n, k, k, kp, packed_codes.data());
+    kt::pack_weight(codes4.data(), np, kp, kp, kp, packed_codes4.data());
+    kt::pack_int4_codes(packed_codes4.data(), np * kp, nibbles.data());
     for (int64_t r = 0; r < n; ++r)
       for (int64_t c = 0; c < k; ++c) wt[c * n + r] = w[r * k + c];
     kt::pack_weight(wt.data(), k, n, n, np, want.data());  // pack(W^T): kp rows of depth np
-    const void* src = int8 ? static_cast<const void*>(packed_codes.data()) : packed.data();
+    const void* src = int8   ? static_cast<const void*>(packed_codes.data())
+                      : int4 ? static_cast<const void*>(nibbles.data())
+                             : packed.data();
+    const void* src_scales = int8 ? static_cast<const void*>(scales.data()) : int4 ? block_scales.data() : nullptr;
     for (const auto& [first, count] : {std::make_pair<int64_t, int64_t>(0, kp / 16), std::make_pair<int64_t, int64_t>(1, kp / 16 - 1)}) {
       std::vector<kt::bf16> got(count * 16 * np + 32, 0x7777);
-      set.pack_transposed(src, int8 ? scales.data() : nullptr, np, kp, first, count, got.data());
+      set.pack_transposed(src, src_scales, np, kp, first, count, got.data());
       for (int64_t i = 0; i < count * 16 * np; ++i)
         ASSERT_EQ(got[i], want[first * 16 * np + i]) << "n=" << n << " k=" << k << " first=" << first << " at " << i;
       EXPECT_EQ(got[count * 16 * np], 0x7777) << "wrote past the panels";
