@@ -119,7 +119,9 @@ def test_dpo_trainer_takes_its_reference_from_the_base_model(tmp_path, precomput
             disabled = trainer.model(input_ids=batch["input_ids"]).logits
         eager = base(input_ids=batch["input_ids"]).logits
     assert_close("disabled adapter", disabled, eager, tolerance)
-    assert (adapted - eager).norm() > 100 * TOLERANCES[tolerance]["rel"] * eager.norm()  # the adapter is on in training
+    # The adapter is on in training: the logits move by far more than the loosest path's tolerance
+    # (a bound of the path's own tolerance would ask 2x the logits' norm on the bf16 paths).
+    assert (adapted - eager).norm() > 10 * TOLERANCES[torch.bfloat16]["rel"] * eager.norm()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 10 and sum(losses[-3:]) < sum(losses[:3]), losses
     after = expert_lora(trainer.model)
