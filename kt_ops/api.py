@@ -60,6 +60,8 @@ class PackedExperts:
         format: the weight format (one of :func:`weight_formats`).
         intermediate_size: I, the experts' intermediate size.
         hidden_size: H, the experts' hidden size.
+        group_size: the ``group_size`` they were packed with (0: the format's default), so
+            that a repack quantizes as the packing did.
 
     Hp is H rounded up to 32 and Is is I / S rounded up to 32, padded with zeros; real
     model sizes need no padding, so the packed bytes equal the weight bytes there.
@@ -69,10 +71,12 @@ class PackedExperts:
     format: str
     intermediate_size: int
     hidden_size: int
+    group_size: int = 0
 
     @property
     def gate_up(self) -> torch.Tensor:
-        """``[S, E, 2*Is, Hp]``: the gate and up projections, 16-row panels interleaved."""
+        """``[S, E, 2*Is, Hp]``: the gate and up projections, 16-row panels interleaved (int4:
+        ``Hp / 2`` bytes of two codes each)."""
         return self.tensors[0]
 
     @property
@@ -130,7 +134,7 @@ def pack_experts(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
     The inputs are not kept: once packed they can be freed.
     """
     tensors = torch.ops.kt.pack_experts(w_gate, w_up, w_down, numa_nodes, format, group_size)
-    return PackedExperts(tuple(tensors), format, int(w_gate.shape[1]), int(w_gate.shape[2]))
+    return PackedExperts(tuple(tensors), format, int(w_gate.shape[1]), int(w_gate.shape[2]), group_size)
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,8 @@ class PackedExpertWeight(torch.Tensor):
         else:
             down = values.to(torch.bfloat16)
         fresh = pack_experts(*(t.contiguous() for t in to_canonical(gate_up, down, self.experts_layout)),
-                             numa_nodes=self.packed.numa_slices, format=self.packed.format)
+                             numa_nodes=self.packed.numa_slices, format=self.packed.format,
+                             group_size=self.packed.group_size)
         with torch.no_grad():
             for kept, new in zip(self.packed.tensors, fresh.tensors):
                 kept.copy_(new)

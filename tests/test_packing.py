@@ -152,3 +152,19 @@ def test_int4_resident_bytes_are_at_most_0_30_of_bf16():
     for group_size in (32, 64, 128):
         int4 = kt_ops.pack_experts(*w, format="int4", group_size=group_size).nbytes
         assert int4 <= 0.30 * bf16, (group_size, int4 / bf16)
+
+
+def test_an_in_place_write_repacks_int4_in_the_group_it_was_packed_with():
+    """PEFT's merge and load_state_dict write the experts' stand-ins in place; the repack keeps
+    the format and the group size (64 here, not int4's default of 32)."""
+    from kt_ops.packed_weights import ExpertsLayout, PackedExpertWeight
+
+    w = _weights(2, 64, 128, seed=5)
+    packed = kt_ops.pack_experts(*w, 1, format="int4", group_size=64)
+    assert packed.group_size == 64
+    down = PackedExpertWeight(packed, "down", ExpertsLayout(), torch.bfloat16)
+    new_down = _weights(2, 64, 128, seed=6)[2]
+    with torch.no_grad():
+        down.copy_(new_down)
+    want = kt_ops.pack_experts(w[0], w[1], new_down, 1, format="int4", group_size=64)
+    assert all(torch.equal(a, b) for a, b in zip(packed.tensors, want.tensors))

@@ -138,8 +138,9 @@ PackedTensors check_experts(const char* op, at::TensorList experts, const at::Te
              ", which this build of kt_ops cannot compute (it has: ", kt::format_names(), ")");
     f = format_tensors(named);
   } else {
-    KT_CHECK(format_of_weights(p.gate_up.scalar_type(), &f), "kt.", op, ": gate_up must be the [S, E, 2*Is, Hp] tensor made by kt.pack_experts, in a "
-             "weight format this build has (", kt::format_names(), "), got ", describe(p.gate_up));
+    KT_CHECK(format_of_weights(p.gate_up.scalar_type(), &f), "kt.", op,
+             ": gate_up must be the [S, E, 2*Is, Hp] tensor made by kt.pack_experts, in a weight format this build has (",
+             kt::format_names(), "), got ", describe(p.gate_up));
   }
   KT_CHECK(experts.size() == f.count, "kt.", op, ": experts must be the ", f.count,
            " tensors kt.pack_experts returns for format ", kt::format_name(f.format), ", got ", experts.size());
