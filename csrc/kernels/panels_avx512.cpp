@@ -1,5 +1,5 @@
 // AVX-512 conversions of packed panels (packing.h): the transposed panels the backward streams,
-// and the int8 formats' decode to bf16 and per-channel scaling. Compiled for AVX-512-BF16 by the
+// the quantized formats' (int8, int4) decode to bf16, and int8's per-channel scaling. Compiled for AVX-512-BF16 by the
 // pragma below and only called when the CPU has it.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
