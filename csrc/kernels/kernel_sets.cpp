@@ -156,19 +156,53 @@ const KernelSet kInt4Scalar{"scalar", Isa::kScalar, WeightFormat::kInt4, DType::
                             kScalarF32, kScalarF32F32, int4_transposed, rank_update_scalar, sigmoid_scalar,
                             swiglu_forward_scalar, swiglu_backward_scalar};
 
+// Each format's packing (kt/packing.h) as the registry's PackSliceFn / UnpackSliceFn.
+void pack_bf16(const ExpertLayout& layout, const bf16* g, const bf16* u, const bf16* d, int64_t e, int64_t s, int64_t,
+               void* gate_up, void* down, void*, void*) {
+  pack_expert_slice(layout, g, u, d, e, s, static_cast<bf16*>(gate_up), static_cast<bf16*>(down));
+}
+void unpack_bf16(const ExpertLayout& layout, const void* gate_up, const void* down, const void*, const void*, int64_t e,
+                 int64_t s, bf16* g, bf16* u, bf16* d) {
+  unpack_expert_slice(layout, static_cast<const bf16*>(gate_up), static_cast<const bf16*>(down), e, s, g, u, d);
+}
+void pack_int8(const ExpertLayout& layout, const bf16* g, const bf16* u, const bf16* d, int64_t e, int64_t s, int64_t,
+               void* gate_up, void* down, void* gate_up_scale, void* down_scale) {
+  pack_expert_slice_int8(layout, g, u, d, e, s, static_cast<int8_t*>(gate_up), static_cast<int8_t*>(down),
+                         static_cast<float*>(gate_up_scale), static_cast<float*>(down_scale));
+}
+void unpack_int8(const ExpertLayout& layout, const void* gate_up, const void* down, const void* gate_up_scale,
+                 const void* down_scale, int64_t e, int64_t s, bf16* g, bf16* u, bf16* d) {
+  unpack_expert_slice_int8(layout, static_cast<const int8_t*>(gate_up), static_cast<const int8_t*>(down),
+                           static_cast<const float*>(gate_up_scale), static_cast<const float*>(down_scale), e, s, g,
+                           u, d);
+}
+void pack_int4(const ExpertLayout& layout, const bf16* g, const bf16* u, const bf16* d, int64_t e, int64_t s,
+               int64_t group, void* gate_up, void* down, void* gate_up_scale, void* down_scale) {
+  pack_expert_slice_int4(layout, g, u, d, e, s, group, static_cast<uint8_t*>(gate_up), static_cast<uint8_t*>(down),
+                         static_cast<bf16*>(gate_up_scale), static_cast<bf16*>(down_scale));
+}
+void unpack_int4(const ExpertLayout& layout, const void* gate_up, const void* down, const void* gate_up_scale,
+                 const void* down_scale, int64_t e, int64_t s, bf16* g, bf16* u, bf16* d) {
+  unpack_expert_slice_int4(layout, static_cast<const uint8_t*>(gate_up), static_cast<const uint8_t*>(down),
+                           static_cast<const bf16*>(gate_up_scale), static_cast<const bf16*>(down_scale), e, s, g, u,
+                           d);
+}
+
 struct FormatEntry {
   FormatInfo info;
   std::vector<const KernelSet*> sets;  // best first, the scalar reference last
 };
 
-// One entry per format: what it stores and the kernels that compute with it.
+// One entry per format: what it stores, how it packs, and the kernels that compute with it.
 const std::vector<FormatEntry>& registry() {
   static const std::vector<FormatEntry> formats = {
-      {{WeightFormat::kBF16, "bf16", WeightStorage::kBF16, 16, WeightScales::kNone, 0},
+      {{WeightFormat::kBF16, "bf16", WeightStorage::kBF16, 16, WeightScales::kNone, 0, pack_bf16, unpack_bf16},
        {&kBf16Amx, &kBf16Avx512, &kBf16Avx2, &kBf16Scalar}},
-      {{WeightFormat::kInt8, "int8", WeightStorage::kInt8, 8, WeightScales::kPerChannel, 0},
+      {{WeightFormat::kInt8, "int8", WeightStorage::kInt8, 8, WeightScales::kPerChannel, 0, pack_int8,
+        unpack_int8},
        {&kInt8Amx, &kInt8Avx512, &kInt8Avx2, &kInt8Scalar}},
-      {{WeightFormat::kInt4, "int4", WeightStorage::kInt4, 4, WeightScales::kPerBlock, 32},
+      {{WeightFormat::kInt4, "int4", WeightStorage::kInt4, 4, WeightScales::kPerBlock, 32, pack_int4,
+        unpack_int4},
        {&kInt4Amx, &kInt4Avx512, &kInt4Avx2, &kInt4Scalar}},
   };
   return formats;

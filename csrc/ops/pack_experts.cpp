@@ -127,7 +127,9 @@ std::vector<at::Tensor> pack_experts_cpu(const at::Tensor& w_gate, const at::Ten
   // Slice sl's pages go to its node before anything touches them; its node's threads pack it.
   // (Scales are small and stay where they fall.)
   const kt::Topology& topology = kt::machine_topology();
-  const int64_t E = layout.experts, bits = kt::format_info(f).bits;
+  const kt::FormatInfo& info = kt::format_info(f);
+  const bool scaled = info.scales != kt::WeightScales::kNone;
+  const int64_t E = layout.experts, bits = info.bits;
   std::vector<int64_t> range_first;
   for (int64_t sl = 0; sl < slices; ++sl) {
     const int node = static_cast<int>(sl % topology.nodes());
@@ -139,22 +141,8 @@ std::vector<at::Tensor> pack_experts_cpu(const at::Tensor& w_gate, const at::Ten
   range_first.push_back(slices * E);
   kt::parallel_for_ranges(range_first, at::get_num_threads(), [&](int64_t task) {
     const int64_t e = task % E, sl = task / E;
-    switch (f) {
-      case kt::WeightFormat::kBF16:
-        kt::pack_expert_slice(layout, gp, up, dp, e, sl, reinterpret_cast<kt::bf16*>(gu_out),
-                              reinterpret_cast<kt::bf16*>(d_out));
-        break;
-      case kt::WeightFormat::kInt8:
-        kt::pack_expert_slice_int8(layout, gp, up, dp, e, sl, reinterpret_cast<int8_t*>(gu_out),
-                                   reinterpret_cast<int8_t*>(d_out), packed[3].data_ptr<float>(),
-                                   packed[4].data_ptr<float>());
-        break;
-      case kt::WeightFormat::kInt4:
-        kt::pack_expert_slice_int4(layout, gp, up, dp, e, sl, group, reinterpret_cast<uint8_t*>(gu_out),
-                                   reinterpret_cast<uint8_t*>(d_out), static_cast<kt::bf16*>(packed[3].data_ptr()),
-                                   static_cast<kt::bf16*>(packed[4].data_ptr()));
-        break;
-    }
+    info.pack_slice(layout, gp, up, dp, e, sl, group, gu_out, d_out, scaled ? packed[3].data_ptr() : nullptr,
+                    scaled ? packed[4].data_ptr() : nullptr);
   });
   kt::encode_layout(layout, f, layout_fields.data_ptr<int64_t>());
   return packed;
@@ -235,23 +223,9 @@ UnpackResult unpack_experts_cpu(at::TensorList experts, int64_t hidden_size, int
   std::vector<int64_t> range_first{0, slices * E};
   kt::parallel_for_ranges(range_first, at::get_num_threads(), [&](int64_t task) {
     const int64_t e = task % E, sl = task / E;
-    switch (format) {
-      case kt::WeightFormat::kBF16:
-        kt::unpack_expert_slice(layout_, reinterpret_cast<const kt::bf16*>(gu.data_ptr()),
-                                reinterpret_cast<const kt::bf16*>(dn.data_ptr()), e, sl, g_out, u_out, d_out);
-        break;
-      case kt::WeightFormat::kInt8:
-        kt::unpack_expert_slice_int8(layout_, static_cast<const int8_t*>(gu.data_ptr()),
-                                     static_cast<const int8_t*>(dn.data_ptr()), gu_scale.data_ptr<float>(),
-                                     d_scale.data_ptr<float>(), e, sl, g_out, u_out, d_out);
-        break;
-      case kt::WeightFormat::kInt4:
-        kt::unpack_expert_slice_int4(layout_, static_cast<const uint8_t*>(gu.data_ptr()),
-                                     static_cast<const uint8_t*>(dn.data_ptr()),
-                                     static_cast<const kt::bf16*>(gu_scale.data_ptr()),
-                                     static_cast<const kt::bf16*>(d_scale.data_ptr()), e, sl, g_out, u_out, d_out);
-        break;
-    }
+    kt::format_info(format).unpack_slice(layout_, gu.data_ptr(), dn.data_ptr(),
+                                         scaled ? gu_scale.data_ptr() : nullptr,
+                                         scaled ? d_scale.data_ptr() : nullptr, e, sl, g_out, u_out, d_out);
   });
   return {w_gate, w_up, w_down};
 }

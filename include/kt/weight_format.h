@@ -8,6 +8,8 @@
 
 namespace kt {
 
+struct ExpertLayout;  // kt/packing.h
+
 // The values are the codes packed experts record (never reused): bf16 weights as they are;
 // int8 codes with one fp32 scale per output channel; int4 codes, two per byte, with one bf16
 // scale per group of the reduction.
@@ -35,6 +37,16 @@ enum class WeightScales {
   kPerBlock,
 };
 
+// Packs expert e's slice s of w_gate, w_up [E, I, H] and w_down [E, H, I] (bf16) into the
+// format's gate_up, down and scales (null for a format without), quantizing in groups of
+// `group` where the format has groups; and the inverse, the dequantized bf16 weights.
+using PackSliceFn = void (*)(const ExpertLayout& layout, const uint16_t* w_gate, const uint16_t* w_up,
+                             const uint16_t* w_down, int64_t e, int64_t s, int64_t group, void* gate_up, void* down,
+                             void* gate_up_scale, void* down_scale);
+using UnpackSliceFn = void (*)(const ExpertLayout& layout, const void* gate_up, const void* down,
+                               const void* gate_up_scale, const void* down_scale, int64_t e, int64_t s,
+                               uint16_t* w_gate, uint16_t* w_up, uint16_t* w_down);
+
 struct FormatInfo {
   WeightFormat format;
   const char* name;  // as pack_experts takes it: "bf16", "int8", "int4"
@@ -42,6 +54,8 @@ struct FormatInfo {
   int64_t bits;  // bits per packed weight element: offsets into the packed tensors scale by it
   WeightScales scales;
   int64_t default_group;  // the quantization group pack_experts takes for group_size 0; 0: no groups
+  PackSliceFn pack_slice;
+  UnpackSliceFn unpack_slice;
 };
 
 // Scales per packed row of depth kp, and bytes per scale.

@@ -83,6 +83,8 @@ TEST(KernelRegistry, FormatDescriptionsMatchTheirPacking) {
     const kt::FormatInfo& info = kt::format_info(format);
     EXPECT_EQ(info.format, format);
     EXPECT_EQ(std::string(info.name), kt::format_name(format));
+    EXPECT_NE(info.pack_slice, nullptr);
+    EXPECT_NE(info.unpack_slice, nullptr);
   }
   const kt::FormatInfo &bf16 = kt::format_info(kt::WeightFormat::kBF16), &int8 = kt::format_info(kt::WeightFormat::kInt8);
   EXPECT_EQ(bf16.storage, kt::WeightStorage::kBF16);
