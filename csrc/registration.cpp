@@ -30,10 +30,25 @@ TORCH_LIBRARY(kt, m) {
   //   scale) in [-7, 7] two per byte, so gate_up and down are uint8 of half the last dimension,
   //   scale = max|group| / 7 in bf16 per group_size elements of a row: 32, 64 or 128, 0 taking
   //   32) gate_up_scale bfloat16 [S, E, 2*Is * Hp/32] and down_scale bfloat16 [S, E, Hp * Is/32],
-  //   one per row of each 32-deep packed block (kt/weight_format.h's WeightScales::kPerBlock).
+  //   one per row of each 32-deep packed block (kt/weight_format.h's WeightScales::kPerBlock);
+  //   for fp8 (e4m3 codes of w / scale clamped to +-448, their bytes as uint8, scale =
+  //   max|block| / 448 per 128 x 128 block of each matrix) gate_up_scale float32 [S, E, 2*Is/16
+  //   * Hp/32] and down_scale float32 [S, E, Hp/16 * Is/32], one per packed 16 x 32 block, the
+  //   scale of the 128 x 128 block it lies in (WeightScales::kPerTile).
   // numa_nodes is at most 1024.
   m.def("pack_experts(Tensor w_gate, Tensor w_up, Tensor w_down, int numa_nodes=0, str format=\"bf16\", "
         "int group_size=0) -> Tensor[]");
+
+  // pack_experts from a quantized format's codes instead of bf16 weights, packing them as they
+  // are (no rounding): w_gate, w_up [E, I, H] and w_down [E, H, I] hold one code per weight
+  // (int8 for int8 and int4, whose codes lie in [-8, 7]; the e4m3 bytes as uint8 for fp8), and
+  // scales their [gate, up, down] scales in the form kt_ops.reference.quantize_<format>
+  // returns: int8 float32 [E, N] per output row, int4 bfloat16 [E, N, K / group_size], fp8
+  // float32 [E, ceil(N / 128), ceil(K / 128)] (N x K: I x H for gate and up, H x I for down).
+  // The result equals pack_experts of the weights the codes stand for, when pack_experts
+  // quantizes them to these codes. NaN codes and scales that are not finite are refused.
+  m.def("pack_expert_codes(Tensor w_gate, Tensor w_up, Tensor w_down, Tensor[] scales, str format, "
+        "int numa_nodes=0, int group_size=0) -> Tensor[]");
 
   // Inverse of pack_experts: the bf16 w_gate, w_up [E, I, H] and w_down [E, H, I] held by
   // experts (for a quantized format, the dequantized weights rounded to bf16), which must hold hidden_size H and intermediate_size I (the Meta kernel sizes the
@@ -71,6 +86,7 @@ TORCH_LIBRARY(kt, m) {
 // CUDA inputs reach the CPU kernels too, whose first device check names the argument.
 TORCH_LIBRARY_IMPL(kt, CPU, m) {
   m.impl("pack_experts", &kt_ops::pack_experts_cpu);
+  m.impl("pack_expert_codes", &kt_ops::pack_expert_codes_cpu);
   m.impl("unpack_experts", &kt_ops::unpack_experts_cpu);
   m.impl("moe_sft_forward", &kt_ops::moe_sft_forward_cpu);
   m.impl("moe_sft_backward", &kt_ops::moe_sft_backward_cpu);
@@ -78,6 +94,7 @@ TORCH_LIBRARY_IMPL(kt, CPU, m) {
 
 TORCH_LIBRARY_IMPL(kt, CUDA, m) {
   m.impl("pack_experts", &kt_ops::pack_experts_cpu);
+  m.impl("pack_expert_codes", &kt_ops::pack_expert_codes_cpu);
   m.impl("unpack_experts", &kt_ops::unpack_experts_cpu);
   m.impl("moe_sft_forward", &kt_ops::moe_sft_forward_cpu);
   m.impl("moe_sft_backward", &kt_ops::moe_sft_backward_cpu);
@@ -85,6 +102,7 @@ TORCH_LIBRARY_IMPL(kt, CUDA, m) {
 
 TORCH_LIBRARY_IMPL(kt, Meta, m) {
   m.impl("pack_experts", &kt_ops::pack_experts_meta);
+  m.impl("pack_expert_codes", &kt_ops::pack_expert_codes_meta);
   m.impl("unpack_experts", &kt_ops::unpack_experts_meta);
   m.impl("moe_sft_forward", &kt_ops::moe_sft_forward_meta);
   m.impl("moe_sft_backward", &kt_ops::moe_sft_backward_meta);

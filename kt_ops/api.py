@@ -35,7 +35,7 @@ def topology() -> str:
 
 def weight_formats() -> list[str]:
     """The weight formats this build packs experts in and computes with, e.g. ``["bf16",
-    "int8", "int4"]``: the values :func:`pack_experts` takes as ``format``."""
+    "int8", "int4", "fp8"]``: the values :func:`pack_experts` takes as ``format``."""
     return list(torch.ops.kt.weight_formats())
 
 
@@ -124,16 +124,47 @@ def pack_experts(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
         format: the weight format to hold them in, one of :func:`weight_formats`:
             ``"bf16"`` (the weights as they are), ``"int8"`` (symmetric, one fp32 scale per
             output channel: :func:`kt_ops.reference.quantize_int8` exactly; about half the
-            bytes) or ``"int4"`` (symmetric, two codes per byte, one bf16 scale per
+            bytes), ``"int4"`` (symmetric, two codes per byte, one bf16 scale per
             ``group_size`` elements of each row's reduction:
-            :func:`kt_ops.reference.quantize_int4` exactly; about 0.28 of the bytes). The
-            kernels compute with the dequantized weights, on every path.
+            :func:`kt_ops.reference.quantize_int4` exactly; about 0.28 of the bytes) or
+            ``"fp8"`` (e4m3, one fp32 scale per 128 x 128 block of each matrix:
+            :func:`kt_ops.reference.quantize_fp8` exactly; about half the bytes). The kernels
+            compute with the dequantized weights (rounded to bf16), on every path.
         group_size: the quantization group of ``"int4"``: 32, 64 or 128, dividing H and I;
             0 (the default) takes 32. Must be 0 for the formats without groups.
 
     The inputs are not kept: once packed they can be freed.
     """
     tensors = torch.ops.kt.pack_experts(w_gate, w_up, w_down, numa_nodes, format, group_size)
+    return PackedExperts(tuple(tensors), format, int(w_gate.shape[1]), int(w_gate.shape[2]), group_size)
+
+
+def pack_expert_codes(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, scales: Sequence[torch.Tensor],
+                      numa_nodes: int = 0, *, format: str, group_size: int = 0) -> PackedExperts:
+    """Packs one layer's experts from a quantized format's codes, as they are (no rounding): what
+    quantized checkpoints ship, in the form :mod:`kt_ops.reference`'s quantize functions return.
+
+    Args:
+        w_gate, w_up: codes ``[E, I, H]``; w_down: codes ``[E, H, I]``. int8 for ``"int8"``
+            and ``"int4"`` (codes in [-8, 7], one per element); ``float8_e4m3fn`` (or its
+            bytes as uint8) for ``"fp8"``.
+        scales: ``[gate, up, down]``, each as the format's quantize function returns it for
+            its matrix N x K (I x H for gate and up, H x I for down): ``"int8"`` float32
+            ``[E, N]``; ``"int4"`` bfloat16 ``[E, N, K / group_size]``; ``"fp8"`` float32
+            ``[E, ceil(N / 128), ceil(K / 128)]`` (the checkpoints' ``weight_scale_inv``).
+        numa_nodes: as for :func:`pack_experts`.
+        format: ``"int8"``, ``"int4"`` or ``"fp8"``.
+        group_size: int4's group; 0 (the default) reads it from the scales' shape.
+
+    Equals :func:`pack_experts` of the weights the codes stand for wherever that quantizes to
+    the same codes (``pack_expert_codes(*w_codes, scales, format=f)`` with ``w_codes, scales``
+    from ``kt_ops.reference.quantize_f`` of each matrix). Raises on codes the kernels cannot
+    read (int4 codes outside [-8, 7], the e4m3 NaN codes) and scales that are not finite.
+    """
+    codes = [w.view(torch.uint8) if w.dtype == torch.float8_e4m3fn else w for w in (w_gate, w_up, w_down)]
+    if format == "int4" and group_size == 0 and len(scales) == 3 and scales[0].dim() == 3 and scales[0].shape[-1]:
+        group_size = int(w_gate.shape[-1]) // int(scales[0].shape[-1])
+    tensors = torch.ops.kt.pack_expert_codes(*codes, list(scales), format, numa_nodes, group_size)
     return PackedExperts(tuple(tensors), format, int(w_gate.shape[1]), int(w_gate.shape[2]), group_size)
 
 

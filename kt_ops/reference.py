@@ -159,13 +159,15 @@ def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp8 e4m3 with one scale per 128 x 128 block of the last two dimensions (the edge blocks
     are partial): ``(q float8_e4m3fn [..., N, K], scale_inv float32 [..., ceil(N / 128),
     ceil(K / 128)])``, ``scale_inv = max|block| / 448``, the name and meaning checkpoints use
-    (the weight is ``q * scale_inv``)."""
+    (the weight is ``q * scale_inv``). The quotients are clamped to +-448 before they round:
+    one a rounding above 448 would convert to NaN."""
     w = w.float()
     n, k = w.shape[-2:]
     padded = F.pad(w, (0, -k % FP8_BLOCK, 0, -n % FP8_BLOCK))
     blocks = padded.unflatten(-1, (-1, FP8_BLOCK)).unflatten(-3, (-1, FP8_BLOCK))  # [..., bn, 128, bk, 128]
     scale_inv = _scale_for(blocks.abs().amax(dim=(-3, -1)), FP8_MAX)
-    return (w / _per_element(scale_inv, n, k)).to(torch.float8_e4m3fn), scale_inv
+    q = (w / _per_element(scale_inv, n, k)).clamp(-FP8_MAX, FP8_MAX)
+    return q.to(torch.float8_e4m3fn), scale_inv
 
 
 def _per_element(block_scales: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -174,6 +176,8 @@ def _per_element(block_scales: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 def dequantize_fp8(q: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
-    """float32 ``q[..., n, k] * scale_inv[..., n // 128, k // 128]``."""
+    """``q[..., n, k] * scale_inv[..., n // 128, k // 128]`` (in float32) rounded to bf16 (as
+    float32): the weights the kernels compute with, which decode fp8 to bf16 with its scales
+    applied."""
     n, k = q.shape[-2:]
-    return q.float() * _per_element(scale_inv, n, k)
+    return (q.float() * _per_element(scale_inv, n, k)).bfloat16().float()

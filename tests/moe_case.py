@@ -9,8 +9,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kt_ops
-from kt_ops.reference import (TOLERANCES, dequantize_int4, dequantize_int8, moe_sft_reference, quantize_int4,
-                              quantize_int8)
+from kt_ops.reference import (TOLERANCES, dequantize_fp8, dequantize_int4, dequantize_int8, moe_sft_reference,
+                              quantize_fp8, quantize_int4, quantize_int8)
 
 ALL_ISAS = ["amx", "avx512", "avx2", "scalar"]
 
@@ -112,6 +112,8 @@ def make_case(
         packed = kt_ops.pack_experts(w_gate, w_up, w_down, numa_nodes, format=weight_format)
     if weight_format == "int8":
         w_gate, w_up, w_down = (dequantize_int8(*quantize_int8(w)) for w in (w_gate, w_up, w_down))
+    if weight_format == "fp8":
+        w_gate, w_up, w_down = (dequantize_fp8(*quantize_fp8(w)) for w in (w_gate, w_up, w_down))
     case = MoeCase(x, topk_ids, topk_weights, w_gate, w_up, w_down, packed, lora)
     case.grad_y = randn(tokens, hidden).to(dtype)
     case.gate = gate or kt_ops.Gate()

@@ -86,7 +86,7 @@ BAD = {
     "layout_values": (lambda c: dict(layout=torch.arange(6)),
                       "layout must be the tensor made by kt.pack_experts with gate_up and down; this one holds other values"),
     "layout_format": (lambda c: dict(layout=with_field(c.experts.layout, 1, 7)),
-                      "layout names weight format 7, which this build of kt_ops cannot compute (it has: bf16, int8, int4)"),
+                      "layout names weight format 7, which this build of kt_ops cannot compute (it has: bf16, int8, int4, fp8)"),
     "layout_experts": (lambda c: dict(layout=with_field(c.experts.layout, 2, 5)),
                        "gate_up must hold the 5 experts in 1 slices that layout describes, got bfloat16 [1, 6, 128, 96]"),
     "activation_name": (lambda c: dict(activation="relu"),
@@ -182,6 +182,8 @@ def test_int4_experts_are_checked(edit, message, device):
     """int4: codes two per byte (gate_up's last dimension is Hp / 2), bf16 scales per block."""
     case = make_case(96, 64, E, K, T, R, numa_nodes=1, weight_format="int4")
     experts = [t.to(device) for t in edit(list(case.experts.tensors))]
+    if device == "meta" and "got float32" in message:  # uint8 codes with fp32 scales are fp8's, one byte each
+        message = "gate_up must be packed for H = 96 and I = 64 (shape [1, E, 128, 96]), got uint8 [1, 6, 128, 48]"
     args = [t.detach().to(device) for t in (case.x, case.topk_ids, case.topk_weights)]
     with pytest.raises(RuntimeError, match=re.escape(OP + message)):
         torch.ops.kt.moe_sft_forward(*args, experts, 64, [], 1.0)
@@ -192,13 +194,13 @@ def test_meta_experts_of_an_unknown_weight_dtype_are_refused(case):
     experts = [case.experts.gate_up.float().to("meta"), case.experts.down.to("meta"), case.experts.layout.to("meta")]
     with pytest.raises(RuntimeError, match=re.escape(
             OP + "gate_up must be the [S, E, 2*Is, Hp] tensor made by kt.pack_experts, in a weight format this build "
-            "has (bf16, int8, int4), got float32 [1, 6, 128, 96]")):
+            "has (bf16, int8, int4, fp8), got float32 [1, 6, 128, 96]")):
         torch.ops.kt.moe_sft_forward(*meta, experts, I, [], 1.0)
 
 
 @pytest.mark.parametrize("fmt, group_size, message", [
-    ("bf17", 0, 'format must be one of bf16, int8, int4 (the weight formats this build has), got "bf17"'),
-    ("", 0, 'format must be one of bf16, int8, int4 (the weight formats this build has), got ""'),
+    ("bf17", 0, 'format must be one of bf16, int8, int4, fp8 (the weight formats this build has), got "bf17"'),
+    ("", 0, 'format must be one of bf16, int8, int4, fp8 (the weight formats this build has), got ""'),
     ("bf16", 32, "format bf16 has no quantization groups: group_size must be 0, got 32"),
     ("int8", 64, "format int8 has no quantization groups: group_size must be 0, got 64"),
     ("int4", 48, "format int4 takes group_size 32, 64 or 128 (0: 32), got 48"),
@@ -358,3 +360,75 @@ def test_saved_activations_that_would_overflow_are_refused():
     with pytest.raises(RuntimeError, match=re.escape(
             "kt.moe_sft_forward: gate_up_act would be of shape [549755813888, 8, 2097152], 2^62 elements or more")):
         torch.ops.kt.moe_sft_forward(x, ids, weights, [gate_up, down, layout], i, [], 1.0)
+
+
+def _codes(fmt):
+    """Codes and scales of a [2, 64, 32] / [2, 32, 64] layer in ``fmt`` for kt.pack_expert_codes."""
+    from kt_ops import reference as ref
+
+    g = torch.Generator().manual_seed(3)
+    w = [torch.randn(*s, generator=g) for s in [(2, 64, 32), (2, 64, 32), (2, 32, 64)]]
+    quantize = {"int8": ref.quantize_int8, "int4": lambda t: ref.quantize_int4(t, 32), "fp8": ref.quantize_fp8}[fmt]
+    codes, scales = zip(*(quantize(t) for t in w))
+    return [c.view(torch.uint8) if c.dtype == torch.float8_e4m3fn else c for c in codes], list(scales)
+
+
+def _edited(codes, scales, index, value):
+    out = list(codes) + list(scales)
+    out[index] = value
+    return out[:3], out[3:]
+
+
+@pytest.mark.parametrize("fmt, edit, message", [
+    ("fp8", lambda c, s: _edited(c, s, 3, s[0][:, :, :0]),
+     "scales[0] (gate) must be float32 [2, 1, 1] (one per 128 x 128 block, as kt_ops.reference.quantize_fp8 returns "
+     "them), got float32 [2, 1, 0]"),
+    ("fp8", lambda c, s: _edited(c, s, 5, s[2].double()),
+     "scales[2] (down) must be float32 [2, 1, 1] (one per 128 x 128 block, as kt_ops.reference.quantize_fp8 returns "
+     "them), got float64 [2, 1, 1]"),
+    ("int4", lambda c, s: _edited(c, s, 4, s[1].float()),
+     "scales[1] (up) must be bfloat16 [2, 64, 1] (one per group of a row, as kt_ops.reference.quantize_int4 returns "
+     "them), got float32 [2, 64, 1]"),
+    ("int8", lambda c, s: _edited(c, s, 5, s[2][:, :3]),
+     "scales[2] (down) must be float32 [2, 32] (one per output row, as kt_ops.reference.quantize_int8 returns them), "
+     "got float32 [2, 3]"),
+    ("int8", lambda c, s: (c, s[:2]), "scales must be the three scale tensors [gate, up, down] of format int8, got 2"),
+    ("fp8", lambda c, s: _edited(c, s, 0, c[0].view(torch.int8)),
+     "w_gate must be uint8 of shape [E, I, H], got int8 [2, 64, 32]"),
+    ("int4", lambda c, s: _edited(c, s, 2, c[2][:, :, :32]),
+     "w_down must be int8 of shape [E, H, I] = [2, 32, 64], got int8 [2, 32, 32]"),
+    ("int8", lambda c, s: _edited(c, s, 3, s[0].to("meta")),  # the dispatcher picks the Meta kernel
+     "scales[0] (gate) must be on w_gate's device (cpu), got a tensor on meta; the kt ops compute on CPU tensors"),
+])
+def test_pack_expert_codes_checks_its_arguments(fmt, edit, message):
+    codes, scales = edit(*_codes(fmt))
+    with pytest.raises(RuntimeError, match=re.escape("kt.pack_expert_codes: " + message)):
+        torch.ops.kt.pack_expert_codes(*codes, scales, fmt, 1, 32 if fmt == "int4" else 0)
+
+
+@pytest.mark.parametrize("fmt, message", [
+    ("bf16", "format bf16 has no codes (kt.pack_experts packs bf16 weights as they are)"),
+    ("int3", 'format must be one of bf16, int8, int4, fp8 (the weight formats this build has), got "int3"'),
+])
+def test_pack_expert_codes_needs_a_format_with_codes(fmt, message):
+    codes, scales = _codes("int8")
+    with pytest.raises(RuntimeError, match=re.escape("kt.pack_expert_codes: " + message)):
+        torch.ops.kt.pack_expert_codes(*codes, scales, fmt, 1, 0)
+
+
+def test_pack_expert_codes_refuses_values_the_kernels_cannot_read():
+    codes, scales = _codes("int4")
+    codes[1][0, 0, 0] = 8
+    with pytest.raises(RuntimeError, match=re.escape(
+            "kt.pack_expert_codes: w_up must hold int4 codes in [-8, 7], got values in [-7, 8]")):
+        torch.ops.kt.pack_expert_codes(*codes, scales, "int4", 1, 32)
+    codes, scales = _codes("fp8")
+    codes[2][1, 3, 4] = 0xFF
+    with pytest.raises(RuntimeError, match=re.escape(
+            "kt.pack_expert_codes: w_down holds the e4m3 NaN code (0x7f or 0xff); fp8 expert weights must be finite")):
+        torch.ops.kt.pack_expert_codes(*codes, scales, "fp8", 1, 0)
+    codes, scales = _codes("int8")
+    scales[0][1, 5] = float("inf")
+    with pytest.raises(RuntimeError, match=re.escape(
+            "kt.pack_expert_codes: scales[0] must be finite, got a NaN or infinite scale")):
+        torch.ops.kt.pack_expert_codes(*codes, scales, "int8", 1, 0)

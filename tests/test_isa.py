@@ -37,5 +37,5 @@ def test_each_format_takes_the_best_path_it_has_under_the_cap(cap, monkeypatch):
 
 
 def test_isa_names_an_unknown_format():
-    with pytest.raises(RuntimeError, match='kt.isa: format must be one of bf16, int8, int4, got "int3"'):
+    with pytest.raises(RuntimeError, match='kt.isa: format must be one of bf16, int8, int4, fp8, got "int3"'):
         kt_ops.isa("int3")

@@ -18,7 +18,8 @@ GATES = {"swiglu": {}, "gpt_oss": {"gate": Gate(alpha=1.702, limit=0.75, up_offs
 
 
 def test_every_op_is_covered():
-    tested = {"kt::pack_experts", "kt::unpack_experts", "kt::moe_sft_forward", "kt::moe_sft_backward"}
+    tested = {"kt::pack_experts", "kt::pack_expert_codes", "kt::unpack_experts", "kt::moe_sft_forward",
+              "kt::moe_sft_backward"}
     ops = {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("kt::")}
     assert ops == tested | set(OPCHECK_EXEMPT), ops
 
@@ -29,6 +30,20 @@ def test_opcheck_pack_experts(weight_format):
     h, i = format_sizes(weight_format, 70, 45)
     w = [torch.randn(*s, generator=g).bfloat16() for s in [(3, i, h), (3, i, h), (3, h, i)]]
     torch.library.opcheck(torch.ops.kt.pack_experts.default, (*w, 0, weight_format, 0))
+
+
+@pytest.mark.parametrize("weight_format", [f for f in kt_ops.weight_formats() if f != "bf16"])
+def test_opcheck_pack_expert_codes(weight_format):
+    from kt_ops import reference as ref
+
+    g = torch.Generator().manual_seed(0)
+    h, i = format_sizes(weight_format, 70, 45)
+    w = [torch.randn(*s, generator=g) for s in [(3, i, h), (3, i, h), (3, h, i)]]
+    quantize = {"int8": ref.quantize_int8, "int4": lambda t: ref.quantize_int4(t, 32), "fp8": ref.quantize_fp8}
+    codes, scales = zip(*(quantize[weight_format](t) for t in w))
+    codes = [c.view(torch.uint8) if c.dtype == torch.float8_e4m3fn else c for c in codes]
+    group = 32 if weight_format == "int4" else 0
+    torch.library.opcheck(torch.ops.kt.pack_expert_codes.default, (*codes, list(scales), weight_format, 2, group))
 
 
 @pytest.mark.parametrize("weight_format", kt_ops.weight_formats())

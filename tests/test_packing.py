@@ -168,3 +168,108 @@ def test_an_in_place_write_repacks_int4_in_the_group_it_was_packed_with():
         down.copy_(new_down)
     want = kt_ops.pack_experts(w[0], w[1], new_down, 1, format="int4", group_size=64)
     assert all(torch.equal(a, b) for a, b in zip(packed.tensors, want.tensors))
+
+
+@pytest.mark.parametrize("numa_nodes", [1, 2, 3])
+def test_fp8_packing_is_the_reference_quantization(numa_nodes):
+    """Codes and block scales of kt_ops.reference.quantize_fp8, exactly: the dequantized weights
+    come back (also for blocks split between slices: I = 320 in 3 slices of 128 straddles the
+    128-blocks), a block of zeros has scale 1, and each packed 16 x 32 block carries the scale
+    of the 128 x 128 block it lies in, in the packed order; the codes are the reference's
+    e4m3 bytes."""
+    from kt_ops.reference import dequantize_fp8, quantize_fp8
+
+    w = list(_weights(3, 320, 200, seed=7))  # [E, I, H] = [3, 320, 200]: partial edge blocks both ways
+    w[1] = (w[1].float() * 1e-3).bfloat16()  # small weights: codes of every binade, subnormals too
+    w[0][1, :128, :128].zero_()
+    packed = kt_ops.pack_experts(*w, numa_nodes, format="fp8")
+    assert packed.format == "fp8" and [t.dtype for t in packed.tensors] == [
+        torch.uint8, torch.uint8, torch.int64, torch.float32, torch.float32]
+    for got, want in zip(packed.unpack(), w):
+        assert torch.equal(got, dequantize_fp8(*quantize_fp8(want)).bfloat16())
+    (gate_q, gate_scale), (up_q, up_scale), (down_q, down_scale) = (quantize_fp8(t) for t in w)
+    assert gate_scale[1, 0, 0] == 1.0
+    s, width, hp = packed.numa_slices, packed.gate_up.shape[2] // 2, packed.gate_up.shape[3]
+    fused = packed.tensors[3].unflatten(-1, (2 * width // 16, hp // 32))  # [S, E, panels, blocks]
+    for sl in range(s):
+        for c in range(0, min(width, 320 - sl * width), 16):
+            for b in range(hp // 32):
+                want = (gate_scale[:, (sl * width + c) // 128, b // 4], up_scale[:, (sl * width + c) // 128, b // 4])
+                if b * 32 >= 200:
+                    want = (torch.zeros(3), torch.zeros(3))
+                assert fused[sl, :, (c // 16) * 2, b].equal(want[0]) and fused[sl, :, (c // 16) * 2 + 1, b].equal(want[1])
+        down = packed.tensors[4][sl].unflatten(-1, (hp // 16, width // 32))  # [E, panels of h, blocks]
+        for b in range(width // 32):
+            col = sl * width + b * 32
+            for h in range(0, 200, 16):
+                want = down_scale[:, h // 128, col // 128] if col < 320 else torch.zeros(3)
+                assert down[:, h // 16, b].equal(want)
+    # The bytes are the reference's e4m3 codes: the code multiset of gate and up equals theirs.
+    got_codes = packed.gate_up[packed.gate_up != 0].sort().values
+    want_codes = torch.cat([gate_q.view(torch.uint8).flatten(), up_q.view(torch.uint8).flatten()])
+    assert torch.equal(got_codes, want_codes[want_codes != 0].sort().values)
+
+
+def test_fp8_resident_bytes_are_at_most_0_53_of_bf16():
+    w = _weights(8, 256, 512)
+    bf16 = kt_ops.pack_experts(*w).nbytes
+    fp8 = kt_ops.pack_experts(*w, format="fp8").nbytes
+    assert fp8 <= 0.53 * bf16, fp8 / bf16
+
+
+def test_fp8_quantization_saturates_instead_of_making_nan():
+    """A quotient a rounding above 448 must become the code for 448, never the NaN code."""
+    w = torch.full((1, 32, 32), 0.3).bfloat16()
+    w[0, 0, 0] = 1.0234375  # the block's maximum m: in fp32, m / (m / 448) is 448.00003
+    assert (w[0, 0, 0].float() / (w[0, 0, 0].float() / 448)) > 448
+    packed = kt_ops.pack_experts(w, w, w.transpose(1, 2).contiguous(), 1, format="fp8")
+    assert not ((packed.gate_up & 0x7F) == 0x7F).any()
+    assert packed.unpack()[0][0, 0, 0] == w[0, 0, 0]
+
+
+def _quantized(weights, fmt, group_size):
+    """Codes and scales of each matrix as kt_ops.reference.quantize_<fmt> returns them."""
+    from kt_ops import reference as ref
+
+    quantize = {"int8": ref.quantize_int8, "int4": lambda w: ref.quantize_int4(w, group_size),
+                "fp8": ref.quantize_fp8}[fmt]
+    return zip(*(quantize(w) for w in weights))
+
+
+@pytest.mark.parametrize("numa_nodes", [1, 2, 3])
+@pytest.mark.parametrize("fmt, group_size", [("int8", 0), ("int4", 32), ("int4", 128), ("fp8", 0)])
+def test_packing_codes_equals_packing_the_weights_they_quantize_to(fmt, group_size, numa_nodes):
+    """pack_expert_codes of the reference's codes and scales is pack_experts of the weights,
+    tensor for tensor (I = 384 in 3 slices of 128, in 2 of 192: slices that split 128-blocks
+    and int4 groups of 128)."""
+    w = _weights(3, 384, 256, seed=8)
+    codes, scales = _quantized(w, fmt, group_size)
+    got = kt_ops.pack_expert_codes(*codes, list(scales), numa_nodes, format=fmt)
+    want = kt_ops.pack_experts(*w, numa_nodes, format=fmt, group_size=group_size)
+    assert got.format == fmt and got.group_size == group_size
+    assert all(torch.equal(a, b) for a, b in zip(got.tensors, want.tensors))
+
+
+def test_int4_codes_may_use_minus_8():
+    """Checkpoints use the code -8, which kt_ops' own quantization never makes: it is packed as
+    it is and reads as -8 steps."""
+    from kt_ops.reference import dequantize_int4, quantize_int4
+
+    w = _weights(2, 64, 96, seed=9)
+    (q_g, s_g), (q_u, s_u), (q_d, s_d) = (quantize_int4(t, 32) for t in w)
+    q_g[0, 0, :5] = -8
+    packed = kt_ops.pack_expert_codes(q_g, q_u, q_d, [s_g, s_u, s_d], 1, format="int4")
+    got = packed.unpack()[0]
+    assert torch.equal(got, dequantize_int4(q_g, s_g, 32).bfloat16())
+    assert (got[0, 0, :5] == -8 * s_g[0, 0, 0]).all()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])
+def test_packing_codes_on_meta_has_the_shapes_of_cpu(fmt):
+    codes, scales = _quantized(_weights(2, 96, 64, seed=10), fmt, 32)
+    codes = [c.view(torch.uint8) if c.dtype == torch.float8_e4m3fn else c for c in codes]
+    cpu = torch.ops.kt.pack_expert_codes(*codes, list(scales), fmt, 2, 32 if fmt == "int4" else 0)
+    meta = torch.ops.kt.pack_expert_codes(*[t.to("meta") for t in codes], [t.to("meta") for t in scales], fmt, 2,
+                                          32 if fmt == "int4" else 0)
+    for a, b in zip(cpu, meta):
+        assert a.shape == b.shape and a.dtype == b.dtype and b.device.type == "meta"

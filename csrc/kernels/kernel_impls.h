@@ -34,14 +34,18 @@ void gemm_avx512_bf16(int64_t m, int64_t kp, const uint16_t* a, int64_t lda, con
                       float* c, int64_t ldc, bool accumulate);
 
 // AVX-512-BF16 panel conversions (panels_avx512.cpp): pack_transposed_panels, decode_panels and
-// their int4 twins (packing.h) of bf16, int8 and int4 panels, and scale_columns_scalar's vector twin.
+// their int4 and fp8 twins (packing.h), and scale_columns_scalar's vector twin.
 void pack_transposed_panels_avx512(const uint16_t* packed, int64_t np, int64_t kp, int64_t first_panel,
                                    int64_t panel_count, uint16_t* dst);
 void pack_transposed_panels_int8_avx512(const int8_t* packed, const float* row_scales, int64_t np, int64_t kp,
                                         int64_t first_panel, int64_t panel_count, uint16_t* dst);
 void pack_transposed_panels_int4_avx512(const uint8_t* packed, const uint16_t* block_scales, int64_t np, int64_t kp,
                                         int64_t first_panel, int64_t panel_count, uint16_t* dst);
+void pack_transposed_panels_fp8_avx512(const uint8_t* packed, const float* tile_scales, int64_t np, int64_t kp,
+                                       int64_t first_panel, int64_t panel_count, uint16_t* dst);
 void decode_panels_avx512(const int8_t* packed, int64_t kp, int64_t panels, uint16_t* dst);
+void decode_panels_fp8_avx512(const uint8_t* packed, const float* tile_scales, int64_t kp, int64_t panels,
+                              uint16_t* dst);
 void decode_panels_int4_avx512(const uint8_t* packed, const uint16_t* block_scales, int64_t kp, int64_t panels,
                                uint16_t* dst);
 void scale_columns_avx512(int64_t m, int64_t cols, const float* scales, float* c, int64_t ldc);

@@ -58,9 +58,20 @@ void int4_transposed_avx512(const void* packed, const void* scales, int64_t np, 
                                      first_panel, panel_count, dst);
 }
 
+void fp8_transposed(const void* packed, const void* scales, int64_t np, int64_t kp, int64_t first_panel,
+                    int64_t panel_count, uint16_t* dst) {
+  pack_transposed_panels_fp8(static_cast<const uint8_t*>(packed), static_cast<const float*>(scales), np, kp,
+                             first_panel, panel_count, dst);
+}
+void fp8_transposed_avx512(const void* packed, const void* scales, int64_t np, int64_t kp, int64_t first_panel,
+                           int64_t panel_count, uint16_t* dst) {
+  pack_transposed_panels_fp8_avx512(static_cast<const uint8_t*>(packed), static_cast<const float*>(scales), np, kp,
+                                    first_panel, panel_count, dst);
+}
+
 // Decodes reduction steps [k0, k0 + depth) of packed panel `panel` (of a matrix of depth kp) to
 // bf16 panels of depth `depth` at dst: the codes as they are for int8 (its per-channel scales
-// go on the outputs), the dequantized weights for int4.
+// go on the outputs), the dequantized weights for int4 and fp8.
 using RangeDecodeFn = void (*)(const void* packed, const void* scales, int64_t kp, int64_t panel, int64_t k0,
                                int64_t depth, bf16* dst);
 
@@ -75,6 +86,13 @@ void int4_range(const void* packed, const void* scales, int64_t kp, int64_t pane
   Decode(static_cast<const uint8_t*>(packed) + (panel * kp + k0) * kPanelRows / 2,
          static_cast<const bf16*>(scales) + (panel * (kp / kBlockDepth) + k0 / kBlockDepth) * kPanelRows, depth, 1,
          dst);
+}
+
+template <void (*Decode)(const uint8_t*, const float*, int64_t, int64_t, bf16*)>
+void fp8_range(const void* packed, const void* scales, int64_t kp, int64_t panel, int64_t k0, int64_t depth,
+               bf16* dst) {
+  Decode(static_cast<const uint8_t*>(packed) + (panel * kp + k0) * kPanelRows,
+         static_cast<const float*>(scales) + panel * (kp / kBlockDepth) + k0 / kBlockDepth, depth, 1, dst);
 }
 
 using ScaleColumnsFn = void (*)(int64_t m, int64_t cols, const float* scales, float* c, int64_t ldc);
@@ -156,6 +174,24 @@ const KernelSet kInt4Scalar{"scalar", Isa::kScalar, WeightFormat::kInt4, DType::
                             kScalarF32, kScalarF32F32, int4_transposed, rank_update_scalar, sigmoid_scalar,
                             swiglu_forward_scalar, swiglu_backward_scalar};
 
+// fp8 (e4m3, no AMX-FP8 on these CPUs): the bf16 sets' kernels on the dequantized weights.
+const KernelSet kFp8Amx{"amx", Isa::kAmx, WeightFormat::kFp8, DType::kBF16,
+                        decoded_weight_gemm<bf16, kAmxBf16, fp8_range<decode_panels_fp8_avx512>, nullptr>, kAmxBf16,
+                        kAmxBf16, fp8_transposed_avx512, rank_update_avx512, sigmoid_avx512, swiglu_forward_avx512,
+                        swiglu_backward_avx512};
+const KernelSet kFp8Avx512{"avx512", Isa::kAvx512Bf16, WeightFormat::kFp8, DType::kBF16,
+                           decoded_weight_gemm<bf16, kAvx512Bf16, fp8_range<decode_panels_fp8_avx512>, nullptr>,
+                           kAvx512Bf16, kAvx512Bf16, fp8_transposed_avx512, rank_update_avx512, sigmoid_avx512,
+                           swiglu_forward_avx512, swiglu_backward_avx512};
+const KernelSet kFp8Avx2{"avx2", Isa::kAvx2, WeightFormat::kFp8, DType::kF32,
+                         decoded_weight_gemm<float, kAvx2F32, fp8_range<decode_panels_fp8>, nullptr>, kAvx2F32,
+                         kScalarF32F32, fp8_transposed, rank_update_scalar, sigmoid_scalar, swiglu_forward_scalar,
+                         swiglu_backward_scalar};
+const KernelSet kFp8Scalar{"scalar", Isa::kScalar, WeightFormat::kFp8, DType::kF32,
+                           decoded_weight_gemm<float, kScalarF32, fp8_range<decode_panels_fp8>, nullptr>, kScalarF32,
+                           kScalarF32F32, fp8_transposed, rank_update_scalar, sigmoid_scalar, swiglu_forward_scalar,
+                           swiglu_backward_scalar};
+
 // Each format's packing (kt/packing.h) as the registry's PackSliceFn / UnpackSliceFn.
 void pack_bf16(const ExpertLayout& layout, const bf16* g, const bf16* u, const bf16* d, int64_t e, int64_t s, int64_t,
                void* gate_up, void* down, void*, void*) {
@@ -188,6 +224,56 @@ void unpack_int4(const ExpertLayout& layout, const void* gate_up, const void* do
                            d);
 }
 
+void pack_fp8(const ExpertLayout& layout, const bf16* g, const bf16* u, const bf16* d, int64_t e, int64_t s, int64_t,
+              void* gate_up, void* down, void* gate_up_scale, void* down_scale) {
+  pack_expert_slice_fp8(layout, g, u, d, e, s, static_cast<uint8_t*>(gate_up), static_cast<uint8_t*>(down),
+                        static_cast<float*>(gate_up_scale), static_cast<float*>(down_scale));
+}
+void unpack_fp8(const ExpertLayout& layout, const void* gate_up, const void* down, const void* gate_up_scale,
+                const void* down_scale, int64_t e, int64_t s, bf16* g, bf16* u, bf16* d) {
+  unpack_expert_slice_fp8(layout, static_cast<const uint8_t*>(gate_up), static_cast<const uint8_t*>(down),
+                          static_cast<const float*>(gate_up_scale), static_cast<const float*>(down_scale), e, s, g, u,
+                          d);
+}
+
+void pack_int8_codes_slice(const ExpertLayout& layout, const void* g, const void* u, const void* d, const void* gs,
+                           const void* us, const void* ds, int64_t e, int64_t s, int64_t, void* gate_up, void* down,
+                           void* gate_up_scale, void* down_scale) {
+  const int64_t H = layout.hidden, I = layout.intermediate, c0 = s * layout.slice_width();
+  const int64_t first_row = e * I + c0;
+  const Int8Slice codes{static_cast<const int8_t*>(g) + first_row * H, static_cast<const int8_t*>(u) + first_row * H,
+                        static_cast<const int8_t*>(d) + e * H * I + c0, I,
+                        static_cast<const float*>(gs) + first_row, static_cast<const float*>(us) + first_row,
+                        static_cast<const float*>(ds) + e * H};
+  pack_expert_slice_int8_codes(layout, codes, e, s, static_cast<int8_t*>(gate_up), static_cast<int8_t*>(down),
+                               static_cast<float*>(gate_up_scale), static_cast<float*>(down_scale));
+}
+void pack_int4_codes_slice(const ExpertLayout& layout, const void* g, const void* u, const void* d, const void* gs,
+                           const void* us, const void* ds, int64_t e, int64_t s, int64_t group, void* gate_up,
+                           void* down, void* gate_up_scale, void* down_scale) {
+  const int64_t H = layout.hidden, I = layout.intermediate, c0 = s * layout.slice_width();
+  const int64_t first_row = e * I + c0;
+  const Int4Slice codes{static_cast<const int8_t*>(g) + first_row * H, static_cast<const int8_t*>(u) + first_row * H,
+                        static_cast<const int8_t*>(d) + e * H * I + c0, I,
+                        static_cast<const bf16*>(gs) + first_row * (H / group),
+                        static_cast<const bf16*>(us) + first_row * (H / group),
+                        static_cast<const bf16*>(ds) + e * H * (I / group)};
+  pack_expert_slice_int4_codes(layout, codes, e, s, group, static_cast<uint8_t*>(gate_up), static_cast<uint8_t*>(down),
+                               static_cast<bf16*>(gate_up_scale), static_cast<bf16*>(down_scale));
+}
+void pack_fp8_codes_slice(const ExpertLayout& layout, const void* g, const void* u, const void* d, const void* gs,
+                          const void* us, const void* ds, int64_t e, int64_t s, int64_t, void* gate_up, void* down,
+                          void* gate_up_scale, void* down_scale) {
+  const int64_t H = layout.hidden, I = layout.intermediate, c0 = s * layout.slice_width();
+  const int64_t first_row = e * I + c0, blocks = ((I + kFp8Block - 1) / kFp8Block) * ((H + kFp8Block - 1) / kFp8Block);
+  const Fp8Slice codes{static_cast<const uint8_t*>(g) + first_row * H, static_cast<const uint8_t*>(u) + first_row * H,
+                       static_cast<const uint8_t*>(d) + e * H * I + c0, I,
+                       static_cast<const float*>(gs) + e * blocks, static_cast<const float*>(us) + e * blocks,
+                       static_cast<const float*>(ds) + e * blocks};
+  pack_expert_slice_fp8_codes(layout, codes, e, s, static_cast<uint8_t*>(gate_up), static_cast<uint8_t*>(down),
+                              static_cast<float*>(gate_up_scale), static_cast<float*>(down_scale));
+}
+
 struct FormatEntry {
   FormatInfo info;
   std::vector<const KernelSet*> sets;  // best first, the scalar reference last
@@ -196,14 +282,18 @@ struct FormatEntry {
 // One entry per format: what it stores, how it packs, and the kernels that compute with it.
 const std::vector<FormatEntry>& registry() {
   static const std::vector<FormatEntry> formats = {
-      {{WeightFormat::kBF16, "bf16", WeightStorage::kBF16, 16, WeightScales::kNone, 0, pack_bf16, unpack_bf16},
+      {{WeightFormat::kBF16, "bf16", WeightStorage::kBF16, 16, WeightScales::kNone, 0, pack_bf16, unpack_bf16,
+        CodeScales::kNone, nullptr},
        {&kBf16Amx, &kBf16Avx512, &kBf16Avx2, &kBf16Scalar}},
       {{WeightFormat::kInt8, "int8", WeightStorage::kInt8, 8, WeightScales::kPerChannel, 0, pack_int8,
-        unpack_int8},
+        unpack_int8, CodeScales::kPerRow, pack_int8_codes_slice},
        {&kInt8Amx, &kInt8Avx512, &kInt8Avx2, &kInt8Scalar}},
       {{WeightFormat::kInt4, "int4", WeightStorage::kInt4, 4, WeightScales::kPerBlock, 32, pack_int4,
-        unpack_int4},
+        unpack_int4, CodeScales::kPerGroup, pack_int4_codes_slice},
        {&kInt4Amx, &kInt4Avx512, &kInt4Avx2, &kInt4Scalar}},
+      {{WeightFormat::kFp8, "fp8", WeightStorage::kFp8E4M3, 8, WeightScales::kPerTile, 0, pack_fp8, unpack_fp8,
+        CodeScales::kPer128Block, pack_fp8_codes_slice},
+       {&kFp8Amx, &kFp8Avx512, &kFp8Avx2, &kFp8Scalar}},
   };
   return formats;
 }

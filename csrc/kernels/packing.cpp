@@ -82,10 +82,12 @@ void pack_transposed_panels(const T* packed, const float* row_scales, int64_t np
 
 template void pack_weight(const bf16*, int64_t, int64_t, int64_t, int64_t, bf16*);
 template void pack_weight(const int8_t*, int64_t, int64_t, int64_t, int64_t, int8_t*);
+template void pack_weight(const uint8_t*, int64_t, int64_t, int64_t, int64_t, uint8_t*);
 template void unpack_weight(const bf16*, int64_t, int64_t, int64_t, int64_t, bf16*);
 template void unpack_weight(const int8_t*, int64_t, int64_t, int64_t, int64_t, int8_t*);
 template void pack_gate_up(const bf16*, const bf16*, int64_t, int64_t, bf16*);
 template void pack_gate_up(const int8_t*, const int8_t*, int64_t, int64_t, int8_t*);
+template void pack_gate_up(const uint8_t*, const uint8_t*, int64_t, int64_t, uint8_t*);
 template void unpack_gate_up(const bf16*, int64_t, int64_t, bf16*, bf16*);
 template void unpack_gate_up(const int8_t*, int64_t, int64_t, int8_t*, int8_t*);
 template void pack_transposed_panels(const bf16*, const float*, int64_t, int64_t, int64_t, int64_t, bf16*);
@@ -127,29 +129,43 @@ void unpack_expert_slice(const ExpertLayout& layout, const bf16* gate_up, const 
   unpack_weight(down + layout.down_offset(s, e), H, cols, I, is, w_down + e * H * I + c0);
 }
 
+void pack_expert_slice_int8_codes(const ExpertLayout& layout, const Int8Slice& codes, int64_t e, int64_t s,
+                                  int8_t* gate_up, int8_t* down, float* gate_up_scale, float* down_scale) {
+  const int64_t H = layout.hidden, is = layout.slice_width(), hp = layout.hp();
+  const int64_t cols = layout.slice_columns(s);
+  float* gu_scale = gate_up_scale + layout.gate_up_scale_offset(s, e, WeightScales::kPerChannel);
+  float* d_scale = down_scale + layout.down_scale_offset(s, e, WeightScales::kPerChannel);
+  std::fill(gu_scale, gu_scale + 2 * is, 0.f);
+  std::fill(d_scale, d_scale + hp, 0.f);
+  for (int64_t r = 0; r < cols; ++r) {
+    gu_scale[gate_up_column(r, false)] = codes.gate_scales[r];
+    gu_scale[gate_up_column(r, true)] = codes.up_scales[r];
+  }
+  std::copy(codes.down_scales, codes.down_scales + H, d_scale);  // a down row spans every slice
+  int8_t* gu = gate_up + layout.gate_up_offset(s, e);
+  std::memset(gu, 0, 2 * is * hp);
+  if (cols > 0) pack_gate_up(codes.gate, codes.up, cols, H, gu);
+  pack_weight(codes.down, H, cols, codes.ld_down, is, down + layout.down_offset(s, e));
+}
+
 void pack_expert_slice_int8(const ExpertLayout& layout, const bf16* w_gate, const bf16* w_up, const bf16* w_down,
                             int64_t e, int64_t s, int8_t* gate_up, int8_t* down, float* gate_up_scale,
                             float* down_scale) {
-  const int64_t H = layout.hidden, I = layout.intermediate, is = layout.slice_width(), hp = layout.hp();
-  const int64_t c0 = s * is, cols = layout.slice_columns(s);
-  float* gu_scale = gate_up_scale + layout.gate_up_scale_offset(s, e);
-  float* d_scale = down_scale + layout.down_scale_offset(s, e);
-  std::fill(gu_scale, gu_scale + 2 * is, 0.f);
-  std::fill(d_scale, d_scale + hp, 0.f);
+  const int64_t H = layout.hidden, I = layout.intermediate, c0 = s * layout.slice_width();
+  const int64_t cols = layout.slice_columns(s);
   std::vector<int8_t> g(cols * H), u(cols * H), d_row(I), d(H * cols);
+  std::vector<float> g_scale(cols), u_scale(cols), d_scale(H);
   for (int64_t r = 0; r < cols; ++r) {
     const int64_t row = e * I + c0 + r;
-    gu_scale[gate_up_column(r, false)] = quantize_row_int8(w_gate + row * H, H, g.data() + r * H);
-    gu_scale[gate_up_column(r, true)] = quantize_row_int8(w_up + row * H, H, u.data() + r * H);
+    g_scale[r] = quantize_row_int8(w_gate + row * H, H, g.data() + r * H);
+    u_scale[r] = quantize_row_int8(w_up + row * H, H, u.data() + r * H);
   }
   for (int64_t h = 0; h < H; ++h) {  // the whole row sets the scale; the slice keeps its columns
     d_scale[h] = quantize_row_int8(w_down + (e * H + h) * I, I, d_row.data());
     std::memcpy(d.data() + h * cols, d_row.data() + c0, cols);
   }
-  int8_t* gu = gate_up + layout.gate_up_offset(s, e);
-  std::memset(gu, 0, 2 * is * hp);
-  if (cols > 0) pack_gate_up(g.data(), u.data(), cols, H, gu);
-  pack_weight(d.data(), H, cols, cols, is, down + layout.down_offset(s, e));
+  const Int8Slice codes{g.data(), u.data(), d.data(), cols, g_scale.data(), u_scale.data(), d_scale.data()};
+  pack_expert_slice_int8_codes(layout, codes, e, s, gate_up, down, gate_up_scale, down_scale);
 }
 
 void unpack_expert_slice_int8(const ExpertLayout& layout, const int8_t* gate_up, const int8_t* down,
@@ -161,8 +177,8 @@ void unpack_expert_slice_int8(const ExpertLayout& layout, const int8_t* gate_up,
   std::vector<int8_t> g(cols * H), u(cols * H), d(H * cols);
   unpack_gate_up(gate_up + layout.gate_up_offset(s, e), cols, H, g.data(), u.data());
   unpack_weight(down + layout.down_offset(s, e), H, cols, cols, is, d.data());
-  const float* gu_scale = gate_up_scale + layout.gate_up_scale_offset(s, e);
-  const float* d_scale = down_scale + layout.down_scale_offset(s, e);
+  const float* gu_scale = gate_up_scale + layout.gate_up_scale_offset(s, e, WeightScales::kPerChannel);
+  const float* d_scale = down_scale + layout.down_scale_offset(s, e, WeightScales::kPerChannel);
   for (int64_t r = 0; r < cols; ++r) {
     const float sg = gu_scale[gate_up_column(r, false)], su = gu_scale[gate_up_column(r, true)];
     for (int64_t c = 0; c < H; ++c) {
@@ -228,14 +244,41 @@ void pack_transposed_panels_int4(const uint8_t* packed, const bf16* block_scales
     }
 }
 
-void pack_expert_slice_int4(const ExpertLayout& layout, const bf16* w_gate, const bf16* w_up, const bf16* w_down,
-                            int64_t e, int64_t s, int64_t group, uint8_t* gate_up, uint8_t* down, bf16* gate_up_scale,
-                            bf16* down_scale) {
+void pack_expert_slice_int4_codes(const ExpertLayout& layout, const Int4Slice& codes, int64_t e, int64_t s,
+                                  int64_t group, uint8_t* gate_up, uint8_t* down, bf16* gate_up_scale,
+                                  bf16* down_scale) {
   const int64_t H = layout.hidden, I = layout.intermediate, is = layout.slice_width(), hp = layout.hp();
   const int64_t c0 = s * is, cols = layout.slice_columns(s);
   const int64_t gu_blocks = hp / kBlockDepth, d_blocks = is / kBlockDepth;
   const int64_t h_groups = H / group, i_groups = I / group;
-  // Codes in the int8 layout first (same positions), group scales row by row.
+  // Codes in the int8 layout first (same positions), then two per byte.
+  std::vector<int8_t> gu_codes(2 * is * hp, 0), d_codes(hp * is);
+  if (cols > 0) pack_gate_up(codes.gate, codes.up, cols, H, gu_codes.data());
+  pack_weight(codes.down, H, cols, codes.ld_down, is, d_codes.data());
+  pack_int4_codes(gu_codes.data(), 2 * is * hp, gate_up + layout.gate_up_offset(s, e) / 2);
+  pack_int4_codes(d_codes.data(), hp * is, down + layout.down_offset(s, e) / 2);
+
+  bf16* gu_out = gate_up_scale + layout.gate_up_scale_offset(s, e, WeightScales::kPerBlock);
+  bf16* d_out = down_scale + layout.down_scale_offset(s, e, WeightScales::kPerBlock);
+  std::fill(gu_out, gu_out + 2 * is * gu_blocks, bf16(0));
+  std::fill(d_out, d_out + hp * d_blocks, bf16(0));
+  for (int64_t r = 0; r < cols; ++r)
+    for (const bool is_up : {false, true}) {
+      const int64_t n = gate_up_column(r, is_up);
+      const bf16* from = (is_up ? codes.up_scales : codes.gate_scales) + r * h_groups;
+      for (int64_t k = 0; k < H; k += kBlockDepth) gu_out[block_scale_index(n, k, gu_blocks)] = from[k / group];
+    }
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t k = 0; k < cols; k += kBlockDepth)
+      d_out[block_scale_index(h, k, d_blocks)] = codes.down_scales[h * i_groups + (c0 + k) / group];
+}
+
+void pack_expert_slice_int4(const ExpertLayout& layout, const bf16* w_gate, const bf16* w_up, const bf16* w_down,
+                            int64_t e, int64_t s, int64_t group, uint8_t* gate_up, uint8_t* down, bf16* gate_up_scale,
+                            bf16* down_scale) {
+  const int64_t H = layout.hidden, I = layout.intermediate, c0 = s * layout.slice_width();
+  const int64_t cols = layout.slice_columns(s), h_groups = H / group, i_groups = I / group;
+  // The slice's gate and up rows and its down columns; the whole down rows set their scales.
   std::vector<int8_t> g(cols * H), u(cols * H), d(H * cols), d_row(I);
   std::vector<bf16> g_scale(cols * h_groups), u_scale(cols * h_groups), d_scale(H * i_groups);
   for (int64_t r = 0; r < cols; ++r)
@@ -244,30 +287,13 @@ void pack_expert_slice_int4(const ExpertLayout& layout, const bf16* w_gate, cons
       g_scale[r * h_groups + q] = quantize_group_int4(w_gate + at, group, g.data() + r * H + q * group);
       u_scale[r * h_groups + q] = quantize_group_int4(w_up + at, group, u.data() + r * H + q * group);
     }
-  for (int64_t h = 0; h < H; ++h) {  // the whole row sets the scales; the slice keeps its columns
+  for (int64_t h = 0; h < H; ++h) {
     for (int64_t q = 0; q < i_groups; ++q)
       d_scale[h * i_groups + q] = quantize_group_int4(w_down + (e * H + h) * I + q * group, group, d_row.data() + q * group);
     std::memcpy(d.data() + h * cols, d_row.data() + c0, cols);
   }
-  std::vector<int8_t> gu_codes(2 * is * hp, 0), d_codes(hp * is);
-  if (cols > 0) pack_gate_up(g.data(), u.data(), cols, H, gu_codes.data());
-  pack_weight(d.data(), H, cols, cols, is, d_codes.data());
-  pack_int4_codes(gu_codes.data(), 2 * is * hp, gate_up + layout.gate_up_offset(s, e) / 2);
-  pack_int4_codes(d_codes.data(), hp * is, down + layout.down_offset(s, e) / 2);
-
-  bf16* gu_out = gate_up_scale + layout.gate_up_scale_offset(s, e, gu_blocks);
-  bf16* d_out = down_scale + layout.down_scale_offset(s, e, d_blocks);
-  std::fill(gu_out, gu_out + 2 * is * gu_blocks, bf16(0));
-  std::fill(d_out, d_out + hp * d_blocks, bf16(0));
-  for (int64_t r = 0; r < cols; ++r)
-    for (const bool is_up : {false, true}) {
-      const int64_t n = gate_up_column(r, is_up);
-      const bf16* from = (is_up ? u_scale : g_scale).data() + r * h_groups;
-      for (int64_t k = 0; k < H; k += kBlockDepth) gu_out[block_scale_index(n, k, gu_blocks)] = from[k / group];
-    }
-  for (int64_t h = 0; h < H; ++h)
-    for (int64_t k = 0; k < cols; k += kBlockDepth)
-      d_out[block_scale_index(h, k, d_blocks)] = d_scale[h * i_groups + (c0 + k) / group];
+  const Int4Slice codes{g.data(), u.data(), d.data(), cols, g_scale.data(), u_scale.data(), d_scale.data()};
+  pack_expert_slice_int4_codes(layout, codes, e, s, group, gate_up, down, gate_up_scale, down_scale);
 }
 
 void unpack_expert_slice_int4(const ExpertLayout& layout, const uint8_t* gate_up, const uint8_t* down,
@@ -276,11 +302,12 @@ void unpack_expert_slice_int4(const ExpertLayout& layout, const uint8_t* gate_up
   const int64_t H = layout.hidden, I = layout.intermediate, is = layout.slice_width(), hp = layout.hp();
   const int64_t c0 = s * is, cols = layout.slice_columns(s);
   if (cols <= 0) return;
-  const int64_t gu_blocks = hp / kBlockDepth, d_blocks = is / kBlockDepth;
   std::vector<bf16> gu(2 * is * hp), d(hp * is);
   decode_panels_int4(gate_up + layout.gate_up_offset(s, e) / 2,
-                     gate_up_scale + layout.gate_up_scale_offset(s, e, gu_blocks), hp, 2 * is / kPanelRows, gu.data());
-  decode_panels_int4(down + layout.down_offset(s, e) / 2, down_scale + layout.down_scale_offset(s, e, d_blocks), is,
+                     gate_up_scale + layout.gate_up_scale_offset(s, e, WeightScales::kPerBlock), hp,
+                     2 * is / kPanelRows, gu.data());
+  decode_panels_int4(down + layout.down_offset(s, e) / 2,
+                     down_scale + layout.down_scale_offset(s, e, WeightScales::kPerBlock), is,
                      hp / kPanelRows, d.data());
   unpack_gate_up(gu.data(), cols, H, w_gate + (e * I + c0) * H, w_up + (e * I + c0) * H);
   unpack_weight(d.data(), H, cols, I, is, w_down + e * H * I + c0);

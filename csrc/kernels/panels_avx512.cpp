@@ -1,5 +1,5 @@
 // AVX-512 conversions of packed panels (packing.h): the transposed panels the backward streams,
-// the quantized formats' (int8, int4) decode to bf16, and int8's per-channel scaling. Compiled for AVX-512-BF16 by the
+// the quantized formats' (int8, int4, fp8) decode to bf16, and int8's per-channel scaling. Compiled for AVX-512-BF16 by the
 // pragma below and only called when the CPU has it.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
@@ -31,6 +31,20 @@ inline __m256i int4_codes(const uint8_t* p) {
                                         _mm256_slli_epi16(_mm256_srli_epi16(bytes, 4), 8));
   const __m256i eight = _mm256_set1_epi8(8);
   return _mm256_sub_epi8(_mm256_xor_si256(pairs, eight), eight);
+}
+
+// 32 fp8 e4m3 codes (kt/fp8.h) times `scale`, as 32 bf16 rounded as f32_to_bf16 does (but for
+// products below fp32's normal range, as codes_to_bf16x32). An e4m3 code's bits shifted into
+// an fp16's exponent and mantissa fields are that fp16 times 2^-8, subnormals included (both
+// formats' subnormals keep the exponent field 0), so the conversion is vcvtph2ps and the
+// 2^8 goes into the scale (exact). The NaN codes, which no packed weights hold, read as 480.
+inline __m512i fp8_to_bf16x32(__m256i q, __m512 scale_times_256) {
+  const __m512i w = _mm512_cvtepu8_epi16(q);
+  const __m512i h = _mm512_or_si512(_mm512_slli_epi16(_mm512_and_si512(w, _mm512_set1_epi16(0x7f)), 7),
+                                    _mm512_slli_epi16(_mm512_and_si512(w, _mm512_set1_epi16(0x80)), 8));
+  const __m512 lo = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(h)), scale_times_256);
+  const __m512 hi = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)), scale_times_256);
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
 }
 
 // 16 bf16 as 16 fp32.
@@ -73,6 +87,18 @@ struct Int4Source {  // bf16 scales per row of each block, `blocks` blocks per p
   __m512i load(int64_t elem, const PairScales& s) const { return codes_to_bf16x32(int4_codes(packed + elem / 2), s.lo, s.hi); }
   PairScales scales(int64_t panel, int64_t block) const {
     return PairScales(bf16x16_to_ps(block_scales + (panel * blocks + block) * kPanelRows));
+  }
+};
+
+struct Fp8Source {  // fp32 scales per block (tile), `blocks` blocks per panel
+  const uint8_t* packed;
+  const float* tile_scales;
+  int64_t blocks;
+  __m512i load(int64_t elem, const PairScales& s) const {
+    return fp8_to_bf16x32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + elem)), s.lo);
+  }
+  PairScales scales(int64_t panel, int64_t block) const {
+    return PairScales(_mm512_set1_ps(tile_scales[panel * blocks + block] * 256.f));
   }
 };
 
@@ -138,6 +164,11 @@ void pack_transposed_panels_int4_avx512(const uint8_t* packed, const uint16_t* b
   transpose_panels(Int4Source{packed, block_scales, kp / kBlockDepth}, np, kp, first_panel, panel_count, dst);
 }
 
+void pack_transposed_panels_fp8_avx512(const uint8_t* packed, const float* tile_scales, int64_t np, int64_t kp,
+                                       int64_t first_panel, int64_t panel_count, uint16_t* dst) {
+  transpose_panels(Fp8Source{packed, tile_scales, kp / kBlockDepth}, np, kp, first_panel, panel_count, dst);
+}
+
 // The codes 4 KiB ahead are prefetched: the weight GEMMs of the quantized formats decode a
 // panel in pieces of 256 reduction steps (4 KiB of int8) with products in between, and the
 // hardware prefetchers stop at each 4 KiB page.
@@ -162,6 +193,20 @@ void decode_panels_int4_avx512(const uint8_t* packed, const uint16_t* block_scal
     const PairScales scales(bf16x16_to_ps(block_scales + b * kPanelRows));
     for (int row = 0; row < kBlockDepth / 2; ++row)
       _mm512_storeu_si512(dst + b * kBlockElems + row * 32, codes_to_bf16x32(int4_codes(codes + row * 16), scales.lo, scales.hi));
+  }
+}
+
+void decode_panels_fp8_avx512(const uint8_t* packed, const float* tile_scales, int64_t kp, int64_t panels,
+                              uint16_t* dst) {
+  const int64_t tiles = panels * kp / kBlockDepth;  // consecutive over the panels, as their scales
+  for (int64_t t = 0; t < tiles; ++t) {
+    const uint8_t* codes = packed + t * kBlockElems;
+    for (int line = 0; line < 8; ++line)  // the tile 4 KiB ahead: 256 steps of fp8, as for int8
+      _mm_prefetch(reinterpret_cast<const char*>(codes + 4096 + 64 * line), _MM_HINT_T0);
+    const __m512 scale = _mm512_set1_ps(tile_scales[t] * 256.f);
+    for (int row = 0; row < kBlockDepth / 2; ++row)
+      _mm512_storeu_si512(dst + t * kBlockElems + row * 32,
+                          fp8_to_bf16x32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + row * 32)), scale));
   }
 }
 

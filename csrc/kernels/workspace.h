@@ -95,21 +95,19 @@ inline const void* weight_at(const void* base, int64_t offset, int64_t bits) {
   return static_cast<const char*>(base) + offset * bits / 8;
 }
 
-// The scales of expert e's slice s from packed row `row` of gate_up (depth hp) or of down
-// (depth is), in format f; null for a format without scales.
+// The scales of expert e's slice s from packed row `row` (a multiple of 16) of gate_up (depth
+// hp) or of down (depth is), in format f; null for a format without scales.
 inline const void* gate_up_scales_at(const MoeWeights& w, const FormatInfo& f, const CallShape& c, int64_t s,
                                      int64_t e, int64_t row) {
   if (w.gate_up_scale == nullptr) return nullptr;
-  const int64_t per_row = scales_per_row(f.scales, c.hp);
   return static_cast<const char*>(w.gate_up_scale) +
-         (c.layout.gate_up_scale_offset(s, e, per_row) + row * per_row) * scale_bytes(f.scales);
+         (c.layout.gate_up_scale_offset(s, e, f.scales) + scales_of_rows(f.scales, row, c.hp)) * scale_bytes(f.scales);
 }
 inline const void* down_scales_at(const MoeWeights& w, const FormatInfo& f, const CallShape& c, int64_t s, int64_t e,
                                   int64_t row) {
   if (w.down_scale == nullptr) return nullptr;
-  const int64_t per_row = scales_per_row(f.scales, c.is);
   return static_cast<const char*>(w.down_scale) +
-         (c.layout.down_scale_offset(s, e, per_row) + row * per_row) * scale_bytes(f.scales);
+         (c.layout.down_scale_offset(s, e, f.scales) + scales_of_rows(f.scales, row, c.is)) * scale_bytes(f.scales);
 }
 
 }  // namespace kt

@@ -86,8 +86,7 @@ void check_layout(const char* op, const PackedTensors& p, const MoeSizes& s) {
 }  // namespace
 
 std::array<c10::SymInt, 2> scale_lengths(const FormatTensors& f, const c10::SymInt& width, const c10::SymInt& hp) {
-  if (f.scales == kt::WeightScales::kPerBlock) return {2 * width * (hp / kt::kBlockDepth), hp * (width / kt::kBlockDepth)};
-  return {2 * width, hp};
+  return {kt::scales_of_rows(f.scales, 2 * width, hp), kt::scales_of_rows(f.scales, hp, width)};
 }
 
 void check_scales(const char* op, at::TensorList experts, const FormatTensors& f, const c10::SymInt& slices,
@@ -138,7 +137,7 @@ PackedTensors check_experts(const char* op, at::TensorList experts, const at::Te
              ", which this build of kt_ops cannot compute (it has: ", kt::format_names(), ")");
     f = format_tensors(named);
   } else {
-    KT_CHECK(format_of_weights(p.gate_up.scalar_type(), &f), "kt.", op,
+    KT_CHECK(format_of_tensors(experts, &f), "kt.", op,
              ": gate_up must be the [S, E, 2*Is, Hp] tensor made by kt.pack_experts, in a weight format this build has (",
              kt::format_names(), "), got ", describe(p.gate_up));
   }

@@ -6,9 +6,15 @@ namespace kt_ops {
 
 FormatTensors format_tensors(kt::WeightFormat format) {
   const kt::FormatInfo& info = kt::format_info(format);
-  const at::ScalarType weights = info.storage == kt::WeightStorage::kBF16  ? at::kBFloat16
-                                 : info.storage == kt::WeightStorage::kInt8 ? at::kChar
-                                                                            : at::kByte;
+  at::ScalarType weights = at::kBFloat16;
+  switch (info.storage) {
+    case kt::WeightStorage::kBF16: weights = at::kBFloat16; break;
+    case kt::WeightStorage::kInt8: weights = at::kChar; break;
+    case kt::WeightStorage::kInt4: weights = at::kByte; break;
+    // uint8 as int4's, not float8_e4m3fn: opcheck's schema check cannot run ops on float8
+    // tensors, and the Meta kernels tell the two apart by their scales' dtype.
+    case kt::WeightStorage::kFp8E4M3: weights = at::kByte; break;
+  }
   const bool scaled = info.scales != kt::WeightScales::kNone;
   return {format,
           weights,
@@ -18,13 +24,20 @@ FormatTensors format_tensors(kt::WeightFormat format) {
           info.scales == kt::WeightScales::kPerBlock ? at::kBFloat16 : at::kFloat};
 }
 
-bool format_of_weights(at::ScalarType weights, FormatTensors* out) {
-  for (kt::WeightFormat f : kt::weight_formats()) {
-    if (format_tensors(f).weights == weights) {
-      *out = format_tensors(f);
+bool format_of_tensors(at::TensorList experts, FormatTensors* out) {
+  // A format whose weights and scales both match; else one whose weights do (the caller's
+  // count check then names what is missing).
+  for (const bool scales_too : {true, false})
+    for (kt::WeightFormat format : kt::weight_formats()) {
+      const FormatTensors f = format_tensors(format);
+      if (f.weights != experts[0].scalar_type()) continue;
+      const bool scales_match = f.scales == kt::WeightScales::kNone
+                                    ? experts.size() == f.count
+                                    : experts.size() > 3 && experts[3].scalar_type() == f.scale_dtype;
+      if (scales_too && !scales_match) continue;
+      *out = f;
       return true;
     }
-  }
   return false;
 }
 

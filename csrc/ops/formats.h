@@ -25,8 +25,10 @@ struct FormatTensors {
 // The tensors of `format`, one of kt::weight_formats().
 FormatTensors format_tensors(kt::WeightFormat format);
 
-// The format whose weights are of dtype `weights` (the Meta kernels see no layout values);
-// false when none is.
-bool format_of_weights(at::ScalarType weights, FormatTensors* out);
+// The format of packed experts (gate_up, down, layout, scales) judged by their dtypes, for the
+// Meta kernels, which see no layout values: by gate_up's dtype, and where two formats store
+// the same element (int4 and fp8: uint8), by the scales' dtype; false when no format's weights
+// are of gate_up's dtype.
+bool format_of_tensors(at::TensorList experts, FormatTensors* out);
 
 }  // namespace kt_ops

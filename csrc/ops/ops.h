@@ -31,6 +31,15 @@ std::vector<at::Tensor> pack_experts_cpu(const at::Tensor& w_gate, const at::Ten
 std::vector<at::Tensor> pack_experts_meta(const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
                                           int64_t numa_nodes, c10::string_view format, int64_t group_size);
 
+// The same from a quantized format's codes and scales, as kt_ops.reference.quantize_<format>
+// returns them (and quantized checkpoints ship them).
+std::vector<at::Tensor> pack_expert_codes_cpu(const at::Tensor& w_gate, const at::Tensor& w_up,
+                                              const at::Tensor& w_down, at::TensorList scales, c10::string_view format,
+                                              int64_t numa_nodes, int64_t group_size);
+std::vector<at::Tensor> pack_expert_codes_meta(const at::Tensor& w_gate, const at::Tensor& w_up,
+                                               const at::Tensor& w_down, at::TensorList scales,
+                                               c10::string_view format, int64_t numa_nodes, int64_t group_size);
+
 using UnpackResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // w_gate, w_up, w_down
 
 UnpackResult unpack_experts_cpu(at::TensorList experts, int64_t hidden_size, int64_t intermediate_size);

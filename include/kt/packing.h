@@ -42,7 +42,7 @@ inline int64_t packed_offset(int64_t n, int64_t k, int64_t kp) {
 
 // Packs W [n, k] (row stride ldw) into dst as a matrix of depth kp (a multiple of 32, at
 // least k): dst holds round_up(n,32) * kp elements; padding is written as zeros. T is the
-// element: bf16, or the int8 codes of a quantized format (same positions).
+// element: bf16, or the int8 or fp8 codes of a quantized format (same positions).
 template <typename T>
 void pack_weight(const T* w, int64_t n, int64_t k, int64_t ldw, int64_t kp, T* dst);
 
@@ -119,15 +119,13 @@ struct ExpertLayout {
   // Offsets of expert e's slice s inside the packed tensors.
   int64_t gate_up_offset(int64_t s, int64_t e) const { return (s * experts + e) * 2 * slice_width() * hp(); }
   int64_t down_offset(int64_t s, int64_t e) const { return (s * experts + e) * hp() * slice_width(); }
-  // The scales of a quantized format, `per_row` for each packed row (kt/weight_format.h's
-  // scales_per_row: 1 per output channel, or one per block of the row's depth): expert e's
-  // slice s starts at these offsets into gate_up_scale [S, E, 2*Is * per_row] and down_scale
-  // [S, E, Hp * per_row].
-  int64_t gate_up_scale_offset(int64_t s, int64_t e, int64_t per_row = 1) const {
-    return (s * experts + e) * 2 * slice_width() * per_row;
+  // The scales of a quantized format (kt/weight_format.h's WeightScales): expert e's slice s
+  // starts at these offsets into gate_up_scale and down_scale.
+  int64_t gate_up_scale_offset(int64_t s, int64_t e, WeightScales scales) const {
+    return (s * experts + e) * scales_of_rows(scales, 2 * slice_width(), hp());
   }
-  int64_t down_scale_offset(int64_t s, int64_t e, int64_t per_row = 1) const {
-    return (s * experts + e) * hp() * per_row;
+  int64_t down_scale_offset(int64_t s, int64_t e, WeightScales scales) const {
+    return (s * experts + e) * scales_of_rows(scales, hp(), slice_width());
   }
 };
 
@@ -177,19 +175,47 @@ void pack_expert_slice(const ExpertLayout& layout, const bf16* w_gate, const bf1
 void unpack_expert_slice(const ExpertLayout& layout, const bf16* gate_up, const bf16* down, int64_t e,
                          int64_t s, bf16* w_gate, bf16* w_up, bf16* w_down);
 
-// pack_expert_slice into int8 with one scale per output channel: each gate, up and down row
-// quantized whole by quantize_row_int8 (a down row spans every slice; each slice holds its
-// scale), codes in the packed layout, scales at gate_up_scale_offset / down_scale_offset
-// (zero for padding rows).
+// One expert's slice s in int8 as kt_ops/reference.py's quantize_int8 returns it: the codes
+// of the slice's gate and up rows ([cols, H], row stride H) and their scales ([cols]), the
+// codes of the slice's down columns ([H, cols], row stride ld_down) and the scales of the
+// whole down rows ([H]).
+struct Int8Slice {
+  const int8_t *gate, *up, *down;
+  int64_t ld_down;
+  const float *gate_scales, *up_scales, *down_scales;
+};
+
+// Packs expert e's slice s from its int8 codes: codes in the packed layout, scales at
+// gate_up_scale_offset / down_scale_offset (each slice holds the scales of every down row;
+// zero for padding rows).
+void pack_expert_slice_int8_codes(const ExpertLayout& layout, const Int8Slice& codes, int64_t e, int64_t s,
+                                  int8_t* gate_up, int8_t* down, float* gate_up_scale, float* down_scale);
+
+// pack_expert_slice into int8 from bf16 weights: each gate, up and down row quantized whole by
+// quantize_row_int8, then pack_expert_slice_int8_codes.
 void pack_expert_slice_int8(const ExpertLayout& layout, const bf16* w_gate, const bf16* w_up, const bf16* w_down,
                             int64_t e, int64_t s, int8_t* gate_up, int8_t* down, float* gate_up_scale,
                             float* down_scale);
 
-// pack_expert_slice into int4 with one bf16 scale per `group` reduction elements of each row
-// (32, 64 or 128, dividing H and I): each gate, up and down row quantized by
-// quantize_group_int4 group by group (a down row spans every slice; each slice holds the scales
-// of its blocks), codes two per byte in the packed layout, block scales as
-// WeightScales::kPerBlock orders them (zero for padding).
+// One expert's slice s in int4 as kt_ops/reference.py's quantize_int4 returns it (one code per
+// int8, in [-8, 7]): the codes of the slice's gate and up rows ([cols, H], row stride H) and
+// their group scales ([cols, H / group]), the codes of the slice's down columns ([H, cols],
+// row stride ld_down) and the group scales of the whole down rows ([H, I / group]).
+struct Int4Slice {
+  const int8_t *gate, *up, *down;
+  int64_t ld_down;
+  const bf16 *gate_scales, *up_scales, *down_scales;
+};
+
+// Packs expert e's slice s from its int4 codes in groups of `group` (32, 64 or 128, dividing
+// H and I): codes two per byte in the packed layout, block scales as WeightScales::kPerBlock
+// orders them (zero for padding).
+void pack_expert_slice_int4_codes(const ExpertLayout& layout, const Int4Slice& codes, int64_t e, int64_t s,
+                                  int64_t group, uint8_t* gate_up, uint8_t* down, bf16* gate_up_scale,
+                                  bf16* down_scale);
+
+// pack_expert_slice into int4 from bf16 weights: each gate, up and down row quantized by
+// quantize_group_int4 group by group, then pack_expert_slice_int4_codes.
 void pack_expert_slice_int4(const ExpertLayout& layout, const bf16* w_gate, const bf16* w_up, const bf16* w_down,
                             int64_t e, int64_t s, int64_t group, uint8_t* gate_up, uint8_t* down, bf16* gate_up_scale,
                             bf16* down_scale);
@@ -203,5 +229,44 @@ void unpack_expert_slice_int4(const ExpertLayout& layout, const uint8_t* gate_up
 void unpack_expert_slice_int8(const ExpertLayout& layout, const int8_t* gate_up, const int8_t* down,
                               const float* gate_up_scale, const float* down_scale, int64_t e, int64_t s,
                               bf16* w_gate, bf16* w_up, bf16* w_down);
+
+// fp8 (kt/fp8.h): `panels` packed panels of depth kp as the dequantized bf16 weights
+// bf16(code * scale), tile_scales holding one per packed block (WeightScales::kPerTile); and
+// the transposed panels of such a matrix (np x kp), as pack_transposed_panels writes them.
+void decode_panels_fp8(const uint8_t* packed, const float* tile_scales, int64_t kp, int64_t panels, bf16* dst);
+void pack_transposed_panels_fp8(const uint8_t* packed, const float* tile_scales, int64_t np, int64_t kp,
+                                int64_t first_panel, int64_t panel_count, bf16* dst);
+
+// fp8's block scales of w [n, k] (kt_ops/reference.py's quantize_fp8): out [ceil(n/128),
+// ceil(k/128)] (row major) = max|block| / 448, 1 for a block of zeros.
+constexpr int64_t kFp8Block = 128;
+void fp8_block_scales(const bf16* w, int64_t n, int64_t k, float* out);
+
+// One expert's slice s in fp8 as checkpoints ship it: the codes of the slice's gate and up
+// rows ([cols, H], row stride H), of the slice's down columns ([H, cols], row stride
+// ld_down), and the block scales of the expert's whole matrices (gate, up [ceil(I/128),
+// ceil(H/128)], down [ceil(H/128), ceil(I/128)]; the weight is code * scale).
+struct Fp8Slice {
+  const uint8_t *gate, *up, *down;
+  int64_t ld_down;
+  const float *gate_scales, *up_scales, *down_scales;
+};
+
+// Packs expert e's slice s from its fp8 codes: codes in the packed layout, one scale per
+// packed block (the scale of the 128 x 128 block it lies in; zero for blocks of padding).
+void pack_expert_slice_fp8_codes(const ExpertLayout& layout, const Fp8Slice& codes, int64_t e, int64_t s,
+                                 uint8_t* gate_up, uint8_t* down, float* gate_up_scale, float* down_scale);
+
+// pack_expert_slice into fp8 from bf16 weights: quantize_fp8 of each whole matrix (block
+// scales by fp8_block_scales, codes by f32_to_fp8 of w / scale), then
+// pack_expert_slice_fp8_codes.
+void pack_expert_slice_fp8(const ExpertLayout& layout, const bf16* w_gate, const bf16* w_up, const bf16* w_down,
+                           int64_t e, int64_t s, uint8_t* gate_up, uint8_t* down, float* gate_up_scale,
+                           float* down_scale);
+
+// The dequantized weights (bf16(code * scale)) of expert e's slice s.
+void unpack_expert_slice_fp8(const ExpertLayout& layout, const uint8_t* gate_up, const uint8_t* down,
+                             const float* gate_up_scale, const float* down_scale, int64_t e, int64_t s, bf16* w_gate,
+                             bf16* w_up, bf16* w_down);
 
 }  // namespace kt

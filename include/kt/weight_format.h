@@ -12,8 +12,9 @@ struct ExpertLayout;  // kt/packing.h
 
 // The values are the codes packed experts record (never reused): bf16 weights as they are;
 // int8 codes with one fp32 scale per output channel; int4 codes, two per byte, with one bf16
-// scale per group of the reduction.
-enum class WeightFormat : int64_t { kBF16 = 0, kInt8 = 1, kInt4 = 2 };
+// scale per group of the reduction; fp8 e4m3 codes with one fp32 scale per 128 x 128 block
+// of each weight matrix (as DeepSeek-V3, Kimi-K2 and Qwen3-FP8 publish them).
+enum class WeightFormat : int64_t { kBF16 = 0, kInt8 = 1, kInt4 = 2, kFp8 = 3 };
 
 // The format whose code (the enum's value, as packed experts record it) is `code`; false for
 // a code this build does not know.
@@ -25,6 +26,7 @@ enum class WeightStorage {
   kBF16,
   kInt8,
   kInt4,  // codes in [-8, 7], two per byte: element 2i in the low half of byte i, 2i + 1 in the high
+  kFp8E4M3,  // one e4m3 byte per weight (kt/fp8.h)
 };
 enum class WeightScales {
   kNone,
@@ -35,6 +37,10 @@ enum class WeightScales {
   // down_scale [S, E, Hp * Is/32]. A quantization group of 64 or 128 is 2 or 4 blocks of one
   // scale each.
   kPerBlock,
+  // fp32 per packed block (16 output channels by 32 reduction steps: one AMX tile), in the
+  // packed order (panel, then block): gate_up_scale [S, E, 2*Is/16 * Hp/32], down_scale
+  // [S, E, Hp/16 * Is/32]. A 128 x 128 block scale of a checkpoint is 32 tiles of one scale.
+  kPerTile,
 };
 
 // Packs expert e's slice s of w_gate, w_up [E, I, H] and w_down [E, H, I] (bf16) into the
@@ -47,20 +53,47 @@ using UnpackSliceFn = void (*)(const ExpertLayout& layout, const void* gate_up, 
                                const void* gate_up_scale, const void* down_scale, int64_t e, int64_t s,
                                uint16_t* w_gate, uint16_t* w_up, uint16_t* w_down);
 
+// How kt_ops/reference.py's quantize_<format> returns the scales of a weight W [..., N, K], the
+// form quantized checkpoints ship (kt.pack_expert_codes takes codes and scales in it).
+enum class CodeScales {
+  kNone,
+  kPerRow,       // fp32 [..., N]
+  kPerGroup,     // bf16 [..., N, K / group]
+  kPer128Block,  // fp32 [..., ceil(N / 128), ceil(K / 128)]
+};
+
+// Packs expert e's slice s from the format's codes of w_gate, w_up [E, I, H] and w_down
+// [E, H, I] (one per element: int8 for int8 and int4, the e4m3 bytes for fp8) and their scales (in the
+// format's CodeScales form, each [E, ...]), in groups of `group` where the format has groups.
+using PackCodesSliceFn = void (*)(const ExpertLayout& layout, const void* gate_codes, const void* up_codes,
+                                  const void* down_codes, const void* gate_scales, const void* up_scales,
+                                  const void* down_scales, int64_t e, int64_t s, int64_t group, void* gate_up,
+                                  void* down, void* gate_up_scale, void* down_scale);
+
 struct FormatInfo {
   WeightFormat format;
-  const char* name;  // as pack_experts takes it: "bf16", "int8", "int4"
+  const char* name;  // as pack_experts takes it: "bf16", "int8", "int4", "fp8"
   WeightStorage storage;
   int64_t bits;  // bits per packed weight element: offsets into the packed tensors scale by it
   WeightScales scales;
   int64_t default_group;  // the quantization group pack_experts takes for group_size 0; 0: no groups
   PackSliceFn pack_slice;
   UnpackSliceFn unpack_slice;
+  CodeScales code_scales;
+  PackCodesSliceFn pack_codes_slice;  // null for bf16, which has no codes
 };
 
-// Scales per packed row of depth kp, and bytes per scale.
-inline int64_t scales_per_row(WeightScales scales, int64_t kp) {
-  return scales == WeightScales::kPerBlock ? kp / 32 : scales == WeightScales::kPerChannel ? 1 : 0;
+// The scales of the first `rows` rows (a multiple of 16) of a packed matrix of depth kp: their
+// count, and so the index of row `rows`' first scale. And the bytes of one scale.
+template <typename Int>
+Int scales_of_rows(WeightScales scales, const Int& rows, const Int& kp) {
+  switch (scales) {
+    case WeightScales::kPerChannel: return rows;
+    case WeightScales::kPerBlock: return rows * (kp / 32);
+    case WeightScales::kPerTile: return rows / 16 * (kp / 32);
+    case WeightScales::kNone: break;
+  }
+  return rows * 0;
 }
 inline int64_t scale_bytes(WeightScales scales) { return scales == WeightScales::kPerBlock ? 2 : 4; }
 

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "kt/fp8.h"
 #include "kt/kernels.h"
 #include "kt/packing.h"
 #include "test_util.h"
@@ -58,17 +59,39 @@ TEST_P(SetGemm, MatchesScalarReference) {
     }
     for (int64_t c = 0; c < gc.k; ++c) {
       if (int8) values[r * kp + c] = codes[r * gc.k + c] * scales[r];
-      if (!int8 && !int4) values[r * kp + c] = kt::bf16_to_f32(w[r * gc.k + c]);
+      if (set.format == kt::WeightFormat::kBF16) values[r * kp + c] = kt::bf16_to_f32(w[r * gc.k + c]);
     }
+  }
+  // fp8: e4m3 codes with one fp32 scale per packed block (16 rows by 32 steps), the block's
+  // max |w| / 448, standing for bf16(code * scale).
+  const bool fp8 = set.format == kt::WeightFormat::kFp8;
+  std::vector<uint8_t> codes8(np * kp, 0), packed_codes8(np * kp);
+  std::vector<float> tile_scales(np / 16 * kp / 32, 0.f);
+  for (int64_t t = 0; fp8 && t < np / 16 * kp / 32; ++t) {
+    const int64_t r0 = t / (kp / 32) * 16, c0 = t % (kp / 32) * 32;
+    float amax = 0.f;
+    for (int64_t r = r0; r < r0 + 16 && r < gc.n; ++r)
+      for (int64_t c = c0; c < c0 + 32 && c < gc.k; ++c) amax = std::fmax(amax, std::fabs(kt::bf16_to_f32(w[r * gc.k + c])));
+    const float s = tile_scales[t] = amax > 0.f ? amax / kt::kFp8Max : 1.f;
+    for (int64_t r = r0; r < r0 + 16 && r < gc.n; ++r)
+      for (int64_t c = c0; c < c0 + 32 && c < gc.k; ++c) {
+        codes8[r * kp + c] = kt::f32_to_fp8(kt::bf16_to_f32(w[r * gc.k + c]) / s);
+        values[r * kp + c] = kt::bf16_to_f32(kt::f32_to_bf16(kt::fp8_to_f32(codes8[r * kp + c]) * s));
+      }
   }
   kt::pack_weight(codes.data(), gc.n, gc.k, gc.k, kp, packed_codes.data());
   kt::pack_weight(codes4.data(), np, kp, kp, kp, packed_codes4.data());
+  kt::pack_weight(codes8.data(), np, kp, kp, kp, packed_codes8.data());
   std::vector<uint8_t> nibbles(np * kp / 2);
   kt::pack_int4_codes(packed_codes4.data(), np * kp, nibbles.data());
   const void* weights = int8   ? static_cast<const void*>(packed_codes.data())
                         : int4 ? static_cast<const void*>(nibbles.data())
+                        : fp8  ? static_cast<const void*>(packed_codes8.data())
                                : packed.data();
-  const void* weight_scales = int8 ? static_cast<const void*>(scales.data()) : int4 ? block_scales.data() : nullptr;
+  const void* weight_scales = int8   ? static_cast<const void*>(scales.data())
+                              : int4 ? static_cast<const void*>(block_scales.data())
+                              : fp8  ? static_cast<const void*>(tile_scales.data())
+                                     : nullptr;
   // A is zero beyond column k, as the driver guarantees.
   const auto a_vals = kt_test::random_bf16(gc.m * kp, 12);
   std::vector<bf16> a_bf16(gc.m * kp, 0);
@@ -169,7 +192,8 @@ namespace {
 class SetPackTransposed : public ::testing::TestWithParam<KernelSetParam> {};
 
 // The transposed panels hold pack(W^T) as bf16, W the dequantized weights (bf16(code * scale)
-// with, for int8, the scale of the code's row, for int4 that of its row's block); panel `first`
+// with, for int8, the scale of the code's row, for int4 that of its row's block, for fp8 that
+// of its packed block); panel `first`
 // of pack(W^T) holds rows [16 first, 16 first + 16) of W^T.
 TEST_P(SetPackTransposed, MatchesThePackedTranspose) {
   const kt::KernelSet& set = *GetParam().set;
@@ -185,13 +209,22 @@ TEST_P(SetPackTransposed, MatchesThePackedTranspose) {
     for (int64_t r = 0; r < n; ++r)
       for (int64_t b = 0; b < kp / 32; ++b)
         block_scales[((r / 16) * (kp / 32) + b) * 16 + r % 16] = kt::f32_to_bf16(1e-2f * (1 + (r + 3 * b) % 5));
+    // fp8: every code but the two NaNs, a scale per packed block (zero for padding blocks).
+    std::vector<uint8_t> codes8(np * kp, 0), packed_codes8(np * kp);
+    std::vector<float> tile_scales(np / 16 * kp / 32, 0.f);
+    for (int64_t t = 0; t < np / 16 * kp / 32; ++t)
+      if (t / (kp / 32) * 16 < n) tile_scales[t] = 1e-3f * (1 + t % 11);
     for (int64_t i = 0; i < n * k; ++i) {
       const int64_t r = i / k, c = i % k;
       codes[i] = static_cast<int8_t>(i * 37 % 255 - 127);
       codes4[r * kp + c] = static_cast<int8_t>(i * 37 % 16 - 8);
+      codes8[r * kp + c] = static_cast<uint8_t>(i * 37 % 254);
+      if (kt::fp8_is_nan(codes8[r * kp + c])) codes8[r * kp + c] = 0xfe;
       const float block_scale = kt::bf16_to_f32(block_scales[((r / 16) * (kp / 32) + c / 32) * 16 + r % 16]);
+      const float tile_scale = tile_scales[(r / 16) * (kp / 32) + c / 32];
       if (int8) w[i] = kt::f32_to_bf16(codes[i] * scales[r]);
       if (int4) w[i] = kt::f32_to_bf16(codes4[r * kp + c] * block_scale);
+      if (set.format == kt::WeightFormat::kFp8) w[i] = kt::f32_to_bf16(kt::fp8_to_f32(codes8[r * kp + c]) * tile_scale);
     }
     std::vector<kt::bf16> packed(np * kp), wt(k * n), want(np * kp);
     std::vector<int8_t> packed_codes(np * kp), packed_codes4(np * kp);
@@ -200,13 +233,19 @@ TEST_P(SetPackTransposed, MatchesThePackedTranspose) {
     kt::pack_weight(codes.data(), n, k, k, kp, packed_codes.data());
     kt::pack_weight(codes4.data(), np, kp, kp, kp, packed_codes4.data());
     kt::pack_int4_codes(packed_codes4.data(), np * kp, nibbles.data());
+    kt::pack_weight(codes8.data(), np, kp, kp, kp, packed_codes8.data());
     for (int64_t r = 0; r < n; ++r)
       for (int64_t c = 0; c < k; ++c) wt[c * n + r] = w[r * k + c];
     kt::pack_weight(wt.data(), k, n, n, np, want.data());  // pack(W^T): kp rows of depth np
+    const bool fp8 = set.format == kt::WeightFormat::kFp8;
     const void* src = int8   ? static_cast<const void*>(packed_codes.data())
                       : int4 ? static_cast<const void*>(nibbles.data())
+                      : fp8  ? static_cast<const void*>(packed_codes8.data())
                              : packed.data();
-    const void* src_scales = int8 ? static_cast<const void*>(scales.data()) : int4 ? block_scales.data() : nullptr;
+    const void* src_scales = int8   ? static_cast<const void*>(scales.data())
+                             : int4 ? static_cast<const void*>(block_scales.data())
+                             : fp8  ? static_cast<const void*>(tile_scales.data())
+                                    : nullptr;
     for (const auto& [first, count] : {std::make_pair<int64_t, int64_t>(0, kp / 16), std::make_pair<int64_t, int64_t>(1, kp / 16 - 1)}) {
       std::vector<kt::bf16> got(count * 16 * np + 32, 0x7777);
       set.pack_transposed(src, src_scales, np, kp, first, count, got.data());

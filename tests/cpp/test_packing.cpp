@@ -4,6 +4,7 @@
 #include <cmath>
 #include <vector>
 
+#include "kt/fp8.h"
 #include "kt/packing.h"
 #include "test_util.h"
 
@@ -168,13 +169,13 @@ TEST(Int8Experts, PackUnpackAgainstTheRowQuantization) {
       for (int64_t h = 0; h < H; ++h) {
         const float sd = kt::quantize_row_int8(d.data() + (e * H + h) * I, I, q.data());
         for (int64_t c = 0; c < I; ++c) ASSERT_EQ(d2[(e * H + h) * I + c], kt::f32_to_bf16(q[c] * sd));
-        for (int64_t s = 0; s < slices; ++s) ASSERT_EQ(ds[layout.down_scale_offset(s, e) + h], sd);
+        for (int64_t s = 0; s < slices; ++s) ASSERT_EQ(ds[layout.down_scale_offset(s, e, kt::WeightScales::kPerChannel) + h], sd);
       }
       for (int64_t s = 0; s < slices; ++s) {
-        for (int64_t h = H; h < layout.hp(); ++h) ASSERT_EQ(ds[layout.down_scale_offset(s, e) + h], 0.f);
+        for (int64_t h = H; h < layout.hp(); ++h) ASSERT_EQ(ds[layout.down_scale_offset(s, e, kt::WeightScales::kPerChannel) + h], 0.f);
         for (int64_t c = layout.slice_columns(s); c < layout.slice_width(); ++c) {
-          ASSERT_EQ(gs[layout.gate_up_scale_offset(s, e) + kt::gate_up_column(c, false)], 0.f);
-          ASSERT_EQ(gs[layout.gate_up_scale_offset(s, e) + kt::gate_up_column(c, true)], 0.f);
+          ASSERT_EQ(gs[layout.gate_up_scale_offset(s, e, kt::WeightScales::kPerChannel) + kt::gate_up_column(c, false)], 0.f);
+          ASSERT_EQ(gs[layout.gate_up_scale_offset(s, e, kt::WeightScales::kPerChannel) + kt::gate_up_column(c, true)], 0.f);
         }
       }
     }
@@ -182,3 +183,27 @@ TEST(Int8Experts, PackUnpackAgainstTheRowQuantization) {
 }
 
 }  // namespace
+
+// Every e4m3 code but the two NaNs converts to its value and back; values between two codes
+// round to the nearer, ties to the even code; magnitudes past 448 saturate; NaN stays NaN.
+TEST(Fp8, CodesRoundTripAndRoundToNearestEven) {
+  for (int code = 0; code < 256; ++code) {
+    const auto c = static_cast<uint8_t>(code);
+    if (kt::fp8_is_nan(c)) {
+      EXPECT_TRUE(std::isnan(kt::fp8_to_f32(c)));
+      continue;
+    }
+    ASSERT_EQ(kt::f32_to_fp8(kt::fp8_to_f32(c)), c) << code;
+    const uint8_t next = c + 1;
+    if ((c & 0x7f) >= 0x7e) continue;  // 448 has no finite successor
+    const float lo = kt::fp8_to_f32(c), hi = kt::fp8_to_f32(next), mid = (lo + hi) / 2;
+    ASSERT_EQ(kt::f32_to_fp8(mid), (c & 1) ? next : c) << code;
+    ASSERT_EQ(kt::f32_to_fp8(std::nextafter(mid, lo)), c) << code;
+    ASSERT_EQ(kt::f32_to_fp8(std::nextafter(mid, hi)), next) << code;
+  }
+  EXPECT_EQ(kt::fp8_to_f32(0x7e), 448.f);
+  EXPECT_EQ(kt::fp8_to_f32(0x01), std::ldexp(1.f, -9));
+  EXPECT_EQ(kt::f32_to_fp8(1e6f), 0x7e);
+  EXPECT_EQ(kt::f32_to_fp8(-448.1f), 0xfe);
+  EXPECT_TRUE(kt::fp8_is_nan(kt::f32_to_fp8(std::nanf(""))));
+}
