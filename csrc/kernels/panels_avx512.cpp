@@ -33,17 +33,23 @@ inline __m256i int4_codes(const uint8_t* p) {
   return _mm256_sub_epi8(_mm256_xor_si256(pairs, eight), eight);
 }
 
-// 32 fp8 e4m3 codes (kt/fp8.h) times `scale`, as 32 bf16 rounded as f32_to_bf16 does (but for
-// products below fp32's normal range, as codes_to_bf16x32). An e4m3 code's bits shifted into
-// an fp16's exponent and mantissa fields are that fp16 times 2^-8, subnormals included (both
-// formats' subnormals keep the exponent field 0), so the conversion is vcvtph2ps and the
-// 2^8 goes into the scale (exact). The NaN codes, which no packed weights hold, read as 480.
-inline __m512i fp8_to_bf16x32(__m256i q, __m512 scale_times_256) {
-  const __m512i w = _mm512_cvtepu8_epi16(q);
-  const __m512i h = _mm512_or_si512(_mm512_slli_epi16(_mm512_and_si512(w, _mm512_set1_epi16(0x7f)), 7),
-                                    _mm512_slli_epi16(_mm512_and_si512(w, _mm512_set1_epi16(0x80)), 8));
-  const __m512 lo = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(h)), scale_times_256);
-  const __m512 hi = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)), scale_times_256);
+// 16 fp8 e4m3 codes (kt/fp8.h) as the fp16 bits of the codes' values times 2^-8: an e4m3
+// code's exponent and mantissa bits shifted into an fp16's exponent and mantissa fields are
+// that, subnormals included (both formats' subnormals keep the exponent field 0). Sign-extended
+// to 16 bits and shifted left by 7, a code has its sign in bits 15 and 14 and its exponent and
+// mantissa in bits 13-7; bit 14 (the top of fp16's exponent) is cleared. 256-bit integer steps,
+// which run on more ports than 512-bit ones.
+inline __m256i fp8_to_fp16_bits(const uint8_t* p) {
+  const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_and_si256(_mm256_slli_epi16(w, 7), _mm256_set1_epi16(static_cast<short>(0xbf80)));
+}
+
+// 32 fp8 codes times `scale_times_256` / 256 (the 2^-8 above goes into the scale, exactly), as
+// 32 bf16 rounded as f32_to_bf16 does (but for products below fp32's normal range, as
+// codes_to_bf16x32). The NaN codes, which no packed weights hold, read as 480.
+inline __m512i fp8_to_bf16x32(const uint8_t* p, __m512 scale_times_256) {
+  const __m512 lo = _mm512_mul_ps(_mm512_cvtph_ps(fp8_to_fp16_bits(p)), scale_times_256);
+  const __m512 hi = _mm512_mul_ps(_mm512_cvtph_ps(fp8_to_fp16_bits(p + 16)), scale_times_256);
   return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
 }
 
@@ -95,7 +101,7 @@ struct Fp8Source {  // fp32 scales per block (tile), `blocks` blocks per panel
   const float* tile_scales;
   int64_t blocks;
   __m512i load(int64_t elem, const PairScales& s) const {
-    return fp8_to_bf16x32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + elem)), s.lo);
+    return fp8_to_bf16x32(packed + elem, s.lo);
   }
   PairScales scales(int64_t panel, int64_t block) const {
     return PairScales(_mm512_set1_ps(tile_scales[panel * blocks + block] * 256.f));
@@ -205,8 +211,7 @@ void decode_panels_fp8_avx512(const uint8_t* packed, const float* tile_scales, i
       _mm_prefetch(reinterpret_cast<const char*>(codes + 4096 + 64 * line), _MM_HINT_T0);
     const __m512 scale = _mm512_set1_ps(tile_scales[t] * 256.f);
     for (int row = 0; row < kBlockDepth / 2; ++row)
-      _mm512_storeu_si512(dst + t * kBlockElems + row * 32,
-                          fp8_to_bf16x32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + row * 32)), scale));
+      _mm512_storeu_si512(dst + t * kBlockElems + row * 32, fp8_to_bf16x32(codes + row * 32, scale));
   }
 }
 
