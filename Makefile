@@ -33,7 +33,7 @@ deps-system:  ## compilers, GoogleTest, hwloc
 
 deps-python:  ## torch (the exact CPU wheel), the HF stack and the test tools, for $(PY)
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install numpy pytest hypothesis transformers peft safetensors accelerate tqdm matplotlib trl
+	$(PY) -m pip install numpy pytest hypothesis transformers peft safetensors accelerate tqdm matplotlib trl compressed-tensors
 	$(PY) -m pip install --upgrade --no-deps --target $(TRANSFORMERS4) $(TRANSFORMERS4_PINS)
 
 install:  ## build the extension in place against the installed torch

@@ -76,9 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="device of the non-expert modules: auto (cuda if available), cpu, cuda, cuda:1")
     t.add_argument("--dtype", choices=["bfloat16", "float32"], help="dtype of the non-expert weights (default bfloat16)")
     t.add_argument("--experts-format", choices=weight_formats(),
-                   help="weight format of the frozen experts in memory: bf16 as the checkpoint holds them, int8 "
-                   "(one scale per output channel, about half the memory) or int4 (one scale per 32 elements of "
-                   "each row, about 0.28 of the memory); quantized layer by layer as loaded (default bf16)")
+                   help="weight format of the frozen experts in memory: bf16, int8 (one scale per output channel, "
+                   "about half the memory), int4 (one scale per 32 elements of each row, about 0.28 of the memory) "
+                   "or fp8 (e4m3, one scale per 128x128 block, about half); made layer by layer as loaded (default: "
+                   "the checkpoint's own: fp8 or int4 for fp8 or compressed-tensors int4 experts, else bf16)")
     t.add_argument("--save-every", type=int, help="also write the resumable checkpoint every N steps")
     t.add_argument("--stop-after", type=_positive(int),
                    help="stop after this many steps of this run, with a checkpoint to --resume from")

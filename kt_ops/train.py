@@ -62,7 +62,7 @@ class TrainArgs:
     max_grad_norm: float = 1.0
     device: str = "auto"
     dtype: str = "bfloat16"
-    experts_format: str = "bf16"
+    experts_format: Optional[str] = None  # None: the checkpoint's own (checkpoint_experts_format)
     save_every: int = 0
     stop_after: Optional[int] = None
     resume: Optional[str] = None

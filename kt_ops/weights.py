@@ -12,10 +12,11 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from kt_ops.api import PackedExperts, check_weight_format, pack_experts
+from kt_ops.api import PackedExperts, check_weight_format, pack_expert_codes, pack_experts
 from kt_ops.files import read_json
+from kt_ops.int4_checkpoints import pack_quantized_group, unpack_int4
 from kt_ops.models.families import ARCHITECTURES, Family, experts_shape, family_of, interface_experts, moe_layers
-from kt_ops.reference import FP8_BLOCK, dequantize_fp8
+from kt_ops.reference import FP8_BLOCK, dequantize_fp8, dequantize_int4
 
 
 
@@ -145,6 +146,9 @@ class _Checkpoint:
                 raise KeyError(f"{caller}: {index} puts {name} in {f}, which has no such tensor")
         self.shard_of = {k: shards[f] for k, f in weight_map.items()}
         self.directory, self.caller = checkpoint_dir, caller
+        # The group of compressed-tensors int4 weights (kt_ops/int4_checkpoints.py), if any.
+        config = os.path.join(checkpoint_dir, "config.json")
+        self.int4_group = pack_quantized_group(read_json(config, caller), f"{caller}: {config}")
 
     def __contains__(self, name: str) -> bool:
         return name in self.shard_of
@@ -162,9 +166,18 @@ class _Checkpoint:
     def read(self, name: str, out: Optional[torch.Tensor] = None, first: int = 0) -> torch.Tensor:
         return self.shard_of[name].read(name, out, first)
 
+    def is_int4(self, name: str) -> bool:
+        """Whether weight ``name`` is stored as compressed-tensors int4 (``name``'s
+        ``_packed``, ``_scale`` and ``_shape`` tensors instead of ``name``)."""
+        return name not in self and name + "_packed" in self
+
     def check_weight(self, name: str, shape: tuple[int, ...]) -> None:
         """Raises unless ``name`` is a floating-point weight of ``shape`` (fp8 ones with block
-        scales of the matching shape), naming the tensor and its file."""
+        scales of the matching shape) or compressed-tensors int4 standing for one, naming the
+        tensor and its file."""
+        if self.is_int4(name):
+            self._check_int4(name, shape)
+            return
         dtype, got = self.info(name)
         if dtype not in _WEIGHT_DTYPES:
             raise ValueError(f"{self.caller}: {self.where(name)} is {_dtype_name(dtype)}; expert weights must be "
@@ -182,10 +195,47 @@ class _Checkpoint:
                 raise ValueError(f"{self.caller}: {self.where(scale)} is {_dtype_name(scale_dtype)} {list(scale_shape)}; "
                                  f"the block scales of a {list(shape)} fp8 weight are floating point {want}")
 
+    def _check_int4(self, name: str, shape: tuple[int, ...]) -> None:
+        n, k = shape
+        group = self.int4_group
+        if group is None:
+            raise ValueError(f"{self.caller}: {self.where(name + '_packed')} is compressed-tensors int4, but "
+                             f"{self.directory}/config.json has no compressed-tensors quantization_config")
+        for suffix in ("_scale", "_shape"):
+            if name + suffix not in self:
+                raise KeyError(f"{self.caller}: {name} is int4 but the checkpoint has no {name + suffix}")
+        if k % group:
+            raise ValueError(f"{self.caller}: {name} is int4 in groups of {group}, which do not divide its "
+                             f"{k} columns")
+        expected = {"_packed": ((torch.int32,), [n, math.ceil(k / 8)]),
+                    "_scale": ((torch.bfloat16, torch.float16, torch.float32), [n, k // group]),
+                    "_shape": ((torch.int64, torch.int32), [2])}
+        for suffix, (dtypes, want) in expected.items():
+            dtype, got = self.info(name + suffix)
+            if dtype not in dtypes or list(got) != want:
+                raise ValueError(f"{self.caller}: {self.where(name + suffix)} is {_dtype_name(dtype)} {list(got)}; "
+                                 f"an int4 weight of shape {list(shape)} needs {' or '.join(map(_dtype_name, dtypes))} "
+                                 f"{want}")
+        if self.read(name + "_shape").tolist() != [n, k]:
+            raise ValueError(f"{self.caller}: {self.where(name + '_shape')} says "
+                             f"{self.read(name + '_shape').tolist()}; the model's config needs {[n, k]}")
+
+    def read_int4(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int8 codes [N, K] and the scales [N, K / group] (as stored) of int4 weight
+        ``name``, checked (:meth:`check_weight`)."""
+        columns = int(self.read(name + "_shape")[1])
+        return unpack_int4(self.read(name + "_packed"), columns), self.read(name + "_scale")
+
     def read_weight(self, name: str, out: torch.Tensor, first: int = 0) -> None:
         """Elements of ``name`` into the bf16 ``out`` (see :meth:`_Shard.read`), converted;
-        fp8 weights (whole tensors only) multiplied by their 128x128 block scales. The caller
-        has checked the tensor (:meth:`check_weight`)."""
+        fp8 weights (whole tensors only) multiplied by their 128x128 block scales, int4 ones by
+        their group scales. The caller has checked the tensor (:meth:`check_weight`)."""
+        if self.is_int4(name):
+            codes, scales = self.read_int4(name)
+            if first or out.numel() != codes.numel():
+                raise ValueError(f"{self.caller}: {name} is int4; int4 expert weights are read whole only")
+            out.copy_(dequantize_int4(codes, scales, self.int4_group).view(out.shape))
+            return
         dtype, shape = self.info(name)
         if dtype == torch.bfloat16:
             self.read(name, out, first)
@@ -282,7 +332,8 @@ def expert_shapes(model: nn.Module) -> dict[int, tuple[int, int, int]]:
 
 
 def load_experts(checkpoint_dir: Union[str, os.PathLike], *, layers: Optional[list[int]] = None,
-                 numa_nodes: int = 0, experts_format: str = "bf16", progress: bool = True) -> dict[int, PackedExperts]:
+                 numa_nodes: int = 0, experts_format: Optional[str] = None,
+                 progress: bool = True) -> dict[int, PackedExperts]:
     """Packs the routed experts of every MoE layer of a safetensors checkpoint, one layer at a time.
 
     Args:
@@ -292,11 +343,16 @@ def load_experts(checkpoint_dir: Union[str, os.PathLike], *, layers: Optional[li
             tensors may be per expert (``model.layers.{l}.mlp.experts.{e}.gate_proj.weight``,
             Mixtral's ``block_sparse_moe.experts.{e}.w1.weight``) or fused
             (``model.layers.{l}.mlp.experts.gate_up_proj`` [E, 2I, H] and ``down_proj``), in
-            bf16/fp16/fp32 or fp8 with 128x128 block scales (``..._scale_inv``).
+            bf16/fp16/fp32, fp8 with 128x128 block scales (``..._scale_inv``) or, per expert,
+            compressed-tensors pack-quantized int4 (``..._packed``, ``..._scale``,
+            ``..._shape``; :mod:`kt_ops.int4_checkpoints`).
         layers: layer indices to load (default: every MoE layer).
         numa_nodes: passed to :func:`kt_ops.pack_experts`.
-        experts_format: the weight format to pack in, one of :func:`kt_ops.weight_formats`
-            (``"int8"``, ``"int4"``: each layer quantized as it is packed; int4 in groups of 32).
+        experts_format: the weight format to pack in, one of :func:`kt_ops.weight_formats`;
+            None (the default) keeps the checkpoint's own (:func:`checkpoint_experts_format`:
+            fp8 and int4 experts stay so, codes and scales as stored). Another format is made
+            layer by layer as the layer is read (int4 in groups of 32), from the weights the
+            checkpoint holds (quantized ones dequantized first).
         progress: show a progress bar over the layers.
 
     Returns ``{layer index: PackedExperts}`` for :func:`kt_ops.patch_model`'s ``experts``.
@@ -307,27 +363,67 @@ def load_experts(checkpoint_dir: Union[str, os.PathLike], *, layers: Optional[li
     the tensor.
 
     Memory: each layer's weights are read with plain file reads (no memory map) straight into
-    one bf16 buffer per projection, packed, and freed, so the peak is the packed experts plus
-    one layer of bf16 expert weights (``benchmarks/bench_load_experts.py`` measures it).
+    one buffer per projection (bf16, or the codes of a checkpoint kept in its fp8 or int4),
+    packed, and freed, so the peak is the packed experts plus one layer of expert weights as
+    read (``benchmarks/bench_load_experts.py`` measures it).
     """
     checkpoint_dir = os.fspath(checkpoint_dir)
     caller = "kt_ops.load_experts"
-    check_weight_format(experts_format, caller)
+    if experts_format is not None:
+        check_weight_format(experts_format, caller)
     family = _streamed_family(checkpoint_dir, caller)
     shapes = expert_shapes(empty_model(checkpoint_dir, caller))
     ckpt = _Checkpoint(checkpoint_dir, caller)
     return _load_experts(ckpt, family, shapes, layers, numa_nodes, experts_format, progress, caller)
 
 
+def checkpoint_experts_format(checkpoint_dir: Union[str, os.PathLike]) -> str:
+    """The weight format a checkpoint's routed experts are stored in, as
+    :func:`kt_ops.weight_formats` names it: ``"fp8"`` when every expert weight is
+    ``float8_e4m3fn`` with 128 x 128 block scales (DeepSeek-V3, Kimi-K2, Qwen3-FP8),
+    ``"int4"`` when every one is compressed-tensors' pack-quantized int4 with bf16 scales
+    (Kimi-K2-Thinking; :mod:`kt_ops.int4_checkpoints`), else ``"bf16"`` (bf16, fp16 or fp32
+    weights, which kt_ops keeps in bf16). What
+    :func:`load_experts`, :func:`load_model` and ``kt-sft`` pack in by default."""
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    caller = "kt_ops.checkpoint_experts_format"
+    family = _streamed_family(checkpoint_dir, caller)
+    ckpt = _Checkpoint(checkpoint_dir, caller)
+    per_expert, fused = _expert_keys(family)
+    weights = {_weight_name(n) for n in ckpt.names()}
+    return _stored_format(ckpt, [n for n in weights if per_expert.match(n) or fused.match(n)])
+
+
+def _weight_name(name: str) -> str:
+    """The weight a checkpoint tensor stores: ``name`` itself, or for one of the tensors of a
+    compressed-tensors int4 weight (``x.weight_packed``, ...), that weight's name
+    (``x.weight``)."""
+    for suffix in ("_packed", "_scale", "_shape"):
+        if name.endswith(".weight" + suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _stored_format(ckpt: _Checkpoint, names: list[str]) -> str:
+    """The format of the expert weights ``names``: fp8 when every one is e4m3 with block scales,
+    int4 when every one is compressed-tensors int4 with bf16 scales (the loader checks the
+    shapes), else bf16."""
+    if names and all(ckpt.is_int4(n) and ckpt.info(n + "_scale")[0] == torch.bfloat16 for n in names):
+        return "int4"
+    if names and all(n in ckpt and ckpt.info(n)[0] == torch.float8_e4m3fn and n + "_scale_inv" in ckpt for n in names):
+        return "fp8"
+    return "bf16"
+
+
 def _load_experts(ckpt: _Checkpoint, family: Family, shapes: dict[int, tuple[int, int, int]],
-                  layers: Optional[list[int]], numa_nodes: int, experts_format: str, progress: bool,
+                  layers: Optional[list[int]], numa_nodes: int, experts_format: Optional[str], progress: bool,
                   caller: str) -> dict[int, PackedExperts]:
     gate, up, down = family.expert_linears
     per_expert, fused = _expert_keys(family)
     experts_of: dict[int, set[int]] = defaultdict(set)
     fused_layers: set[int] = set()
     for name in ckpt.names():
-        if m := per_expert.match(name):
+        if m := per_expert.match(_weight_name(name)):
             experts_of[int(m.group(1))].add(int(m.group(2)))
         elif m := fused.match(name):
             fused_layers.add(int(m.group(1)))
@@ -343,7 +439,7 @@ def _load_experts(ckpt: _Checkpoint, family: Family, shapes: dict[int, tuple[int
                        f"(layers with experts: {found})")
 
     # Every tensor is checked before the first one is read: a bad file fails in seconds.
-    plans = {}
+    plans, names_of = {}, {}
     for layer in wanted:
         e, h, i = shapes[layer]
         if layer in fused_layers:
@@ -353,6 +449,7 @@ def _load_experts(ckpt: _Checkpoint, family: Family, shapes: dict[int, tuple[int
                     raise KeyError(f"{caller}: missing key {prefix + proj}")
                 ckpt.check_weight(prefix + proj, shape)
             plans[layer] = ("fused", prefix)
+            names_of[layer] = [prefix + "gate_up_proj", prefix + "down_proj"]
         else:
             ids = sorted(experts_of[layer])
             if ids != list(range(e)):
@@ -363,15 +460,21 @@ def _load_experts(ckpt: _Checkpoint, family: Family, shapes: dict[int, tuple[int
             for proj, shape in ((gate, (i, h)), (up, (i, h)), (down, (h, i))):
                 for x in range(e):
                     name = f"{prefix}{x}.{proj}.weight"
-                    if name not in ckpt:
+                    if name not in ckpt and not ckpt.is_int4(name):
                         raise KeyError(f"{caller}: missing key {name}")
                     ckpt.check_weight(name, shape)
             plans[layer] = ("per_expert", prefix)
+            names_of[layer] = [f"{prefix}{x}.{proj}.weight" for proj in (gate, up, down) for x in range(e)]
+    experts_format = experts_format or _stored_format(ckpt, [n for names in names_of.values() for n in names])
 
     out: dict[int, PackedExperts] = {}
     for layer in _progress(wanted, "packing experts", "layer", progress):
         e, h, i = shapes[layer]
         kind, prefix = plans[layer]
+        stored = _stored_format(ckpt, names_of[layer]) if kind == "per_expert" else "bf16"
+        if experts_format == stored and stored in ("fp8", "int4"):
+            out[layer] = _pack_codes_layer(ckpt, prefix, family, (e, h, i), stored, numa_nodes, layer, caller)
+            continue
         w_gate, w_up, w_down = (torch.empty(s, dtype=torch.bfloat16) for s in [(e, i, h), (e, i, h), (e, h, i)])
         for x in range(e):
             if kind == "fused":  # gate_up_proj[x] holds expert x's gate rows, then its up rows
@@ -386,11 +489,39 @@ def _load_experts(ckpt: _Checkpoint, family: Family, shapes: dict[int, tuple[int
     return out
 
 
+def _pack_codes_layer(ckpt: _Checkpoint, prefix: str, family: Family, shape: tuple[int, int, int], fmt: str,
+                      numa_nodes: int, layer: int, caller: str) -> PackedExperts:
+    """One layer of per-expert fp8 or int4 weights packed in that format from their codes and
+    scales as stored: no bf16 copy, no rounding."""
+    e, h, i = shape
+    gate, up, down = family.expert_linears
+    matrices = [(i, h), (i, h), (h, i)]
+    if fmt == "fp8":
+        codes = [torch.empty((e, n, k), dtype=torch.float8_e4m3fn) for n, k in matrices]
+        scales = [torch.empty((e, math.ceil(n / FP8_BLOCK), math.ceil(k / FP8_BLOCK))) for n, k in matrices]
+    else:
+        codes = [torch.empty((e, n, k), dtype=torch.int8) for n, k in matrices]
+        scales = [torch.empty((e, n, k // ckpt.int4_group), dtype=torch.bfloat16) for n, k in matrices]
+    for x in range(e):
+        for proj, c, sc in zip((gate, up, down), codes, scales):
+            name = f"{prefix}{x}.{proj}.weight"
+            if fmt == "fp8":
+                ckpt.read(name, c[x])
+                sc[x].copy_(ckpt.read(name + "_scale_inv"))
+            else:
+                c[x], sc[x] = ckpt.read_int4(name)
+    try:
+        return pack_expert_codes(*codes, scales, numa_nodes, format=fmt,
+                                 group_size=ckpt.int4_group if fmt == "int4" else 0)
+    except RuntimeError as err:
+        raise ValueError(f"{caller}: layer {layer}'s {fmt} experts in {ckpt.directory} ({prefix}*): {err}") from None
+
+
 def load_model(checkpoint_dir: Union[str, os.PathLike], lora_rank: Optional[int] = None,
                lora_alpha: Optional[float] = None, *, config: Any = None,
                adapter: Union[str, os.PathLike, None] = None, dtype: torch.dtype = torch.bfloat16,
                device: Union[str, torch.device, None] = None, numa_nodes: int = 0,
-               experts_format: str = "bf16", progress: bool = True) -> nn.Module:
+               experts_format: Optional[str] = None, progress: bool = True) -> nn.Module:
     """A causal LM from a Hugging Face checkpoint directory with its routed experts on the kt
     kernels and LoRA on them (:func:`kt_ops.patch_model`), built without ever holding the
     bf16 routed experts in full.
@@ -407,8 +538,9 @@ def load_model(checkpoint_dir: Union[str, os.PathLike], lora_rank: Optional[int]
     takes them, or that of a saved ``adapter`` directory (its config, then its tensors,
     through :func:`kt_ops.load_adapter`). Non-expert modules end on ``device`` (default: the
     CPU); the experts and their LoRA stay in CPU memory whatever the device. The experts are
-    packed in ``experts_format`` (:func:`kt_ops.weight_formats`; ``"int8"`` and ``"int4"``
-    quantize each layer as it is read, so the bf16 experts are never held whole).
+    packed in ``experts_format`` (:func:`kt_ops.weight_formats`; None, the default: the
+    checkpoint's own, :func:`checkpoint_experts_format`); a format the checkpoint does not hold
+    is made layer by layer as it is read, so the bf16 experts are never held whole.
 
     Returns what :func:`kt_ops.patch_model` returns (a ``PeftModel`` on transformers 5.x).
     Raises KeyError naming checkpoint tensors the model has no place for, or model tensors
@@ -419,7 +551,8 @@ def load_model(checkpoint_dir: Union[str, os.PathLike], lora_rank: Optional[int]
     from kt_ops.models.surgery import expert_lora_config, patch_model, resolve_lora_config, use_kt_experts
 
     caller = "kt_ops.load_model"
-    check_weight_format(experts_format, caller)
+    if experts_format is not None:
+        check_weight_format(experts_format, caller)
     checkpoint_dir = os.fspath(checkpoint_dir)
     device = torch.device(device or "cpu")
     if adapter is not None:
@@ -440,6 +573,8 @@ def load_model(checkpoint_dir: Union[str, os.PathLike], lora_rank: Optional[int]
         experts = None
     else:
         experts = _load_into(model, checkpoint_dir, family, dtype, device, numa_nodes, experts_format, progress, caller)
+    # Repacks (an in-place write of the experts' stand-ins) keep the format the experts have.
+    experts_format = next(iter(experts.values())).format if experts else (experts_format or "bf16")
     if interface:
         import peft
 
@@ -479,7 +614,8 @@ def _check_complete(model: nn.Module, caller: str) -> None:
 
 
 def _load_into(model: nn.Module, checkpoint_dir: str, family: Family, dtype: torch.dtype, device: torch.device,
-               numa_nodes: int, experts_format: str, progress: bool, caller: str) -> dict[int, PackedExperts]:
+               numa_nodes: int, experts_format: Optional[str], progress: bool,
+               caller: str) -> dict[int, PackedExperts]:
     """Streams the checkpoint's expert tensors into packed experts (returned) and its other
     tensors into ``model``'s empty parameters, on ``device``."""
     ckpt = _Checkpoint(checkpoint_dir, caller)
@@ -488,7 +624,8 @@ def _load_into(model: nn.Module, checkpoint_dir: str, family: Family, dtype: tor
     # transformers 5.x renames some blocks (Mixtral's block_sparse_moe -> mlp) while its
     # checkpoints keep the 4.x names.
     old_block, new_block = (f".{p.rpartition('.')[0]}." for p in (family.expert_list, family.experts))
-    names = [n for n in ckpt.names() if not (n.endswith("_scale_inv") or per_expert.match(n) or fused.match(n))]
+    names = [n for n in ckpt.names()
+             if not (n.endswith("_scale_inv") or per_expert.match(_weight_name(n)) or fused.match(n))]
     targets, unexpected = {}, []
     for name in names:
         target = name if name in wanted else name.replace(old_block, new_block)

@@ -449,8 +449,16 @@ def test_load_experts_fused_and_fp8_checkpoints(tmp_path):
     patched = kt_ops.patch_model(model, lora_rank=R, lora_alpha=ALPHA)
     for layer, packed in packed_by_layer(patched).items():
         assert packed_equal(got_fused[layer], packed)
+    assert kt_ops.checkpoint_experts_format(tmp_path / "fused") == "bf16"
+    assert kt_ops.checkpoint_experts_format(tmp_path / "fp8") == "fp8"
+    # As bf16: the dequantized weights. By default, the checkpoint's own fp8, which stands for them.
+    got_bf16 = kt_ops.load_experts(tmp_path / "fp8", experts_format="bf16", progress=False)
+    assert sorted(got_bf16) == sorted(want) and all(packed_equal(got_bf16[k], want[k]) for k in want)
     got_fp8 = kt_ops.load_experts(tmp_path / "fp8", progress=False)
-    assert sorted(got_fp8) == sorted(want) and all(packed_equal(got_fp8[k], want[k]) for k in want)
+    assert sorted(got_fp8) == sorted(want)
+    for k, packed in got_fp8.items():
+        assert packed.format == "fp8"
+        assert all(torch.equal(a, b) for a, b in zip(packed.unpack(), want[k].unpack()))
 
 
 def test_load_experts_errors_name_the_problem(tmp_path):

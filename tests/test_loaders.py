@@ -170,6 +170,183 @@ def test_quantized_experts_load_as_pack_experts_makes_them(checkpoint, fmt):
         assert all(torch.equal(a, b) for a, b in zip(packed.tensors, want.tensors))
 
 
+def _as_fp8_checkpoint(path):
+    """The checkpoint's expert weights rewritten as fp8 e4m3 with 128 x 128 block scales, as
+    DeepSeek-V3 publishes them (kt_ops.reference.quantize_fp8's codes and scale_inv)."""
+    from kt_ops.reference import quantize_fp8
+
+    def to_fp8(tensors):
+        for name in [n for n in tensors if ".experts." in n and n.endswith(".weight")]:
+            tensors[name], tensors[name + "_scale_inv"] = quantize_fp8(tensors[name])
+    edit_tensors(path, to_fp8)
+
+
+def test_an_fp8_checkpoint_loads_as_fp8_with_no_bf16_copy(checkpoint, monkeypatch):
+    """By default an fp8 checkpoint's experts stay fp8: packed from the codes and block scales
+    as stored (the same tensors as packing the bf16 experts as fp8, which quantizes to those
+    codes), never dequantized to bf16 on the way."""
+    bf16 = kt_ops.load_experts(checkpoint, progress=False)
+    _as_fp8_checkpoint(checkpoint)
+    assert kt_ops.checkpoint_experts_format(checkpoint) == "fp8"
+    import kt_ops.weights as weights
+
+    def no_bf16(*args, **kwargs):
+        raise AssertionError("an fp8 checkpoint loaded as fp8 went through bf16")
+    monkeypatch.setattr(weights, "_dequantize", no_bf16)
+    monkeypatch.setattr(weights, "pack_experts", no_bf16)
+    fp8 = kt_ops.load_experts(checkpoint, progress=False)
+    monkeypatch.undo()
+    assert fp8.keys() == bf16.keys()
+    for layer, packed in fp8.items():
+        want = kt_ops.pack_experts(*bf16[layer].unpack(), bf16[layer].numa_slices, format="fp8")
+        assert packed.format == "fp8"
+        assert all(torch.equal(a, b) for a, b in zip(packed.tensors, want.tensors))
+    # Asked for another format, the experts are dequantized and quantized again.
+    as_int8 = kt_ops.load_experts(checkpoint, experts_format="int8", progress=False)
+    assert all(p.format == "int8" for p in as_int8.values())
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+def test_load_model_keeps_a_quantized_checkpoint_in_its_format(checkpoint, fmt):
+    """load_model (and so kt-sft) packs in the checkpoint's own format unless told otherwise."""
+    (_as_fp8_checkpoint if fmt == "fp8" else _as_int4_checkpoint)(checkpoint)
+
+    def formats(model):
+        holders = [*model.modules(), *model.parameters()]  # KtExperts, or the interface's packed stand-ins
+        return {p.format for p in (getattr(h, "packed", None) for h in holders) if isinstance(p, kt_ops.PackedExperts)}
+    assert formats(kt_ops.load_model(checkpoint, lora_rank=R, lora_alpha=ALPHA, progress=False)) == {fmt}
+    assert formats(kt_ops.load_model(checkpoint, lora_rank=R, lora_alpha=ALPHA, experts_format="int8",
+                                     progress=False)) == {"int8"}
+
+
+def test_fp8_codes_that_are_nan_are_named(checkpoint):
+    _as_fp8_checkpoint(checkpoint)
+    name = "model.layers.1.mlp.experts.2.down_proj.weight"
+
+    def poison(tensors):
+        codes = tensors[name].view(torch.uint8).clone()
+        codes[3, 5] = 0x7F
+        tensors[name] = codes.view(torch.float8_e4m3fn)
+    edit_tensors(checkpoint, poison)
+    with pytest.raises(ValueError, match=re.escape("kt_ops.load_experts: layer 1's fp8 experts in ")) as err:
+        kt_ops.load_experts(checkpoint, progress=False)
+    assert "w_down holds the e4m3 NaN code" in str(err.value)
+
+
+KIMI_INT4_CONFIG = {  # the quantization_config of Kimi-K2-Thinking's config.json, group size as given
+    "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+    "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "output_activations": None,
+                                  "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
+                                              "group_size": 32, "dynamic": False, "observer": "minmax"}}},
+    "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
+    "kv_cache_scheme": None}
+
+
+def _int4_words(codes):
+    """compressed-tensors' packing of int4 codes [..., N, K] (K % 8 == 0): eight per int32 along
+    K, code + 8 in bits 4i..4i+3 for column 8j + i."""
+    nibbles = (codes.to(torch.int32) + 8).unflatten(-1, (-1, 8))
+    words = torch.zeros(nibbles.shape[:-1], dtype=torch.int32)
+    for i in range(8):
+        words |= nibbles[..., i] << (4 * i)
+    return words
+
+
+def _as_int4_checkpoint(path, group_size=32, edit_codes=None):
+    """The checkpoint's expert weights rewritten as compressed-tensors pack-quantized int4 (the
+    codes and scales of kt_ops.reference.quantize_int4; ``edit_codes`` may change the codes),
+    with the quantization_config that says so."""
+    from kt_ops.reference import quantize_int4
+
+    def to_int4(tensors):
+        for name in [n for n in tensors if ".experts." in n and n.endswith(".weight")]:
+            w = tensors.pop(name)
+            codes, scale = quantize_int4(w, group_size)
+            if edit_codes:
+                edit_codes(name, codes)
+            tensors[name + "_packed"], tensors[name + "_scale"] = _int4_words(codes), scale
+            tensors[name + "_shape"] = torch.tensor(list(w.shape))
+    edit_tensors(path, to_int4)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = json.loads(json.dumps(KIMI_INT4_CONFIG))
+    cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = group_size
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_our_int4_words_are_compressed_tensors_own():
+    """The checkpoints the int4 tests write are packed as the compressed-tensors library packs them."""
+    compressors = pytest.importorskip("compressed_tensors.compressors")
+    codes = torch.randint(-8, 8, (3, 64, 96), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    assert torch.equal(_int4_words(codes), compressors.pack_to_int32(codes, 4))
+    from kt_ops.int4_checkpoints import unpack_int4
+    assert torch.equal(unpack_int4(compressors.pack_to_int32(codes, 4), 96), codes)
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_a_compressed_tensors_int4_checkpoint_loads_as_int4_with_no_bf16_copy(checkpoint, monkeypatch, group_size):
+    """Kimi-K2-Thinking's format: by default the experts stay int4, packed from the codes and
+    group scales as stored (the same tensors as packing the bf16 experts as int4 in that group,
+    which quantizes to those codes), never dequantized on the way."""
+    bf16 = kt_ops.load_experts(checkpoint, progress=False)
+    _as_int4_checkpoint(checkpoint, group_size)
+    assert kt_ops.checkpoint_experts_format(checkpoint) == "int4"
+    import kt_ops.weights as weights
+
+    def no_bf16(*args, **kwargs):
+        raise AssertionError("an int4 checkpoint loaded as int4 went through bf16")
+    monkeypatch.setattr(weights, "dequantize_int4", no_bf16)
+    monkeypatch.setattr(weights, "pack_experts", no_bf16)
+    int4 = kt_ops.load_experts(checkpoint, progress=False)
+    monkeypatch.undo()
+    assert int4.keys() == bf16.keys()
+    for layer, packed in int4.items():
+        want = kt_ops.pack_experts(*bf16[layer].unpack(), bf16[layer].numa_slices, format="int4",
+                                   group_size=group_size)
+        assert packed.format == "int4" and packed.group_size == group_size
+        assert all(torch.equal(a, b) for a, b in zip(packed.tensors, want.tensors))
+    # Another format: dequantized (code * scale, in bf16) and packed in it.
+    as_bf16 = kt_ops.load_experts(checkpoint, experts_format="bf16", progress=False)
+    for layer, packed in as_bf16.items():
+        assert all(torch.equal(a, b) for a, b in zip(packed.unpack(), int4[layer].unpack()))
+
+
+def test_int4_checkpoint_codes_of_minus_8_are_read_as_they_are(checkpoint):
+    from kt_ops.reference import dequantize_int4, quantize_int4
+
+    name = "model.layers.1.mlp.experts.2.gate_proj.weight"
+    original = load_file(checkpoint / "model.safetensors")[name]
+
+    def minus_8(n, codes):
+        if n == name:
+            codes[0, :4] = -8
+    _as_int4_checkpoint(checkpoint, edit_codes=minus_8)
+    codes, scale = quantize_int4(original, 32)
+    codes[0, :4] = -8
+    got = kt_ops.load_experts(checkpoint, progress=False)[1].unpack()[0][2]
+    assert torch.equal(got, dequantize_int4(codes, scale, 32).bfloat16())
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t, c: t.update({EXPERT + "_scale": t[EXPERT + "_scale"][:, :3].contiguous()}),
+     f"{EXPERT}_scale in "),
+    (lambda t, c: t.update({EXPERT + "_shape": torch.tensor([128, 255])}),
+     f"{EXPERT}_shape in "),
+    (lambda t, c: t.pop(EXPERT + "_scale"), f"{EXPERT} is int4 but the checkpoint has no {EXPERT}_scale"),
+    (lambda t, c: c["quantization_config"]["config_groups"]["group_0"]["weights"].update(num_bits=8),
+     "kt_ops reads compressed-tensors int4 weights that are symmetric, in groups of 32, 64 or 128; this "
+     "quantization_config's weights are {'num_bits': 8"),
+    (lambda t, c: c.pop("quantization_config"),
+     "is compressed-tensors int4, but"),
+])
+def test_int4_checkpoint_tensors_and_config_are_checked(checkpoint, edit, message):
+    _as_int4_checkpoint(checkpoint)
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    edit_tensors(checkpoint, lambda t: edit(t, cfg))
+    (checkpoint / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises((ValueError, KeyError), match=re.escape(message)):
+        kt_ops.load_experts(checkpoint, progress=False)
+
+
 @pytest.mark.parametrize("load", [lambda p: kt_ops.load_experts(p, experts_format="int3", progress=False),
                                   lambda p: kt_ops.load_model(p, experts_format="int3", progress=False)])
 def test_an_unknown_experts_format_is_named_before_anything_is_read(checkpoint, load):
