@@ -181,6 +181,16 @@ def _as_fp8_checkpoint(path):
     edit_tensors(path, to_fp8)
 
 
+def _forbid(monkeypatch, *names):
+    """Makes the loader's functions ``names`` (its ways to bf16 weights) fail when called."""
+    import kt_ops.weights as weights
+
+    def went_through_bf16(*args, **kwargs):
+        raise AssertionError("a quantized checkpoint loaded in its own format went through bf16")
+    for name in names:
+        monkeypatch.setattr(weights, name, went_through_bf16)
+
+
 def test_an_fp8_checkpoint_loads_as_fp8_with_no_bf16_copy(checkpoint, monkeypatch):
     """By default an fp8 checkpoint's experts stay fp8: packed from the codes and block scales
     as stored (the same tensors as packing the bf16 experts as fp8, which quantizes to those
@@ -188,12 +198,7 @@ def test_an_fp8_checkpoint_loads_as_fp8_with_no_bf16_copy(checkpoint, monkeypatc
     bf16 = kt_ops.load_experts(checkpoint, progress=False)
     _as_fp8_checkpoint(checkpoint)
     assert kt_ops.checkpoint_experts_format(checkpoint) == "fp8"
-    import kt_ops.weights as weights
-
-    def no_bf16(*args, **kwargs):
-        raise AssertionError("an fp8 checkpoint loaded as fp8 went through bf16")
-    monkeypatch.setattr(weights, "_dequantize", no_bf16)
-    monkeypatch.setattr(weights, "pack_experts", no_bf16)
+    _forbid(monkeypatch, "_dequantize", "pack_experts")
     fp8 = kt_ops.load_experts(checkpoint, progress=False)
     monkeypatch.undo()
     assert fp8.keys() == bf16.keys()
@@ -290,12 +295,7 @@ def test_a_compressed_tensors_int4_checkpoint_loads_as_int4_with_no_bf16_copy(ch
     bf16 = kt_ops.load_experts(checkpoint, progress=False)
     _as_int4_checkpoint(checkpoint, group_size)
     assert kt_ops.checkpoint_experts_format(checkpoint) == "int4"
-    import kt_ops.weights as weights
-
-    def no_bf16(*args, **kwargs):
-        raise AssertionError("an int4 checkpoint loaded as int4 went through bf16")
-    monkeypatch.setattr(weights, "dequantize_int4", no_bf16)
-    monkeypatch.setattr(weights, "pack_experts", no_bf16)
+    _forbid(monkeypatch, "dequantize_int4", "pack_experts")
     int4 = kt_ops.load_experts(checkpoint, progress=False)
     monkeypatch.undo()
     assert int4.keys() == bf16.keys()
