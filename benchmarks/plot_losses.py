@@ -1,7 +1,7 @@
 """Loss curves of several kt-sft runs side by side, e.g. one per experts format:
 
-    for f in bf16 int8 int4; do kt-sft train --out runs/$f --experts-format $f; done
-    python benchmarks/plot_losses.py loss_by_format.png runs/bf16 runs/int8 runs/int4
+    for f in bf16 int8 int4 fp8; do kt-sft train --out runs/$f --experts-format $f; done
+    python benchmarks/plot_losses.py loss_by_format.png runs/bf16 runs/int8 runs/int4 runs/fp8
 
 Reads each run's per-step losses from its resumable checkpoint (``checkpoint/trainer_state.json``),
 draws them on one log-scale plot labelled by the run directories' names, and prints, per run, the

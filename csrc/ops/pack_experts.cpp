@@ -166,7 +166,7 @@ void check_code_scales(at::TensorList scales, const RequestedFormat& f, const Ex
       case kt::CodeScales::kPerRow: want.push_back(n); meaning = "one per output row"; break;
       case kt::CodeScales::kPerGroup: want.insert(want.end(), {n, k / f.group}); meaning = "one per group of a row"; break;
       case kt::CodeScales::kPer128Block:
-        want.insert(want.end(), {(n + 127) / 128, (k + 127) / 128});
+        want.insert(want.end(), {(n + kt::kFp8Block - 1) / kt::kFp8Block, (k + kt::kFp8Block - 1) / kt::kFp8Block});
         meaning = "one per 128 x 128 block";
         break;
       case kt::CodeScales::kNone: break;
