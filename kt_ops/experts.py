@@ -205,6 +205,17 @@ def _layout(variant: ExpertsVariant) -> ExpertsLayout:
     return ExpertsLayout(variant.concatenated, variant.transposed)
 
 
+def packed_experts_in(model: nn.Module) -> list[PackedExperts]:
+    """Every distinct PackedExperts a model's experts compute with: those of its KtExperts
+    modules and of the packed stand-ins of transformers' experts interface, in model order."""
+    found: dict[int, PackedExperts] = {}
+    for holder in [*model.modules(), *model.parameters()]:
+        packed = getattr(holder, "packed", None)
+        if isinstance(packed, PackedExperts):
+            found.setdefault(id(packed), packed)
+    return list(found.values())
+
+
 def packed_experts_of(module: nn.Module, layout: ExpertsLayout, numa_nodes: int = 0,
                       dtype: Optional[torch.dtype] = None, experts_format: str = "bf16") -> PackedExperts:
     """The packed experts of an experts module of transformers' experts interface, of weight

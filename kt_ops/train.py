@@ -33,6 +33,7 @@ from kt_ops import data as sft_data
 from kt_ops import run_state
 from kt_ops.files import replacing, write_json
 from kt_ops.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
+from kt_ops.experts import packed_experts_in
 from kt_ops.models.surgery import ExpertLoraConfig
 from kt_ops.run_state import CHECKPOINT, CheckpointError
 
@@ -355,7 +356,8 @@ class Trainer:
              "tokens": self.tokens, "train_seconds": round(self.train_seconds, 3),
              "tokens_per_s": self.tokens / self.train_seconds if self.train_seconds else None,
              "peak_rss_gb": round(_peak_rss_gib(), 3), "device": str(self.device),
-             "examples": len(self.examples), "model": self.args.model, "data": self.args.data}
+             "examples": len(self.examples), "model": self.args.model, "data": self.args.data,
+             "experts_format": sorted({p.format for p in packed_experts_in(self.model)})}
         if self.device.type == "cuda":
             m["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         return m

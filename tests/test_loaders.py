@@ -216,9 +216,10 @@ def test_load_model_keeps_a_quantized_checkpoint_in_its_format(checkpoint, fmt):
     """load_model (and so kt-sft) packs in the checkpoint's own format unless told otherwise."""
     (_as_fp8_checkpoint if fmt == "fp8" else _as_int4_checkpoint)(checkpoint)
 
+    from kt_ops.experts import packed_experts_in
+
     def formats(model):
-        holders = [*model.modules(), *model.parameters()]  # KtExperts, or the interface's packed stand-ins
-        return {p.format for p in (getattr(h, "packed", None) for h in holders) if isinstance(p, kt_ops.PackedExperts)}
+        return {p.format for p in packed_experts_in(model)}
     assert formats(kt_ops.load_model(checkpoint, lora_rank=R, lora_alpha=ALPHA, progress=False)) == {fmt}
     assert formats(kt_ops.load_model(checkpoint, lora_rank=R, lora_alpha=ALPHA, experts_format="int8",
                                      progress=False)) == {"int8"}

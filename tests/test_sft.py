@@ -221,6 +221,7 @@ def test_short_run_writes_every_output_and_stock_peft_loads_the_adapter(tmp_path
     assert metrics["steps"] == 6 and metrics["completed"]
     for key in ("loss_first", "loss_last", "tokens_per_s", "peak_rss_gb"):
         assert metrics[key] > 0, key
+    assert metrics["experts_format"] == ["bf16"]  # the built-in default's own
     with open(os.path.join(out, "loss.png"), "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.isfile(os.path.join(out, "checkpoint", "trainer_state.json"))
