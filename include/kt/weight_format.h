@@ -63,8 +63,9 @@ enum class CodeScales {
 };
 
 // Packs expert e's slice s from the format's codes of w_gate, w_up [E, I, H] and w_down
-// [E, H, I] (one per element: int8 for int8 and int4, the e4m3 bytes for fp8) and their scales (in the
-// format's CodeScales form, each [E, ...]), in groups of `group` where the format has groups.
+// [E, H, I] (one per element: int8 for int8 and int4, the e4m3 bytes for fp8) and their
+// scales (in the format's CodeScales form, each [E, ...]), in groups of `group` where the
+// format has groups.
 using PackCodesSliceFn = void (*)(const ExpertLayout& layout, const void* gate_codes, const void* up_codes,
                                   const void* down_codes, const void* gate_scales, const void* up_scales,
                                   const void* down_scales, int64_t e, int64_t s, int64_t group, void* gate_up,
