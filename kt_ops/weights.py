@@ -216,14 +216,14 @@ class _Checkpoint:
                 raise ValueError(f"{self.caller}: {self.where(name + suffix)} is {_dtype_name(dtype)} {list(got)}; "
                                  f"an int4 weight of shape {list(shape)} needs {' or '.join(map(_dtype_name, dtypes))} "
                                  f"{want}")
-        if self.read(name + "_shape").tolist() != [n, k]:
-            raise ValueError(f"{self.caller}: {self.where(name + '_shape')} says "
-                             f"{self.read(name + '_shape').tolist()}; the model's config needs {[n, k]}")
+        stored = self.read(name + "_shape").tolist()
+        if stored != [n, k]:
+            raise ValueError(f"{self.caller}: {self.where(name + '_shape')} says {stored}; the model's config needs "
+                             f"{[n, k]}")
 
-    def read_int4(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The int8 codes [N, K] and the scales [N, K / group] (as stored) of int4 weight
-        ``name``, checked (:meth:`check_weight`)."""
-        columns = int(self.read(name + "_shape")[1])
+    def read_int4(self, name: str, columns: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int8 codes [N, columns] and the scales [N, columns / group] (as stored) of int4
+        weight ``name``, checked (:meth:`check_weight`: its ``_shape`` says ``columns``)."""
         return unpack_int4(self.read(name + "_packed"), columns), self.read(name + "_scale")
 
     def read_weight(self, name: str, out: torch.Tensor, first: int = 0) -> None:
@@ -231,7 +231,7 @@ class _Checkpoint:
         fp8 weights (whole tensors only) multiplied by their 128x128 block scales, int4 ones by
         their group scales. The caller has checked the tensor (:meth:`check_weight`)."""
         if self.is_int4(name):
-            codes, scales = self.read_int4(name)
+            codes, scales = self.read_int4(name, out.shape[-1])
             if first or out.numel() != codes.numel():
                 raise ValueError(f"{self.caller}: {name} is int4; int4 expert weights are read whole only")
             out.copy_(dequantize_int4(codes, scales, self.int4_group).view(out.shape))
@@ -509,7 +509,7 @@ def _pack_codes_layer(ckpt: _Checkpoint, prefix: str, family: Family, shape: tup
                 ckpt.read(name, c[x])
                 sc[x].copy_(ckpt.read(name + "_scale_inv"))
             else:
-                c[x], sc[x] = ckpt.read_int4(name)
+                c[x], sc[x] = ckpt.read_int4(name, c.shape[-1])
     try:
         return pack_expert_codes(*codes, scales, numa_nodes, format=fmt,
                                  group_size=ckpt.int4_group if fmt == "int4" else 0)
