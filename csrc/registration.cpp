@@ -7,7 +7,7 @@ TORCH_LIBRARY(kt, m) {
   // Name of the kernel path the MoE ops use now on experts of weight format `format`: "amx",
   // "avx512", "avx2" or "scalar" - the best the format has kernels for that this CPU supports,
   // capped by the environment variable KT_OPS_MAX_ISA.
-  m.def("isa(str format=\"bf16\") -> str", &kt_ops::isa);
+  m.def("isa(str format=\"bf16\", bool w8a8=False) -> str", &kt_ops::isa);
 
   // The weight formats this build computes with, e.g. ["bf16"].
   m.def("weight_formats() -> str[]", &kt_ops::weight_formats);
@@ -65,12 +65,16 @@ TORCH_LIBRARY(kt, m) {
   // activation_limit (None: no clamp). The experts' biases, when given: gate_up_bias [E, 2I]
   // (gate columns then up columns) adds to g and u, down_bias [E, H] to each expert's output
   // before the routing weight.
+  // w8a8 (int8 experts only): the base products in int8, as kt_ops.reference's
+  // moe_sft_w8a8_reference defines them (x and z quantized per row in the forward; dy and the
+  // gate/up gradient, times the weights' channel scales, per row for the input gradients).
   // Returns y [T, H] and what the backward needs: gate_up_act [T, K, 2I] (g then u, dtype of
   // x) and lora_act [T, K, r_g + r_u + r_d] fp32 (x A_g^T, x A_u^T, z A_d^T).
   m.def(
       "moe_sft_forward(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor[] experts, int intermediate_size, "
       "Tensor?[] lora, float lora_scaling, Tensor? gate_up_bias=None, Tensor? down_bias=None, "
-      "str activation=\"silu\", float activation_alpha=1.0, float? activation_limit=None, float up_offset=0.0) "
+      "str activation=\"silu\", float activation_alpha=1.0, float? activation_limit=None, float up_offset=0.0, "
+      "bool w8a8=False) "
       "-> (Tensor y, Tensor gate_up_act, Tensor lora_act)");
 
   // Gradients of moe_sft_forward's y: for x, topk_weights, each entry of lora and the two
@@ -78,7 +82,8 @@ TORCH_LIBRARY(kt, m) {
   m.def(
       "moe_sft_backward(Tensor grad_y, Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor[] experts, "
       "int intermediate_size, Tensor?[] lora, float lora_scaling, Tensor? gate_up_bias, Tensor? down_bias, "
-      "str activation, float activation_alpha, float? activation_limit, float up_offset, Tensor gate_up_act, "
+      "str activation, float activation_alpha, float? activation_limit, float up_offset, bool w8a8, "
+      "Tensor gate_up_act, "
       "Tensor lora_act) -> (Tensor grad_x, Tensor grad_topk_weights, Tensor[] grad_lora, Tensor grad_gate_up_bias, "
       "Tensor grad_down_bias)");
 }

@@ -9,15 +9,16 @@ import torch
 LoraTuple = Sequence[torch.Tensor]  # (A_gate, B_gate, A_up, B_up, A_down, B_down)
 
 
-def isa(format: str = "bf16") -> str:
-    """Name of the kernel path the ops use now on experts of weight format ``format``:
-    ``"amx"``, ``"avx512"``, ``"avx2"`` or ``"scalar"``.
+def isa(format: str = "bf16", w8a8: bool = False) -> str:
+    """Name of the kernel path the ops use now on experts of weight format ``format``
+    (``w8a8``: with :func:`moe_sft`'s W8A8 numerics, int8 only): ``"amx"``, ``"avx512"``,
+    ``"avx2"`` or ``"scalar"``.
 
     It is the best path this CPU supports that the format has kernels for (every format has
     all four), capped by the environment variable ``KT_OPS_MAX_ISA`` (read at every
     op call, so tests can switch paths in one process).
     """
-    return torch.ops.kt.isa(format)
+    return torch.ops.kt.isa(format, w8a8)
 
 
 def topology() -> str:
@@ -220,6 +221,7 @@ def moe_sft(
     gate: Gate = SWIGLU,
     gate_up_bias: Optional[torch.Tensor] = None,
     down_bias: Optional[torch.Tensor] = None,
+    w8a8: bool = False,
 ) -> torch.Tensor:
     """Routed-experts MLP with LoRA, differentiable in x, topk_weights, every LoRA tensor and
     the biases.
@@ -242,6 +244,16 @@ def moe_sft(
         gate_up_bias: ``None`` or the experts' ``[E, 2I]`` gate/up biases (bg then bu).
         down_bias: ``None`` or the experts' ``[E, H]`` down biases (bd). Biases that require
             grad get their gradients (the expert weights themselves stay frozen).
+        w8a8: int8 experts only. Computes the base products (not the LoRA ones) in int8,
+            on AMX-INT8 where the CPU has it: in the forward x and z are quantized per row
+            (symmetric, 127 levels) and multiplied by the int8 codes; in the backward the
+            input gradients' products take dy and the gate/up gradient, each times the
+            weights' channel scales, quantized per row (the SwitchBack recipe; the frozen
+            experts need no weight gradient). ``kt_ops.reference.moe_sft_w8a8_reference``
+            defines it exactly; its results differ from the weight-only ones by the
+            activations' rounding, ``kt_ops.reference.TOLERANCES["w8a8"]``. False: the
+            int8 weights are converted to bf16 in the kernels (weight-only), activations
+            stay as they are.
 
     Returns:
         ``[T, H]`` in x's dtype.
@@ -265,6 +277,6 @@ def moe_sft(
     """
     y, _, _ = torch.ops.kt.moe_sft_forward(
         x, topk_ids, topk_weights, list(experts.tensors), experts.intermediate_size, _lora_args(lora),
-        float(lora_scaling), gate_up_bias, down_bias, *gate.op_args(),
+        float(lora_scaling), gate_up_bias, down_bias, *gate.op_args(), bool(w8a8),
     )
     return y

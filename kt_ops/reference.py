@@ -17,9 +17,16 @@ from kt_ops.api import SWIGLU, Gate
 #   max: max |out - ref| / max |ref|  (worst element, scaled by the tensor's range)
 # bf16 activations (and fp32 activations on the AMX / AVX-512 paths, which round them to
 # bf16 on the way into the GEMMs) carry bf16 rounding of x, g, u and z: ~2^-8 per value.
+#   "w8a8": kt_ops.moe_sft(..., w8a8=True) against moe_sft_w8a8_reference, both activation
+#   dtypes: the kernels quantize the activations as the reference does, but the values they
+#   quantize differ by the bf16 roundings above, which moves a code by one here and there.
+#   "w8a8_vs_weight_only": moe_sft_w8a8_reference against moe_sft_reference on the same int8
+#   weights, dequantized: what quantizing the activations costs (127 levels per row).
 TOLERANCES = {
     torch.bfloat16: {"rel": 2e-2, "max": 4e-2},
     torch.float32: {"rel": 1e-2, "max": 2e-2},
+    "w8a8": {"rel": 2e-2, "max": 4e-2},
+    "w8a8_vs_weight_only": {"rel": 4e-2, "max": 1e-1},
 }
 
 
@@ -84,6 +91,102 @@ def moe_sft_reference(
         u = linear(xe, w_up, a_u, b_u, e, "up")
         h = linear(gate_reference(g, u, gate), w_down, a_d, b_d, e, "down")
         y = y.index_add(0, tokens, h * topk_weights[tokens, slots].to(cd).unsqueeze(-1))
+    return y.to(x.dtype)
+
+
+def quantize_rows_int8(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W8A8's activations: symmetric int8 with one scale per row, ``(q int8 [..., K], scale
+    float32 [...])``: ``q = round(a * (127 / amax))`` clamped to [-127, 127], ``scale = amax /
+    127``, amax the row's max |a| (in float32; a row of zeros has q = 0 and scale 0)."""
+    a = a.float()
+    amax = a.abs().amax(dim=-1)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(a * inv[..., None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, torch.where(amax > 0, amax / 127.0, torch.zeros_like(amax))
+
+
+def _int8_product(qa: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    """qa @ qw as exact integers (in float64, exact up to 2^53), rounded once to float32."""
+    return (qa.double() @ qw.double()).float()
+
+
+class _W8A8Linear(torch.autograd.Function):
+    """y = r * (inp W^T) for W = diag(w_scale) w_codes, in int8, with per-row weights r (None:
+    1): (inp W^T)[t, n] = (q_inp w_codes^T)[t, n] * s_inp[t] * w_scale[n], q_inp, s_inp =
+    quantize_rows_int8(inp). The backward's product is the same in the other direction (the
+    SwitchBack recipe): b = dy times w_scale per column, quantized per row, times the codes.
+    The input's gradient is r * b, the row weights' inp . b (as for any linear map: exact for
+    unquantized activations); the frozen weights get none."""
+
+    @staticmethod
+    def forward(ctx, inp, row_weights, w_codes, w_scale):
+        ctx.save_for_backward(inp, row_weights, w_codes, w_scale)
+        q, s = quantize_rows_int8(inp)
+        y = _int8_product(q, w_codes.t()) * s[:, None] * w_scale.float()[None, :]
+        return y if row_weights is None else y * row_weights.float()[:, None]
+
+    @staticmethod
+    def backward(ctx, grad):
+        inp, row_weights, w_codes, w_scale = ctx.saved_tensors
+        q, s = quantize_rows_int8(grad.float() * w_scale.float()[None, :])
+        b = _int8_product(q, w_codes) * s[:, None]
+        if row_weights is None:
+            return b, None, None, None
+        return b * row_weights.float()[:, None], (inp.float() * b).sum(-1), None, None
+
+
+def moe_sft_w8a8_reference(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w_gate: tuple[torch.Tensor, torch.Tensor],
+    w_up: tuple[torch.Tensor, torch.Tensor],
+    w_down: tuple[torch.Tensor, torch.Tensor],
+    lora: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    lora_scaling: float = 1.0,
+    gate: Gate = SWIGLU,
+    gate_up_bias: Optional[torch.Tensor] = None,
+    down_bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``kt_ops.moe_sft(..., w8a8=True)`` written out, in float32.
+
+    ``w_gate``, ``w_up``, ``w_down`` are the int8 experts as :func:`quantize_int8` returns
+    them, ``(codes [E, N, K], scale [E, N])``. Per expert the gate and up products are one
+    (``[W_g; W_u]``: x is quantized once, and their gradient rows together), the down product
+    another, each a W8A8 linear (x and z quantized per row; dy and the gate/up gradient times
+    the channel scales, per row). The routing weight multiplies the down product's output, and
+    its gradient from that product is z . (the product's backward of dy), as for the other
+    terms of h. The LoRA products, biases and gate are :func:`moe_sft_reference`'s, in float32
+    on the unquantized activations.
+    """
+    a_g, b_g, a_u, b_u, a_d, b_d = list(lora) if lora is not None else [None] * 6
+    s = lora_scaling
+    xc = x.float()
+    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    i = w_gate[0].shape[1]
+    gate_up_codes = torch.cat([w_gate[0], w_up[0]], dim=1)
+    gate_up_scale = torch.cat([w_gate[1], w_up[1]], dim=1)
+
+    def lora_term(inp, a, b, e):
+        return 0 if a is None else s * ((inp @ a[e].float().t()) @ b[e].float().t())
+
+    for e in range(w_gate[0].shape[0]):
+        tokens, slots = (topk_ids == e).nonzero(as_tuple=True)
+        if tokens.numel() == 0:
+            continue
+        xe = xc[tokens]
+        gu = _W8A8Linear.apply(xe, None, gate_up_codes[e], gate_up_scale[e])
+        if gate_up_bias is not None:
+            gu = gu + gate_up_bias[e].float()
+        g = gu[:, :i] + lora_term(xe, a_g, b_g, e)
+        u = gu[:, i:] + lora_term(xe, a_u, b_u, e)
+        z = gate_reference(g, u, gate)
+        route = topk_weights[tokens, slots].float()
+        h = lora_term(z, a_d, b_d, e)
+        if down_bias is not None:
+            h = h + down_bias[e].float()
+        weighted = _W8A8Linear.apply(z, route, w_down[0][e], w_down[1][e]) + h * route.unsqueeze(-1)
+        y = y.index_add(0, tokens, weighted)
     return y.to(x.dtype)
 
 

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import kt_ops
 from kt_ops.reference import (TOLERANCES, dequantize_fp8, dequantize_int4, dequantize_int8, moe_sft_reference,
-                              quantize_fp8, quantize_int4, quantize_int8)
+                              moe_sft_w8a8_reference, quantize_fp8, quantize_int4, quantize_int8)
 
 ALL_ISAS = ["amx", "avx512", "avx2", "scalar"]
 
@@ -38,6 +38,10 @@ class MoeCase:
     gate: kt_ops.Gate = kt_ops.Gate()
     gate_up_bias: Optional[torch.Tensor] = None
     down_bias: Optional[torch.Tensor] = None
+    # int8 experts: their codes and scales (quantize_int8 of each matrix), and whether the case
+    # runs with W8A8 numerics (kt_ops.moe_sft's w8a8).
+    int8_codes: Optional[tuple] = None
+    w8a8: bool = False
 
     def biases(self) -> list[torch.Tensor]:
         return [b for b in (self.gate_up_bias, self.down_bias) if b is not None]
@@ -76,6 +80,7 @@ def make_case(
     biases: bool = False,
     clamped_share: Optional[float] = None,
     weight_format: str = "bf16",
+    w8a8: bool = False,
 ) -> MoeCase:
     """A layer with O(1) activations. Experts at or past ``used_experts`` get no tokens;
     ``numa_nodes`` is passed to pack_experts (0: one slice per NUMA node of this machine);
@@ -84,7 +89,8 @@ def make_case(
     experts are packed in ``weight_format``; for a quantized one the case's weights become the
     reference's dequantized weights (fp32), the truth the kernels are held to. A format with
     quantization groups (int4, in groups of INT4_TEST_GROUP) needs H and I divisible by the
-    group: for it they become :func:`format_sizes`'."""
+    group: for it they become :func:`format_sizes`'. ``w8a8`` (int8 only) makes the case run
+    with W8A8 numerics, against :func:`kt_ops.reference.moe_sft_w8a8_reference`."""
     hidden, intermediate = format_sizes(weight_format, hidden, intermediate)
     gen = torch.Generator().manual_seed(seed)
 
@@ -110,11 +116,15 @@ def make_case(
                                 for w in (w_gate, w_up, w_down))
     else:
         packed = kt_ops.pack_experts(w_gate, w_up, w_down, numa_nodes, format=weight_format)
+    int8_codes = None
     if weight_format == "int8":
-        w_gate, w_up, w_down = (dequantize_int8(*quantize_int8(w)) for w in (w_gate, w_up, w_down))
+        int8_codes = tuple(quantize_int8(w) for w in (w_gate, w_up, w_down))
+        w_gate, w_up, w_down = (dequantize_int8(*codes) for codes in int8_codes)
     if weight_format == "fp8":
         w_gate, w_up, w_down = (dequantize_fp8(*quantize_fp8(w)) for w in (w_gate, w_up, w_down))
-    case = MoeCase(x, topk_ids, topk_weights, w_gate, w_up, w_down, packed, lora)
+    if w8a8 and weight_format != "int8":
+        raise ValueError(f"w8a8 needs int8 experts, not {weight_format}")
+    case = MoeCase(x, topk_ids, topk_weights, w_gate, w_up, w_down, packed, lora, int8_codes=int8_codes, w8a8=w8a8)
     case.grad_y = randn(tokens, hidden).to(dtype)
     case.gate = gate or kt_ops.Gate()
     if biases:
@@ -173,21 +183,27 @@ def limit_in_a_gap(case: MoeCase, share: float) -> float:
 def run_kt(case: MoeCase):
     """kt_ops forward and the gradients of <y, grad_y> for every input requiring grad."""
     y = kt_ops.moe_sft(case.x, case.topk_ids, case.topk_weights, case.experts, case.lora, case.scaling,
-                       gate=case.gate, gate_up_bias=case.gate_up_bias, down_bias=case.down_bias)
+                       gate=case.gate, gate_up_bias=case.gate_up_bias, down_bias=case.down_bias, w8a8=case.w8a8)
     grads = torch.autograd.grad(y, case.inputs_requiring_grad(), case.grad_y, allow_unused=True)
     return y.detach(), list(grads)
 
 
-def run_reference(case: MoeCase):
-    """The same in fp32 through kt_ops.reference (gradients of unused inputs are zeros)."""
+def run_reference(case: MoeCase, w8a8: Optional[bool] = None):
+    """The same in fp32 through kt_ops.reference (gradients of unused inputs are zeros): with
+    W8A8 numerics where ``w8a8`` (None: the case's own) says so, else on the dequantized
+    weights."""
     leaves = [t.detach().float().requires_grad_() for t in case.inputs_requiring_grad()]
     n_lora = len(case.lora or [])
     x, w, lora = leaves[0], leaves[1], leaves[2:2 + n_lora] or None
     biases = iter(leaves[2 + n_lora:])
     gate_up_bias = next(biases) if case.gate_up_bias is not None else None
     down_bias = next(biases) if case.down_bias is not None else None
-    y = moe_sft_reference(x, case.topk_ids, w, case.w_gate, case.w_up, case.w_down, lora, case.scaling,
-                          gate=case.gate, gate_up_bias=gate_up_bias, down_bias=down_bias)
+    if case.w8a8 if w8a8 is None else w8a8:
+        y = moe_sft_w8a8_reference(x, case.topk_ids, w, *case.int8_codes, lora, case.scaling, gate=case.gate,
+                                   gate_up_bias=gate_up_bias, down_bias=down_bias)
+    else:
+        y = moe_sft_reference(x, case.topk_ids, w, case.w_gate, case.w_up, case.w_down, lora, case.scaling,
+                              gate=case.gate, gate_up_bias=gate_up_bias, down_bias=down_bias)
     if y.requires_grad:  # with no tokens the reference never touches its inputs
         grads = torch.autograd.grad(y, leaves, case.grad_y.float(), allow_unused=True)
     else:
@@ -196,8 +212,9 @@ def run_reference(case: MoeCase):
     return y.detach(), grads
 
 
-def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
-    """The one comparison rule: relative norm and worst element, both scaled by the reference."""
+def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, dtype) -> None:
+    """The one comparison rule: relative norm and worst element, both scaled by the reference,
+    at the tolerances TOLERANCES[dtype] (an activation dtype, or a numerics' name: "w8a8")."""
     tol = TOLERANCES[dtype]
     assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
     got, ref = got.float(), ref.float()

@@ -198,6 +198,23 @@ def test_meta_experts_of_an_unknown_weight_dtype_are_refused(case):
         torch.ops.kt.moe_sft_forward(*meta, experts, I, [], 1.0)
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "int4", "fp8"])
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_w8a8_needs_int8_experts(fmt, device):
+    case = make_case(64, 32, 4, 2, 5, 4, weight_format=fmt)
+    experts = [t.to(device) for t in case.experts.tensors]
+    x, ids, w = (t.detach().to(device) for t in (case.x, case.topk_ids, case.topk_weights))
+    with pytest.raises(RuntimeError, match=re.escape(
+            f'{OP}w8a8 needs int8 experts (pack_experts(..., format="int8")), got {fmt} experts')):
+        torch.ops.kt.moe_sft_forward(x, ids, w, experts, 32, [], 1.0, w8a8=True)
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match="w8a8 needs int8 experts"):
+            kt_ops.moe_sft(case.x, case.topk_ids, case.topk_weights, case.experts, w8a8=True)
+        with pytest.raises(RuntimeError, match="kt.isa: w8a8 needs int8 experts"):
+            kt_ops.isa(fmt, w8a8=True)
+    assert kt_ops.isa("int8", w8a8=True) == kt_ops.isa("int8")
+
+
 @pytest.mark.parametrize("fmt, group_size, message", [
     ("bf17", 0, 'format must be one of bf16, int8, int4, fp8 (the weight formats this build has), got "bf17"'),
     ("", 0, 'format must be one of bf16, int8, int4, fp8 (the weight formats this build has), got ""'),

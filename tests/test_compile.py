@@ -7,15 +7,16 @@ import kt_ops
 from moe_case import make_case, run_kt
 
 
-@pytest.mark.parametrize("weight_format", kt_ops.weight_formats())
+@pytest.mark.parametrize("weight_format, w8a8", [(f, False) for f in kt_ops.weight_formats()] + [("int8", True)],
+                         ids=kt_ops.weight_formats() + ["int8_w8a8"])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compile_fullgraph_forward_and_backward(backend, weight_format):
+def test_compile_fullgraph_forward_and_backward(backend, weight_format, w8a8):
     torch._dynamo.reset()
-    case = make_case(64, 48, 8, 2, 19, 8, weight_format=weight_format)
+    case = make_case(64, 48, 8, 2, 19, 8, weight_format=weight_format, w8a8=w8a8)
     experts, ids, scaling = case.experts, case.topk_ids, case.scaling
 
     def step(x, w, lora):
-        y = kt_ops.moe_sft(x, ids, w, experts, lora, scaling)
+        y = kt_ops.moe_sft(x, ids, w, experts, lora, scaling, w8a8=w8a8)
         return (y.float() * case.grad_y.float()).sum()
 
     counter = torch._dynamo.testing.CompileCounterWithBackend(backend)

@@ -56,6 +56,37 @@ def test_forward_and_gradients_match_reference(isa_path, case_name, dtype, weigh
         assert_close(f"grad {name}", g, g_ref, tol_dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_w8a8_matches_its_reference(isa_path, case_name, dtype):
+    """int8 experts with W8A8 numerics against moe_sft_w8a8_reference, every case and path."""
+    h, i, e, k, t, r, extra = CASES[case_name]
+    case = make_case(h, i, e, k, t, r, dtype=dtype, weight_format="int8", w8a8=True, **extra)
+    y, grads = run_kt(case)
+    y_ref, grads_ref = run_reference(case)
+    assert y.dtype == dtype and y.shape == (t, case.x.shape[1])
+    assert_close("y", y, y_ref, "w8a8")
+    names = (GRAD_NAMES if r is not None else GRAD_NAMES[:2]) + (["gate_up_bias", "down_bias"] if case.biases() else [])
+    assert len(names) == len(grads)
+    for name, g, g_ref, inp in zip(names, grads, grads_ref, case.inputs_requiring_grad()):
+        assert g.dtype == inp.dtype, f"grad of {name} has dtype {g.dtype}, input {inp.dtype}"
+        assert_close(f"grad {name}", g, g_ref, "w8a8")
+
+
+@pytest.mark.parametrize("case_name", ["t513_rank16", "two_numa_slices", "biases"])
+def test_w8a8_reference_stays_near_weight_only(case_name):
+    """What quantizing the activations costs, bounded: the W8A8 reference against the weight-only
+    reference on the same int8 weights (TOLERANCES["w8a8_vs_weight_only"])."""
+    h, i, e, k, t, r, extra = CASES[case_name]
+    case = make_case(h, i, e, k, t, r, dtype=torch.float32, weight_format="int8", w8a8=True, **extra)
+    y_w8a8, grads_w8a8 = run_reference(case, w8a8=True)
+    y_weights, grads_weights = run_reference(case, w8a8=False)
+    assert not torch.equal(y_w8a8, y_weights)  # the activations were quantized
+    assert_close("y", y_w8a8, y_weights, "w8a8_vs_weight_only")
+    for n, (g, g_ref) in enumerate(zip(grads_w8a8, grads_weights)):
+        assert_close(f"grad {n}", g, g_ref, "w8a8_vs_weight_only")
+
+
 def test_gradients_reach_only_inputs_that_require_them():
     case = make_case(40, 24, 4, 2, 9, 4)
     case.x.requires_grad_(False)

@@ -10,7 +10,12 @@ from moe_case import format_sizes, make_case
 
 def _forward_args(case):
     return (case.x, case.topk_ids, case.topk_weights, list(case.experts.tensors), case.experts.intermediate_size,
-            list(case.lora or []), case.scaling, case.gate_up_bias, case.down_bias, *case.gate.op_args())
+            list(case.lora or []), case.scaling, case.gate_up_bias, case.down_bias, *case.gate.op_args(), case.w8a8)
+
+
+# Every weight format with its default numerics, and int8 with W8A8.
+NUMERICS = [(f, False) for f in kt_ops.weight_formats()] + [("int8", True)]
+NUMERICS_IDS = [f + ("_w8a8" if w8a8 else "") for f, w8a8 in NUMERICS]
 
 
 # SwiGLU without biases, and gpt-oss's clamped gate with biases.
@@ -56,19 +61,19 @@ def test_opcheck_unpack_experts(numa_nodes, weight_format):
     torch.library.opcheck(torch.ops.kt.unpack_experts.default, (experts, h, i))
 
 
-@pytest.mark.parametrize("weight_format", kt_ops.weight_formats())
+@pytest.mark.parametrize("weight_format, w8a8", NUMERICS, ids=NUMERICS_IDS)
 @pytest.mark.parametrize("gate", list(GATES))
 @pytest.mark.parametrize("rank", [None, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_opcheck_moe_sft_forward(rank, dtype, gate, weight_format):
-    case = make_case(70, 45, 6, 2, 11, rank, dtype=dtype, weight_format=weight_format, **GATES[gate])
+def test_opcheck_moe_sft_forward(rank, dtype, gate, weight_format, w8a8):
+    case = make_case(70, 45, 6, 2, 11, rank, dtype=dtype, weight_format=weight_format, w8a8=w8a8, **GATES[gate])
     torch.library.opcheck(torch.ops.kt.moe_sft_forward.default, _forward_args(case))
 
 
-@pytest.mark.parametrize("weight_format", kt_ops.weight_formats())
+@pytest.mark.parametrize("weight_format, w8a8", NUMERICS, ids=NUMERICS_IDS)
 @pytest.mark.parametrize("gate", list(GATES))
-def test_opcheck_moe_sft_backward(gate, weight_format):
-    case = make_case(70, 45, 6, 2, 11, 8, weight_format=weight_format, **GATES[gate])
+def test_opcheck_moe_sft_backward(gate, weight_format, w8a8):
+    case = make_case(70, 45, 6, 2, 11, 8, weight_format=weight_format, w8a8=w8a8, **GATES[gate])
     with torch.no_grad():
         _, gate_up_act, lora_act = torch.ops.kt.moe_sft_forward.default(*_forward_args(case))
     detached = [a.detach() if isinstance(a, torch.Tensor) else [t.detach() for t in a] if isinstance(a, list) else a

@@ -59,6 +59,59 @@ void gemm_avx512_bf16(int64_t m, int64_t kp, const uint16_t* a, int64_t lda, con
   }
 }
 
+namespace {
+
+// int8_gemm's block: kRows rows by Panels panels of int32 sums. A block row of codes (16
+// columns by one pair of reduction steps) sign-extended to 16 bits is one vpmaddwd operand
+// against the activations' pair broadcast as a 32-bit lane; the sums are exact.
+template <int Panels>
+void int8_tile(int64_t blocks, const int8_t* a, int64_t lda, const float* a_scales, const int8_t* w,
+               const float* w_scales, float* c, int64_t ldc) {
+  __m512i acc[kRows][Panels];
+  for (int r = 0; r < kRows; ++r)
+    for (int p = 0; p < Panels; ++p) acc[r][p] = _mm512_setzero_si512();
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int pair = 0; pair < kBlockDepth / 2; ++pair) {
+      __m512i wv[Panels];
+      for (int p = 0; p < Panels; ++p)
+        wv[p] = _mm512_cvtepi8_epi16(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (p * blocks + b) * kBlockElems + pair * 32)));
+      const int64_t k = b * kBlockDepth + 2 * pair;
+      for (int r = 0; r < kRows; ++r) {
+        const int8_t* ar = a + r * lda + k;
+        const uint32_t a_pair = static_cast<uint16_t>(int16_t{ar[0]}) | static_cast<uint32_t>(static_cast<uint16_t>(int16_t{ar[1]})) << 16;
+        const __m512i av = _mm512_set1_epi32(static_cast<int32_t>(a_pair));
+        for (int p = 0; p < Panels; ++p) acc[r][p] = _mm512_add_epi32(acc[r][p], _mm512_madd_epi16(av, wv[p]));
+      }
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    const __m512 as = _mm512_set1_ps(a_scales[r]);
+    for (int p = 0; p < Panels; ++p) {
+      __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][p]), as);
+      if (w_scales) v = _mm512_mul_ps(v, _mm512_loadu_ps(w_scales + p * kPanelRows));
+      _mm512_storeu_ps(c + r * ldc + p * kPanelRows, v);
+    }
+  }
+}
+
+}  // namespace
+
+void int8_gemm_avx512(int64_t m, int64_t kp, const int8_t* a, int64_t lda, const float* a_scales, const int8_t* w,
+                      const float* w_scales, int64_t panels, float* c, int64_t ldc) {
+  const int64_t blocks = kp / kBlockDepth;
+  for (int64_t p = 0; p < panels; p += 2) {
+    const int8_t* wp = w + p * blocks * kBlockElems;
+    const float* ws = w_scales ? w_scales + p * kPanelRows : nullptr;
+    for (int64_t row = 0; row < m; row += kRows) {
+      if (p + 2 <= panels)
+        int8_tile<2>(blocks, a + row * lda, lda, a_scales + row, wp, ws, c + row * ldc + p * kPanelRows, ldc);
+      else
+        int8_tile<1>(blocks, a + row * lda, lda, a_scales + row, wp, ws, c + row * ldc + p * kPanelRows, ldc);
+    }
+  }
+}
+
 // exp(x) = 2^n * e^f with n = round(x / ln 2), |f| <= ln(2) / 2, e^f by a degree-6
 // polynomial (relative error ~1e-7), 2^n applied by vscalefps; x is clamped to +-88.
 static inline __m512 exp_ps(__m512 x) {

@@ -114,3 +114,53 @@ float swiglu_backward_scalar(int64_t I, int64_t ip, const void* saved, DType sav
 }
 
 }  // namespace kt
+
+namespace kt {
+
+void quantize_rows_scalar(int64_t m, int64_t cols, const void* a, DType a_dtype, int64_t lda, const float* col_scales,
+                          int8_t* q, int64_t ldq, float* row_scales) {
+  std::vector<float> v(cols);
+  const int64_t padded = round_up(cols, 64);
+  for (int64_t r = 0; r < m; ++r) {
+    load_f32(a, a_dtype, r * lda, cols, v.data());
+    float amax = 0.f;
+    for (int64_t c = 0; c < cols; ++c) {
+      if (col_scales) v[c] *= col_scales[c];
+      amax = std::max(amax, std::fabs(v[c]));
+    }
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int8_t* out = q + r * ldq;
+    for (int64_t c = 0; c < cols; ++c) {
+      const float code = std::nearbyint(v[c] * inv);  // ties to even (the default rounding mode)
+      out[c] = static_cast<int8_t>(code > 127.f ? 127.f : code < -127.f ? -127.f : code);
+    }
+    std::fill(out + cols, out + padded, int8_t(0));
+    row_scales[r] = amax > 0.f ? amax / 127.f : 0.f;
+  }
+}
+
+void int8_gemm_scalar(int64_t m, int64_t kp, const int8_t* a, int64_t lda, const float* a_scales, const int8_t* w,
+                      const float* w_scales, int64_t panels, float* c, int64_t ldc) {
+  const int64_t blocks = kp / kBlockDepth;
+  for (int64_t p = 0; p < panels; ++p) {
+    const int8_t* panel = w + p * blocks * kBlockElems;
+    for (int64_t row = 0; row < m; ++row) {
+      int32_t sum[kPanelRows] = {};
+      const int8_t* a_row = a + row * lda;
+      for (int64_t b = 0; b < blocks; ++b) {
+        for (int pair = 0; pair < kBlockDepth / 2; ++pair) {
+          const int32_t a0 = a_row[b * kBlockDepth + 2 * pair], a1 = a_row[b * kBlockDepth + 2 * pair + 1];
+          const int8_t* wp = panel + b * kBlockElems + pair * 2 * kPanelRows;
+          for (int col = 0; col < kPanelRows; ++col) sum[col] += a0 * wp[2 * col] + a1 * wp[2 * col + 1];
+        }
+      }
+      float* out = c + row * ldc + p * kPanelRows;
+      for (int col = 0; col < kPanelRows; ++col) {
+        out[col] = static_cast<float>(sum[col]) * a_scales[row];
+        if (w_scales) out[col] *= w_scales[p * kPanelRows + col];
+      }
+    }
+  }
+}
+
+}  // namespace kt

@@ -29,14 +29,15 @@ Isa detect() {
   const bool os_amx = (xcr0 & 0x60000) == 0x60000;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return Isa::kScalar;
   const bool avx2 = b & (1u << 5), avx512f = b & (1u << 16), avx512bw = b & (1u << 30),
-             avx512vl = b & (1u << 31), amx_bf16 = d & (1u << 22), amx_tile = d & (1u << 24);
+             avx512vl = b & (1u << 31), amx_bf16 = d & (1u << 22), amx_tile = d & (1u << 24),
+             amx_int8 = d & (1u << 25);
   __get_cpuid_count(7, 1, &a, &b, &c, &d);
   const bool avx512_bf16 = a & (1u << 5);
 
   const bool has_avx2 = os_avx && avx2 && fma;
   const bool has_avx512 = has_avx2 && os_avx512 && avx512f && avx512bw && avx512vl && avx512_bf16;
   // Linux hands out the tile state only to processes that ask for it.
-  const bool has_amx = has_avx512 && os_amx && amx_tile && amx_bf16 &&
+  const bool has_amx = has_avx512 && os_amx && amx_tile && amx_bf16 && amx_int8 &&
                        syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
   if (has_amx) return Isa::kAmx;
   if (has_avx512) return Isa::kAvx512Bf16;

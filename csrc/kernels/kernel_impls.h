@@ -24,6 +24,12 @@ float swiglu_backward_scalar(int64_t I, int64_t ip, const void* saved, DType sav
                              float w, void* z, void* fused);
 // c[row, col] *= scales[col] for row < m, col < cols (a multiple of 16): per-channel scales.
 void scale_columns_scalar(int64_t m, int64_t cols, const float* scales, float* c, int64_t ldc);
+// The W8A8 kernels (kt/kernels.h's W8A8Kernels); the scalar path's transposition of codes is
+// packing.h's pack_transposed_codes.
+void quantize_rows_scalar(int64_t m, int64_t cols, const void* a, DType a_dtype, int64_t lda, const float* col_scales,
+                          int8_t* q, int64_t ldq, float* row_scales);
+void int8_gemm_scalar(int64_t m, int64_t kp, const int8_t* a, int64_t lda, const float* a_scales, const int8_t* w,
+                      const float* w_scales, int64_t panels, float* c, int64_t ldc);
 
 // AVX2 + FMA (gemm_avx2.cpp): fp32 activations against bf16 panels.
 void gemm_avx2_f32(int64_t m, int64_t kp, const float* a, int64_t lda, const uint16_t* w, int64_t panels, float* c,
@@ -49,6 +55,13 @@ void decode_panels_fp8_avx512(const uint8_t* packed, const float* tile_scales, i
 void decode_panels_int4_avx512(const uint8_t* packed, const uint16_t* block_scales, int64_t kp, int64_t panels,
                                uint16_t* dst);
 void scale_columns_avx512(int64_t m, int64_t cols, const float* scales, float* c, int64_t ldc);
+void pack_transposed_codes_avx512(const int8_t* packed, int64_t np, int64_t kp, int64_t first_panel,
+                                  int64_t panel_count, int8_t* dst);
+void quantize_rows_avx512(int64_t m, int64_t cols, const void* a, DType a_dtype, int64_t lda, const float* col_scales,
+                          int8_t* q, int64_t ldq, float* row_scales);
+// int8_gemm with vpmaddwd on sign-extended codes (AVX-512BW: no VNNI needed).
+void int8_gemm_avx512(int64_t m, int64_t kp, const int8_t* a, int64_t lda, const float* a_scales, const int8_t* w,
+                      const float* w_scales, int64_t panels, float* c, int64_t ldc);
 
 void rank_update_avx512(int64_t rows, int64_t n, int64_t depth, const float* a, int64_t lda, const RankRows& b,
                         float* c, int64_t ldc);
@@ -61,5 +74,8 @@ float swiglu_backward_avx512(int64_t I, int64_t ip, const void* saved, DType sav
 // AMX-BF16 (gemm_amx.cpp): bf16 activations.
 void gemm_amx_bf16(int64_t m, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* w, int64_t panels, float* c,
                    int64_t ldc, bool accumulate);
+// AMX-INT8 (same file): int8_gemm with TDPBSSD.
+void int8_gemm_amx(int64_t m, int64_t kp, const int8_t* a, int64_t lda, const float* a_scales, const int8_t* w,
+                   const float* w_scales, int64_t panels, float* c, int64_t ldc);
 
 }  // namespace kt

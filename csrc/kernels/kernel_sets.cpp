@@ -156,6 +156,25 @@ const KernelSet kInt8Scalar{"scalar", Isa::kScalar, WeightFormat::kInt8, DType::
                             kScalarF32, kScalarF32F32, int8_transposed, rank_update_scalar, sigmoid_scalar,
                             swiglu_forward_scalar, swiglu_backward_scalar};
 
+// int8 W8A8: the weight-only sets with the int8 products of the base GEMMs (kt/kernels.h's
+// W8A8Kernels); the LoRA products stay in the activation type.
+const W8A8Kernels kW8A8Amx{quantize_rows_avx512, int8_gemm_amx, pack_transposed_codes_avx512};
+const W8A8Kernels kW8A8Avx512{quantize_rows_avx512, int8_gemm_avx512, pack_transposed_codes_avx512};
+const W8A8Kernels kW8A8Scalar{quantize_rows_scalar, int8_gemm_scalar, pack_transposed_codes};
+const KernelSet kInt8W8A8Amx{"amx", Isa::kAmx, WeightFormat::kInt8, DType::kBF16, kInt8Amx.weight_gemm, kAmxBf16,
+                             kAmxBf16, int8_transposed_avx512, rank_update_avx512, sigmoid_avx512,
+                             swiglu_forward_avx512, swiglu_backward_avx512, &kW8A8Amx};
+const KernelSet kInt8W8A8Avx512{"avx512", Isa::kAvx512Bf16, WeightFormat::kInt8, DType::kBF16,
+                                kInt8Avx512.weight_gemm, kAvx512Bf16, kAvx512Bf16, int8_transposed_avx512,
+                                rank_update_avx512, sigmoid_avx512, swiglu_forward_avx512, swiglu_backward_avx512,
+                                &kW8A8Avx512};
+const KernelSet kInt8W8A8Avx2{"avx2", Isa::kAvx2, WeightFormat::kInt8, DType::kF32, kInt8Avx2.weight_gemm, kAvx2F32,
+                              kScalarF32F32, int8_transposed, rank_update_scalar, sigmoid_scalar,
+                              swiglu_forward_scalar, swiglu_backward_scalar, &kW8A8Scalar};
+const KernelSet kInt8W8A8Scalar{"scalar", Isa::kScalar, WeightFormat::kInt8, DType::kF32, kInt8Scalar.weight_gemm,
+                                kScalarF32, kScalarF32F32, int8_transposed, rank_update_scalar, sigmoid_scalar,
+                                swiglu_forward_scalar, swiglu_backward_scalar, &kW8A8Scalar};
+
 // int4 weight-only: the bf16 sets' kernels on the dequantized weights.
 const KernelSet kInt4Amx{"amx", Isa::kAmx, WeightFormat::kInt4, DType::kBF16,
                          decoded_weight_gemm<bf16, kAmxBf16, int4_range<decode_panels_int4_avx512>, nullptr>,
@@ -277,6 +296,7 @@ void pack_fp8_codes_slice(const ExpertLayout& layout, const void* g, const void*
 struct FormatEntry {
   FormatInfo info;
   std::vector<const KernelSet*> sets;  // best first, the scalar reference last
+  std::vector<const KernelSet*> w8a8_sets = {};  // the same for W8A8; empty where the format has none
 };
 
 // One entry per format: what it stores, how it packs, and the kernels that compute with it.
@@ -287,7 +307,8 @@ const std::vector<FormatEntry>& registry() {
        {&kBf16Amx, &kBf16Avx512, &kBf16Avx2, &kBf16Scalar}},
       {{WeightFormat::kInt8, "int8", WeightStorage::kInt8, 8, WeightScales::kPerChannel, 0, pack_int8,
         unpack_int8, CodeScales::kPerRow, pack_int8_codes_slice},
-       {&kInt8Amx, &kInt8Avx512, &kInt8Avx2, &kInt8Scalar}},
+       {&kInt8Amx, &kInt8Avx512, &kInt8Avx2, &kInt8Scalar},
+       {&kInt8W8A8Amx, &kInt8W8A8Avx512, &kInt8W8A8Avx2, &kInt8W8A8Scalar}},
       {{WeightFormat::kInt4, "int4", WeightStorage::kInt4, 4, WeightScales::kPerBlock, 32, pack_int4,
         unpack_int4, CodeScales::kPerGroup, pack_int4_codes_slice},
        {&kInt4Amx, &kInt4Avx512, &kInt4Avx2, &kInt4Scalar}},
@@ -352,14 +373,14 @@ const std::vector<WeightFormat>& weight_formats() {
   return formats;
 }
 
-const std::vector<const KernelSet*>& kernel_sets(WeightFormat format) {
+const std::vector<const KernelSet*>& kernel_sets(WeightFormat format, bool w8a8) {
   static const std::vector<const KernelSet*> none;
   const FormatEntry* e = entry_of(format);
-  return e ? e->sets : none;
+  return e ? (w8a8 ? e->w8a8_sets : e->sets) : none;
 }
 
-const KernelSet* select_kernels(Isa isa, WeightFormat format) {
-  for (const KernelSet* set : kernel_sets(format))
+const KernelSet* select_kernels(Isa isa, WeightFormat format, bool w8a8) {
+  for (const KernelSet* set : kernel_sets(format, w8a8))
     if (static_cast<int>(set->isa) <= static_cast<int>(isa)) return set;
   return nullptr;
 }

@@ -68,12 +68,20 @@ void backward_impl(const KernelSet& k, int threads, const MoeBackwardArgs& args)
   const Routing route(args.ids, T * K, c.E);
   const int64_t rows = route.rows();
   BackwardWorkspace<Act> ws(c, l, rows);
+  const W8A8Kernels* w8a8 = k.w8a8;
+  const Int8Rows q(k, c, rows);  // W8A8: dy, then the fused gate/up gradient
+  const DType act = k.activations;
   timer.mark("route");
 
-  // Phase 1, per expert: gather dy rows, pack the transposed LoRA operands, dy B_d.
+  // Phase 1, per expert: gather dy rows (W8A8: and quantize them with the down weights'
+  // channel scales folded in, which every slice shares), pack the transposed LoRA operands,
+  // dy B_d.
   parallel_for(route.active.size(), threads, [&](int64_t task) {
     const int64_t e = route.active[task], m = route.padded_rows(e), row0 = route.first_row[e];
     gather_rows(route, e, args.grad_y, args.act_dtype, K, H, ws.dy_rows, ws.ld_dy);
+    if (w8a8)
+      q.quantize_tokens(*w8a8, route, e, args.grad_y, args.act_dtype, K, H,
+                        static_cast<const float*>(down_scales_at(w, format, c, 0, e, 0)));
     if (l.rgu) {
       pack_elements(l.rgu_p, 2 * ip, ws.bt_gu + e * l.rgu_p * 2 * ip,
                     [&](int64_t j, int64_t row) { return lora_b_gu(w, l, e, I, row, j); });
@@ -97,12 +105,18 @@ void backward_impl(const KernelSet& k, int threads, const MoeBackwardArgs& args)
   SliceTasks(route, c.S, is / kPanelRows, is / kPanelRows).run(threads, [&](const Task& task) {
     const int64_t e = task.expert, np = task.panels, cols = np * kPanelRows, c0 = task.panel * kPanelRows;
     const int64_t m = route.padded_rows(e), row0 = route.first_row[e];
-    bf16* wt = scratch<bf16>(Scratch::kTaskWeights, cols * hp);
-    k.pack_transposed(weight_at(w.down, c.layout.down_offset(task.slice, e), bits),
-                      down_scales_at(w, format, c, task.slice, e, 0), hp, is,
-                      (c0 - task.slice * is) / kPanelRows, np, wt);
+    const void* weights = weight_at(w.down, c.layout.down_offset(task.slice, e), bits);
+    const int64_t first_panel = (c0 - task.slice * is) / kPanelRows;
     float* out = ws.q_rows + row0 * ip + c0;
-    k.panel_gemm(m, hp, ws.dy_rows + row0 * ws.ld_dy, ws.ld_dy, wt, np, out, ip, false);
+    if (w8a8) {
+      int8_t* wt = scratch<int8_t>(Scratch::kTaskWeights, cols * hp);
+      w8a8->pack_transposed_codes(static_cast<const int8_t*>(weights), hp, is, first_panel, np, wt);
+      w8a8->int8_gemm(m, hp, q.row(row0), q.ld, q.scales + row0, wt, nullptr, np, out, ip);
+    } else {
+      bf16* wt = scratch<bf16>(Scratch::kTaskWeights, cols * hp);
+      k.pack_transposed(weights, down_scales_at(w, format, c, task.slice, e, 0), hp, is, first_panel, np, wt);
+      k.panel_gemm(m, hp, ws.dy_rows + row0 * ws.ld_dy, ws.ld_dy, wt, np, out, ip, false);
+    }
     if (l.rd)
       k.operand_gemm(m, l.rd_p, ws.dy_b_scaled + row0 * l.rd_p, l.rd_p, ws.at_d + (e * ip + c0) * l.rd_p, np, out,
                      ip, true);
@@ -144,10 +158,20 @@ void backward_impl(const KernelSet& k, int threads, const MoeBackwardArgs& args)
 
   timer.mark("gate_grad");
 
-  // Phase 4, per expert: padding rows of the fused gradient; [dg B_g | du B_u].
+  // Phase 4, per expert: padding rows of the fused gradient (W8A8: quantized with each slice's
+  // gate/up channel scales folded in; dy's codes are dead); [dg B_g | du B_u].
   parallel_for(route.active.size(), threads, [&](int64_t task) {
     const int64_t e = route.active[task], m = route.padded_rows(e), row0 = route.first_row[e];
     std::fill(ws.grad_gu + (row0 + route.count(e)) * ws.ld_grad_gu, ws.grad_gu + (row0 + m) * ws.ld_grad_gu, Act(0));
+    if (w8a8) {
+      std::vector<float> channel_scales(2 * ip);
+      for (int64_t sl = 0; sl < c.S; ++sl) {
+        const float* scales = static_cast<const float*>(gate_up_scales_at(w, format, c, sl, e, 0));
+        std::copy(scales, scales + 2 * is, channel_scales.begin() + 2 * sl * is);
+      }
+      w8a8->quantize_rows(m, 2 * ip, ws.grad_gu + row0 * ws.ld_grad_gu, act, ws.ld_grad_gu, channel_scales.data(),
+                          q.row(row0), q.ld, q.scales + row0);
+    }
     if (!l.rgu) return;
     float* out = ws.dgu_b + row0 * l.rgu_p;
     k.operand_gemm(m, 2 * ip, ws.grad_gu + row0 * ws.ld_grad_gu, ws.ld_grad_gu, ws.bt_gu + e * l.rgu_p * 2 * ip,
@@ -167,13 +191,18 @@ void backward_impl(const KernelSet& k, int threads, const MoeBackwardArgs& args)
   SliceTasks(route, c.S, hp / kPanelRows, 0).run(threads, [&](const Task& task) {
     const int64_t e = task.expert, np = task.panels, cols = np * kPanelRows, c0 = task.panel * kPanelRows;
     const int64_t m = route.padded_rows(e), row0 = route.first_row[e];
-    bf16* wt = scratch<bf16>(Scratch::kTaskWeights, cols * 2 * is);
-    k.pack_transposed(weight_at(w.gate_up, c.layout.gate_up_offset(task.slice, e), bits),
-                      gate_up_scales_at(w, format, c, task.slice, e, 0),
-                      2 * is, hp, task.panel, np, wt);
+    const void* weights = weight_at(w.gate_up, c.layout.gate_up_offset(task.slice, e), bits);
     float* out = ws.dx_partial + (task.slice * rows + row0) * hp + c0;
-    k.panel_gemm(m, 2 * is, ws.grad_gu + row0 * ws.ld_grad_gu + 2 * task.slice * is, ws.ld_grad_gu, wt, np, out, hp,
-                 false);
+    if (w8a8) {
+      int8_t* wt = scratch<int8_t>(Scratch::kTaskWeights, cols * 2 * is);
+      w8a8->pack_transposed_codes(static_cast<const int8_t*>(weights), 2 * is, hp, task.panel, np, wt);
+      w8a8->int8_gemm(m, 2 * is, q.row(row0) + 2 * task.slice * is, q.ld, q.scales + row0, wt, nullptr, np, out, hp);
+    } else {
+      bf16* wt = scratch<bf16>(Scratch::kTaskWeights, cols * 2 * is);
+      k.pack_transposed(weights, gate_up_scales_at(w, format, c, task.slice, e, 0), 2 * is, hp, task.panel, np, wt);
+      k.panel_gemm(m, 2 * is, ws.grad_gu + row0 * ws.ld_grad_gu + 2 * task.slice * is, ws.ld_grad_gu, wt, np, out,
+                   hp, false);
+    }
     if (l.rgu && task.slice == 0)
       k.operand_gemm(m, l.rgu_p, ws.dgu_b_scaled + row0 * l.rgu_p, l.rgu_p, ws.at_gu + (e * hp + c0) * l.rgu_p, np,
                      out, hp, true);

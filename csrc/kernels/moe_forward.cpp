@@ -26,13 +26,18 @@ void forward_impl(const KernelSet& k, int threads, const MoeForwardArgs& args) {
   PhaseTimer timer("kt.moe_sft_forward", c.T);
   const Routing route(args.ids, c.T * K, c.E);
   ForwardWorkspace<Act> ws(c, l, route.rows());
+  const W8A8Kernels* w8a8 = k.w8a8;
+  const Int8Rows q(k, c, route.rows());  // W8A8: x, then z
+  const DType act = k.activations;
   timer.mark("route");
 
-  // Phase 1, per expert: gather its tokens, pack its LoRA operands, x [A_g; A_u]^T.
+  // Phase 1, per expert: gather its tokens (W8A8: and quantize them), pack its LoRA operands,
+  // x [A_g; A_u]^T.
   parallel_for(route.active.size(), threads, [&](int64_t task) {
     const int64_t e = route.active[task], n = route.count(e), m = route.padded_rows(e);
     const int64_t row0 = route.first_row[e];
     gather_rows(route, e, args.x, args.act_dtype, K, H, ws.x_rows, ws.ld_x);
+    if (w8a8) q.quantize_tokens(*w8a8, route, e, args.x, args.act_dtype, K, H, nullptr);
     if (l.rd) {
       pack_elements(l.rd_p, ip, ws.a_d + e * l.rd_p * ip,
                     [&](int64_t j, int64_t col) { return lora_a_d(w, l, e, I, j, col); });
@@ -67,10 +72,13 @@ void forward_impl(const KernelSet& k, int threads, const MoeForwardArgs& args) {
     const int64_t m = route.padded_rows(e), n = route.count(e), row0 = route.first_row[e];
     float* acc = scratch<float>(Scratch::kTaskAcc, m * 2 * cols);  // gate and up panels interleaved
     const int64_t first_row = 2 * (c0 - task.slice * is);  // of the slice's fused gate/up rows
-    k.weight_gemm(m, hp, ws.x_rows + row0 * ws.ld_x, ws.ld_x,
-                  weight_at(w.gate_up, c.layout.gate_up_offset(task.slice, e) + first_row * hp, bits),
-                  gate_up_scales_at(w, format, c, task.slice, e, first_row),
-                  2 * np, acc, 2 * cols);
+    const void* weights = weight_at(w.gate_up, c.layout.gate_up_offset(task.slice, e) + first_row * hp, bits);
+    const void* scales = gate_up_scales_at(w, format, c, task.slice, e, first_row);
+    if (w8a8)
+      w8a8->int8_gemm(m, hp, q.row(row0), q.ld, q.scales + row0, static_cast<const int8_t*>(weights),
+                      static_cast<const float*>(scales), 2 * np, acc, 2 * cols);
+    else
+      k.weight_gemm(m, hp, ws.x_rows + row0 * ws.ld_x, ws.ld_x, weights, scales, 2 * np, acc, 2 * cols);
     if (l.rgu)
       k.operand_gemm(m, l.rgu_p, ws.x_lora + row0 * l.rgu_p, l.rgu_p, ws.b_gu + (e * 2 * ip + 2 * c0) * l.rgu_p,
                      2 * np, acc, 2 * cols, true);
@@ -103,11 +111,16 @@ void forward_impl(const KernelSet& k, int threads, const MoeForwardArgs& args) {
 
   timer.mark("gate_up");
 
-  // Phase 3, per expert: LoRA-A of down (z A_d^T), from the same z the base GEMM reads.
-  if (l.rd) {
+  // Phase 3, per expert: LoRA-A of down (z A_d^T), from the same z the base GEMM reads (W8A8:
+  // quantized first; x's codes are dead).
+  if (l.rd || w8a8) {
     parallel_for(route.active.size(), threads, [&](int64_t task) {
       const int64_t e = route.active[task], n = route.count(e), m = route.padded_rows(e);
       const int64_t row0 = route.first_row[e];
+      if (w8a8)
+        w8a8->quantize_rows(m, ip, ws.z_rows + row0 * ws.ld_z, act, ws.ld_z, nullptr, q.row(row0), q.ld,
+                            q.scales + row0);
+      if (!l.rd) return;
       float* acc = scratch<float>(Scratch::kTaskAcc, m * l.rd_p);
       k.operand_gemm(m, ip, ws.z_rows + row0 * ws.ld_z, ws.ld_z, ws.a_d + e * l.rd_p * ip, l.rd_p / kPanelRows, acc,
                      l.rd_p, false);
@@ -131,9 +144,13 @@ void forward_impl(const KernelSet& k, int threads, const MoeForwardArgs& args) {
     const int64_t e = task.expert, np = task.panels, c0 = task.panel * kPanelRows;
     const int64_t m = route.padded_rows(e), row0 = route.first_row[e];
     float* out = ws.h_partial + (task.slice * rows + row0) * hp + c0;
-    k.weight_gemm(m, is, ws.z_rows + row0 * ws.ld_z + task.slice * is, ws.ld_z,
-                  weight_at(w.down, c.layout.down_offset(task.slice, e) + c0 * is, bits),
-                  down_scales_at(w, format, c, task.slice, e, c0), np, out, hp);
+    const void* weights = weight_at(w.down, c.layout.down_offset(task.slice, e) + c0 * is, bits);
+    const void* scales = down_scales_at(w, format, c, task.slice, e, c0);
+    if (w8a8)
+      w8a8->int8_gemm(m, is, q.row(row0) + task.slice * is, q.ld, q.scales + row0, static_cast<const int8_t*>(weights),
+                      static_cast<const float*>(scales), np, out, hp);
+    else
+      k.weight_gemm(m, is, ws.z_rows + row0 * ws.ld_z + task.slice * is, ws.ld_z, weights, scales, np, out, hp);
     if (l.rd && task.slice == 0)
       k.operand_gemm(m, l.rd_p, ws.z_lora + row0 * l.rd_p, l.rd_p, ws.b_d + (e * hp + c0) * l.rd_p, np, out, hp,
                      true);

@@ -52,9 +52,13 @@ void unpack_gate_up(const T* src, int64_t i, int64_t h, T* w_gate, T* w_up) {
   }
 }
 
-template <typename T>
-void pack_transposed_panels(const T* packed, const float* row_scales, int64_t np, int64_t kp, int64_t first_panel,
-                            int64_t panel_count, bf16* dst) {
+namespace {
+
+// Writes panels [first_panel, first_panel + panel_count) of pack(W^T) from packed W (np x kp),
+// element W[n][k] as convert(W[n][k], source panel, n % 16).
+template <typename T, typename Out, typename Convert>
+void transpose_packed(const T* packed, int64_t np, int64_t kp, int64_t first_panel, int64_t panel_count, Out* dst,
+                      const Convert& convert) {
   // Output panel q holds W^T rows k0..k0+15 (columns of W), i.e. one half of a source
   // block's depth. Each output block (32 n by those 16 k) is filled from the two source
   // panels covering its 32 n: a 16x16 transpose of pairs per source panel.
@@ -63,21 +67,35 @@ void pack_transposed_panels(const T* packed, const float* row_scales, int64_t np
     const int64_t k0 = (first_panel + q) * kPanelRows;
     const int64_t kb = k0 / kBlockDepth, k_half = (k0 % kBlockDepth) / kPanelRows;
     for (int64_t nb = 0; nb < dst_blocks; ++nb) {
-      bf16* out = dst + (q * dst_blocks + nb) * kBlockElems;
+      Out* out = dst + (q * dst_blocks + nb) * kBlockElems;
       for (int64_t half = 0; half < 2; ++half) {
-        const T* src = packed + ((2 * nb + half) * src_blocks + kb) * kBlockElems;
+        const int64_t panel = 2 * nb + half;
+        const T* src = packed + (panel * src_blocks + kb) * kBlockElems;
         for (int64_t kk = 0; kk < kPanelRows; ++kk) {
           const int64_t k_local = k_half * kPanelRows + kk;
           const T* src_row = src + (k_local / 2) * 2 * kPanelRows + (k_local % 2);
-          bf16* out_col = out + half * (kPanelRows / 2) * 2 * kPanelRows + kk * 2;
-          const float* scale = row_scales ? row_scales + (2 * nb + half) * kPanelRows : nullptr;
+          Out* out_col = out + half * (kPanelRows / 2) * 2 * kPanelRows + kk * 2;
           for (int64_t n = 0; n < kPanelRows; ++n)
-            out_col[(n / 2) * 2 * kPanelRows + (n % 2)] =
-                scale ? f32_to_bf16(src_row[2 * n] * scale[n]) : to_bf16(src_row[2 * n]);
+            out_col[(n / 2) * 2 * kPanelRows + (n % 2)] = convert(src_row[2 * n], panel, n);
         }
       }
     }
   }
+}
+
+}  // namespace
+
+template <typename T>
+void pack_transposed_panels(const T* packed, const float* row_scales, int64_t np, int64_t kp, int64_t first_panel,
+                            int64_t panel_count, bf16* dst) {
+  transpose_packed(packed, np, kp, first_panel, panel_count, dst, [row_scales](T v, int64_t panel, int64_t n) {
+    return row_scales ? f32_to_bf16(v * row_scales[panel * kPanelRows + n]) : to_bf16(v);
+  });
+}
+
+void pack_transposed_codes(const int8_t* packed, int64_t np, int64_t kp, int64_t first_panel, int64_t panel_count,
+                           int8_t* dst) {
+  transpose_packed(packed, np, kp, first_panel, panel_count, dst, [](int8_t v, int64_t, int64_t) { return v; });
 }
 
 template void pack_weight(const bf16*, int64_t, int64_t, int64_t, int64_t, bf16*);

@@ -96,6 +96,14 @@ struct Int4Source {  // bf16 scales per row of each block, `blocks` blocks per p
   }
 };
 
+struct CodesSource {  // int8 codes as themselves, sign-extended to 16 bits
+  const int8_t* packed;
+  __m512i load(int64_t elem, const PairScales&) const {
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + elem)));
+  }
+  PairScales scales(int64_t, int64_t) const { return PairScales(_mm512_setzero_ps()); }
+};
+
 struct Fp8Source {  // fp32 scales per block (tile), `blocks` blocks per panel
   const uint8_t* packed;
   const float* tile_scales;
@@ -108,14 +116,20 @@ struct Fp8Source {  // fp32 scales per block (tile), `blocks` blocks per panel
   }
 };
 
+// 32 elements of 16 bits to an output panel: as they are, or narrowed back to the int8 codes.
+inline void store32(uint16_t* p, __m512i v) { _mm512_storeu_si512(p, v); }
+inline void store32(int8_t* p, __m512i v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi16_epi8(v));
+}
+
 // pack_transposed_panels with 512-bit moves. In 32-bit view a source block row holds, per
 // column n, the pair (W[n][k], W[n][k+1]); an output row holds, per k, (W[n][k], W[n+1][k]).
 // For each half-block (16 n by the 16 k of one output panel): within every 64-bit group of
 // a source row, swap words 1 and 2; then transpose the 8x8 matrix of 64-bit groups across
 // the 8 source rows. Output row i, group j = source row j, group i.
-template <typename Source>
+template <typename Source, typename Out>
 void transpose_panels(const Source& source, int64_t np, int64_t kp, int64_t first_panel, int64_t panel_count,
-                      uint16_t* dst) {
+                      Out* dst) {
   const int64_t src_blocks = kp / kBlockDepth, dst_blocks = np / kBlockDepth;
   alignas(64) static const uint16_t swap_words[32] = {0,  2,  1,  3,  4,  6,  5,  7,  8,  10, 9,
                                                       11, 12, 14, 13, 15, 16, 18, 17, 19, 20, 22,
@@ -137,16 +151,16 @@ void transpose_panels(const Source& source, int64_t np, int64_t kp, int64_t firs
           t[j] = _mm512_unpacklo_epi64(r[j], r[j + 1]);
           t[j + 1] = _mm512_unpackhi_epi64(r[j], r[j + 1]);
         }
-        uint16_t* o = dst + (q * dst_blocks + nb) * kBlockElems + half * 8 * 32;
+        Out* o = dst + (q * dst_blocks + nb) * kBlockElems + half * 8 * 32;
         for (int odd = 0; odd < 2; ++odd) {  // even output rows from t0,2,4,6; odd from t1,3,5,7
           u[0] = _mm512_shuffle_i64x2(t[odd], t[2 + odd], 0x44);
           u[1] = _mm512_shuffle_i64x2(t[odd], t[2 + odd], 0xEE);
           u[2] = _mm512_shuffle_i64x2(t[4 + odd], t[6 + odd], 0x44);
           u[3] = _mm512_shuffle_i64x2(t[4 + odd], t[6 + odd], 0xEE);
-          _mm512_storeu_si512(o + (0 + odd) * 32, _mm512_shuffle_i64x2(u[0], u[2], 0x88));
-          _mm512_storeu_si512(o + (2 + odd) * 32, _mm512_shuffle_i64x2(u[0], u[2], 0xDD));
-          _mm512_storeu_si512(o + (4 + odd) * 32, _mm512_shuffle_i64x2(u[1], u[3], 0x88));
-          _mm512_storeu_si512(o + (6 + odd) * 32, _mm512_shuffle_i64x2(u[1], u[3], 0xDD));
+          store32(o + (0 + odd) * 32, _mm512_shuffle_i64x2(u[0], u[2], 0x88));
+          store32(o + (2 + odd) * 32, _mm512_shuffle_i64x2(u[0], u[2], 0xDD));
+          store32(o + (4 + odd) * 32, _mm512_shuffle_i64x2(u[1], u[3], 0x88));
+          store32(o + (6 + odd) * 32, _mm512_shuffle_i64x2(u[1], u[3], 0xDD));
         }
       }
     }
@@ -173,6 +187,11 @@ void pack_transposed_panels_int4_avx512(const uint8_t* packed, const uint16_t* b
 void pack_transposed_panels_fp8_avx512(const uint8_t* packed, const float* tile_scales, int64_t np, int64_t kp,
                                        int64_t first_panel, int64_t panel_count, uint16_t* dst) {
   transpose_panels(Fp8Source{packed, tile_scales, kp / kBlockDepth}, np, kp, first_panel, panel_count, dst);
+}
+
+void pack_transposed_codes_avx512(const int8_t* packed, int64_t np, int64_t kp, int64_t first_panel,
+                                  int64_t panel_count, int8_t* dst) {
+  transpose_panels(CodesSource{packed}, np, kp, first_panel, panel_count, dst);
 }
 
 // The codes 4 KiB ahead are prefetched: the weight GEMMs of the quantized formats decode a
@@ -212,6 +231,40 @@ void decode_panels_fp8_avx512(const uint8_t* packed, const float* tile_scales, i
     const __m512 scale = _mm512_set1_ps(tile_scales[t] * 256.f);
     for (int row = 0; row < kBlockDepth / 2; ++row)
       _mm512_storeu_si512(dst + t * kBlockElems + row * 32, fp8_to_bf16x32(codes + row * 32, scale));
+  }
+}
+
+// quantize_rows_scalar's arithmetic 16 columns at a time: the same products, maximum and
+// rounding (vcvtps2dq rounds to nearest even), so the codes and scales are equal.
+void quantize_rows_avx512(int64_t m, int64_t cols, const void* a, DType a_dtype, int64_t lda, const float* col_scales,
+                          int8_t* q, int64_t ldq, float* row_scales) {
+  const int64_t padded = round_up(cols, 64);
+  const auto load = [&](int64_t r, int64_t c, __mmask16 mask) {
+    __m512 v = a_dtype == DType::kF32
+                   ? _mm512_maskz_loadu_ps(mask, static_cast<const float*>(a) + r * lda + c)
+                   : _mm512_castsi512_ps(_mm512_slli_epi32(
+                         _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(a) + r * lda + c)),
+                         16));
+    if (col_scales) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mask, col_scales + c));
+    return v;
+  };
+  const auto mask_at = [&](int64_t c) {
+    return cols - c >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (cols - c)) - 1);
+  };
+  for (int64_t r = 0; r < m; ++r) {
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t c = 0; c < cols; c += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load(r, c, mask_at(c))));
+    const float top = _mm512_reduce_max_ps(amax);
+    const __m512 inv = _mm512_set1_ps(top > 0.f ? 127.f / top : 0.f);
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    int8_t* out = q + r * ldq;
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __mmask16 mask = mask_at(c);
+      const __m512i code = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(load(r, c, mask), inv)), lo), hi);
+      _mm_mask_storeu_epi8(out + c, mask, _mm512_cvtepi32_epi8(code));
+    }
+    for (int64_t c = cols; c < padded; ++c) out[c] = 0;
+    row_scales[r] = top > 0.f ? top / 127.f : 0.f;
   }
 }
 

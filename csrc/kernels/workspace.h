@@ -11,6 +11,7 @@
 #include "kt/packing.h"
 #include "kt/scratch.h"
 #include "lora_operands.h"
+#include "routing.h"
 
 namespace kt {
 
@@ -88,6 +89,36 @@ struct BackwardWorkspace {
         at_d(scratch<Act>(Scratch::kLoraB, c.E * c.ip * l.rd_p)),
         bt_gu(scratch<Act>(Scratch::kLoraC, c.E * l.rgu_p * 2 * c.ip)),
         at_gu(scratch<Act>(Scratch::kLoraD, c.E * c.hp * l.rgu_p)) {}
+};
+
+// W8A8's quantized activation rows (kt/kernels.h's W8A8Kernels), expert-sorted: one phase's
+// rows at a time (x, then z in the forward; dy, then the fused gate/up gradient in the
+// backward), each dead before the next is quantized. Unused (empty) for weight-only sets.
+struct Int8Rows {
+  int64_t ld;     // row stride, at least the widest row rounded up to the 64 steps of a tile
+  int8_t* codes;  // [rows, ld]
+  float* scales;  // [rows]
+
+  Int8Rows(const KernelSet& k, const CallShape& c, int64_t rows)
+      : ld(k.w8a8 ? round_up(std::max(c.hp, 2 * c.ip), 64) + 64 : 0),
+        codes(scratch<int8_t>(Scratch::kRowsInt8, rows * ld)),
+        scales(scratch<float>(Scratch::kRowsInt8Scales, k.w8a8 ? rows : 0)) {}
+  int8_t* row(int64_t r) const { return codes + r * ld; }
+
+  // Quantizes expert e's rows from their tokens' rows of src ([T, cols], dtype dt) as they
+  // are (fp32 ones not rounded to the bf16 paths' activation type first), each times
+  // col_scales (null: 1); padding rows get zero codes and scales.
+  void quantize_tokens(const W8A8Kernels& k8, const Routing& r, int64_t e, const void* src, DType dt, int64_t top_k,
+                       int64_t cols, const float* col_scales) const {
+    const int64_t n = r.count(e), row0 = r.first_row[e];
+    for (int64_t i = 0; i < n; ++i)
+      k8.quantize_rows(1, cols, element_at(src, dt, r.pair(e, i) / top_k * cols), dt, cols, col_scales,
+                       row(row0 + i), ld, scales + row0 + i);
+    for (int64_t i = n; i < r.padded_rows(e); ++i) {
+      std::fill(row(row0 + i), row(row0 + i) + round_up(cols, 64), int8_t(0));
+      scales[row0 + i] = 0.f;
+    }
+  }
 };
 
 // Element `offset` of packed weights of `bits` bits per element.

@@ -52,7 +52,8 @@ struct MoeSft : public torch::autograd::Function<MoeSft> {
                                const at::Tensor& topk_weights, at::TensorList experts, int64_t intermediate_size,
                                at::TensorList lora_given, const OptTensorList& lora, double lora_scaling,
                                const OptTensor& gate_up_bias, const OptTensor& down_bias, c10::string_view activation,
-                               double activation_alpha, std::optional<double> activation_limit, double up_offset) {
+                               double activation_alpha, std::optional<double> activation_limit, double up_offset,
+                               bool w8a8) {
     ForwardArgs args;
     args.x = x, args.topk_ids = topk_ids, args.topk_weights = topk_weights;
     args.experts = experts.vec();
@@ -65,6 +66,7 @@ struct MoeSft : public torch::autograd::Function<MoeSft> {
     args.activation_alpha = activation_alpha;
     args.activation_limit = activation_limit;
     args.up_offset = up_offset;
+    args.w8a8 = w8a8;
     if (auto earlier = forward_to_reuse(args)) {
       // A checkpoint's recompute: the node made here is discarded with the recomputed graph.
       ctx->saved_data["forward"] = c10::IValue::make_capsule(earlier);
@@ -74,7 +76,7 @@ struct MoeSft : public torch::autograd::Function<MoeSft> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [y, gate_up_act, lora_act] =
         forward_op().call(x, topk_ids, topk_weights, experts, intermediate_size, lora, lora_scaling, gate_up_bias,
-                          down_bias, activation, activation_alpha, activation_limit, up_offset);
+                          down_bias, activation, activation_alpha, activation_limit, up_offset, w8a8);
     ctx->saved_data["forward"] = c10::IValue::make_capsule(save_forward(std::move(args), y, gate_up_act, lora_act));
     ctx->mark_non_differentiable({gate_up_act, lora_act});
     return {y, gate_up_act, lora_act};
@@ -87,7 +89,7 @@ struct MoeSft : public torch::autograd::Function<MoeSft> {
     auto [grad_x, grad_weights, grad_lora, grad_gate_up_bias, grad_down_bias] = backward_op().call(
         grads[0], a.x, a.topk_ids, a.topk_weights, a.experts, a.intermediate_size, a.lora_list(), a.lora_scaling,
         optional_of(a.gate_up_bias), optional_of(a.down_bias), a.activation, a.activation_alpha, a.activation_limit,
-        a.up_offset, saved->gate_up_act, saved->lora_act);
+        a.up_offset, a.w8a8, saved->gate_up_act, saved->lora_act);
     variable_list result = {grad_x, at::Tensor(), grad_weights};
     result.insert(result.end(), a.experts.size(), at::Tensor());  // the frozen experts
     result.push_back(at::Tensor());                                // intermediate_size
@@ -97,7 +99,7 @@ struct MoeSft : public torch::autograd::Function<MoeSft> {
     result.push_back(at::Tensor());  // lora_scaling
     result.push_back(a.gate_up_bias.defined() ? grad_gate_up_bias : at::Tensor());
     result.push_back(a.down_bias.defined() ? grad_down_bias : at::Tensor());
-    result.insert(result.end(), 4, at::Tensor());  // activation, its alpha and limit, up_offset
+    result.insert(result.end(), 5, at::Tensor());  // activation, its alpha and limit, up_offset, w8a8
     release_after_backward(*saved);
     return result;
   }
@@ -109,7 +111,8 @@ ForwardResult moe_sft_forward_autograd(KT_MOE_FORWARD_PARAMS) {
   const std::vector<at::Tensor> lora_given = given_lora(lora);
   const variable_list out =
       MoeSft::apply(x, topk_ids, topk_weights, experts, intermediate_size, at::TensorList(lora_given), lora,
-                    lora_scaling, gate_up_bias, down_bias, activation, activation_alpha, activation_limit, up_offset);
+                    lora_scaling, gate_up_bias, down_bias, activation, activation_alpha, activation_limit, up_offset,
+                    w8a8);
   return {out[0], out[1], out[2]};
 }
 

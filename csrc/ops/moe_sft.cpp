@@ -16,9 +16,11 @@
 namespace kt_ops {
 namespace {
 
-// The kernel set a call on experts of `format` takes now: the best this CPU has, capped by
-// KT_OPS_MAX_ISA.
-const kt::KernelSet& current_kernels(kt::WeightFormat format) {
+// The kernel set a call on experts of `format` (with W8A8 numerics or not) takes now: the best
+// this CPU has, capped by KT_OPS_MAX_ISA.
+const kt::KernelSet& current_kernels(const char* op, kt::WeightFormat format, bool w8a8) {
+  KT_CHECK(!w8a8 || !kt::kernel_sets(format, true).empty(), "kt.", op, ": w8a8 needs int8 experts (pack_experts(..., ",
+           "format=\"int8\")), got ", kt::format_name(format), " experts");
   kt::Isa isa;
   try {
     isa = kt::select_isa(std::getenv("KT_OPS_MAX_ISA"));
@@ -27,7 +29,7 @@ const kt::KernelSet& current_kernels(kt::WeightFormat format) {
   }
   // Every format's sets end in the scalar reference, which runs anywhere (the registry's
   // GoogleTest checks it), and the format was checked before.
-  const kt::KernelSet* set = kt::select_kernels(isa, format);
+  const kt::KernelSet* set = kt::select_kernels(isa, format, w8a8);
   TORCH_INTERNAL_ASSERT(set != nullptr, "no kernels for weight format ", kt::format_name(format));
   return *set;
 }
@@ -143,11 +145,11 @@ BackwardResult allocate_backward(const at::Tensor& x, const at::Tensor& topk_wei
 
 }  // namespace
 
-std::string isa(c10::string_view format) {
+std::string isa(c10::string_view format, bool w8a8) {
   const std::string name(format.data(), format.size());
   kt::WeightFormat f;
   KT_CHECK(kt::parse_format(name, &f), "kt.isa: format must be one of ", kt::format_names(), ", got \"", name, "\"");
-  return current_kernels(f).name;
+  return current_kernels("isa", f, w8a8).name;
 }
 
 std::string topology() {
@@ -159,7 +161,7 @@ ForwardResult moe_sft_forward_cpu(KT_MOE_FORWARD_PARAMS) {
   KernelInputs in(op, x, topk_ids, topk_weights, experts, intermediate_size, lora_of(op, lora), lora_scaling,
                   gate_up_bias, down_bias, activation, activation_alpha, activation_limit, up_offset);
   const MoeSizes& s = in.sizes;
-  const kt::KernelSet& kernels = current_kernels(s.format);
+  const kt::KernelSet& kernels = current_kernels(op, s.format, w8a8);
   ForwardResult out = allocate_forward(x, s);
   kt::MoeForwardArgs args{};
   args.dims = in.dims;
@@ -180,6 +182,7 @@ ForwardResult moe_sft_forward_meta(KT_MOE_FORWARD_PARAMS) {
   const MoeSizes s = check_moe_args(op, x, topk_ids, topk_weights, experts, intermediate_size, lora_of(op, lora),
                                     lora_scaling, false);
   check_gate(op, x, s, gate_up_bias, down_bias, activation, activation_alpha, activation_limit, up_offset, false);
+  current_kernels(op, s.format, w8a8);
   return allocate_forward(x, s);
 }
 
@@ -190,7 +193,7 @@ BackwardResult moe_sft_backward_cpu(const at::Tensor& grad_y, KT_MOE_FORWARD_PAR
   KernelInputs in(op, x, topk_ids, topk_weights, experts, intermediate_size, lora_in, lora_scaling, gate_up_bias,
                   down_bias, activation, activation_alpha, activation_limit, up_offset);
   const MoeSizes& s = in.sizes;
-  const kt::KernelSet& kernels = current_kernels(s.format);
+  const kt::KernelSet& kernels = current_kernels(op, s.format, w8a8);
   check_saved(op, grad_y, x, s, gate_up_act, lora_act, true);
   const at::Tensor dy = grad_y.contiguous(), gu_act = gate_up_act.contiguous(), l_act = lora_act.contiguous();
 
@@ -246,6 +249,7 @@ BackwardResult moe_sft_backward_meta(const at::Tensor& grad_y, KT_MOE_FORWARD_PA
   const MoeSizes s = check_moe_args(op, x, topk_ids, topk_weights, experts, intermediate_size, lora_in, lora_scaling,
                                     false);
   check_gate(op, x, s, gate_up_bias, down_bias, activation, activation_alpha, activation_limit, up_offset, false);
+  current_kernels(op, s.format, w8a8);
   check_saved(op, grad_y, x, s, gate_up_act, lora_act, false);
   return allocate_backward(x, topk_weights, lora_in, lora.size(), gate_up_bias, down_bias);
 }

@@ -19,7 +19,7 @@ using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 // grad x, grad topk_weights, the LoRA gradients (six), the two bias gradients.
 using BackwardResult = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor>;
 
-std::string isa(c10::string_view format);
+std::string isa(c10::string_view format, bool w8a8);
 
 std::string topology();
 
@@ -50,7 +50,7 @@ UnpackResult unpack_experts_meta(at::TensorList experts, int64_t hidden_size, in
   const at::Tensor &x, const at::Tensor &topk_ids, const at::Tensor &topk_weights, at::TensorList experts, \
       int64_t intermediate_size, const OptTensorList &lora, double lora_scaling, const OptTensor &gate_up_bias, \
       const OptTensor &down_bias, c10::string_view activation, double activation_alpha,                   \
-      std::optional<double> activation_limit, double up_offset
+      std::optional<double> activation_limit, double up_offset, bool w8a8
 
 ForwardResult moe_sft_forward_cpu(KT_MOE_FORWARD_PARAMS);
 ForwardResult moe_sft_forward_meta(KT_MOE_FORWARD_PARAMS);

@@ -39,7 +39,7 @@ bool same_forward(const SavedForward& saved, const ForwardArgs& args) {
   const ForwardArgs& a = saved.args;
   if (a.intermediate_size != args.intermediate_size || a.lora_scaling != args.lora_scaling ||
       a.activation != args.activation || a.activation_alpha != args.activation_alpha ||
-      a.activation_limit != args.activation_limit || a.up_offset != args.up_offset ||
+      a.activation_limit != args.activation_limit || a.up_offset != args.up_offset || a.w8a8 != args.w8a8 ||
       saved.y._version() != saved.y_version) {
     return false;
   }

@@ -34,6 +34,7 @@ struct ForwardArgs {
   double activation_alpha = 1.0;
   std::optional<double> activation_limit;
   double up_offset = 0.0;
+  bool w8a8 = false;
 
   // Every tensor argument, in a fixed order, and the name messages give it.
   std::vector<const at::Tensor*> tensors() const;

@@ -68,6 +68,36 @@ using SwigluForwardFn = void (*)(int64_t valid, int64_t cols, const float* acc, 
 using SwigluBackwardFn = float (*)(int64_t I, int64_t ip, const void* saved, DType saved_dtype, int64_t at,
                                    const float* q, float w, void* z, void* fused);
 
+// W8A8 (int8 experts only): the int8 products of the forward and of the input gradients, as
+// kt_ops.reference.moe_sft_w8a8_reference defines them. Rows of activations are quantized
+// per row (quantize_rows), multiplied by the int8 codes with exact int32 sums (int8_gemm),
+// and the sums scaled back in fp32.
+//
+// quantize_rows: for r < m, v = a[r, c] * col_scales[c] (fp32; col_scales null: 1) over
+// c < cols, amax = max |v|, q[r, c] = clamp(round_even(v * (127 / amax)), -127, 127) and
+// row_scales[r] = amax / 127 (both 0 for a row of zeros); q[r, c] = 0 for c in [cols,
+// round_up(cols, 64)), which the AMX tiles read 64 at a time. a has dtype a_dtype.
+using QuantizeRowsFn = void (*)(int64_t m, int64_t cols, const void* a, DType a_dtype, int64_t lda,
+                                const float* col_scales, int8_t* q, int64_t ldq, float* row_scales);
+
+// C[m, 16*p + c] = float(sum_k A[m, k] * W[16*p + c, k]) * a_scales[m] * w_scales[16*p + c]
+// (w_scales null: 1), left to right, for m < M (a multiple of 16), p < panels: int8 A (row
+// stride lda) against int8 codes in the packed layout (packing.h), depth kp, C overwritten.
+// A is read up to round_up(kp, 64) columns; the products past kp are zero.
+using Int8GemmFn = void (*)(int64_t m, int64_t kp, const int8_t* a, int64_t lda, const float* a_scales,
+                            const int8_t* w, const float* w_scales, int64_t panels, float* c, int64_t ldc);
+
+// pack_transposed_panels (packing.h) of int8 codes, as codes: the panels of W^T for the input
+// gradient's int8 product.
+using PackTransposedCodesFn = void (*)(const int8_t* packed, int64_t np, int64_t kp, int64_t first_panel,
+                                       int64_t panel_count, int8_t* dst);
+
+struct W8A8Kernels {
+  QuantizeRowsFn quantize_rows;
+  Int8GemmFn int8_gemm;
+  PackTransposedCodesFn pack_transposed_codes;
+};
+
 struct KernelSet {
   const char* name;  // the path's name, kt.isa() reports it: "amx", "avx512", "avx2", "scalar"
   Isa isa;           // the least ISA it runs on
@@ -83,16 +113,20 @@ struct KernelSet {
   SigmoidFn sigmoid;
   SwigluForwardFn swiglu_forward;
   SwigluBackwardFn swiglu_backward;
+  // Null for weight-only numerics; the W8A8 sets of int8 (kernel_sets(kInt8, true)) have it.
+  const W8A8Kernels* w8a8 = nullptr;
 };
 
 // Every format this build has: each has kernel sets ending in the scalar reference.
 const std::vector<WeightFormat>& weight_formats();
 
 // The sets of `format`, best first; the last is the scalar reference. Empty for a code that is
-// no format.
-const std::vector<const KernelSet*>& kernel_sets(WeightFormat format);
+// no format. With w8a8, the sets that quantize the activations too (only int8 has them; empty
+// for the other formats).
+const std::vector<const KernelSet*>& kernel_sets(WeightFormat format, bool w8a8 = false);
 
-// The first set of `format` that runs on `isa`: the path an op takes; null when there is none.
-const KernelSet* select_kernels(Isa isa, WeightFormat format);
+// The first set of `format` (and numerics) that runs on `isa`: the path an op takes; null
+// when there is none.
+const KernelSet* select_kernels(Isa isa, WeightFormat format, bool w8a8 = false);
 
 }  // namespace kt

@@ -73,6 +73,11 @@ template <typename T>
 void pack_transposed_panels(const T* packed, const float* row_scales, int64_t np, int64_t kp, int64_t first_panel,
                             int64_t panel_count, bf16* dst);
 
+// pack_transposed_panels of int8 codes as the codes themselves (no scales): the panels of the
+// input gradient's int8 product of W8A8 (kt/kernels.h's W8A8Kernels).
+void pack_transposed_codes(const int8_t* packed, int64_t np, int64_t kp, int64_t first_panel, int64_t panel_count,
+                           int8_t* dst);
+
 // `panels` consecutive packed panels of depth kp as bf16, same layout: int8 codes convert
 // exactly (|q| <= 127 has at most 8 significant bits).
 void decode_panels(const int8_t* packed, int64_t kp, int64_t panels, bf16* dst);

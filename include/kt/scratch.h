@@ -14,6 +14,7 @@ namespace kt {
 enum class Scratch : int {
   kRowsA, kRowsB, kRowsC, kRowsD, kRowsE, kRowsF, kRowsG,  // per-call, expert-sorted rows
   kRowsOut,                                        // per-call, fp32 GEMM outputs in expert-sorted rows
+  kRowsInt8, kRowsInt8Scales,                      // per-call, W8A8's quantized rows and their scales
   kLoraA, kLoraB, kLoraC, kLoraD,                  // per-call packed LoRA operands
   kTaskAcc, kTaskWeights, kTaskDecoded,            // per work item, in worker threads
   kCount
