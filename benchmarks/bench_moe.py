@@ -71,10 +71,10 @@ GATES = {"swiglu": kt_ops.Gate(),
          "gelu": kt_ops.Gate(activation="gelu")}
 
 
-def time_kt(layer, repeats: int, gate: kt_ops.Gate = kt_ops.Gate(), biases=(None, None)):
+def time_kt(layer, repeats: int, gate: kt_ops.Gate = kt_ops.Gate(), biases=(None, None), w8a8: bool = False):
     return time_forward_backward(
         layer, lambda x, w, lora: kt_ops.moe_sft(x, layer.topk_ids, w, layer.experts, lora, layer.lora_scaling,
-                                                 gate=gate, gate_up_bias=biases[0], down_bias=biases[1]),
+                                                 gate=gate, gate_up_bias=biases[0], down_bias=biases[1], w8a8=w8a8),
         repeats)
 
 
@@ -103,6 +103,7 @@ def main() -> None:
     p.add_argument("--experts-format", default="bf16",
                    help="weight format of the packed experts (kt_ops.weight_formats(); the reference column "
                    "computes with the bf16 weights)")
+    p.add_argument("--w8a8", action="store_true", help="int8 experts with W8A8 numerics (kt_ops.moe_sft's w8a8)")
     p.add_argument("--json", help="also write the figures to this file")
     add_malloc_option(p)
     args = p.parse_args()
@@ -117,17 +118,20 @@ def main() -> None:
         p.error("the reference column computes SwiGLU without biases: pass --ref-repeats 0 with --gate / --bias")
     e, i, h = shape.experts, shape.intermediate, shape.hidden
     biases = (torch.randn(e, 2 * i) * 0.1, torch.randn(e, h) * 0.1) if args.bias else (None, None)
-    rows = {"kt_ops": time_kt(layer, args.repeats, GATES[args.gate], biases)}
+    if args.w8a8 and args.experts_format != "int8":
+        p.error("--w8a8 needs --experts-format int8")
+    rows = {"kt_ops": time_kt(layer, args.repeats, GATES[args.gate], biases, args.w8a8)}
     if args.ref_repeats:
         rows["reference"] = time_reference(layer, args.ref_repeats)
 
     print(f"{shape.name} T={args.tokens} r={args.rank} threads={args.threads} "
-          f"format={args.experts_format} path={kt_ops.isa(args.experts_format)} "
+          f"format={args.experts_format}{' w8a8' if args.w8a8 else ''} path={kt_ops.isa(args.experts_format, args.w8a8)} "
           f"slices={layer.experts.numa_slices} malloc={args.malloc} gate={args.gate} bias={args.bias} "
           f"(E={shape.experts} H={shape.hidden} I={shape.intermediate} K={shape.top_k})")
     print(f"{'':10} {'fwd s':>8} {'bwd s':>8} {'total s':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'% peak':>7}")
     result = {"shape": shape.name, "tokens": args.tokens, "rank": args.rank, "threads": args.threads,
-              "isa": kt_ops.isa(args.experts_format), "experts_format": args.experts_format, "malloc": args.malloc, "gate": args.gate, "bias": args.bias}
+              "isa": kt_ops.isa(args.experts_format, args.w8a8), "experts_format": args.experts_format,
+              "w8a8": args.w8a8, "malloc": args.malloc, "gate": args.gate, "bias": args.bias}
     for name, (f, b, _) in rows.items():
         total = f + b
         tflops = flops / total / 1e12

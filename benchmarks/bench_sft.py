@@ -89,8 +89,9 @@ def _materialise(model: nn.Module, device: torch.device, dtype: torch.dtype, see
             module._parameters[name] = nn.Parameter(t, requires_grad=p.requires_grad)
 
 
-def build_kt(cfg, shape, rank: int, device: torch.device) -> nn.Module:
-    """Non-expert modules on ``device``, routed experts random and packed in CPU memory, layer by layer."""
+def build_kt(cfg, shape, rank: int, device: torch.device, experts_format: str = "bf16") -> nn.Module:
+    """Non-expert modules on ``device``, routed experts random and packed in CPU memory (in
+    ``experts_format``), layer by layer."""
     import peft
     import transformers
     from accelerate import init_empty_weights
@@ -106,7 +107,8 @@ def build_kt(cfg, shape, rank: int, device: torch.device) -> nn.Module:
     w_down = torch.randn(e, h, i, generator=g).mul_(0.02).bfloat16()
     # Drawing every layer's experts (tens of GB) takes minutes; each layer gets its own packed
     # copy of one random draw with the experts rotated (distinct memory, distinct routing).
-    experts = {layer: kt_ops.pack_experts(*(w.roll(layer, dims=0) for w in (w_gate, w_up, w_down)))
+    experts = {layer: kt_ops.pack_experts(*(w.roll(layer, dims=0) for w in (w_gate, w_up, w_down)),
+                                          format=experts_format)
                for layer in range(first, cfg.num_hidden_layers)}
     del w_gate, w_up, w_down
     # kt_ops.patch_model in three steps, so that the attention, router and head weights are
@@ -143,6 +145,7 @@ def main() -> None:
     parser.add_argument("--tokens-per-step", type=int, default=4096)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--experts-format", default="bf16", help="kt mode: the packed experts' weight format")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for the experts (default: torch's)")
     parser.add_argument("--profile", action="store_true",
                         help="profile one extra step with torch.profiler and print where its time went")
@@ -155,7 +158,8 @@ def main() -> None:
     cfg, shape = hf_config(args.shape)
 
     t0 = time.perf_counter()
-    model = build_kt(cfg, shape, args.rank, device) if args.mode == "kt" else build_gpu_peft(cfg, args.rank, device)
+    model = (build_kt(cfg, shape, args.rank, device, args.experts_format) if args.mode == "kt"
+             else build_gpu_peft(cfg, args.rank, device))
     build_s = time.perf_counter() - t0
     steps = args.warmup + args.steps + args.profile  # the profiled step is extra and untimed
     per_step = args.tokens_per_step // args.seq_len
@@ -193,7 +197,8 @@ def main() -> None:
             optimizer_times.append(t2 - t1)
         losses.append(loss)
     step_s = statistics.median(times)
-    result = {"shape": args.shape, "mode": args.mode, "grad_checkpointing": args.grad_checkpointing,
+    result = {"shape": args.shape, "mode": args.mode, "experts_format": args.experts_format,
+              "grad_checkpointing": args.grad_checkpointing,
               "layers": cfg.num_hidden_layers, "tokens_per_step": args.tokens_per_step, "seq_len": args.seq_len,
               "threads": torch.get_num_threads(), "step_s": round(step_s, 3),
               "optimizer_s": round(statistics.median(optimizer_times), 3),
