@@ -28,7 +28,7 @@ def call(case, **override):
         args["activation"], args["activation_alpha"], args["activation_limit"], args["up_offset"])
 
 
-SWIGLU_ARGS = [None, None, "silu", 1.0, None, 0.0]  # the gate arguments of the ops, SwiGLU, no biases
+SWIGLU_ARGS = [None, None, "silu", 1.0, None, 0.0, False]  # the ops' gate arguments (SwiGLU, no biases), w8a8
 
 
 def with_field(layout, index, value):
