@@ -40,11 +40,28 @@ def weight_formats() -> list[str]:
     return list(torch.ops.kt.weight_formats())
 
 
+# The experts format that names numerics besides a weight format: int8 weights whose products
+# moe_sft computes in int8 (its w8a8) unless the caller says otherwise.
+W8A8 = "w8a8"
+
+
+def experts_formats() -> list[str]:
+    """What :func:`pack_experts`, the loaders, :func:`kt_ops.patch_model` and ``kt-sft train
+    --experts-format`` take: the :func:`weight_formats` and ``"w8a8"`` (int8 weights, computed
+    with :func:`moe_sft`'s W8A8 numerics by default)."""
+    return weight_formats() + [W8A8]
+
+
 def check_weight_format(name: str, caller: str) -> None:
-    """Raises ValueError naming ``caller`` unless ``name`` is one of :func:`weight_formats`:
+    """Raises ValueError naming ``caller`` unless ``name`` is one of :func:`experts_formats`:
     for the loaders, which check their arguments before they read anything."""
-    if name not in weight_formats():
-        raise ValueError(f"{caller}: experts_format must be one of {', '.join(weight_formats())}, got {name!r}")
+    if name not in experts_formats():
+        raise ValueError(f"{caller}: experts_format must be one of {', '.join(experts_formats())}, got {name!r}")
+
+
+def _storage_format(format: str) -> tuple[str, bool]:
+    """The weight format an experts format stores, and whether it computes with W8A8."""
+    return ("int8", True) if format == W8A8 else (format, False)
 
 
 @dataclass(frozen=True)
@@ -63,6 +80,9 @@ class PackedExperts:
         hidden_size: H, the experts' hidden size.
         group_size: the ``group_size`` they were packed with (0: the format's default), so
             that a repack quantizes as the packing did.
+        w8a8: int8 experts only: :func:`moe_sft` computes with them in W8A8 numerics unless
+            its caller says otherwise (what ``pack_experts(..., format="w8a8")`` makes; the
+            Hugging Face path, which calls moe_sft for the model, follows it).
 
     Hp is H rounded up to 32 and Is is I / S rounded up to 32, padded with zeros; real
     model sizes need no padding, so the packed bytes equal the weight bytes there.
@@ -73,6 +93,16 @@ class PackedExperts:
     intermediate_size: int
     hidden_size: int
     group_size: int = 0
+    w8a8: bool = False
+
+    def __post_init__(self):
+        if self.w8a8 and self.format != "int8":
+            raise ValueError(f"kt_ops.PackedExperts: w8a8 needs int8 experts, got {self.format}")
+
+    @property
+    def experts_format(self) -> str:
+        """The name :func:`pack_experts` took to make these: :attr:`format`, or ``"w8a8"``."""
+        return W8A8 if self.w8a8 else self.format
 
     @property
     def gate_up(self) -> torch.Tensor:
@@ -122,7 +152,7 @@ def pack_experts(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
         w_down: bf16 ``[E, H, I]``.
         numa_nodes: slices to split the intermediate dimension into, 0 to 1024; 0 (the
             default) gives one per NUMA node of :func:`topology`. Never more than I / 32.
-        format: the weight format to hold them in, one of :func:`weight_formats`:
+        format: the weight format to hold them in, one of :func:`experts_formats`:
             ``"bf16"`` (the weights as they are), ``"int8"`` (symmetric, one fp32 scale per
             output channel: :func:`kt_ops.reference.quantize_int8` exactly; about half the
             bytes), ``"int4"`` (symmetric, two codes per byte, one bf16 scale per
@@ -131,13 +161,16 @@ def pack_experts(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
             ``"fp8"`` (e4m3, one fp32 scale per 128 x 128 block of each matrix:
             :func:`kt_ops.reference.quantize_fp8` exactly; about half the bytes). The kernels
             compute with the dequantized weights (rounded to bf16), on every path.
+            ``"w8a8"``: int8 as above, which :func:`moe_sft` then computes with in W8A8
+            numerics by default (:attr:`PackedExperts.w8a8`).
         group_size: the quantization group of ``"int4"``: 32, 64 or 128, dividing H and I;
             0 (the default) takes 32. Must be 0 for the formats without groups.
 
     The inputs are not kept: once packed they can be freed.
     """
-    tensors = torch.ops.kt.pack_experts(w_gate, w_up, w_down, numa_nodes, format, group_size)
-    return PackedExperts(tuple(tensors), format, int(w_gate.shape[1]), int(w_gate.shape[2]), group_size)
+    stored, w8a8 = _storage_format(format)
+    tensors = torch.ops.kt.pack_experts(w_gate, w_up, w_down, numa_nodes, stored, group_size)
+    return PackedExperts(tuple(tensors), stored, int(w_gate.shape[1]), int(w_gate.shape[2]), group_size, w8a8)
 
 
 def pack_expert_codes(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, scales: Sequence[torch.Tensor],
@@ -154,7 +187,8 @@ def pack_expert_codes(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Te
             ``[E, N]``; ``"int4"`` bfloat16 ``[E, N, K / group_size]``; ``"fp8"`` float32
             ``[E, ceil(N / 128), ceil(K / 128)]`` (the checkpoints' ``weight_scale_inv``).
         numa_nodes: as for :func:`pack_experts`.
-        format: ``"int8"``, ``"int4"`` or ``"fp8"``.
+        format: ``"int8"``, ``"int4"`` or ``"fp8"`` (or ``"w8a8"``: int8, as for
+            :func:`pack_experts`).
         group_size: int4's group; 0 (the default) reads it from the scales' shape.
 
     Equals :func:`pack_experts` of the weights the codes stand for wherever that quantizes to
@@ -165,8 +199,9 @@ def pack_expert_codes(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Te
     codes = [w.view(torch.uint8) if w.dtype == torch.float8_e4m3fn else w for w in (w_gate, w_up, w_down)]
     if format == "int4" and group_size == 0 and len(scales) == 3 and scales[0].dim() == 3 and scales[0].shape[-1]:
         group_size = int(w_gate.shape[-1]) // int(scales[0].shape[-1])
-    tensors = torch.ops.kt.pack_expert_codes(*codes, list(scales), format, numa_nodes, group_size)
-    return PackedExperts(tuple(tensors), format, int(w_gate.shape[1]), int(w_gate.shape[2]), group_size)
+    stored, w8a8 = _storage_format(format)
+    tensors = torch.ops.kt.pack_expert_codes(*codes, list(scales), stored, numa_nodes, group_size)
+    return PackedExperts(tuple(tensors), stored, int(w_gate.shape[1]), int(w_gate.shape[2]), group_size, w8a8)
 
 
 @dataclass(frozen=True)
@@ -221,7 +256,7 @@ def moe_sft(
     gate: Gate = SWIGLU,
     gate_up_bias: Optional[torch.Tensor] = None,
     down_bias: Optional[torch.Tensor] = None,
-    w8a8: bool = False,
+    w8a8: Optional[bool] = None,
 ) -> torch.Tensor:
     """Routed-experts MLP with LoRA, differentiable in x, topk_weights, every LoRA tensor and
     the biases.
@@ -244,7 +279,8 @@ def moe_sft(
         gate_up_bias: ``None`` or the experts' ``[E, 2I]`` gate/up biases (bg then bu).
         down_bias: ``None`` or the experts' ``[E, H]`` down biases (bd). Biases that require
             grad get their gradients (the expert weights themselves stay frozen).
-        w8a8: int8 experts only. Computes the base products (not the LoRA ones) in int8,
+        w8a8: None (the default): the experts' own choice (:attr:`PackedExperts.w8a8`).
+            True (int8 experts only) computes the base products (not the LoRA ones) in int8,
             on AMX-INT8 where the CPU has it: in the forward x and z are quantized per row
             (symmetric, 127 levels) and multiplied by the int8 codes; in the backward the
             input gradients' products take dy and the gate/up gradient, each times the
@@ -277,6 +313,6 @@ def moe_sft(
     """
     y, _, _ = torch.ops.kt.moe_sft_forward(
         x, topk_ids, topk_weights, list(experts.tensors), experts.intermediate_size, _lora_args(lora),
-        float(lora_scaling), gate_up_bias, down_bias, *gate.op_args(), bool(w8a8),
+        float(lora_scaling), gate_up_bias, down_bias, *gate.op_args(), experts.w8a8 if w8a8 is None else bool(w8a8),
     )
     return y

@@ -34,7 +34,7 @@ def _modules(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kt_ops.api import weight_formats
+    from kt_ops.api import experts_formats
 
     parser = argparse.ArgumentParser(
         prog="kt-sft", description="LoRA fine-tuning of Mixture-of-Experts models: routed experts frozen in CPU "
@@ -75,10 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
     t.add_argument("--device", help="device of the non-expert modules: auto (cuda if available), cpu, cuda, cuda:1")
     t.add_argument("--dtype", choices=["bfloat16", "float32"], help="dtype of the non-expert weights (default bfloat16)")
-    t.add_argument("--experts-format", choices=weight_formats(),
+    t.add_argument("--experts-format", choices=experts_formats(),
                    help="weight format of the frozen experts in memory: bf16, int8 (one scale per output channel, "
                    "about half the memory), int4 (one scale per 32 elements of each row, about 0.28 of the memory) "
-                   "or fp8 (e4m3, one scale per 128x128 block, about half); made layer by layer as loaded (default: "
+                   "or fp8 (e4m3, one scale per 128x128 block, about half), or w8a8 (int8 weights, computed with int8 "
+                   "activations: AMX-INT8's products); made layer by layer as loaded (default: "
                    "the checkpoint's own: fp8 or int4 for fp8 or compressed-tensors int4 experts, else bf16)")
     t.add_argument("--save-every", type=int, help="also write the resumable checkpoint every N steps")
     t.add_argument("--stop-after", type=_positive(int),

@@ -357,7 +357,7 @@ class Trainer:
              "tokens_per_s": self.tokens / self.train_seconds if self.train_seconds else None,
              "peak_rss_gb": round(_peak_rss_gib(), 3), "device": str(self.device),
              "examples": len(self.examples), "model": self.args.model, "data": self.args.data,
-             "experts_format": sorted({p.format for p in packed_experts_in(self.model)})}
+             "experts_format": sorted({p.experts_format for p in packed_experts_in(self.model)})}
         if self.device.type == "cuda":
             m["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         return m

@@ -348,7 +348,7 @@ def load_experts(checkpoint_dir: Union[str, os.PathLike], *, layers: Optional[li
             ``..._shape``; :mod:`kt_ops.int4_checkpoints`).
         layers: layer indices to load (default: every MoE layer).
         numa_nodes: passed to :func:`kt_ops.pack_experts`.
-        experts_format: the weight format to pack in, one of :func:`kt_ops.weight_formats`;
+        experts_format: the weight format to pack in, one of :func:`kt_ops.experts_formats`;
             None (the default) keeps the checkpoint's own (:func:`checkpoint_experts_format`:
             fp8 and int4 experts stay so, codes and scales as stored). Another format is made
             layer by layer as the layer is read (int4 in groups of 32), from the weights the
@@ -538,7 +538,7 @@ def load_model(checkpoint_dir: Union[str, os.PathLike], lora_rank: Optional[int]
     takes them, or that of a saved ``adapter`` directory (its config, then its tensors,
     through :func:`kt_ops.load_adapter`). Non-expert modules end on ``device`` (default: the
     CPU); the experts and their LoRA stay in CPU memory whatever the device. The experts are
-    packed in ``experts_format`` (:func:`kt_ops.weight_formats`; None, the default: the
+    packed in ``experts_format`` (:func:`kt_ops.experts_formats`; None, the default: the
     checkpoint's own, :func:`checkpoint_experts_format`); a format the checkpoint does not hold
     is made layer by layer as it is read, so the bf16 experts are never held whole.
 
@@ -574,7 +574,7 @@ def load_model(checkpoint_dir: Union[str, os.PathLike], lora_rank: Optional[int]
     else:
         experts = _load_into(model, checkpoint_dir, family, dtype, device, numa_nodes, experts_format, progress, caller)
     # Repacks (an in-place write of the experts' stand-ins) keep the format the experts have.
-    experts_format = next(iter(experts.values())).format if experts else (experts_format or "bf16")
+    experts_format = next(iter(experts.values())).experts_format if experts else (experts_format or "bf16")
     if interface:
         import peft
 

@@ -87,6 +87,28 @@ def test_w8a8_reference_stays_near_weight_only(case_name):
         assert_close(f"grad {n}", g, g_ref, "w8a8_vs_weight_only")
 
 
+def test_w8a8_experts_format_makes_w8a8_the_default():
+    """pack_experts(format="w8a8") stores int8 and makes moe_sft compute with W8A8 unless told
+    otherwise; W8A8 on other formats is refused."""
+    case = make_case(64, 48, 6, 2, 9, 4, weight_format="int8")
+    weights = [case.int8_codes[n][0].float() * case.int8_codes[n][1][..., None] for n in range(3)]
+    w8a8 = kt_ops.pack_experts(*(w.bfloat16() for w in weights), format="w8a8")
+    assert (w8a8.format, w8a8.w8a8, w8a8.experts_format) == ("int8", True, "w8a8")
+    assert all(torch.equal(a, b) for a, b in zip(w8a8.tensors, case.experts.tensors))
+    assert not case.experts.w8a8 and case.experts.experts_format == "int8"
+
+    def y(experts, **kw):
+        return kt_ops.moe_sft(case.x.detach(), case.topk_ids, case.topk_weights.detach(), experts,
+                              [t.detach() for t in case.lora], case.scaling, **kw)
+
+    assert torch.equal(y(w8a8), y(case.experts, w8a8=True))
+    assert torch.equal(y(w8a8, w8a8=False), y(case.experts))
+    assert not torch.equal(y(w8a8), y(case.experts))
+    with pytest.raises(ValueError, match="w8a8 needs int8 experts, got bf16"):
+        kt_ops.PackedExperts(case.experts.tensors, "bf16", 48, 64, w8a8=True)
+    assert "w8a8" in kt_ops.experts_formats() and "w8a8" not in kt_ops.weight_formats()
+
+
 def test_gradients_reach_only_inputs_that_require_them():
     case = make_case(40, 24, 4, 2, 9, 4)
     case.x.requires_grad_(False)

@@ -380,14 +380,18 @@ def test_built_in_default_halves_the_loss(tmp_path, capsys):
 
 
 def test_int8_experts_train_to_within_5_percent_of_bf16(tmp_path, capsys):
-    """The built-in default (its first 8 steps) with int8 (weight-only) experts: its final loss
-    lies within 5% of the bf16 run's."""
+    """The built-in default (its first 8 steps) with int8 experts, weight-only and W8A8: each
+    final loss lies within 5% of the bf16 run's, and metrics.json names the format."""
     losses = {}
-    for fmt in ("bf16", "int8"):
+    for fmt in ("bf16", "int8", "w8a8"):
         out = str(tmp_path / fmt)
         assert main(["train", "--out", out, "--steps", "8", "--no-progress", "--experts-format", fmt]) == 0
-        losses[fmt] = json.loads(capsys.readouterr().out)["loss_last"]
-    assert abs(losses["int8"] - losses["bf16"]) <= 0.05 * losses["bf16"], losses
+        metrics = json.loads(capsys.readouterr().out)
+        assert metrics["experts_format"] == [fmt]
+        losses[fmt] = metrics["loss_last"]
+    assert losses["int8"] != losses["w8a8"]  # W8A8 computed differently
+    for fmt in ("int8", "w8a8"):
+        assert abs(losses[fmt] - losses["bf16"]) <= 0.05 * losses["bf16"], losses
 
 
 def test_hf_trainer_example_trains_a_patched_model(tmp_path, cache_home):

@@ -99,8 +99,9 @@ def patch_model(model: nn.Module, lora_rank: Optional[int] = None, lora_alpha: O
             where it names none.
         numa_nodes: passed to :func:`kt_ops.pack_experts`.
         experts_format: the weight format of the packed experts, one of
-            :func:`kt_ops.weight_formats` (``"int8"`` quantizes each layer as it is packed). Given ``experts`` keep the format they were
-            packed in.
+            :func:`kt_ops.experts_formats` (``"int8"`` quantizes each layer as it is packed;
+            ``"w8a8"`` also computes with int8 activations). Given ``experts`` keep the format
+            they were packed in.
         experts: ``{layer index: PackedExperts}`` from :func:`kt_ops.load_experts`; the
             model's own expert weights are then never read, so they may sit on the ``meta``
             device (``with torch.device("meta"):`` when building the model) and the full bf16
