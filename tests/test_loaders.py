@@ -351,7 +351,7 @@ def test_int4_checkpoint_tensors_and_config_are_checked(checkpoint, edit, messag
 @pytest.mark.parametrize("load", [lambda p: kt_ops.load_experts(p, experts_format="int3", progress=False),
                                   lambda p: kt_ops.load_model(p, experts_format="int3", progress=False)])
 def test_an_unknown_experts_format_is_named_before_anything_is_read(checkpoint, load):
-    with pytest.raises(ValueError, match=re.escape("experts_format must be one of bf16, int8, int4, fp8, got 'int3'")):
+    with pytest.raises(ValueError, match=re.escape("experts_format must be one of bf16, int8, int4, fp8, w8a8, got 'int3'")):
         load(checkpoint)
 
 
