@@ -5,20 +5,22 @@ from __future__ import annotations
 import torch
 
 VOCAB = 96
+TINY_POSITIONS = 128  # also the sliding window where one is needed: as long as any test sequence
 
 # Size fields shared by many config classes, and the tiny value each gets where a config has it.
 TINY = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, expert_intermediate_size=32,
             ffn_hidden_size=96, shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=128,
+            num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=TINY_POSITIONS,
             num_experts_per_tok=2, moe_topk=2, num_experts=4, n_routed_experts=4, num_local_experts=4,
             moe_num_experts=4, n_shared_experts=1, num_shared_experts=1, first_k_dense_replace=0,
             decoder_sparse_step=1, mlp_only_layers=[], kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
             qk_nope_head_dim=16, v_head_dim=16, n_group=1, topk_group=1, num_expert_group=1, num_experts_per_token=2, moe_k=2,
-            mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16, pad_token_id=0, bos_token_id=1,
-            eos_token_id=2)
+            mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16, expert_ffn_hidden_size=32, num_layers=2,
+            zero_expert_num=2, sliding_window=TINY_POSITIONS, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 # Fields a default config may leave None (each checkpoint's config sets them) that the
 # families' code reads as numbers: they get the tiny value too.
-REQUIRED = ("num_experts_per_tok", "first_k_dense_replace", "head_dim", "n_routed_experts", "n_shared_experts")
+REQUIRED = ("num_experts_per_tok", "first_k_dense_replace", "head_dim", "n_routed_experts", "n_shared_experts",
+            "sliding_window")
 # The same for a multimodal model's other towers (vision, audio) and their projectors onto the
 # language model's hidden size: only their size, since the tests feed text alone.
 TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, depth=1, num_attention_heads=2,

@@ -123,14 +123,17 @@ def interface_experts(model: nn.Module) -> dict[str, nn.Module]:
 def router_of(model: nn.Module, experts_name: str) -> Optional[str]:
     """Path of the router of the experts module at ``experts_name``: the one module beside it
     (a child of the same block) holding a matrix of one row per expert (or one more, for a
-    "no expert" slot), at any depth; None when there is not exactly one such module."""
+    "no expert" slot, or one per the config's ``zero_expert_num`` experts that compute
+    nothing, as LongCat-Flash has), at any depth; None when there is not exactly one such module."""
     block_name, _, own = experts_name.rpartition(".")
     block = model.get_submodule(block_name)
     e = interface_experts_shape(block.get_submodule(own))[0]
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rows = {e, e + 1, e + (getattr(text_config, "zero_expert_num", None) or 0)}
     found = [name for name, m in block.named_children() if name != own
-             and any(p.dim() == 2 and p.shape[0] in (e, e + 1) for p in m.parameters())]
+             and any(p.dim() == 2 and p.shape[0] in rows for p in m.parameters())]
     return f"{block_name}.{found[0]}" if len(found) == 1 else None
-
 
 
 @dataclass(frozen=True)
