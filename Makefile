@@ -33,7 +33,8 @@ deps-system:  ## compilers, GoogleTest, hwloc
 
 deps-python:  ## torch (the exact CPU wheel), the HF stack and the test tools, for $(PY)
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install numpy pytest hypothesis transformers peft safetensors accelerate tqdm matplotlib trl compressed-tensors
+	$(PY) -m pip install numpy pytest hypothesis pexpect transformers peft safetensors accelerate tqdm matplotlib trl \
+		compressed-tensors rouge-score sacrebleu
 	$(PY) -m pip install --upgrade --no-deps --target $(TRANSFORMERS4) $(TRANSFORMERS4_PINS)
 
 install:  ## build the extension in place against the installed torch
@@ -55,7 +56,7 @@ test-py:  ## pytest: ops vs reference, opcheck, gradcheck, compile, bad input, H
 	$(PY) -m pytest tests -q
 
 test-hf-v4:  ## the HF model and kt-sft tests again on transformers 4.x models (per-expert expert lists)
-	PYTHONPATH=$(TRANSFORMERS4) $(PY) -m pytest tests/test_hf.py tests/test_sft.py -q
+	PYTHONPATH=$(TRANSFORMERS4) $(PY) -m pytest tests/test_hf.py tests/test_sft.py tests/test_sft_eval.py -q
 
 # The README's install in a fresh venv that has `wheel` and the newest setuptools (the case
 # where pip once fell back to `setup.py develop`); then `pip install .` (not editable) and a
@@ -75,8 +76,10 @@ test-install:  ## install into a fresh venv: editable, non-editable, and from a 
 example:  ## one forward/backward of a Qwen3-30B-A3B-shaped MoE layer
 	$(PY) examples/moe_layer.py
 
-sft:  ## the main job on its built-in default: fine-tune the tiny Qwen3-MoE, then ask it something
-	kt-sft train --out runs/default --overwrite
+sft:  ## the main job on its built-in default: fine-tune the tiny Qwen3-MoE (evaluated on held-out questions), evaluate it, answer a file of prompts, ask it something
+	kt-sft train --out runs/default --overwrite --keep-best
+	kt-sft eval --adapter runs/default
+	kt-sft infer --adapter runs/default --out runs/default/predictions.jsonl --overwrite
 	kt-sft generate --adapter runs/default --prompt "What is the capital of Peru?"
 
 bench:

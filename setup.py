@@ -34,6 +34,6 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy", "transformers>=4.57", "peft>=0.17", "safetensors", "accelerate",
-                      "tqdm", "matplotlib"],
-    extras_require={"test": ["pytest"]},
+                      "tqdm", "matplotlib", "rouge-score", "sacrebleu"],
+    extras_require={"test": ["pytest", "hypothesis", "pexpect"]},
 )

@@ -3,6 +3,9 @@
     kt-sft train --out DIR                       # the built-in default: tiny Qwen3-MoE, small dataset
     kt-sft train --model DIR --data FILE.jsonl --out DIR [options]
     kt-sft train --resume DIR                    # continue an interrupted run
+    kt-sft eval --model DIR --adapter DIR --data FILE.jsonl
+    kt-sft infer --model DIR --adapter DIR --data prompts.jsonl --out preds.jsonl
+    kt-sft chat --model DIR --adapter DIR
     kt-sft generate --model DIR --adapter DIR --prompt TEXT
 """
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import signal
 import sys
 from typing import Optional
@@ -39,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kt-sft", description="LoRA fine-tuning of Mixture-of-Experts models: routed experts frozen in CPU "
         "memory and computed by torch.ops.kt (Intel AMX), everything else on the GPU when there is one.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,generate}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,infer,chat,generate}")
 
     # Defaults are None here so that explicitly given flags can be told apart (they override
     # the built-in default's settings and are checked against a resumed checkpoint's).
@@ -47,12 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fine-tunes LoRA on every routed expert's gate/up/down (and on --target-modules), "
                        "and the routers. Without --model it trains the built-in tiny Qwen3-MoE model on the "
                        "built-in dataset. Writes to --out: adapter_model.safetensors + adapter_config.json "
-                       "(PEFT format), metrics.json, loss.png and checkpoint/ (for --resume).")
+                       "(PEFT format), metrics.json, loss.png and checkpoint/ (for --resume); with held-out data, "
+                       "its loss in metrics.json and loss.png, and with --keep-best the best adapter in best/.")
     t.add_argument("--out", help="output directory (required unless --resume gives it)")
     t.add_argument("--model", help="Hugging Face checkpoint directory: config.json, safetensors, tokenizer "
                    "(default: the built-in tiny Qwen3-MoE)")
     t.add_argument("--data", help="JSONL: {\"messages\": [...]}, {\"prompt\", \"response\"} or "
                    "{\"instruction\", \"input\", \"output\"} per line (default with the built-in model: its dataset)")
+    e = t.add_mutually_exclusive_group()
+    e.add_argument("--eval-data", help="JSONL of held-out conversations (the formats of --data): their loss and "
+                   "perplexity every --eval-every steps and at the end (default with the built-in model: its "
+                   "held-out questions)")
+    e.add_argument("--eval-fraction", type=float,
+                   help="hold out this share of --data instead (e.g. 0.05; a split fixed by --seed)")
+    t.add_argument("--eval-every", type=_positive(int), help="steps between evaluations (default: a tenth of the run)")
+    t.add_argument("--keep-best", action="store_true", default=None,
+                   help="also keep the adapter of the lowest held-out loss in OUT/best")
     t.add_argument("--rank", type=_positive(int), help="LoRA rank (default 16)")
     t.add_argument("--alpha", type=_positive(float), help="LoRA alpha (default 32)")
     t.add_argument("--lr", type=_positive(float), help="peak learning rate (default 2e-4; 1e-3 for the built-in model)")
@@ -94,16 +108,68 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no progress bars")
     t.set_defaults(func=_train)
 
-    g = sub.add_parser("generate", help="generate a reply with a trained adapter",
+    def model_flags(p: argparse.ArgumentParser, adapter_required: bool = False) -> None:
+        p.add_argument("--model", help="Hugging Face checkpoint directory (default: the built-in tiny Qwen3-MoE)")
+        p.add_argument("--adapter", required=adapter_required,
+                       help="adapter directory written by kt-sft train or PEFT" + ("" if adapter_required else
+                                                                                   " (default: none, the base model)"))
+        p.add_argument("--device", default="auto", help="device of the non-expert modules: auto, cpu, cuda, ...")
+        p.add_argument("--experts-format", choices=experts_formats(),
+                       help="weight format of the experts in memory (default: the checkpoint's own)")
+
+    def sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+        p.add_argument("--max-new-tokens", type=_positive(int), default=max_new_tokens)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
+        p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling share when sampling (default 1)")
+        p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+
+    v = sub.add_parser("eval", help="held-out loss, perplexity and generation metrics, with and without an adapter",
+                       description="Loss and perplexity (assistant tokens) of the conversations in --data for the "
+                       "base model and with --adapter (one model: the adapter is loaded into it after the base "
+                       "is measured), and exact match, ROUGE-L (rouge-score) and BLEU (sacrebleu) of greedy "
+                       "replies to each record's last prompt against the reply it holds. Writes eval.json.")
+    model_flags(v, adapter_required=True)
+    v.add_argument("--data", help="JSONL of conversations, the formats of kt-sft train --data (default with the "
+                   "built-in model: its held-out questions)")
+    v.add_argument("--out", help="where to write the results (default: ADAPTER/eval.json)")
+    v.add_argument("--max-new-tokens", type=_positive(int), default=64)
+    v.add_argument("--batch-size", type=_positive(int), default=8, help="replies generated at once (default 8)")
+    v.add_argument("--no-generate", dest="generate", action="store_false", help="loss and perplexity only")
+    v.add_argument("--max-seq-len", type=_positive(int), default=2048)
+    v.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    v.set_defaults(func=_eval)
+
+    i = sub.add_parser("infer", help="batch generation: one reply per line of a JSONL file of prompts",
+                       description="Writes {\"id\", \"prediction\"} to --out for every record of --data: "
+                       "{\"messages\": [...]} (ending with a user turn, or with an assistant reply, which is left "
+                       "out), {\"prompt\"} or {\"instruction\", \"input\"}, with an optional \"id\" (default: "
+                       "the line number). Lines go out a batch at a time; run it again with the same --out to "
+                       "continue after a stop (ids already there are skipped).")
+    model_flags(i)
+    i.add_argument("--data", help="JSONL of prompts (default with the built-in model: its held-out questions)")
+    i.add_argument("--out", required=True, help="JSONL of replies, appended to and resumed")
+    i.add_argument("--overwrite", action="store_true", help="start over: replace --out instead of continuing it")
+    sampling_flags(i, 64)
+    i.add_argument("--batch-size", type=_positive(int), default=8, help="prompts generated at once (default 8)")
+    i.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    i.set_defaults(func=_infer)
+
+    c = sub.add_parser("chat", help="multi-turn chat in the terminal",
+                       description="Chats with the model (with --adapter) through the tokenizer's chat template, "
+                       "streaming the replies. /reset starts a new conversation, /system TEXT sets the system "
+                       "message, /exit (or Ctrl-D) quits.")
+    model_flags(c)
+    c.add_argument("--system", help="system message to start with")
+    sampling_flags(c, 128)
+    c.set_defaults(func=_chat)
+
+    g = sub.add_parser("generate", help="one reply to one prompt",
                        description="Loads the model (experts on the CPU), the adapter, and prints the reply to "
                        "--prompt rendered with the tokenizer's chat template.")
-    g.add_argument("--model", help="Hugging Face checkpoint directory (default: the built-in tiny Qwen3-MoE)")
-    g.add_argument("--adapter", help="adapter directory written by kt-sft train or PEFT (default: none)")
+    model_flags(g)
     g.add_argument("--prompt", required=True, help="the user message")
     g.add_argument("--system", help="an optional system message")
-    g.add_argument("--max-new-tokens", type=_positive(int), default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    sampling_flags(g, 64)
     g.set_defaults(func=_generate)
     return parser
 
@@ -126,6 +192,8 @@ def train_args(ns: argparse.Namespace):
         base = {}
         if ns.model is None:
             base.update(default.TRAIN_DEFAULTS)
+            if ns.data is None and ns.eval_data is None and ns.eval_fraction is None:
+                base["eval_data"] = default.EVAL_DATA
         if ns.epochs is None and ns.steps is None and "epochs" not in base:
             base["epochs"] = 1
         if ns.steps is not None:
@@ -157,29 +225,77 @@ def _train(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(ns: argparse.Namespace) -> int:
-    import torch
+def _generator(ns: argparse.Namespace):
+    """The model of ``--model`` with ``--adapter`` (none: fresh LoRA, which leaves the model
+    unchanged) and a :class:`~kt_ops.generation.Generator` of the sampling flags."""
     import transformers
 
     from kt_ops import default
-    from kt_ops.weights import load_model
-    from kt_ops.data import render_chat
+    from kt_ops.generation import Generator
     from kt_ops.train import resolve_device
+    from kt_ops.weights import load_model
 
     model_dir = ns.model or default.model_dir()
     device = resolve_device(ns.device)
-    # Without an adapter: fresh LoRA (B = 0), which leaves the model unchanged.
-    model = load_model(model_dir, adapter=ns.adapter, device=device, progress=False)
-    model.eval()
+    model = load_model(model_dir, adapter=ns.adapter, device=device, experts_format=ns.experts_format,
+                       progress=getattr(ns, "progress", True))
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    return Generator(model, tokenizer, device, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
+                     top_p=ns.top_p, seed=ns.seed)
+
+
+def _default_data(ns: argparse.Namespace, command: str) -> str:
+    from kt_ops import default
+
+    if ns.data:
+        return ns.data
+    if ns.model is None:
+        return default.EVAL_DATA
+    raise ValueError(f"kt-sft {command}: --data is required with --model")
+
+
+def _eval(ns: argparse.Namespace) -> int:
+    from kt_ops import default
+    from kt_ops.evaluate import evaluate_adapter, format_table
+    from kt_ops.files import write_json
+    from kt_ops.train import resolve_device
+
+    data = _default_data(ns, "eval")
+    result = evaluate_adapter(ns.model or default.model_dir(), ns.adapter, data, device=resolve_device(ns.device),
+                              max_seq_len=ns.max_seq_len, generate=ns.generate, max_new_tokens=ns.max_new_tokens,
+                              batch_size=ns.batch_size, experts_format=ns.experts_format, progress=ns.progress,
+                              log=lambda m: print(m, file=sys.stderr))
+    out = ns.out or os.path.join(ns.adapter, "eval.json")
+    write_json(out, result)
+    print(format_table(result))
+    print(f"kt-sft eval: {result['examples']} examples of {data}; written to {out}", file=sys.stderr)
+    return 0
+
+
+def _infer(ns: argparse.Namespace) -> int:
+    from kt_ops.data import load_prompts
+    from kt_ops.generation import infer
+
+    prompts = load_prompts(_default_data(ns, "infer"))  # a bad file stops here, before the model is loaded
+    generator = _generator(ns)
+    if ns.overwrite and os.path.exists(ns.out):
+        os.unlink(ns.out)
+    summary = infer(generator, prompts, ns.out, batch_size=ns.batch_size, progress=ns.progress,
+                    log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _chat(ns: argparse.Namespace) -> int:
+    from kt_ops.generation import chat
+
+    return chat(_generator(ns), system=ns.system)
+
+
+def _generate(ns: argparse.Namespace) -> int:
     messages = ([{"role": "system", "content": ns.system}] if ns.system else []) + [{"role": "user", "content": ns.prompt}]
-    ids = tokenizer(render_chat(tokenizer, messages, True), add_special_tokens=False, return_tensors="pt")["input_ids"]
-    sampling = dict(do_sample=True, temperature=ns.temperature) if ns.temperature > 0 else dict(do_sample=False)
-    with torch.no_grad():
-        out = model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
-                             max_new_tokens=ns.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, **sampling)
-    print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    (reply, _), = _generator(ns).generate([messages])
+    print(reply)
     return 0
 
 

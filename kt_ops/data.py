@@ -149,15 +149,19 @@ def tokenize(messages: list[dict], tokenizer: Any, max_seq_len: int) -> Example:
     return example
 
 
-def load_examples(path: Union[str, os.PathLike], tokenizer: Any, max_seq_len: int, *,
-                  warn: Callable[[str], None] = print, max_reported: int = 20) -> list[Example]:
-    """Reads and tokenizes a JSONL file. Each bad line is reported through ``warn`` with its
-    line number and reason (the first ``max_reported`` of them) and left out; DataError if the
-    file cannot be read or has no usable line."""
+def read_jsonl(path: Union[str, os.PathLike], parse: Callable[[Any, int], Any], *,
+               warn: Callable[[str], None] = print, max_reported: int = 20, strict: bool = False) -> list[Any]:
+    """``parse(record, line number)`` of each non-blank line of a JSONL file, in order.
+
+    A line that is not UTF-8 JSON, or whose record ``parse`` refuses with ValueError, is bad:
+    each is reported through ``warn`` with its line number and reason (the first
+    ``max_reported`` of them) and left out; with ``strict`` any bad line is a DataError naming
+    them instead (where every line must give an output). DataError if the file cannot be
+    read or has no usable line."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    examples, bad = [], []
+    parsed, bad = [], []
     try:
         fh = open(path, "rb")
     except OSError as e:
@@ -180,19 +184,92 @@ def load_examples(path: Union[str, os.PathLike], tokenizer: Any, max_seq_len: in
                     raise ValueError(f"invalid JSON ({e})") from None
                 except RecursionError:
                     raise ValueError("invalid JSON (nested too deeply)") from None
-                examples.append(tokenize(to_messages(record), tokenizer, max_seq_len))
+                parsed.append(parse(record, number))
             except ValueError as e:
                 bad.append(f"{path}:{number}: {e}")
+    if bad and strict:
+        more = f" (and {len(bad) - max_reported} more)" if len(bad) > max_reported else ""
+        raise DataError(f"{path}: {len(bad)} bad lines{more}:\n  " + "\n  ".join(bad[:max_reported]))
     for message in bad[:max_reported]:
         warn(message)
     if len(bad) > max_reported:
         warn(f"{path}: ... and {len(bad) - max_reported} more bad lines")
-    if not examples:
+    if not parsed:
         raise DataError(f"{path}: no usable examples" + (f" ({len(bad)} bad lines, the first: {bad[0]})" if bad else
                                                          " (the file is empty)"))
     if bad:
-        warn(f"{path}: left out {len(bad)} bad of {len(bad) + len(examples)} lines")
-    return examples
+        warn(f"{path}: left out {len(bad)} bad of {len(bad) + len(parsed)} lines")
+    return parsed
+
+
+def load_examples(path: Union[str, os.PathLike], tokenizer: Any, max_seq_len: int, *,
+                  warn: Callable[[str], None] = print, max_reported: int = 20) -> list[Example]:
+    """Reads and tokenizes a JSONL file of conversations (:func:`read_jsonl`: bad lines are
+    reported with their line numbers and left out)."""
+    return read_jsonl(path, lambda record, _: tokenize(to_messages(record), tokenizer, max_seq_len), warn=warn,
+                      max_reported=max_reported)
+
+
+@dataclass
+class Prompt:
+    """What one record asks: its ``id`` (the record's ``"id"``, else its line number), the
+    conversation up to the reply (``messages``, ending with a user turn), the reply the
+    record holds as its reference (``reference``; None when it holds none) and its ``line``."""
+
+    id: Union[int, str]
+    messages: list[dict[str, str]]
+    reference: Optional[str]
+    line: int
+
+
+def to_prompt(record: Any, line: int) -> Prompt:
+    """The :class:`Prompt` of a record of any of the three formats; the reply is optional
+    (a ``messages`` list ending with a user turn, a ``prompt`` without ``response``, an
+    ``instruction`` without ``output``). ValueError says what is wrong."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    rid = record.get("id", line)
+    if isinstance(rid, bool) or not isinstance(rid, (int, str)):
+        raise ValueError(f'"id" must be a string or an integer, got {json.dumps(rid)[:40]}')
+    reference = None
+    if "messages" in record:
+        messages = record["messages"]
+        if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+                and messages[-1].get("role") == "assistant":
+            reference = messages[-1].get("content")
+            messages = messages[:-1]
+        if not isinstance(messages, list) or not messages:
+            raise ValueError('"messages" must hold at least one message before the reply')
+        checked = to_messages({"messages": messages + [{"role": "assistant", "content": "-"}]})[:-1]
+        if checked[-1]["role"] != "user":
+            raise ValueError(f'the last message before the reply must be the user\'s, got "{checked[-1]["role"]}"')
+        if reference is not None and (not isinstance(reference, str) or not reference.strip()):
+            raise ValueError("the closing assistant message must be non-empty text")
+        return Prompt(rid, checked, reference and _check_text(reference, "the closing assistant message"), line)
+    if "prompt" in record:
+        reference = _text(record, "response") if "response" in record else None
+        return Prompt(rid, [{"role": "user", "content": _text(record, "prompt")}], reference, line)
+    if "instruction" in record:
+        instruction, extra = _text(record, "instruction"), _text(record, "input", required=False)
+        reference = _text(record, "output") if "output" in record else None
+        return Prompt(rid, [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra.strip() else instruction}],
+                      reference, line)
+    raise ValueError('unknown format: expected "messages", "prompt" or "instruction" keys, got '
+                     f"{sorted(record)}")
+
+
+def load_prompts(path: Union[str, os.PathLike]) -> list[Prompt]:
+    """The :class:`Prompt` of every line of a JSONL file, in order. Every line must give one
+    (each output line answers an input line): a bad line, or an id that two lines share, is a
+    DataError naming the file and the lines."""
+    prompts = read_jsonl(path, to_prompt, strict=True)
+    lines: dict[Union[int, str], int] = {}
+    for prompt in prompts:
+        if prompt.id in lines:
+            raise DataError(f"{os.fspath(path)}:{prompt.line}: id {json.dumps(prompt.id)} is also line "
+                            f"{lines[prompt.id]}'s")
+        lines[prompt.id] = prompt.line
+    return prompts
 
 
 def plan_epoch(lengths: list[int], seed: int, epoch: int, tokens_per_step: int,
@@ -234,6 +311,18 @@ def plan_epoch(lengths: list[int], seed: int, epoch: int, tokens_per_step: int,
         steps[-1].append(row)
         used += size
     return steps
+
+
+def split_held_out(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training, held-out) indices of ``count`` examples: ``fraction`` of them (at least one)
+    held out, drawn by ``seed`` alone, so a resumed run holds out the same ones. ValueError
+    when nothing would be left to train on."""
+    held = max(1, round(fraction * count))
+    if held >= count:
+        raise ValueError(f"kt-sft: --eval-fraction {fraction} of {count} examples leaves none to train on")
+    order = list(range(count))
+    random.Random(seed * 1_000_003 + 999_983).shuffle(order)  # not the epochs' shuffles (seed * 1_000_003 + epoch)
+    return sorted(order[held:]), sorted(order[:held])
 
 
 def collate(examples: list[Example], row: list[int]) -> dict[str, torch.Tensor]:

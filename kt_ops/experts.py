@@ -4,7 +4,7 @@ crossing between a CUDA device and the CPU."""
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import nn

@@ -2,8 +2,8 @@
 
 A thin loop over the library: :func:`kt_ops.load_model` (experts streamed into packed CPU
 memory, the rest on ``device``, LoRA on the experts and optionally other modules as one PEFT
-adapter), :mod:`kt_ops.data` for the packed rows, AdamW, and :func:`kt_ops.save_adapter` for
-the adapter. A step is
+adapter), :mod:`kt_ops.data` for the packed rows, AdamW, :mod:`kt_ops.evaluate` for the
+held-out loss, and :func:`kt_ops.save_adapter` for the adapter. A step is
 a group of rows (one forward/backward each: gradient accumulation) of at most
 ``max_tokens_per_step`` tokens; the loss is the mean over the step's assistant tokens.
 """
@@ -25,20 +25,18 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from kt_ops import data as sft_data
 from kt_ops import run_state
 from kt_ops.files import replacing, write_json
 from kt_ops.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
+from kt_ops.evaluate import base_model, heldout_loss, summed_loss
 from kt_ops.experts import packed_experts_in
 from kt_ops.models.surgery import ExpertLoraConfig
 from kt_ops.run_state import CHECKPOINT, CheckpointError
 
-_LOSS_CHUNK = 1024  # label positions whose logits are materialised at once
-
+BEST = "best"  # folder of the adapter of the lowest held-out loss (--keep-best)
 
 @dataclass
 class TrainArgs:
@@ -47,6 +45,10 @@ class TrainArgs:
     out: str
     model: Optional[str] = None  # None: the built-in default (kt_ops.default)
     data: Optional[str] = None
+    eval_data: Optional[str] = None  # held-out conversations to evaluate on
+    eval_fraction: float = 0.0  # or this share of --data held out (a seeded split)
+    eval_every: Optional[int] = None  # None: about ten evaluations over the run
+    keep_best: bool = False  # also keep the adapter of the lowest held-out loss in <out>/best
     rank: int = 16
     alpha: float = 32.0
     lr: float = 2e-4
@@ -75,7 +77,7 @@ class TrainArgs:
     # and the data are compared by content (Trainer.fingerprints), not by path.
     IDENTITY = ("rank", "alpha", "lr", "epochs", "steps", "max_tokens_per_step",
                 "micro_batch_tokens", "max_seq_len", "target_modules", "seed", "warmup_steps", "weight_decay",
-                "max_grad_norm", "dtype", "experts_format")
+                "max_grad_norm", "dtype", "experts_format", "eval_fraction", "eval_every", "keep_best")
 
 
 class Interrupted(Exception):
@@ -187,22 +189,42 @@ class Trainer:
         args.model = args.model and os.path.abspath(args.model)
         args.data = args.data and os.path.abspath(args.data)
         _check_writable(args.out)
-        if args.data is not None and not os.path.isfile(args.data):
-            raise sft_data.DataError(f"{args.data}: no such file")
+        args.eval_data = args.eval_data and os.path.abspath(args.eval_data)
+        for path in (args.data, args.eval_data):
+            if path is not None and not os.path.isfile(path):
+                raise sft_data.DataError(f"{path}: no such file")
+        if args.eval_data and args.eval_fraction:
+            raise ValueError("kt-sft: give one of --eval-data and --eval-fraction")
+        if not 0 <= args.eval_fraction < 1:
+            raise ValueError(f"kt-sft: --eval-fraction must be in [0, 1), got {args.eval_fraction}")
+        if args.eval_every is not None and args.eval_every < 1:
+            raise ValueError(f"kt-sft: --eval-every must be >= 1, got {args.eval_every}")
+        if args.keep_best and not (args.eval_data or args.eval_fraction):
+            raise ValueError("kt-sft: --keep-best needs held-out data (--eval-data or --eval-fraction)")
         resumed = self._read_checkpoint(args.resume) if args.resume else None
         self.fingerprints = {"model": args.model and _model_fingerprint(args.model),
-                             "data": args.data and _file_sha256(args.data)}
+                             "data": args.data and _file_sha256(args.data),
+                             "eval_data": args.eval_data and _file_sha256(args.eval_data)}
         if resumed is not None:
             self._check_same_run(*resumed)
         _seed_everything(args.seed)
         self.device = resolve_device(args.device)
+        max_len = min(args.max_seq_len, self.tokens_per_row)
+        warn = lambda m: log(f"warning: {m}")  # noqa: E731
         if examples is None:
             tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
-            examples = sft_data.load_examples(args.data, tokenizer, min(args.max_seq_len, self.tokens_per_row),
-                                              warn=lambda m: log(f"warning: {m}"))
+            examples = sft_data.load_examples(args.data, tokenizer, max_len, warn=warn)
+        self.eval_examples: list[sft_data.Example] = []
+        if args.eval_fraction:
+            train, held_out = sft_data.split_held_out(len(examples), args.eval_fraction, args.seed)
+            examples, self.eval_examples = [examples[i] for i in train], [examples[i] for i in held_out]
+        elif args.eval_data:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+            self.eval_examples = sft_data.load_examples(args.eval_data, tokenizer, max_len, warn=warn)
         self.examples = examples
         self.lengths = [len(e) for e in self.examples]
         self.total_steps = args.steps or sum(len(self._plan(e)) for e in range(args.epochs))
+        self.eval_every = args.eval_every or max(1, self.total_steps // 10)
         if model is None and args.model is not None:  # sized from the checkpoint it will load
             _check_room(args.out, args.model, args.rank, resumed is not None)
 
@@ -213,7 +235,7 @@ class Trainer:
         if args.grad_checkpointing:
             # Non-reentrant, as transformers 5.x's default (4.x defaults to reentrant, which with frozen
             # embeddings sees no input that needs a gradient and drops the backward).
-            base = self._base(model)
+            base = base_model(model)
             if hasattr(base, "activation_checkpointing_enable"):  # the newer name (the older one is deprecated)
                 base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
@@ -230,16 +252,13 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup_cosine(warmup, self.total_steps))
         self.step = 0
         self.losses: list[float] = []
+        self.evals: list[dict[str, Any]] = []  # {"step", "eval_loss", "eval_perplexity"}, in step order
         self.tokens = 0
         self.train_seconds = 0.0
         if resumed is not None:
             self._load_checkpoint(*resumed)
         elif args.overwrite:
             _clear_previous_run(args.out)
-
-    @staticmethod
-    def _base(model: nn.Module) -> nn.Module:
-        return model.get_base_model() if hasattr(model, "get_base_model") else model
 
     def _plan(self, epoch: int) -> list[list[list[int]]]:
         return sft_data.plan_epoch(self.lengths, self.args.seed, epoch, self.args.max_tokens_per_step,
@@ -265,29 +284,11 @@ class Trainer:
         total, tokens = 0.0, 0
         for b in batches:
             b = {k: v.to(self.device) for k, v in b.items()}
-            loss = self._sum_loss(b) / label_count
+            loss = summed_loss(self.model, b) / label_count
             loss.backward()
             total += loss.item()
             tokens += b["input_ids"].shape[1]
         return total, tokens
-
-    def _sum_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed next-token cross entropy over the labelled positions; logits are made only
-        there, a chunk at a time and recomputed in the backward, so a large vocabulary never
-        holds [tokens, vocab] activations."""
-        base = self._base(self.model)
-        hidden = base.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                    use_cache=False).last_hidden_state[0, :-1]
-        labels = batch["labels"][0, 1:]
-        keep = labels != sft_data.IGNORE
-        hidden, labels = hidden[keep], labels[keep]
-        head = base.get_output_embeddings()
-
-        def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(head(h).float(), y, reduction="sum")
-
-        return sum(checkpoint(chunk_loss, hidden[i:i + _LOSS_CHUNK], labels[i:i + _LOSS_CHUNK], use_reentrant=False)
-                   for i in range(0, len(labels), _LOSS_CHUNK))
 
     def optimizer_step(self) -> None:
         self.master.grads_to_masters()
@@ -315,6 +316,8 @@ class Trainer:
         # being written is recorded, not obeyed at once.
         try:
             try:
+                if self.eval_examples and not self.evals:
+                    self.evaluate(bar)  # the starting point: the model with the fresh adapter
                 for rows in self.planned_steps(self.step):
                     if self.step >= stop_at:
                         break
@@ -335,7 +338,9 @@ class Trainer:
                     self.tokens += tokens
                     self.losses.append(loss)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tokens / self.train_seconds:,.0f}")
+                    bar.set_postfix(self._postfix(loss))
+                    if self.eval_examples and (self.step % self.eval_every == 0 or self.step == self.total_steps):
+                        self.evaluate(bar)
                     if signals.signum is not None:
                         signals.finishing = True
                         self.finish(completed=False)
@@ -349,6 +354,32 @@ class Trainer:
         finally:
             signals.restore()
 
+    def _postfix(self, loss: float) -> dict[str, str]:
+        postfix = {"loss": f"{loss:.4f}", "tok_s": f"{self.tokens / self.train_seconds:,.0f}"}
+        if self.evals:
+            postfix["eval_loss"] = f"{self.evals[-1]['eval_loss']:.4f}"
+        return postfix
+
+    @property
+    def best_eval(self) -> Optional[dict[str, Any]]:
+        """The evaluation of the lowest held-out loss so far (the earliest of equal ones)."""
+        return min(self.evals, key=lambda e: e["eval_loss"]) if self.evals else None
+
+    def evaluate(self, bar=None) -> dict[str, Any]:
+        """The held-out loss and perplexity at this step, recorded in ``self.evals`` (and shown
+        in the progress line); with ``keep_best``, a new lowest loss writes the adapter to
+        ``<out>/best``."""
+        result = heldout_loss(self.model, self.eval_examples, self.tokens_per_row, self.device)
+        record = {"step": self.step, "eval_loss": result.loss, "eval_perplexity": result.perplexity}
+        self.evals.append(record)
+        if self.args.keep_best and self.best_eval is record:
+            save_adapter(self.model, os.path.join(self.args.out, BEST))
+        if bar is not None and self.losses:
+            bar.set_postfix(self._postfix(self.losses[-1]))
+        elif bar is not None:
+            bar.set_postfix(eval_loss=f"{result.loss:.4f}")
+        return record
+
     def metrics(self, completed: bool) -> dict[str, Any]:
         m = {"completed": completed, "steps": self.step, "total_steps": self.total_steps,
              "loss_first": self.losses[0] if self.losses else None,
@@ -358,6 +389,12 @@ class Trainer:
              "peak_rss_gb": round(_peak_rss_gib(), 3), "device": str(self.device),
              "examples": len(self.examples), "model": self.args.model, "data": self.args.data,
              "experts_format": sorted({p.experts_format for p in packed_experts_in(self.model)})}
+        if self.eval_examples:
+            m.update(eval=self.evals, eval_examples=len(self.eval_examples),
+                     eval_loss_last=self.evals[-1]["eval_loss"] if self.evals else None)
+            if self.args.keep_best and self.evals:
+                m["best"] = {"step": self.best_eval["step"], "eval_loss": self.best_eval["eval_loss"],
+                             "adapter": os.path.join(self.args.out, BEST)}
         if self.device.type == "cuda":
             m["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         return m
@@ -371,7 +408,7 @@ class Trainer:
         metrics = self.metrics(completed)
         write_json(os.path.join(out, "metrics.json"), metrics)
         with replacing(os.path.join(out, "loss.png")) as tmp:
-            _plot_losses(self.losses, tmp)
+            _plot_losses(self.losses, self.evals, tmp)
         self.save_checkpoint()
         return metrics
 
@@ -382,7 +419,7 @@ class Trainer:
         rng, rng_tensors = run_state.rng_to_data()
         tensors.update(rng_tensors)
         tensors.update({f"master.{i}": t for i, t in enumerate(self.master.state_dict())})
-        state = {"step": self.step, "losses": self.losses, "tokens": self.tokens,
+        state = {"step": self.step, "losses": self.losses, "evals": self.evals, "tokens": self.tokens,
                  "train_seconds": self.train_seconds, "optimizer": optimizer,
                  "scheduler": self.scheduler.state_dict(), "rng": rng, "args": dataclasses.asdict(self.args),
                  "fingerprints": self.fingerprints}
@@ -402,6 +439,9 @@ class Trainer:
         where = os.path.join(checkpoint, run_state.STATE_JSON)
         check_resumable(run_state.field(state, "args", dict, where), self.args)
         saved = run_state.field(state, "fingerprints", dict, where)
+        if saved.get("eval_data") != self.fingerprints["eval_data"]:
+            raise ValueError(f"kt-sft: cannot resume: {self.args.eval_data} is not the held-out data the run started "
+                             "with (its SHA-256 differs)")
         if saved.get("model") != self.fingerprints["model"]:
             raise ValueError(f"kt-sft: cannot resume: the model in {self.args.model} is not the one the run started "
                              "with (its config.json or weight files differ)")
@@ -436,8 +476,22 @@ class Trainer:
         except (KeyError, TypeError, RuntimeError) as e:
             raise CheckpointError(f"kt-sft: {checkpoint} does not fit this run ({type(e).__name__}: {e})") from None
         run_state.rng_from_data(run_state.field(state, "rng", dict, where), tensors, where)
+        self.evals = _read_evals(state.get("evals", []), step, where)
         self.step, self.losses, self.tokens, self.train_seconds = step, [float(v) for v in losses], tokens, float(seconds)
         self.log(f"kt-sft: resumed from {checkpoint} at step {self.step} of {self.total_steps}")
+
+
+def _read_evals(evals: Any, step: int, where: str) -> list[dict[str, Any]]:
+    """A checkpoint's evaluations, checked: records of steps up to ``step``, in order."""
+    ok = isinstance(evals, list) and all(
+        isinstance(e, dict) and set(e) == {"step", "eval_loss", "eval_perplexity"}
+        and isinstance(e["step"], int) and not isinstance(e["step"], bool) and 0 <= e["step"] <= step
+        and all(isinstance(e[k], (int, float)) and not isinstance(e[k], bool) for k in ("eval_loss", "eval_perplexity"))
+        for e in evals) and [e["step"] for e in evals] == sorted(e["step"] for e in evals)
+    if not ok:
+        raise CheckpointError(f"kt-sft: {where}: \"evals\" is not a list of held-out losses of steps 0..{step}")
+    return [{"step": e["step"], "eval_loss": float(e["eval_loss"]), "eval_perplexity": float(e["eval_perplexity"])}
+            for e in evals]
 
 
 def saved_args(path: str) -> dict[str, Any]:
@@ -499,6 +553,7 @@ def _clear_previous_run(out: str) -> None:
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "metrics.json", "loss.png"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(out, name))
+    shutil.rmtree(os.path.join(out, BEST), ignore_errors=True)
 
 
 def _existing_ancestor(path: str) -> str:
@@ -587,14 +642,17 @@ def _bar(total: int, initial: int, enabled: bool):
                 dynamic_ncols=True, file=sys.stderr)
 
 
-def _plot_losses(losses: list[float], path: str) -> None:
+def _plot_losses(losses: list[float], evals: list[dict[str, Any]], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(range(1, len(losses) + 1), losses, lw=1.2)
+    ax.plot(range(1, len(losses) + 1), losses, lw=1.2, label="training")
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", ms=3, lw=1.2, label="held-out")
+        ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel("loss (assistant tokens)")
     ax.set_title("kt-sft training loss")

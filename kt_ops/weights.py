@@ -558,7 +558,7 @@ def load_model(checkpoint_dir: Union[str, os.PathLike], lora_rank: Optional[int]
     if adapter is not None:
         if config is not None or lora_rank is not None or lora_alpha is not None:
             raise ValueError(f"{caller}: give either adapter or lora_rank/lora_alpha/config, not both")
-        config = _adapter_lora_config(os.fspath(adapter), caller)
+        config = adapter_lora_config(adapter, caller)
     _, family = _model_type(checkpoint_dir, caller)
     model = empty_model(checkpoint_dir, caller, dtype)
     interface = bool(interface_experts(model))
@@ -590,8 +590,11 @@ def load_model(checkpoint_dir: Union[str, os.PathLike], lora_rank: Optional[int]
     return model if adapter is None else load_adapter(model, adapter)
 
 
-def _adapter_lora_config(adapter: str, caller: str) -> Any:
-    """The LoRA configuration of a saved adapter directory, for the model to load it into:
+def adapter_lora_config(adapter: Union[str, os.PathLike], caller: str = "kt_ops.adapter_lora_config") -> Any:
+    """The LoRA configuration of a saved adapter directory, for the model to load it into
+    (``load_model(..., config=adapter_lora_config(dir))`` is the model with the adapter's
+    LoRA fresh, which computes what the base model does; :func:`kt_ops.load_adapter` then
+    loads the adapter into it):
     PEFT's own LoraConfig of a fused-experts adapter; for a per-expert one (written for a
     transformers 4.x model), its rank, alpha and whether it holds routers (its LoRA on other
     modules is added by :func:`kt_ops.load_adapter` on 4.x models; a 5.x model refuses it,
@@ -599,6 +602,7 @@ def _adapter_lora_config(adapter: str, caller: str) -> Any:
     from kt_ops.adapters import read_adapter_config
     from kt_ops.models.surgery import ExpertLoraConfig
 
+    adapter = os.fspath(adapter)
     cfg = read_adapter_config(adapter, caller)
     if cfg.get("target_parameters"):
         import peft

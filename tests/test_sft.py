@@ -71,6 +71,10 @@ def test_bad_flags_exit_with_usage(argv, message, capsys):
      "--micro-batch-tokens (128) exceeds --max-tokens-per-step (64)"),
     (["train", "--resume", "{tmp}"], "no checkpoint in"),
     (["generate", "--adapter", "{tmp}", "--prompt", "hi"], "adapter_config.json"),
+    (["eval", "--adapter", "{tmp}"], "adapter_config.json"),
+    (["eval", "--model", "{tmp}", "--adapter", "{tmp}"], "kt-sft eval: --data is required with --model"),
+    (["infer", "--model", "{tmp}", "--out", "{tmp}/p.jsonl"], "kt-sft infer: --data is required with --model"),
+    (["chat", "--adapter", "{tmp}"], "adapter_config.json"),
 ])
 def test_errors_are_named_and_exit_2(argv, message, tmp_path, capsys):
     code, _, err = run([a.replace("{tmp}", str(tmp_path)) for a in argv], capsys)
@@ -79,12 +83,15 @@ def test_errors_are_named_and_exit_2(argv, message, tmp_path, capsys):
 
 
 def test_help_of_each_command(capsys):
-    for argv in (["--help"], ["train", "--help"], ["generate", "--help"]):
+    for argv in (["--help"], ["train", "--help"], ["eval", "--help"], ["infer", "--help"], ["chat", "--help"],
+                 ["generate", "--help"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "--max-tokens-per-step" in out and "--adapter" in out
+    for flag in ("--max-tokens-per-step", "--eval-fraction", "--keep-best", "--adapter", "--batch-size", "--top-p",
+                 "--system", "--no-generate"):
+        assert flag in out, flag
 
 
 def test_python_m_kt_ops_is_the_command():
@@ -265,6 +272,7 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, capsys):
         assert torch.equal(a[k], b[k]), k
     ma, mb = (json.load(open(os.path.join(d, "metrics.json"))) for d in (straight, halves))
     assert (ma["steps"], ma["loss_last"], ma["tokens"]) == (mb["steps"], mb["loss_last"], mb["tokens"])
+    assert ma["eval"] == mb["eval"] and len(ma["eval"]) == 7  # the built-in held-out set, before and after each step
 
 
 def test_resume_refuses_changed_settings(tmp_path, capsys):

@@ -1,7 +1,7 @@
 """The built-in default of ``kt-sft``: a tiny Qwen3-MoE model and a small instruction dataset.
 
-The package ships the model's ``config.json``, its tokenizer and ``data.jsonl`` (made by
-``make_assets.py``). The weights are drawn from a fixed seed, each tensor from a generator
+The package ships the model's ``config.json``, its tokenizer, ``data.jsonl`` and the
+held-out ``eval.jsonl`` (made by ``make_assets.py``). The weights are drawn from a fixed seed, each tensor from a generator
 seeded by its name, so every machine and transformers version gets the same model; they are
 written once as a Hugging Face checkpoint (per-expert key names, as real Qwen3-MoE
 checkpoints have) under the user's cache directory and loaded from there like any model.
@@ -18,6 +18,7 @@ import torch
 
 ASSETS = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(ASSETS, "data.jsonl")
+EVAL_DATA = os.path.join(ASSETS, "eval.jsonl")  # held-out questions: the same facts, asked in other words
 _FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
 SEED = 1234
 # Random frozen weights of the usual 0.02 scale give near-uniform next-token probabilities

@@ -1,5 +1,6 @@
 """Regenerates the built-in default of ``kt-sft train`` beside this file: ``data.jsonl`` (a
-small instruction dataset of short factual and pattern questions), a byte-level BPE
+small instruction dataset of short factual and pattern questions), ``eval.jsonl`` (held-out
+questions: the same facts asked in words the training set never uses), a byte-level BPE
 ``tokenizer.json`` trained on it with a chat template, and the Qwen3-MoE ``config.json`` of
 the tiny model. The model's weights are not shipped: :mod:`kt_ops.default` draws them from a
 fixed seed. Run ``python -m kt_ops.default.make_assets``; the output is deterministic.
@@ -81,6 +82,26 @@ def _examples(rng: random.Random) -> list[dict]:
     return out
 
 
+# A third phrasing of each kind of question, for every third fact of its table: the held-out
+# set asks what training taught in words it never saw.
+HELD_OUT = [(CAPITALS, "Which city is the capital of {a}?", "The capital of {a} is {b}."),
+            (OPPOSITES, "What word means the opposite of {a}?", "The opposite of {a} is {b}."),
+            (PLURALS, "Tell me the plural of {a}.", "The plural of {a} is {b}."),
+            (SOUNDS, "What noise does a {a} make?", "A {a} says {b}.")]
+
+
+def _held_out_examples() -> list[dict]:
+    return [{"messages": [{"role": "user", "content": q.format(a=a)},
+                          {"role": "assistant", "content": answer.format(a=a, b=b)}]}
+            for table, q, answer in HELD_OUT for a, b in list(table.items())[::3]]
+
+
+def write_held_out() -> None:
+    with open(os.path.join(HERE, "eval.jsonl"), "w") as fh:
+        for ex in _held_out_examples():
+            fh.write(json.dumps(ex) + "\n")
+
+
 def _tokenizer(texts: list[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -108,6 +129,7 @@ def main() -> None:
     with open(os.path.join(HERE, "data.jsonl"), "w") as fh:
         for ex in examples:
             fh.write(json.dumps(ex) + "\n")
+    write_held_out()
     tok = _tokenizer(_all_texts(examples))
     tok.save(os.path.join(HERE, "tokenizer.json"))
     with open(os.path.join(HERE, "tokenizer_config.json"), "w") as fh:
