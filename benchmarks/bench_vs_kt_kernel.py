@@ -1,13 +1,17 @@
 """kt_ops.moe_sft against kt-kernel's AMX SFT MoE: agreement and forward + backward throughput.
 
     python benchmarks/bench_vs_kt_kernel.py --shape qwen3-30b-a3b --tokens 4096 --threads 16
+    python benchmarks/bench_vs_kt_kernel.py ... --experts-format w8a8     # against kt-kernel's INT8_SFT
 
 Both get one layer from kt_ops.testing.random_layer: the same bf16 expert weights, expert
 ids, routing weights and LoRA (rank --rank, alpha --alpha, on gate, up and down of every
 expert). kt-kernel keeps LoRA in bf16, so the LoRA values are rounded to bf16 and both
 libraries get those. kt-kernel runs through its public SFT wrapper,
-KTMoEWrapper(mode="sft", method="AMXBF16_SFT"), on its own thread pool of --threads threads;
-kt_ops runs on torch's --threads threads.
+KTMoEWrapper(mode="sft", method=...), on its own thread pool of --threads threads; kt_ops
+runs on torch's --threads threads, its experts packed in --experts-format. bf16 experts meet
+kt-kernel's AMXBF16_SFT; int8 ones (weight-only, or W8A8 with "w8a8") its INT8_SFT, which
+quantizes the same bf16 weights itself, in its own scheme: the agreement check then has a
+quantized format's tolerance.
 
 The script first runs both in this process and compares y and the gradients of x, of the
 routing weights and of the six LoRA tensors (||kt_kernel - kt_ops|| / ||kt_ops||, tolerance
@@ -42,8 +46,11 @@ from kt_ops.testing import RandomLayer, random_layer
 
 from bench_moe import add_malloc_option, apply_malloc_option
 
-TOLERANCE = 3e-2
-KT_METHOD = "AMXBF16_SFT"
+# kt-kernel's method for each kt_ops experts format, and the agreement tolerance: bf16 level,
+# or, where each library quantizes the weights (and for W8A8 the activations) in its own
+# scheme, that of kt_ops's W8A8 against its weight-only int8 (kt_ops.reference.TOLERANCES).
+KT_METHODS = {"bf16": "AMXBF16_SFT", "int8": "INT8_SFT", "w8a8": "INT8_SFT"}
+TOLERANCES = {"bf16": 3e-2, "int8": 1e-1, "w8a8": 1e-1}
 # The six LoRA tensors in kt_ops.moe_sft's order; kt-kernel's init_lora_weights takes the same
 # tensors by these keyword names (kt_kernel/sft/amx.py:350-358).
 LORA_NAMES = ("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_lora_a", "down_lora_b")
@@ -92,7 +99,7 @@ def kt_step(name: str) -> Iterator[None]:
         sys.exit(2)
 
 
-def kt_make_wrapper(kt_kernel: ModuleType, shape: MoeShape, tokens: int, rank: int, alpha: float,
+def kt_make_wrapper(kt_kernel: ModuleType, method: str, shape: MoeShape, tokens: int, rank: int, alpha: float,
                     threads: int, pools: int):
     """kt-kernel's SFT MoE wrapper for one layer.
 
@@ -115,7 +122,7 @@ def kt_make_wrapper(kt_kernel: ModuleType, shape: MoeShape, tokens: int, rank: i
             threadpool_count=pools,
             weight_path="",
             chunked_prefill_size=tokens,
-            method=KT_METHOD,
+            method=method,
             mode="sft",
             num_gpu_experts=0,
             lora_rank=rank,
@@ -124,22 +131,32 @@ def kt_make_wrapper(kt_kernel: ModuleType, shape: MoeShape, tokens: int, rank: i
         )
 
 
-def kt_load_weights(wrapper, layer: RandomLayer) -> None:
+def kt_load_weights(wrapper, method: str, layer: RandomLayer) -> None:
     """Hands kt-kernel the bf16 expert weights in kt_ops's unpacked layout.
 
-    Based on kt_kernel/sft/amx.py:255-265 (load_weights_from_tensors) and sft/wrapper.py:304-353,
+    Based on kt_kernel/sft/amx.py:497-531 (load_weights_from_tensors) and sft/wrapper.py:304-353,
     which passes the HF layout: gate, up [E, I, H] and down [E, H, I], bf16, contiguous. The
-    kernel reads them by pointer (sft/amx.py:200-202) and may again when it first builds its
-    backward copies, so `layer` must outlive the wrapper (main() keeps it).
+    kernel reads them by pointer and may again when it first builds its backward copies, so
+    `layer` must outlive the wrapper (main() keeps it).
+
+    INT8_SFT: load_weights_from_tensors refuses in-memory tensors (amx.py:523, "pre-quantized
+    .kt weights only") and reads `.kt` files from its converter instead; its C++ class
+    (AMXInt8_SFT_MOE) quantizes bf16 weights itself when given their pointers, as
+    load_weights_from_tensors gives them for AMXBF16_SFT. So the same three tensors are set
+    where load_weights looks for them (amx.py:362-363: a set gate_proj skips the files;
+    :404-406: their pointers go to the C++ config) and load_weights is called.
     """
     ids = torch.arange(layer.w_gate.shape[0], dtype=torch.int64)  # no expert remapping
+    weights = dict(gate_proj=layer.w_gate.contiguous(), up_proj=layer.w_up.contiguous(),
+                   down_proj=layer.w_down.contiguous())
+    if method == "INT8_SFT":
+        with kt_step("load_weights (INT8_SFT from bf16 tensors)"):
+            for name, tensor in weights.items():
+                setattr(wrapper, name, tensor)
+            wrapper.load_weights(ids)
+        return
     with kt_step("load_weights_from_tensors"):
-        wrapper.load_weights_from_tensors(
-            gate_proj=layer.w_gate.contiguous(),
-            up_proj=layer.w_up.contiguous(),
-            down_proj=layer.w_down.contiguous(),
-            physical_to_logical_map_cpu=ids,
-        )
+        wrapper.load_weights_from_tensors(**weights, physical_to_logical_map_cpu=ids)
 
 
 def kt_init_lora(wrapper, lora: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -266,6 +283,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each (median)")
     p.add_argument("--kt-numa-pools", type=int, default=1,
                    help="kt-kernel's threadpool_count: NUMA sub-pools sharing the --threads threads")
+    p.add_argument("--experts-format", choices=sorted(KT_METHODS), default="bf16",
+                   help="kt_ops's experts: bf16 (against kt-kernel's AMXBF16_SFT), int8 or w8a8 (against INT8_SFT)")
     p.add_argument("--json", help="also write the figures to this file")
     p.add_argument("--time-only", choices=["kt_ops", "kt_kernel"],
                    help="(internal) time one library in this process and print its JSON")
@@ -283,7 +302,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     shape = model_shape(args.shape)
-    layer = random_layer(shape, args.tokens, args.rank, args.alpha)
+    layer = random_layer(shape, args.tokens, args.rank, args.alpha, experts_format=args.experts_format)
+    method, tolerance = KT_METHODS[args.experts_format], TOLERANCES[args.experts_format]
     lora = [t.to(torch.bfloat16).contiguous() for t in layer.lora]  # kt-kernel's LoRA dtype
     grad_y = torch.randn(args.tokens, shape.hidden, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
 
@@ -291,16 +311,18 @@ def main() -> None:
     variant = getattr(kt_kernel, "__cpu_variant__", "?")
     print(f"{shape.name} T={args.tokens} r={args.rank} alpha={args.alpha:g} threads={args.threads} "
           f"(E={shape.experts} H={shape.hidden} I={shape.intermediate} K={shape.top_k})")
-    print(f"kt_ops path={kt_ops.isa()} on {torch.get_num_threads()} torch threads; kt-kernel {version} "
-          f"variant={variant} {KT_METHOD} on {args.threads} threads in {args.kt_numa_pools} pool(s)", flush=True)
+    isa = kt_ops.isa(layer.experts.format, layer.experts.w8a8)
+    print(f"kt_ops {args.experts_format} experts, path={isa} on {torch.get_num_threads()} torch threads; kt-kernel "
+          f"{version} variant={variant} int8 kernel={getattr(kt_kernel, '__int8_kernel__', '?')} {method} on "
+          f"{args.threads} threads in {args.kt_numa_pools} pool(s)", flush=True)
 
     if args.time_only == "kt_ops":  # no kt-kernel pool exists in this process
         f, b, _ = bench(lambda: kt_ops_run(layer, lora, grad_y), args.repeats)
         print(json.dumps({"forward_s": f, "backward_s": b}))
         return
-    wrapper = kt_make_wrapper(kt_kernel, shape, args.tokens, args.rank, args.alpha, args.threads,
+    wrapper = kt_make_wrapper(kt_kernel, method, shape, args.tokens, args.rank, args.alpha, args.threads,
                               args.kt_numa_pools)
-    kt_load_weights(wrapper, layer)
+    kt_load_weights(wrapper, method, layer)
     lora_grads = kt_init_lora(wrapper, lora)
     if args.time_only == "kt_kernel":  # kt_ops's pool is never started in this process
         f, b, _ = bench(lambda: kt_kernel_run(wrapper, lora_grads, layer, grad_y), args.repeats)
@@ -310,18 +332,18 @@ def main() -> None:
     errors = compare(kt_kernel_run(wrapper, lora_grads, layer, grad_y), kt_ops_run(layer, lora, grad_y))
     del wrapper  # its pool threads would otherwise stay in this process
     rows = {name: time_in_child(args, name) for name in ("kt_ops", "kt_kernel")}
-    bad = [n for n, e in errors.items() if e is not None and not e <= TOLERANCE]  # NaN is bad too
+    bad = [n for n, e in errors.items() if e is not None and not e <= tolerance]  # NaN is bad too
     ok = not bad
-    print(f"\nagreement ||kt_kernel - kt_ops|| / ||kt_ops||, tolerance {TOLERANCE:.0e}:")
+    print(f"\nagreement ||kt_kernel - kt_ops|| / ||kt_ops||, tolerance {tolerance:.0e}:")
     for name, err in errors.items():
         shown = "not returned by kt-kernel" if err is None else f"{err:.2e}{'  <-- over' if name in bad else ''}"
         print(f"  {name:<18} {shown}")
-    print("PASS" if ok else f"FAIL: {', '.join(bad)} beyond {TOLERANCE:.0e}")
+    print("PASS" if ok else f"FAIL: {', '.join(bad)} beyond {tolerance:.0e}")
 
     print(f"\n{'':10} {'fwd s':>8} {'bwd s':>8} {'total s':>8} {'tokens/s':>10}")
     result = {"shape": shape.name, "tokens": args.tokens, "rank": args.rank, "alpha": args.alpha,
-              "threads": args.threads, "isa": kt_ops.isa(), "kt_kernel_version": version,
-              "kt_kernel_variant": variant, "kt_kernel_method": KT_METHOD,
+              "threads": args.threads, "isa": isa, "experts_format": args.experts_format,
+              "kt_kernel_version": version, "kt_kernel_variant": variant, "kt_kernel_method": method,
               "kt_kernel_numa_pools": args.kt_numa_pools}
     for name, (f, b) in rows.items():
         total = f + b
@@ -329,7 +351,7 @@ def main() -> None:
         result[name] = {"forward_s": f, "backward_s": b, "tokens_per_s": args.tokens / total}
     ratio = result["kt_ops"]["tokens_per_s"] / result["kt_kernel"]["tokens_per_s"]
     print(f"kt_ops / kt-kernel tokens/s: {ratio:.2f}x")
-    result.update({"ratio": ratio, "rel_err": errors, "tolerance": TOLERANCE, "pass": ok})
+    result.update({"ratio": ratio, "rel_err": errors, "tolerance": tolerance, "pass": ok})
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)
