@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_flags(i)
     i.add_argument("--data", help="JSONL of prompts (default with the built-in model: its held-out questions)")
     i.add_argument("--out", required=True, help="JSONL of replies, appended to and resumed")
-    i.add_argument("--overwrite", action="store_true", help="start over: replace --out instead of continuing it")
+    i.add_argument("--overwrite", action="store_true",
+                   help="start over: empty --out (a file this command wrote) instead of continuing it")
     sampling_flags(i, 64)
     i.add_argument("--batch-size", type=_positive(int), default=8, help="prompts generated at once (default 8)")
     i.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -276,12 +277,12 @@ def _infer(ns: argparse.Namespace) -> int:
     from kt_ops.data import load_prompts
     from kt_ops.generation import infer
 
-    prompts = load_prompts(_default_data(ns, "infer"))  # a bad file stops here, before the model is loaded
-    generator = _generator(ns)
-    if ns.overwrite and os.path.exists(ns.out):
-        os.unlink(ns.out)
-    summary = infer(generator, prompts, ns.out, batch_size=ns.batch_size, progress=ns.progress,
-                    log=lambda m: print(m, file=sys.stderr))
+    data = _default_data(ns, "infer")
+    prompts = load_prompts(data)  # a bad file stops here, before the model is loaded
+    if os.path.exists(ns.out) and os.path.samefile(ns.out, data):
+        raise ValueError(f"kt-sft infer: --out {ns.out} is the --data file")
+    summary = infer(_generator(ns), prompts, ns.out, batch_size=ns.batch_size, overwrite=ns.overwrite, source=data,
+                    progress=ns.progress, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(summary, indent=2))
     return 0
 

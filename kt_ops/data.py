@@ -222,38 +222,40 @@ class Prompt:
     line: int
 
 
+# The key of each record format's reply, and a stand-in for it where a prompt has none.
+_REPLY_KEYS = (("prompt", "response"), ("instruction", "output"))
+
+
 def to_prompt(record: Any, line: int) -> Prompt:
     """The :class:`Prompt` of a record of any of the three formats; the reply is optional
     (a ``messages`` list ending with a user turn, a ``prompt`` without ``response``, an
-    ``instruction`` without ``output``). ValueError says what is wrong."""
+    ``instruction`` without ``output``). The conversation is the one :func:`to_messages`
+    makes of the record. ValueError says what is wrong."""
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     rid = record.get("id", line)
     if isinstance(rid, bool) or not isinstance(rid, (int, str)):
         raise ValueError(f'"id" must be a string or an integer, got {json.dumps(rid)[:40]}')
-    reference = None
+    stand_in = {"role": "assistant", "content": "-"}
     if "messages" in record:
         messages = record["messages"]
-        if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
-                and messages[-1].get("role") == "assistant":
-            reference = messages[-1].get("content")
-            messages = messages[:-1]
-        if not isinstance(messages, list) or not messages:
-            raise ValueError('"messages" must hold at least one message before the reply')
-        checked = to_messages({"messages": messages + [{"role": "assistant", "content": "-"}]})[:-1]
-        if checked[-1]["role"] != "user":
-            raise ValueError(f'the last message before the reply must be the user\'s, got "{checked[-1]["role"]}"')
-        if reference is not None and (not isinstance(reference, str) or not reference.strip()):
+        closing = isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+            and messages[-1].get("role") == "assistant"
+        if closing and (not isinstance(messages[-1].get("content"), str) or not messages[-1]["content"].strip()):
             raise ValueError("the closing assistant message must be non-empty text")
-        return Prompt(rid, checked, reference and _check_text(reference, "the closing assistant message"), line)
-    if "prompt" in record:
-        reference = _text(record, "response") if "response" in record else None
-        return Prompt(rid, [{"role": "user", "content": _text(record, "prompt")}], reference, line)
-    if "instruction" in record:
-        instruction, extra = _text(record, "instruction"), _text(record, "input", required=False)
-        reference = _text(record, "output") if "output" in record else None
-        return Prompt(rid, [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra.strip() else instruction}],
-                      reference, line)
+        before = messages[:-1] if closing else messages
+        if not isinstance(before, list) or not before:
+            raise ValueError('"messages" must hold at least one message before the reply')
+        conversation = to_messages({"messages": before + [stand_in]})[:-1]
+        if conversation[-1]["role"] != "user":
+            raise ValueError(f'the last message before the reply must be the user\'s, got "{conversation[-1]["role"]}"')
+        reference = _check_text(messages[-1]["content"], "the closing assistant message") if closing else None
+        return Prompt(rid, conversation, reference, line)
+    for prompt_key, reply_key in _REPLY_KEYS:
+        if prompt_key in record:
+            reference = _text(record, reply_key) if reply_key in record else None
+            conversation = to_messages({**record, reply_key: reference or "-"})[:-1]
+            return Prompt(rid, conversation, reference, line)
     raise ValueError('unknown format: expected "messages", "prompt" or "instruction" keys, got '
                      f"{sorted(record)}")
 

@@ -110,8 +110,9 @@ def evaluate_adapter(model_dir: str, adapter: str, data_path: str, *, device: to
 
     One model is loaded, with the adapter's LoRA fresh (which computes what the base model
     computes, through the same kt experts); it is evaluated, the adapter is loaded into it
-    (:func:`kt_ops.load_adapter`) and it is evaluated again. Bad lines of ``data_path`` are
-    reported with their line numbers (through ``log``) and left out."""
+    (:func:`kt_ops.load_adapter`) and it is evaluated again. Bad lines of ``data_path`` (and
+    records that end with a user turn, which hold no reply) are reported with their line
+    numbers (through ``log``) and left out."""
     import transformers
 
     from kt_ops.adapters import load_adapter
@@ -120,9 +121,13 @@ def evaluate_adapter(model_dir: str, adapter: str, data_path: str, *, device: to
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     max_len = min(max_seq_len, tokens_per_row)
-    records = sft_data.read_jsonl(
-        data_path, lambda record, line: (sft_data.tokenize(sft_data.to_messages(record), tokenizer, max_len),
-                                         sft_data.to_prompt(record, line)), warn=lambda m: log(f"warning: {m}"))
+    def parse(record: Any, line: int) -> tuple[sft_data.Example, sft_data.Prompt]:
+        prompt = sft_data.to_prompt(record, line)
+        if prompt.reference is None:
+            raise ValueError("the conversation ends with a user turn: no reply to measure or score")
+        return sft_data.tokenize(sft_data.to_messages(record), tokenizer, max_len), prompt
+
+    records = sft_data.read_jsonl(data_path, parse, warn=lambda m: log(f"warning: {m}"))
     examples = [example for example, _ in records]
     prompts = [prompt for _, prompt in records]
     model = load_model(model_dir, config=adapter_lora_config(adapter, "kt-sft eval"), device=device,
@@ -134,6 +139,7 @@ def evaluate_adapter(model_dir: str, adapter: str, data_path: str, *, device: to
         scores = heldout_loss(model, examples, tokens_per_row, device).as_dict()
         if generate:
             generator = Generator(model, tokenizer, device, max_new_tokens=max_new_tokens)
+            generator.check_prompts(prompts, data_path)
             replies = generate_all(generator, [p.messages for p in prompts], batch_size, progress=progress,
                                    desc=f"generating ({name})")
             scores.update(generation_metrics(replies, [p.reference for p in prompts]))

@@ -36,6 +36,8 @@ class Generator:
         self.max_new_tokens, self.temperature, self.top_p, self.seed = max_new_tokens, temperature, top_p, seed
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        if self.eos is None:
+            raise ValueError("kt-sft: the tokenizer has no end-of-sequence token, so a reply would never end")
         config = getattr(model, "config", None)
         self.max_positions = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
                                      "max_position_embeddings", None)
@@ -49,6 +51,15 @@ class Generator:
     def fits(self, ids: list[int]) -> bool:
         """Whether a prompt of ``ids`` leaves room for ``max_new_tokens`` in the model's context."""
         return self.max_positions is None or len(ids) + self.max_new_tokens <= self.max_positions
+
+    def check_prompts(self, prompts: list[sft_data.Prompt], source: str) -> None:
+        """ValueError naming the prompts of ``source`` (line and id) too long for the model's
+        context with ``max_new_tokens`` more, before any is generated."""
+        long = [p for p in prompts if not self.fits(self.prompt_ids(p.messages))]
+        if long:
+            where = ", ".join(f"{source}:{p.line} (id {json.dumps(p.id)})" for p in long[:5])
+            raise ValueError(f"kt-sft: {len(long)} prompts and --max-new-tokens {self.max_new_tokens} exceed the "
+                             f"model's {self.max_positions} positions: {where}")
 
     @torch.no_grad()
     def generate(self, conversations: list[list[dict[str, str]]], *, batch_seed: int = 0,
@@ -77,10 +88,14 @@ class Generator:
         return replies
 
 
-def _done_ids(out_path: str) -> list[Any]:
+_LINE_START = b'{"id": '  # how every line infer writes begins
+
+
+def _done_ids(out_path: str, start_over: bool = False) -> list[Any]:
     """The ids ``out_path`` already answers. A last line that a kill left unfinished (the part
-    after the last newline, the start of a line this command writes) is cut off; ValueError for
-    any other line that is not one of this command's, so no other file is ever changed."""
+    after the last newline, the start of a line this command writes) is cut off, and with
+    ``start_over`` every line is. ValueError for any other line that is not one of this
+    command's, so no other file is ever changed."""
     if not os.path.exists(out_path):
         return []
     with open(out_path, "rb") as fh:
@@ -90,16 +105,20 @@ def _done_ids(out_path: str) -> list[Any]:
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line.decode("utf-8"))
-            if not (isinstance(record, dict) and isinstance(record.get("prediction"), str) and "id" in record):
+            rid = record.get("id") if isinstance(record, dict) else None
+            if not (isinstance(record.get("prediction"), str) and isinstance(rid, (int, str))
+                    and not isinstance(rid, bool)):
                 raise ValueError
-        except ValueError:
+        except (ValueError, AttributeError):
             raise ValueError(f"kt-sft infer: {out_path}:{number} is not a line this command writes "
                              '({"id", "prediction"}); give another --out') from None
-        ids.append(record["id"])
-    if tail:
-        if not tail.startswith(b'{"id": '):
-            raise ValueError(f"kt-sft infer: {out_path} does not end with a newline and its last line is not one this "
-                             "command writes; give another --out")
+        ids.append(rid)
+    if tail and not (tail.startswith(_LINE_START) or _LINE_START.startswith(tail)):
+        raise ValueError(f"kt-sft infer: {out_path} does not end with a newline and its last line is not one this "
+                         "command writes; give another --out")
+    if start_over:
+        lines, ids = [], []
+    if tail or start_over:
         with replacing(out_path) as tmp:
             with open(tmp, "wb") as fh:
                 fh.write(b"".join(line + b"\n" for line in lines))
@@ -107,18 +126,23 @@ def _done_ids(out_path: str) -> list[Any]:
 
 
 def infer(generator: Generator, prompts: list[sft_data.Prompt], out_path: str, *, batch_size: int = 8,
-          progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+          overwrite: bool = False, source: str = "the prompts", progress: bool = True,
+          log: Callable[[str], None] = print) -> dict[str, Any]:
     """Writes one line ``{"id", "prediction"}`` to ``out_path`` for each of ``prompts`` (a
     file's, :func:`kt_ops.data.load_prompts`), in their order, a batch of
     ``batch_size`` at a time, each batch flushed to disk. Prompts whose ids ``out_path``
-    already holds are skipped, so a run that was stopped continues where it was; batches
-    keep the same boundaries, so a greedy run resumed gives the lines an uninterrupted one
-    gives. Returns counts and tokens/s."""
+    already holds are skipped, so a run that was stopped continues where it was (with
+    ``overwrite``, a file this command wrote starts over instead); batches keep their
+    boundaries, so a greedy run stopped between batches and resumed with the same batch size
+    gives the lines an uninterrupted one gives. A prompt too long for the model stops the run
+    before anything is generated (the error names it in ``source``, the prompts' file).
+    Returns counts and tokens/s."""
     from tqdm.auto import tqdm
 
     if batch_size < 1:
         raise ValueError(f"kt-sft infer: --batch-size must be >= 1, got {batch_size}")
-    done = _done_ids(out_path)
+    generator.check_prompts(prompts, source)
+    done = _done_ids(out_path, start_over=overwrite)
     known = {p.id for p in prompts}
     stray = [i for i in done if i not in known]
     if stray:

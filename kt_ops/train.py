@@ -77,7 +77,7 @@ class TrainArgs:
     # and the data are compared by content (Trainer.fingerprints), not by path.
     IDENTITY = ("rank", "alpha", "lr", "epochs", "steps", "max_tokens_per_step",
                 "micro_batch_tokens", "max_seq_len", "target_modules", "seed", "warmup_steps", "weight_decay",
-                "max_grad_norm", "dtype", "experts_format", "eval_fraction", "eval_every", "keep_best")
+                "max_grad_norm", "dtype", "experts_format", "eval_fraction", "keep_best")
 
 
 class Interrupted(Exception):
@@ -440,8 +440,9 @@ class Trainer:
         check_resumable(run_state.field(state, "args", dict, where), self.args)
         saved = run_state.field(state, "fingerprints", dict, where)
         if saved.get("eval_data") != self.fingerprints["eval_data"]:
-            raise ValueError(f"kt-sft: cannot resume: {self.args.eval_data} is not the held-out data the run started "
-                             "with (its SHA-256 differs)")
+            raise ValueError("kt-sft: cannot resume: the run started without --eval-data" if not saved.get("eval_data")
+                             else f"kt-sft: cannot resume: {self.args.eval_data} is not the held-out data the run "
+                             "started with (its SHA-256 differs)")
         if saved.get("model") != self.fingerprints["model"]:
             raise ValueError(f"kt-sft: cannot resume: the model in {self.args.model} is not the one the run started "
                              "with (its config.json or weight files differ)")
@@ -516,9 +517,11 @@ def saved_args(path: str) -> dict[str, Any]:
 
 
 def check_resumable(saved: dict[str, Any], args: TrainArgs) -> None:
-    """ValueError naming each argument that differs from the checkpoint's run."""
-    diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(args, k)!r}" for k in TrainArgs.IDENTITY
-            if saved.get(k) != getattr(args, k)]
+    """ValueError naming each argument that differs from the checkpoint's run (a setting the
+    checkpoint's kt-sft did not have yet ran at its default)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainArgs)}
+    diff = [f"--{k.replace('_', '-')} {saved.get(k, defaults[k])!r} -> {getattr(args, k)!r}"
+            for k in TrainArgs.IDENTITY if saved.get(k, defaults[k]) != getattr(args, k)]
     if diff:
         raise ValueError("kt-sft: cannot resume with different settings: " + "; ".join(diff))
 
@@ -587,11 +590,13 @@ def _check_room(out: str, model_dir: str, rank: int, resuming: bool) -> None:
     from kt_ops.weights import empty_model, expert_shapes
 
     lora = sum(e * rank * 3 * (h + i) * 4 for e, h, i in expert_shapes(empty_model(model_dir, "kt-sft")).values())
-    need = lora * (4 if resuming else 7) + (64 << 20)  # a resumed run's checkpoint holds its room already
+    # adapter, best/ (--keep-best), and a checkpoint (adapter, two Adam moments) twice while it
+    # is replaced; a resumed run's checkpoint and best/ hold their room already
+    need = lora * (4 if resuming else 8) + (64 << 20)
     free = shutil.disk_usage(_existing_ancestor(out)).free
     if free < need:
         raise ValueError(f"kt-sft: --out {out} has {free / 2**30:.2f} GiB free; the outputs need about "
-                         f"{need / 2**30:.2f} GiB (adapter, checkpoint and the checkpoint it replaces)")
+                         f"{need / 2**30:.2f} GiB (adapter, best adapter, checkpoint and the checkpoint it replaces)")
 
 
 def _warmup_cosine(warmup: int, total: int):

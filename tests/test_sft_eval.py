@@ -15,7 +15,8 @@ from kt_ops import default
 from kt_ops.default import make_assets
 from kt_ops.cli import main
 from kt_ops.evaluate import generation_metrics
-from kt_ops.train import TrainArgs, Trainer
+from kt_ops.generation import Generator, chat
+from kt_ops.train import TrainArgs, Trainer, check_resumable
 
 QUESTION, ANSWER = "What is the capital of Peru?", "Lima"
 
@@ -51,6 +52,9 @@ def test_held_out_loss_falls_during_training_and_the_best_adapter_is_kept(defaul
     assert metrics["eval_examples"] == sum(1 for line in open(default.EVAL_DATA) if line.strip())
     best = min(evals, key=lambda e: e["eval_loss"])
     assert best["eval_loss"] < evals[0]["eval_loss"] / 2, evals
+    # The built-in default overfits its training set: held-out loss rises again after its
+    # lowest, so best/ is not the final adapter.
+    assert 0 < best["step"] < metrics["total_steps"] and evals[-1]["eval_loss"] > best["eval_loss"]
     for e in evals:
         assert e["eval_perplexity"] == pytest.approx(2.718281828459045 ** e["eval_loss"], rel=1e-9)
     assert metrics["best"] == {"step": best["step"], "eval_loss": best["eval_loss"],
@@ -103,9 +107,19 @@ def test_bad_evaluation_flags_are_named(argv, message, tmp_path, capsys):
     assert code == 2 and message in err, err
 
 
-def test_eval_data_and_eval_fraction_exclude_each_other(tmp_path):
+def test_eval_data_and_eval_fraction_exclude_each_other(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--out", str(tmp_path), "--eval-data", default.EVAL_DATA, "--eval-fraction", "0.1"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_a_checkpoint_from_before_held_out_evaluation_resumes():
+    """A run saved by a kt-sft without the evaluation settings ran with their defaults."""
+    args = TrainArgs(out="unused", steps=4)
+    saved = {k: getattr(args, k) for k in TrainArgs.IDENTITY if k not in ("eval_fraction", "keep_best")}
+    check_resumable(saved, args)
+    with pytest.raises(ValueError, match="--keep-best False -> True"):
+        check_resumable(saved, TrainArgs(out="unused", steps=4, keep_best=True))
 
 
 # ---------------------------------------------------------------- kt-sft eval
@@ -118,11 +132,21 @@ def test_eval_shows_the_adapter_beating_the_base_model_on_held_out_data(default_
     base, tuned = result["base"], result["adapter"]
     assert tuned["loss"] < base["loss"] / 2 and tuned["perplexity"] < base["perplexity"]
     assert tuned["rouge_l"] > base["rouge_l"] and tuned["bleu"] > base["bleu"]
-    assert result["examples"] == tuned["count"] == base["count"]
+    assert result["examples"] == tuned["count"] == base["count"] == sum(1 for line in open(default.EVAL_DATA) if line.strip())
     assert all(s["reference"] and isinstance(s["prediction"], str) for s in tuned["samples"])
     lines = printed.splitlines()
     assert lines[0].split() == ["loss", "perplexity", "exact_match", "rouge_l", "bleu"]
     assert [line.split()[0] for line in lines[1:]] == ["base", "adapter"]
+
+
+def test_eval_leaves_out_records_without_a_reply_naming_them(default_run, tmp_path, capsys):
+    out, _ = default_run
+    data = write_jsonl(tmp_path / "held.jsonl", [{"prompt": QUESTION, "response": "The capital of Peru is Lima."},
+                                                  {"messages": [{"role": "user", "content": QUESTION}]}])
+    code, _, err = run(["eval", "--adapter", out, "--data", data, "--out", str(tmp_path / "e.json"), "--no-progress"],
+                       capsys)
+    assert code == 0 and "held.jsonl:2: the conversation ends with a user turn" in err, err
+    assert json.load(open(tmp_path / "e.json"))["adapter"]["count"] == 1
 
 
 def test_generation_metrics_equal_the_libraries_on_a_fixed_example():
@@ -183,17 +207,29 @@ def test_infer_writes_one_line_per_input_and_resumes(default_run, tmp_path, caps
     assert main(argv + ["--out", str(resumed), "--overwrite"]) == 0
     assert read_predictions(resumed) == preds  # started over
 
+    # Killed a few bytes into a line: those bytes go too.
+    resumed.write_text("".join(json.dumps(p) + "\n" for p in preds[:4]) + '{"i')
+    assert main(argv + ["--out", str(resumed)]) == 0
+    assert read_predictions(resumed) == preds
+    capsys.readouterr()
+
 
 def test_infer_leaves_a_file_it_did_not_write_alone(default_run, tmp_path, capsys):
     out, _ = default_run
     data, _ = prompts_file(tmp_path)
     for name, text in [("notes.jsonl", "my notes\n"), ("other.jsonl", '{"id": "elsewhere", "prediction": "x"}\n'),
-                       ("tail.jsonl", "no newline at the end")]:
+                       ("tail.jsonl", "no newline at the end"), ("ids.jsonl", '{"id": [1], "prediction": "x"}\n')]:
         path = tmp_path / name
         path.write_text(text)
-        code, _, err = run(["infer", "--adapter", out, "--data", data, "--out", str(path), "--no-progress"], capsys)
-        assert code == 2 and "give another --out" in err, err
-        assert path.read_text() == text
+        # --overwrite replaces a file of this command's lines, whoever's (other.jsonl), and only that.
+        for overwrite in ([], ["--overwrite"]) if name != "other.jsonl" else ([],):
+            code, _, err = run(["infer", "--adapter", out, "--data", data, "--out", str(path), "--no-progress",
+                                *overwrite], capsys)
+            assert code == 2 and "give another --out" in err, err
+            assert path.read_text() == text
+    code, _, err = run(["infer", "--adapter", out, "--data", data, "--out", data, "--overwrite"], capsys)
+    assert code == 2 and "is the --data file" in err
+    assert open(data).read().count("\n") == 33
 
 
 @pytest.mark.parametrize("lines, message", [
@@ -221,6 +257,42 @@ def test_a_prompt_keeps_the_conversation_before_its_reply():
 
 
 # ---------------------------------------------------------------- kt-sft chat
+
+class Recorder(Generator):
+    """A Generator that records the conversations it is asked to answer, and answers "reply N"."""
+
+    def __init__(self, max_positions):
+        self.asked, self.max_positions, self.max_new_tokens, self.tokenizer = [], max_positions, 4, None
+
+    def prompt_ids(self, messages):
+        return [0] * sum(len(m["content"].split()) + 1 for m in messages)
+
+    def generate(self, conversations, **kw):
+        self.asked.append(conversations[0])
+        return [(f"reply {len(self.asked)}", 1)]
+
+
+def test_chat_keeps_the_conversation_and_obeys_its_commands(monkeypatch, capsys):
+    lines = iter(["hello there", "and again", "/system be brief", "third", "/reset", "fresh",
+                  "/system", "one two three four five six seven eight nine ten eleven twelve", "/exit", "never read"])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(lines))
+    recorder = Recorder(max_positions=16)
+    assert chat(recorder, system="be kind") == 0
+    user = lambda text: {"role": "user", "content": text}  # noqa: E731
+    reply = lambda n: {"role": "assistant", "content": f"reply {n}"}  # noqa: E731
+    kind, brief = {"role": "system", "content": "be kind"}, {"role": "system", "content": "be brief"}
+    assert recorder.asked[:4] == [
+        [kind, user("hello there")],
+        [kind, user("hello there"), reply(1), user("and again")],
+        # the oldest exchange is dropped to fit the 16 positions
+        [brief, user("and again"), reply(2), user("third")],
+        [brief, user("fresh")],  # after /reset
+    ]
+    assert len(recorder.asked) == 4  # the twelve words do not fit even alone
+    out = capsys.readouterr().out
+    assert "(new conversation)" in out and "(system message set)" in out and "(system message cleared)" in out
+    assert "too long for the model's context" in out
+
 
 def test_chat_in_a_pseudo_terminal(default_run, capsys):
     pexpect = pytest.importorskip("pexpect")
