@@ -82,16 +82,15 @@ void backward_impl(const KernelSet& k, int threads, const MoeBackwardArgs& args)
     if (w8a8)
       q.quantize_tokens(*w8a8, route, e, args.grad_y, args.act_dtype, K, H,
                         static_cast<const float*>(down_scales_at(w, format, c, 0, e, 0)));
+    const LoraPacker<Act> pack(w, l, e, H, I, hp, ip);
     if (l.rgu) {
-      pack_elements(l.rgu_p, 2 * ip, ws.bt_gu + e * l.rgu_p * 2 * ip,
-                    [&](int64_t j, int64_t row) { return lora_b_gu(w, l, e, I, row, j); });
-      pack_elements(hp, l.rgu_p, ws.at_gu + e * hp * l.rgu_p,
-                    [&](int64_t col, int64_t j) { return lora_a_gu(w, l, e, H, j, col); });
+      pack.bt_gu(ws.bt_gu + e * l.rgu_p * 2 * ip);
+      pack.at_gu(ws.at_gu + e * hp * l.rgu_p);
     }
     if (!l.rd) return;
     Act* bt = ws.bt_d + e * l.rd_p * hp;
-    pack_elements(l.rd_p, hp, bt, [&](int64_t j, int64_t o) { return lora_b_d(w, l, e, H, o, j); });
-    pack_elements(ip, l.rd_p, ws.at_d + e * ip * l.rd_p, [&](int64_t col, int64_t j) { return lora_a_d(w, l, e, I, j, col); });
+    pack.bt_d(bt);
+    pack.at_d(ws.at_d + e * ip * l.rd_p);
     float* out = ws.dy_b + row0 * l.rd_p;
     k.operand_gemm(m, hp, ws.dy_rows + row0 * ws.ld_dy, ws.ld_dy, bt, l.rd_p / kPanelRows, out, l.rd_p, false);
     for (int64_t i = 0; i < m * l.rd_p; ++i) ws.dy_b_scaled[row0 * l.rd_p + i] = f32_to_act<Act>(s * out[i]);

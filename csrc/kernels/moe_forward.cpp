@@ -38,17 +38,15 @@ void forward_impl(const KernelSet& k, int threads, const MoeForwardArgs& args) {
     const int64_t row0 = route.first_row[e];
     gather_rows(route, e, args.x, args.act_dtype, K, H, ws.x_rows, ws.ld_x);
     if (w8a8) q.quantize_tokens(*w8a8, route, e, args.x, args.act_dtype, K, H, nullptr);
+    const LoraPacker<Act> pack(w, l, e, H, I, hp, ip);
     if (l.rd) {
-      pack_elements(l.rd_p, ip, ws.a_d + e * l.rd_p * ip,
-                    [&](int64_t j, int64_t col) { return lora_a_d(w, l, e, I, j, col); });
-      pack_elements(hp, l.rd_p, ws.b_d + e * hp * l.rd_p,
-                    [&](int64_t o, int64_t j) { return lora_b_d(w, l, e, H, o, j); });
+      pack.a_d(ws.a_d + e * l.rd_p * ip);
+      pack.b_d(ws.b_d + e * hp * l.rd_p);
     }
     if (!l.rgu) return;
     Act* a_e = ws.a_gu + e * l.rgu_p * hp;
-    pack_elements(l.rgu_p, hp, a_e, [&](int64_t j, int64_t col) { return lora_a_gu(w, l, e, H, j, col); });
-    pack_elements(2 * ip, l.rgu_p, ws.b_gu + e * 2 * ip * l.rgu_p,
-                  [&](int64_t row, int64_t j) { return lora_b_gu(w, l, e, I, row, j); });
+    pack.a_gu(a_e);
+    pack.b_gu(ws.b_gu + e * 2 * ip * l.rgu_p);
     float* acc = scratch<float>(Scratch::kTaskAcc, m * l.rgu_p);
     k.operand_gemm(m, hp, ws.x_rows + row0 * ws.ld_x, ws.ld_x, a_e, l.rgu_p / kPanelRows, acc, l.rgu_p, false);
     for (int64_t i = 0; i < m; ++i) {

@@ -16,7 +16,7 @@ enum class Scratch : int {
   kRowsOut,                                        // per-call, fp32 GEMM outputs in expert-sorted rows
   kRowsInt8, kRowsInt8Scales,                      // per-call, W8A8's quantized rows and their scales
   kLoraA, kLoraB, kLoraC, kLoraD,                  // per-call packed LoRA operands
-  kTaskAcc, kTaskWeights, kTaskDecoded,            // per work item, in worker threads
+  kTaskAcc, kTaskWeights, kTaskDecoded, kTaskDense,  // per work item, in worker threads
   kCount
 };
 
