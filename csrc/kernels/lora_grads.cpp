@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "kt/scratch.h"
+
 namespace kt {
 namespace {
 
@@ -43,19 +45,36 @@ void lora_gradients(const KernelSet& k, int threads, const MoeBackwardArgs& args
       if (l.rg) sides.push_back({kGate, l.rg, 0, 0});
       if (l.ru) sides.push_back({kUp, l.ru, l.rg, kPanelRows});
     }
-    std::vector<float> ga(ra * in, 0.f), coef(kPairBlock * ra), act_s(kPairBlock * ra);
+    const int64_t n = route.count(e);
+    if (n == 0) {  // an idle expert's gradients are zero: written once, with no sums to make
+      for (const BSide& side : sides) {
+        float* ga = args.grad_lora_a[side.proj] + e * side.rank * in;
+        float* gb = args.grad_lora_b[side.proj] + e * out * side.rank;
+        std::fill(ga, ga + side.rank * in, 0.f);
+        std::fill(gb, gb + out * side.rank, 0.f);
+      }
+      return;
+    }
+    // dA of every side as one ra x in block, then each side's dB^T (rank x out), one after
+    // another; the coefficients and scaled activations of a block of pairs after them.
+    float* ga = scratch<float>(Scratch::kTaskAcc, ra * in);
+    float* gb_t_all = scratch<float>(Scratch::kTaskWeights, ra * out);
+    float* coef = scratch<float>(Scratch::kTaskDense, 2 * kPairBlock * ra);
+    float* act_s = coef + kPairBlock * ra;
+    std::fill(ga, ga + ra * in, 0.f);
+    std::fill(gb_t_all, gb_t_all + ra * out, 0.f);
+    std::vector<float*> gb_t;
+    for (int64_t side = 0, row = 0; side < static_cast<int64_t>(sides.size()); row += sides[side++].rank)
+      gb_t.push_back(gb_t_all + row * out);
     std::vector<const void*> in_rows(kPairBlock);
     std::vector<std::vector<const void*>> grad_rows(sides.size(), std::vector<const void*>(kPairBlock));
-    std::vector<std::vector<float>> gb_t;
-    for (const BSide& side : sides) gb_t.emplace_back(side.rank * out, 0.f);
     const RankRows inputs{in_rows.data(), down ? act_type : args.act_dtype, kPanelRows};
-    const int64_t n = route.count(e);
     for (int64_t i0 = 0; i0 < n; i0 += kPairBlock) {
       const int64_t depth = std::min(kPairBlock, n - i0);
       for (int64_t b = 0; b < depth; ++b) {
         const int64_t i = i0 + b, pair = route.pair(e, i), t = pair / K, row = route.first_row[e] + i;
         const float* act_a = args.lora_act + pair * l.width + (down ? l.rgu : 0);  // input A^T
-        float *cf = coef.data() + b * ra, *as = act_s.data() + b * ra;
+        float *cf = coef + b * ra, *as = act_s + b * ra;
         if (down) {
           const float sw = s * args.weights[pair];
           for (int64_t j = 0; j < ra; ++j) as[j] = sw * act_a[j];
@@ -70,19 +89,19 @@ void lora_gradients(const KernelSet& k, int threads, const MoeBackwardArgs& args
         for (size_t side = 0; side < sides.size(); ++side)
           grad_rows[side][b] = ws.grad_gu + row * ws.ld_grad_gu + sides[side].grad_offset;
       }
-      k.rank_update(ra, in, depth, coef.data(), ra, inputs, ga.data(), in);
+      k.rank_update(ra, in, depth, coef, ra, inputs, ga, in);
       for (size_t side = 0; side < sides.size(); ++side) {
         const int64_t first = sides[side].act_offset - (down ? l.rgu : 0);  // its columns of act_s
         const RankRows grads = down ? RankRows{grad_rows[side].data(), args.act_dtype, kPanelRows}
                                     : RankRows{grad_rows[side].data(), act_type, 2 * kPanelRows};
-        k.rank_update(sides[side].rank, out, depth, act_s.data() + first, ra, grads, gb_t[side].data(), out);
+        k.rank_update(sides[side].rank, out, depth, act_s + first, ra, grads, gb_t[side], out);
       }
     }
     int64_t row_a = 0;
     for (size_t side = 0; side < sides.size(); ++side) {
       const int64_t r = sides[side].rank;
       const int proj = sides[side].proj;
-      std::copy(ga.begin() + row_a * in, ga.begin() + (row_a + r) * in, args.grad_lora_a[proj] + e * r * in);
+      std::copy(ga + row_a * in, ga + (row_a + r) * in, args.grad_lora_a[proj] + e * r * in);
       row_a += r;
       float* gb = args.grad_lora_b[proj] + e * out * r;
       for (int64_t o = 0; o < out; ++o)
