@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 namespace kt {
@@ -314,21 +315,29 @@ void pack_expert_slice_int4(const ExpertLayout& layout, const bf16* w_gate, cons
   pack_expert_slice_int4_codes(layout, codes, e, s, group, gate_up, down, gate_up_scale, down_scale);
 }
 
-void unpack_expert_slice_int4(const ExpertLayout& layout, const uint8_t* gate_up, const uint8_t* down,
-                              const bf16* gate_up_scale, const bf16* down_scale, int64_t e, int64_t s, bf16* w_gate,
-                              bf16* w_up, bf16* w_down) {
+void unpack_decoded_slice(const ExpertLayout& layout, int64_t e, int64_t s,
+                          const std::function<void(bf16* gate_up, bf16* down)>& decode, bf16* w_gate, bf16* w_up,
+                          bf16* w_down) {
   const int64_t H = layout.hidden, I = layout.intermediate, is = layout.slice_width(), hp = layout.hp();
   const int64_t c0 = s * is, cols = layout.slice_columns(s);
   if (cols <= 0) return;
   std::vector<bf16> gu(2 * is * hp), d(hp * is);
-  decode_panels_int4(gate_up + layout.gate_up_offset(s, e) / 2,
-                     gate_up_scale + layout.gate_up_scale_offset(s, e, WeightScales::kPerBlock), hp,
-                     2 * is / kPanelRows, gu.data());
-  decode_panels_int4(down + layout.down_offset(s, e) / 2,
-                     down_scale + layout.down_scale_offset(s, e, WeightScales::kPerBlock), is,
-                     hp / kPanelRows, d.data());
+  decode(gu.data(), d.data());
   unpack_gate_up(gu.data(), cols, H, w_gate + (e * I + c0) * H, w_up + (e * I + c0) * H);
   unpack_weight(d.data(), H, cols, I, is, w_down + e * H * I + c0);
+}
+
+void unpack_expert_slice_int4(const ExpertLayout& layout, const uint8_t* gate_up, const uint8_t* down,
+                              const bf16* gate_up_scale, const bf16* down_scale, int64_t e, int64_t s, bf16* w_gate,
+                              bf16* w_up, bf16* w_down) {
+  const int64_t is = layout.slice_width(), hp = layout.hp();
+  unpack_decoded_slice(layout, e, s, [&](bf16* gu, bf16* d) {
+    decode_panels_int4(gate_up + layout.gate_up_offset(s, e) / 2,
+                       gate_up_scale + layout.gate_up_scale_offset(s, e, WeightScales::kPerBlock), hp,
+                       2 * is / kPanelRows, gu);
+    decode_panels_int4(down + layout.down_offset(s, e) / 2,
+                       down_scale + layout.down_scale_offset(s, e, WeightScales::kPerBlock), is, hp / kPanelRows, d);
+  }, w_gate, w_up, w_down);
 }
 
 }  // namespace kt

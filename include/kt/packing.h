@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 
 #include "kt/bf16.h"
 #include "kt/weight_format.h"
@@ -224,6 +225,13 @@ void pack_expert_slice_int4_codes(const ExpertLayout& layout, const Int4Slice& c
 void pack_expert_slice_int4(const ExpertLayout& layout, const bf16* w_gate, const bf16* w_up, const bf16* w_down,
                             int64_t e, int64_t s, int64_t group, uint8_t* gate_up, uint8_t* down, bf16* gate_up_scale,
                             bf16* down_scale);
+
+// Expert e's slice s of w_gate, w_up [E, I, H] and w_down [E, H, I] from its panels as bf16:
+// decode(gate_up, down) writes the slice's 2 is / 16 gate/up panels (depth hp) and hp / 16
+// down panels (depth is) as packed bf16, for a format whose kernels decode panels.
+void unpack_decoded_slice(const ExpertLayout& layout, int64_t e, int64_t s,
+                          const std::function<void(bf16* gate_up, bf16* down)>& decode, bf16* w_gate, bf16* w_up,
+                          bf16* w_down);
 
 // The dequantized weights (bf16(code * scale)) of expert e's slice s.
 void unpack_expert_slice_int4(const ExpertLayout& layout, const uint8_t* gate_up, const uint8_t* down,
