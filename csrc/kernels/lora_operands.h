@@ -24,91 +24,78 @@ struct LoraShape {
   int64_t offset(int proj) const { return proj == kGate ? 0 : proj == kUp ? rg : rgu; }
 };
 
-// Packs the dense np x kp fp32 matrix m (row-major, ld kp) into the panel layout, writing
-// dst in order: panel, block, pair row, then the panel's 16 rows (packed_offset).
+// Packs the np x kp matrix M into the panel layout, writing dst in order: panel, block, pair
+// row, then the panel's 16 rows (packed_offset). M is the fp32 matrix m (row-major np x kp),
+// or with `transposed` its transpose (m row-major kp x np), read 16 contiguous values a row.
 template <typename T>
-void pack_dense(int64_t np, int64_t kp, const float* m, T* dst) {
-  for (int64_t n0 = 0; n0 < np; n0 += kPanelRows) {
-    const float* panel = m + n0 * kp;
-    for (int64_t k = 0; k < kp; k += 2)
-      for (int64_t n = 0; n < kPanelRows; ++n) {
-        *dst++ = f32_to_act<T>(panel[n * kp + k]);
-        *dst++ = f32_to_act<T>(panel[n * kp + k + 1]);
+void pack_dense(int64_t np, int64_t kp, const float* m, bool transposed, T* dst) {
+  for (int64_t n0 = 0; n0 < np; n0 += kPanelRows)
+    for (int64_t k = 0; k < kp; k += 2) {
+      if (transposed) {
+        const float *k0 = m + k * np + n0, *k1 = k0 + np;
+        for (int64_t n = 0; n < kPanelRows; ++n, dst += 2) dst[0] = f32_to_act<T>(k0[n]), dst[1] = f32_to_act<T>(k1[n]);
+      } else {
+        const float* row = m + n0 * kp + k;
+        for (int64_t n = 0; n < kPanelRows; ++n, dst += 2)
+          dst[0] = f32_to_act<T>(row[n * kp]), dst[1] = f32_to_act<T>(row[n * kp + 1]);
       }
-  }
+    }
 }
 
-// The LoRA operands of one expert, each built as a dense fp32 matrix (zero outside the
-// factors) in a per-thread buffer and packed from it: whole rows of the factors are copied,
-// so the packing streams through them rather than computing each element's source.
+// The LoRA operands of one expert. Each is one of four dense fp32 matrices made from whole
+// rows of the factors in a per-thread buffer (zero outside them), packed as it is (the
+// forward's operands) or transposed (the backward's):
+//   [A_g; A_u]                      rgu_p x hp
+//   blockdiag(B_g, B_u), fused rows 2 ip x rgu_p (gate_up_column orders the rows)
+//   A_d                             rd_p x ip
+//   B_d                             hp x rd_p
 template <typename T>
 class LoraPacker {
  public:
   LoraPacker(const MoeWeights& w, const LoraShape& l, int64_t e, int64_t H, int64_t I, int64_t hp, int64_t ip)
       : w_(w), l_(l), e_(e), H_(H), I_(I), hp_(hp), ip_(ip) {}
 
-  // Forward: [A_g; A_u] (rgu_p x hp), blockdiag(B_g, B_u) over the fused gate/up rows
-  // (2 ip x rgu_p), A_d (rd_p x ip), B_d (hp x rd_p).
-  void a_gu(T* dst) const {
-    float* m = dense(l_.rgu_p, hp_);
-    copy_rows(m, hp_, a(kGate), l_.rg, H_);
-    copy_rows(m + l_.rg * hp_, hp_, a(kUp), l_.ru, H_);
-    pack_dense(l_.rgu_p, hp_, m, dst);
-  }
-  void b_gu(T* dst) const {
-    float* m = dense(2 * ip_, l_.rgu_p);
-    for_fused_rows([&](int64_t row, int64_t c, bool is_up) {
-      if (is_up)
-        std::copy(b(kUp) + c * l_.ru, b(kUp) + (c + 1) * l_.ru, m + row * l_.rgu_p + l_.rg);
-      else
-        std::copy(b(kGate) + c * l_.rg, b(kGate) + (c + 1) * l_.rg, m + row * l_.rgu_p);
-    });
-    pack_dense(2 * ip_, l_.rgu_p, m, dst);
-  }
-  void a_d(T* dst) const {
-    float* m = dense(l_.rd_p, ip_);
-    copy_rows(m, ip_, a(kDown), l_.rd, I_);
-    pack_dense(l_.rd_p, ip_, m, dst);
-  }
-  void b_d(T* dst) const {
-    float* m = dense(hp_, l_.rd_p);
-    copy_rows(m, l_.rd_p, b(kDown), H_, l_.rd);
-    pack_dense(hp_, l_.rd_p, m, dst);
-  }
-
-  // Backward, the transposes: blockdiag(B_g, B_u)^T (rgu_p x 2 ip), [A_g; A_u]^T (hp x rgu_p),
-  // B_d^T (rd_p x hp), A_d^T (ip x rd_p).
-  void bt_gu(T* dst) const {
-    float* m = dense(l_.rgu_p, 2 * ip_);
-    const int64_t ld = 2 * ip_;
-    for_fused_rows([&](int64_t row, int64_t c, bool is_up) {
-      if (is_up)
-        for (int64_t j = 0; j < l_.ru; ++j) m[(l_.rg + j) * ld + row] = b(kUp)[c * l_.ru + j];
-      else
-        for (int64_t j = 0; j < l_.rg; ++j) m[j * ld + row] = b(kGate)[c * l_.rg + j];
-    });
-    pack_dense(l_.rgu_p, ld, m, dst);
-  }
-  void at_gu(T* dst) const {
-    float* m = dense(hp_, l_.rgu_p);
-    transpose_rows(m, l_.rgu_p, a(kGate), l_.rg, H_);
-    transpose_rows(m + l_.rg, l_.rgu_p, a(kUp), l_.ru, H_);
-    pack_dense(hp_, l_.rgu_p, m, dst);
-  }
-  void bt_d(T* dst) const {
-    float* m = dense(l_.rd_p, hp_);
-    transpose_rows(m, hp_, b(kDown), H_, l_.rd);
-    pack_dense(l_.rd_p, hp_, m, dst);
-  }
-  void at_d(T* dst) const {
-    float* m = dense(ip_, l_.rd_p);
-    transpose_rows(m, l_.rd_p, a(kDown), l_.rd, I_);
-    pack_dense(ip_, l_.rd_p, m, dst);
-  }
+  void a_gu(T* dst) const { pack_dense(l_.rgu_p, hp_, dense_a_gu(), false, dst); }
+  void b_gu(T* dst) const { pack_dense(2 * ip_, l_.rgu_p, dense_b_gu(), false, dst); }
+  void a_d(T* dst) const { pack_dense(l_.rd_p, ip_, dense_a_d(), false, dst); }
+  void b_d(T* dst) const { pack_dense(hp_, l_.rd_p, dense_b_d(), false, dst); }
+  void at_gu(T* dst) const { pack_dense(hp_, l_.rgu_p, dense_a_gu(), true, dst); }
+  void bt_gu(T* dst) const { pack_dense(l_.rgu_p, 2 * ip_, dense_b_gu(), true, dst); }
+  void at_d(T* dst) const { pack_dense(ip_, l_.rd_p, dense_a_d(), true, dst); }
+  void bt_d(T* dst) const { pack_dense(l_.rd_p, hp_, dense_b_d(), true, dst); }
 
  private:
   const float* a(int proj) const { return w_.lora[proj].a + e_ * w_.lora[proj].rank * (proj == kDown ? I_ : H_); }
   const float* b(int proj) const { return w_.lora[proj].b + e_ * (proj == kDown ? H_ : I_) * w_.lora[proj].rank; }
+
+  const float* dense_a_gu() const {
+    float* m = dense(l_.rgu_p, hp_);
+    copy_rows(m, hp_, a(kGate), l_.rg, H_);
+    copy_rows(m + l_.rg * hp_, hp_, a(kUp), l_.ru, H_);
+    return m;
+  }
+  const float* dense_b_gu() const {
+    float* m = dense(2 * ip_, l_.rgu_p);
+    // Panels of fused rows alternate gate and up, kPanelRows intermediate columns each.
+    for (int64_t panel = 0; panel < 2 * ip_ / kPanelRows; ++panel) {
+      const bool is_up = panel % 2 == 1;
+      const int64_t rank = is_up ? l_.ru : l_.rg, first_col = (panel / 2) * kPanelRows;
+      const int64_t rows = std::max<int64_t>(0, std::min(kPanelRows, I_ - first_col));
+      copy_rows(m + panel * kPanelRows * l_.rgu_p + (is_up ? l_.rg : 0), l_.rgu_p,
+                b(is_up ? kUp : kGate) + first_col * rank, rows, rank);
+    }
+    return m;
+  }
+  const float* dense_a_d() const {
+    float* m = dense(l_.rd_p, ip_);
+    copy_rows(m, ip_, a(kDown), l_.rd, I_);
+    return m;
+  }
+  const float* dense_b_d() const {
+    float* m = dense(hp_, l_.rd_p);
+    copy_rows(m, l_.rd_p, b(kDown), H_, l_.rd);
+    return m;
+  }
 
   // A zeroed rows x cols buffer of the calling thread.
   static float* dense(int64_t rows, int64_t cols) {
@@ -119,21 +106,6 @@ class LoraPacker {
   // dst[i][0..cols) = src[i][0..cols) for the src rows x cols matrix (ld dst_ld).
   static void copy_rows(float* dst, int64_t dst_ld, const float* src, int64_t rows, int64_t cols) {
     for (int64_t i = 0; i < rows; ++i) std::copy(src + i * cols, src + (i + 1) * cols, dst + i * dst_ld);
-  }
-  // dst[c][i] = src[i][c] for the src rows x cols matrix (ld dst_ld).
-  static void transpose_rows(float* dst, int64_t dst_ld, const float* src, int64_t rows, int64_t cols) {
-    for (int64_t c = 0; c < cols; ++c)
-      for (int64_t i = 0; i < rows; ++i) dst[c * dst_ld + i] = src[i * cols + c];
-  }
-  // f(fused row, intermediate column, is_up) for each fused gate/up row that holds a column
-  // below I: panels alternate gate and up, kPanelRows columns each (gate_up_column).
-  template <typename F>
-  void for_fused_rows(const F& f) const {
-    for (int64_t panel = 0; panel < 2 * ip_ / kPanelRows; ++panel)
-      for (int64_t i = 0; i < kPanelRows; ++i) {
-        const int64_t c = (panel / 2) * kPanelRows + i;
-        if (c < I_) f(panel * kPanelRows + i, c, panel % 2 == 1);
-      }
   }
 
   const MoeWeights& w_;
