@@ -45,10 +45,12 @@ class DataError(ValueError):
 @dataclass
 class Example:
     """One tokenized conversation: ``labels[t]`` is ``input_ids[t]`` where the loss applies
-    (assistant tokens), :data:`IGNORE` elsewhere."""
+    (assistant tokens), :data:`IGNORE` elsewhere; ``line``, the line of the file it was read
+    from (None when it was not)."""
 
     input_ids: list[int]
     labels: list[int]
+    line: Optional[int] = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -206,8 +208,24 @@ def load_examples(path: Union[str, os.PathLike], tokenizer: Any, max_seq_len: in
                   warn: Callable[[str], None] = print, max_reported: int = 20) -> list[Example]:
     """Reads and tokenizes a JSONL file of conversations (:func:`read_jsonl`: bad lines are
     reported with their line numbers and left out)."""
-    return read_jsonl(path, lambda record, _: tokenize(to_messages(record), tokenizer, max_seq_len), warn=warn,
-                      max_reported=max_reported)
+    def parse(record: Any, line: int) -> Example:
+        example = tokenize(to_messages(record), tokenizer, max_seq_len)
+        example.line = line
+        return example
+
+    return read_jsonl(path, parse, warn=warn, max_reported=max_reported)
+
+
+def copy_lines(src: Union[str, os.PathLike], lines: list[int], dst: Union[str, os.PathLike]) -> None:
+    """Writes lines ``lines`` (numbered from 1) of ``src``, in file order, to ``dst``, atomically."""
+    from kt_ops.files import replacing
+
+    wanted = set(lines)
+    with replacing(os.fspath(dst)) as tmp:
+        with open(src, "rb") as fh, open(tmp, "wb") as out:
+            for number, raw in enumerate(fh, 1):
+                if number in wanted:
+                    out.write(raw if raw.endswith(b"\n") else raw + b"\n")
 
 
 @dataclass

@@ -37,6 +37,7 @@ from kt_ops.models.surgery import ExpertLoraConfig
 from kt_ops.run_state import CHECKPOINT, CheckpointError
 
 BEST = "best"  # folder of the adapter of the lowest held-out loss (--keep-best)
+HELD_OUT = "heldout.jsonl"  # the records --eval-fraction held out of --data, for kt-sft eval
 
 @dataclass
 class TrainArgs:
@@ -400,8 +401,9 @@ class Trainer:
         return m
 
     def finish(self, completed: bool) -> dict[str, Any]:
-        """Writes the adapter, metrics.json, loss.png and the resumable checkpoint, each file
-        whole (a kill leaves the previous version of each)."""
+        """Writes the adapter, metrics.json, loss.png (with --eval-fraction, the held-out
+        records as heldout.jsonl) and the resumable checkpoint, each file whole (a kill leaves
+        the previous version of each)."""
         out = self.args.out
         os.makedirs(out, exist_ok=True)
         save_adapter(self.model, out)
@@ -409,6 +411,8 @@ class Trainer:
         write_json(os.path.join(out, "metrics.json"), metrics)
         with replacing(os.path.join(out, "loss.png")) as tmp:
             _plot_losses(self.losses, self.evals, tmp)
+        if self.args.eval_fraction and all(e.line is not None for e in self.eval_examples):
+            sft_data.copy_lines(self.args.data, [e.line for e in self.eval_examples], os.path.join(out, HELD_OUT))
         self.save_checkpoint()
         return metrics
 
@@ -553,7 +557,7 @@ def _clear_previous_run(out: str) -> None:
     start, so that nothing of it passes for this run's (a kill before this run's first
     checkpoint would otherwise leave the old run there to --resume)."""
     run_state.remove_checkpoint(out)
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "metrics.json", "loss.png"):
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "metrics.json", "loss.png", HELD_OUT):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(out, name))
     shutil.rmtree(os.path.join(out, BEST), ignore_errors=True)
