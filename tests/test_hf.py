@@ -16,7 +16,6 @@ from safetensors.torch import load_file, save_file
 import kt_ops
 from hf_models import FAMILIES, VOCAB, tiny_model
 from kt_ops.adapters import from_peft_layout, lora_state_dict
-from kt_ops.experts import KtExperts
 from kt_ops.models.families import expert_weights, interface_experts, moe_layers
 from kt_ops.models.surgery import ExpertLoraConfig
 from kt_ops.packed_weights import PackedExpertWeight
