@@ -22,6 +22,8 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from kt_ops.files import replacing
+
 IGNORE = -100  # label of a token the loss skips (prompt tokens)
 ROLES = ("system", "user", "assistant")
 
@@ -218,8 +220,6 @@ def load_examples(path: Union[str, os.PathLike], tokenizer: Any, max_seq_len: in
 
 def copy_lines(src: Union[str, os.PathLike], lines: list[int], dst: Union[str, os.PathLike]) -> None:
     """Writes lines ``lines`` (numbered from 1) of ``src``, in file order, to ``dst``, atomically."""
-    from kt_ops.files import replacing
-
     wanted = set(lines)
     with replacing(os.fspath(dst)) as tmp:
         with open(src, "rb") as fh, open(tmp, "wb") as out:

@@ -121,6 +121,7 @@ def evaluate_adapter(model_dir: str, adapter: str, data_path: str, *, device: to
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     max_len = min(max_seq_len, tokens_per_row)
+
     def parse(record: Any, line: int) -> tuple[sft_data.Example, sft_data.Prompt]:
         prompt = sft_data.to_prompt(record, line)
         if prompt.reference is None:
@@ -132,14 +133,15 @@ def evaluate_adapter(model_dir: str, adapter: str, data_path: str, *, device: to
     prompts = [prompt for _, prompt in records]
     model = load_model(model_dir, config=adapter_lora_config(adapter, "kt-sft eval"), device=device,
                        experts_format=experts_format, progress=progress)
+    generator = Generator(model, tokenizer, device, max_new_tokens=max_new_tokens)
+    if generate:  # an over-long prompt stops the command before anything is measured
+        generator.check_prompts(prompts, data_path)
     result: dict[str, Any] = {"model": model_dir, "adapter": adapter, "data": data_path, "examples": len(examples)}
     for name in ("base", "adapter"):
         if name == "adapter":
-            model = load_adapter(model, adapter)
+            model = generator.model = load_adapter(model, adapter)
         scores = heldout_loss(model, examples, tokens_per_row, device).as_dict()
         if generate:
-            generator = Generator(model, tokenizer, device, max_new_tokens=max_new_tokens)
-            generator.check_prompts(prompts, data_path)
             replies = generate_all(generator, [p.messages for p in prompts], batch_size, progress=progress,
                                    desc=f"generating ({name})")
             scores.update(generation_metrics(replies, [p.reference for p in prompts]))

@@ -212,15 +212,15 @@ class Trainer:
         self.device = resolve_device(args.device)
         max_len = min(args.max_seq_len, self.tokens_per_row)
         warn = lambda m: log(f"warning: {m}")  # noqa: E731
+        tokenizer = (transformers.AutoTokenizer.from_pretrained(args.model)
+                     if examples is None or args.eval_data else None)
         if examples is None:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
             examples = sft_data.load_examples(args.data, tokenizer, max_len, warn=warn)
         self.eval_examples: list[sft_data.Example] = []
         if args.eval_fraction:
             train, held_out = sft_data.split_held_out(len(examples), args.eval_fraction, args.seed)
             examples, self.eval_examples = [examples[i] for i in train], [examples[i] for i in held_out]
         elif args.eval_data:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
             self.eval_examples = sft_data.load_examples(args.eval_data, tokenizer, max_len, warn=warn)
         self.examples = examples
         self.lengths = [len(e) for e in self.examples]
@@ -375,10 +375,8 @@ class Trainer:
         self.evals.append(record)
         if self.args.keep_best and self.best_eval is record:
             save_adapter(self.model, os.path.join(self.args.out, BEST))
-        if bar is not None and self.losses:
-            bar.set_postfix(self._postfix(self.losses[-1]))
-        elif bar is not None:
-            bar.set_postfix(eval_loss=f"{result.loss:.4f}")
+        if bar is not None:
+            bar.set_postfix(self._postfix(self.losses[-1]) if self.losses else {"eval_loss": f"{result.loss:.4f}"})
         return record
 
     def metrics(self, completed: bool) -> dict[str, Any]:
