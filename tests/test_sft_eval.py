@@ -121,6 +121,20 @@ def test_bad_evaluation_flags_are_named(argv, message, tmp_path, capsys):
     assert code == 2 and message in err, err
 
 
+def test_eval_every_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="--eval-every must be >= 1, got 0"):
+        Trainer(TrainArgs(out=str(tmp_path / "run"), steps=1, eval_data=default.EVAL_DATA, eval_every=0,
+                          progress=False), log=lambda m: None)
+
+
+def test_resume_refuses_held_out_data_the_run_did_not_start_with(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    flags = ["--model", default.model_dir(), "--data", default.DATA, "--steps", "2", "--no-progress"]
+    assert main(["train", "--out", out, "--stop-after", "1", *flags]) == 0
+    code, _, err = run(["train", "--resume", out, "--eval-data", default.EVAL_DATA], capsys)
+    assert code == 2 and "the run started without --eval-data" in err, err
+
+
 def test_eval_data_and_eval_fraction_exclude_each_other(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--out", str(tmp_path), "--eval-data", default.EVAL_DATA, "--eval-fraction", "0.1"])
@@ -259,6 +273,21 @@ def test_bad_prompt_files_name_the_line_before_the_model_loads(lines, message, t
     code, _, err = run(["infer", "--data", data, "--out", str(tmp_path / "p.jsonl")], capsys)
     assert code == 2 and message in err, err
     assert not os.path.exists(tmp_path / "p.jsonl")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "-1"], "--temperature must be >= 0, got -1.0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--max-new-tokens", "1020"], "exceed the model's 1024 positions: "),
+])
+def test_bad_sampling_flags_and_over_long_prompts_stop_before_generating(flags, message, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"id": "a", "prompt": QUESTION}])
+    out = tmp_path / "p.jsonl"
+    code, _, err = run(["infer", "--data", data, "--out", str(out), "--no-progress", *flags], capsys)
+    assert code == 2 and message in err, err
+    if "positions" in message:
+        assert 'prompts.jsonl:1 (id "a")' in err
+    assert not out.exists() or out.read_text() == ""
 
 
 def test_a_prompt_keeps_the_conversation_before_its_reply():
