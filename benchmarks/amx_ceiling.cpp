@@ -3,7 +3,11 @@
 //   cmake -S tests/cpp -B build/cpp -G Ninja && cmake --build build/cpp --target kt_amx_ceiling
 //   build/cpp/kt_amx_ceiling [threads...]        (default: 1, half the cores, all cores)
 //
-// Figures per thread count, each in TFLOP/s per thread:
+// Every figure runs one share per thread slot of the kt pool (slot 0 the caller, slot s the
+// worker pinned to the s-th core), all leaving a barrier together, and counts the slowest
+// slot's time: what the threads of one parallel job get. Figures per thread count, each in
+// TFLOP/s per thread (the tile peak's line is followed by its fastest slot and the CPUs the
+// slots ran on, which shows a core doubled up or a slot that migrated):
 //   tile peak    products into four independent accumulator tiles, no loads (operands
 //                loaded once): the figure PERF.md calls the AMX peak, with real data.
 //   load-bound   the same products in the 2x2 step every tile-register-blocked bf16 GEMM
@@ -24,8 +28,10 @@
 // layout reaching one load per product. Where loads are slow, the load-bound figure, not
 // the tile peak, is the ceiling to plan against.
 #include <immintrin.h>
+#include <sched.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -109,17 +115,61 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// Best of `rounds` of fn(t) for t < threads on the pool, all at once; returns seconds. (A
-// round where one pool thread ran two of them is slower and drops out.)
+// One timed run of fn(t) on every thread slot t < threads at once: each slot runs its own
+// share exactly once (kt::run_on_each_slot), timed by itself from a spinning barrier that
+// all of them leave together, so neither the pool's wake-up nor a thread taking two shares
+// counts in. Also where each slot ran (the CPU when it left the barrier and when it ended).
+struct SlotTimes {
+  std::vector<double> seconds;
+  std::vector<int> cpu_start, cpu_end;
+  double slowest() const { return *std::max_element(seconds.begin(), seconds.end()); }
+  double fastest() const { return *std::min_element(seconds.begin(), seconds.end()); }
+};
+
 template <typename F>
-double best_seconds(int threads, int rounds, const F& fn) {
-  double best = 1e30;
-  for (int r = 0; r < rounds; ++r) {
+SlotTimes time_slots(int threads, const F& fn) {
+  SlotTimes out{std::vector<double>(threads), std::vector<int>(threads), std::vector<int>(threads)};
+  std::atomic<int> arrived{0};
+  kt::run_on_each_slot(threads, [&](int t) {
+    arrived.fetch_add(1);
+    while (arrived.load(std::memory_order_acquire) < threads) _mm_pause();
+    out.cpu_start[t] = sched_getcpu();
     const auto t0 = std::chrono::steady_clock::now();
-    kt::parallel_for(threads, threads, fn);
-    best = std::min(best, seconds_since(t0));
+    fn(t);
+    out.seconds[t] = seconds_since(t0);
+    out.cpu_end[t] = sched_getcpu();
+  });
+  return out;
+}
+
+// The best of `rounds` runs, by their slowest slot: what a parallel kernel whose threads
+// share one job would get.
+template <typename F>
+SlotTimes best_slots(int threads, int rounds, const F& fn) {
+  SlotTimes best = time_slots(threads, fn);
+  for (int r = 1; r < rounds; ++r) {
+    SlotTimes run = time_slots(threads, fn);
+    if (run.slowest() < best.slowest()) best = std::move(run);
   }
   return best;
+}
+
+template <typename F>
+double best_seconds(int threads, int rounds, const F& fn) {
+  return best_slots(threads, rounds, fn).slowest();
+}
+
+// "cpus 0,1,2,... " of a run, and the CPUs on which two slots ran at once (none expected:
+// every slot has a core of its own).
+void print_placement(const SlotTimes& run) {
+  std::string cpus, shared;
+  std::vector<int> count(*std::max_element(run.cpu_start.begin(), run.cpu_start.end()) + 1, 0);
+  for (size_t t = 0; t < run.cpu_start.size(); ++t) {
+    cpus += (t ? "," : "") + std::to_string(run.cpu_start[t]);
+    if (run.cpu_end[t] != run.cpu_start[t]) cpus += "->" + std::to_string(run.cpu_end[t]);
+    if (++count[run.cpu_start[t]] == 2) shared += " " + std::to_string(run.cpu_start[t]);
+  }
+  std::printf("         slots ran on cpus %s; shared by two slots:%s\n", cpus.c_str(), shared.empty() ? " none" : shared.c_str());
 }
 
 // Sum of n (a multiple of 32) bf16 read as 32-bit words: every byte is loaded once.
@@ -176,21 +226,26 @@ int main(int argc, char** argv) {
   for (int threads : counts) {
     const int64_t steps = 1 << 20;
     const double flop = 4 * kFlopPerProduct * steps;
-    kt::parallel_for(threads, threads, [&](int64_t t) { operands[t].assign(kL2Steps * kStepElems); });
+    kt::run_on_each_slot(threads, [&](int t) { operands[t].assign(kL2Steps * kStepElems); });
     auto tflops = [&](auto steps_fn) { return flop / best_seconds(threads, 5, steps_fn) / 1e12; };
-    const double peak = tflops([&](int64_t t) { tile_steps<Operands::kNone>(steps, operands[t].data()); });
+    const SlotTimes peak_run =
+        best_slots(threads, 5, [&](int64_t t) { tile_steps<Operands::kNone>(steps, operands[t].data()); });
+    const double peak = flop / peak_run.slowest() / 1e12;
     const double bound = tflops([&](int64_t t) { tile_steps<Operands::kL1>(steps, operands[t].data()); });
     const double l2 = tflops([&](int64_t t) { tile_steps<Operands::kL2>(steps, operands[t].data()); });
     auto report = [&](const char* figure, double tf) {
       std::printf("%-8d %-12s %10.3f %11.1f%% %11.1f%%\n", threads, figure, tf, 100 * tf / peak, 100 * tf / bound);
     };
     report("tile peak", peak);
+    std::printf("         fastest slot %.3f TFLOP/s (the slowest %.0f%% of it)\n", flop / peak_run.fastest() / 1e12,
+                100 * peak_run.fastest() / peak_run.slowest());
+    print_placement(peak_run);
     report("load-bound", bound);
     report("L2 operands", l2);
     for (const GemmShape& s : shapes) {
       const int64_t lda = s.kp + 32, ldc = s.panels * kt::kPanelRows, wsize = s.panels * kt::kPanelRows * s.kp;
       const int64_t sets = std::max<int64_t>(2, kWeightBytes / (threads * wsize * 2));
-      kt::parallel_for(threads, threads, [&](int64_t t) {  // written by pool threads, spread over the nodes
+      kt::run_on_each_slot(threads, [&](int t) {  // first written by the slot that uses them
         buf[t].a.assign(s.m * lda);
         buf[t].w.assign(wsize * sets);
         buf[t].c.assign(s.m * ldc);
@@ -207,14 +262,14 @@ int main(int argc, char** argv) {
     constexpr int64_t kReadBytes = int64_t(2) << 30;
     const int64_t share = kt::round_up(kReadBytes / 2 / threads, 32);  // bf16 elements per thread
     std::vector<uint32_t> sums(threads);
-    kt::parallel_for(threads, threads, [&](int64_t t) { buf[t].w.assign(share); });
+    kt::run_on_each_slot(threads, [&](int t) { buf[t].w.assign(share); });
     const double secs = best_seconds(threads, 3, [&](int64_t t) { sums[t] = read_all(buf[t].w.data(), share); });
     std::printf("%-8d %-12s %10.1f GB/s (checksum %u)\n", threads, "read", 2.0 * share * threads / secs / 1e9,
                 sums[0]);
     constexpr int64_t kChunk = 16 * 256;  // int8 elements of one panel's 256-deep chunk
     const int64_t codes = share * 2 / kChunk * kChunk;  // int8 elements per thread: the same bytes
     std::vector<Buffer<uint16_t>> chunk_out(threads);
-    kt::parallel_for(threads, threads, [&](int64_t t) { chunk_out[t].assign(kChunk); });
+    kt::run_on_each_slot(threads, [&](int t) { chunk_out[t].assign(kChunk); });
     for (const bool from_memory : {true, false}) {
       const double decode_secs = best_seconds(threads, 3, [&](int64_t t) {
         const auto* src = reinterpret_cast<const int8_t*>(buf[t].w.data());

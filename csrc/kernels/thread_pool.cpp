@@ -36,7 +36,10 @@ class Pool {
     return *pool;
   }
 
-  void run(const std::vector<int64_t>& range_first, int num_threads, const std::function<void(int64_t)>& fn) {
+  // Tasks claimed dynamically, each range's threads first (parallel_for_ranges), or, with
+  // `one_per_slot`, task s run by slot s (run_on_each_slot: range_first is {0, threads}).
+  void run(const std::vector<int64_t>& range_first, int num_threads, const std::function<void(int64_t)>& fn,
+           bool one_per_slot = false) {
     std::lock_guard<std::mutex> one_job_at_a_time(job_mutex_);
     nodes_ = machine_topology().nodes();  // loads it (or throws) before any worker starts
     const int64_t n = range_first.back() - range_first.front();
@@ -64,6 +67,7 @@ class Pool {
         end_[r] = range_first[r + 1];
       }
       error_ = nullptr;
+      one_per_slot_ = one_per_slot;
       participants_ = helpers;
       busy_ = helpers;
       ++generation_;
@@ -94,17 +98,20 @@ class Pool {
 
   // Drains the slot's own range first, then the others in order.
   void do_tasks(int slot) {
+    if (one_per_slot_) return run_task(slot);
     const int home = slot % nodes_ % ranges_;  // the slot's node (Topology::node_of_slot)
     for (int step = 0; step < ranges_; ++step) {
       const int r = (home + step) % ranges_;
-      for (int64_t i = next_[r].fetch_add(1); i < end_[r]; i = next_[r].fetch_add(1)) {
-        try {
-          (*fn_)(i);
-        } catch (...) {
-          std::lock_guard<std::mutex> lock(mutex_);
-          if (!error_) error_ = std::current_exception();
-        }
-      }
+      for (int64_t i = next_[r].fetch_add(1); i < end_[r]; i = next_[r].fetch_add(1)) run_task(i);
+    }
+  }
+
+  void run_task(int64_t i) {
+    try {
+      (*fn_)(i);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!error_) error_ = std::current_exception();
     }
   }
 
@@ -124,12 +131,18 @@ class Pool {
   uint64_t generation_ = 0;
   const std::function<void(int64_t)>* fn_ = nullptr;
   int nodes_ = 1, ranges_ = 0, capacity_ = 0;
+  bool one_per_slot_ = false;
   std::unique_ptr<std::atomic<int64_t>[]> next_;
   std::unique_ptr<int64_t[]> end_;
   std::exception_ptr error_;
 };
 
 }  // namespace
+
+void run_on_each_slot(int num_threads, const std::function<void(int)>& fn) {
+  if (num_threads <= 0) return;
+  Pool::instance().run({0, num_threads}, num_threads, [&](int64_t slot) { fn(static_cast<int>(slot)); }, true);
+}
 
 void parallel_for(int64_t n, int num_threads, const std::function<void(int64_t)>& fn) {
   if (n <= 0) return;

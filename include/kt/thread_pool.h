@@ -25,4 +25,11 @@ void parallel_for(int64_t n, int num_threads, const std::function<void(int64_t)>
 void parallel_for_ranges(const std::vector<int64_t>& range_first, int num_threads,
                          const std::function<void(int64_t)>& fn);
 
+// Runs fn(slot) exactly once on each of the first num_threads thread slots (slot 0 is the
+// caller, slot s > 0 the worker pinned to the s-th core of machine_topology()), each on its
+// own thread, and returns when all are done. For work that must be one share per thread,
+// such as benchmarks that time every thread from a common start: with parallel_for a thread
+// that wakes first may claim two shares. Serialised with parallel_for; rethrows likewise.
+void run_on_each_slot(int num_threads, const std::function<void(int)>& fn);
+
 }  // namespace kt

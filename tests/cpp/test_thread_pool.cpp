@@ -1,6 +1,9 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
+#include <set>
+#include <thread>
 #include <stdexcept>
 #include <vector>
 
@@ -32,6 +35,35 @@ TEST(ThreadPool, RethrowsATaskException) {
                std::runtime_error);
   EXPECT_EQ(ran.load(), 64);  // the other tasks still ran
   // The pool is usable afterwards.
+  std::atomic<int> after{0};
+  kt::parallel_for(10, 4, [&](int64_t) { after++; });
+  EXPECT_EQ(after.load(), 10);
+}
+
+TEST(ThreadPool, EachSlotRunsOnceOnItsOwnThreadAtTheSameTime) {
+  for (int threads : {1, 3, 8}) {
+    std::vector<std::thread::id> ran_on(threads);
+    std::vector<int> runs(threads, 0);
+    std::atomic<int> arrived{0};
+    std::atomic<bool> all_met{true};
+    kt::run_on_each_slot(threads, [&](int slot) {
+      ran_on[slot] = std::this_thread::get_id();
+      ++runs[slot];
+      // Every slot waits here for all the others: only concurrent slots get through.
+      arrived.fetch_add(1);
+      const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+      while (arrived.load() < threads)
+        if (std::chrono::steady_clock::now() > give_up) {
+          all_met = false;
+          break;
+        }
+    });
+    EXPECT_TRUE(all_met.load()) << "threads=" << threads;
+    EXPECT_EQ(ran_on[0], std::this_thread::get_id()) << "slot 0 is the caller";
+    EXPECT_EQ(std::set<std::thread::id>(ran_on.begin(), ran_on.end()).size(), size_t(threads));
+    for (int r : runs) EXPECT_EQ(r, 1);
+  }
+  // Dynamic jobs still work after one.
   std::atomic<int> after{0};
   kt::parallel_for(10, 4, [&](int64_t) { after++; });
   EXPECT_EQ(after.load(), 10);
