@@ -12,7 +12,9 @@ torch.ops.kt, everything else on the GPU. ``gpu-peft``: the unpatched transforme
 the GPU with PEFT's ``target_parameters`` LoRA on the fused experts. The model's MoE shape
 comes from ../shared/shapes.json (via kt_ops.shapes); the other config numbers are those of
 the published checkpoints. Prints one JSON line: tokens/s over the timed steps (after
-warm-up), peak GPU memory (allocated), peak RSS, and how long building the model took.
+warm-up), peak GPU memory (allocated), peak RSS, where the host memory goes after the steps
+(packed experts, CPU-resident trainable values and their optimizer state), and
+how long building the model took.
 """
 from __future__ import annotations
 
@@ -135,6 +137,26 @@ def build_gpu_peft(cfg, rank: int, device: torch.device) -> nn.Module:
     return model
 
 
+def _gb(tensors) -> float:
+    return round(sum(t.numel() * t.element_size() for t in tensors) / 1e9, 2)
+
+
+def host_memory(trainer: Trainer) -> dict[str, float]:
+    """Where the host memory of a step goes, GB: the resident set now, the packed experts,
+    and the trainable values and optimizer state that live in CPU memory (their gradients take
+    the trainable values' bytes again from each backward to the optimizer step)."""
+    import os
+
+    with open("/proc/self/statm") as f:
+        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    params = [p for g in trainer.optimizer.param_groups for p in g["params"] if p.device.type == "cpu"]
+    state = [v for p in params for v in trainer.optimizer.state.get(p, {}).values()
+             if isinstance(v, torch.Tensor) and v.numel() > 1]
+    return {"rss_now_gb": round(rss / 1e9, 2),
+            "packed_experts_gb": round(sum(e.nbytes for e in kt_ops.experts.packed_experts_in(trainer.model)) / 1e9, 2),
+            "cpu_trainable_gb": _gb(params), "cpu_optimizer_state_gb": _gb(state)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(CONFIGS), required=True)
@@ -196,6 +218,7 @@ def main() -> None:
             times.append(t2 - t0)
             optimizer_times.append(t2 - t1)
         losses.append(loss)
+    memory = host_memory(trainer)
     step_s = statistics.median(times)
     result = {"shape": args.shape, "mode": args.mode, "experts_format": args.experts_format,
               "grad_checkpointing": args.grad_checkpointing,
@@ -205,7 +228,7 @@ def main() -> None:
               "tokens_per_s": round(args.tokens_per_step / step_s, 1), "build_s": round(build_s, 1),
               "losses": [round(x, 4) for x in losses],
               "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-              "trainable_params": sum(p.numel() for p in trainer.params)}
+              "trainable_params": sum(p.numel() for p in trainer.params), **memory}
     if device.type == "cuda":
         result["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         result["gpu"] = torch.cuda.get_device_name()
