@@ -4,10 +4,13 @@
 //   build/cpp/kt_amx_ceiling [threads...]        (default: 1, half the cores, all cores)
 //
 // Every figure runs one share per thread slot of the kt pool (slot 0 the caller, slot s the
-// worker pinned to the s-th core), all leaving a barrier together, and counts the slowest
-// slot's time: what the threads of one parallel job get. Figures per thread count, each in
-// TFLOP/s per thread (the tile peak's line is followed by its fastest slot and the CPUs the
-// slots ran on, which shows a core doubled up or a slot that migrated):
+// worker pinned to the s-th core), all leaving a barrier together, each slot timing itself.
+// Each figure is given per thread two ways: by the slowest slot (what a job split evenly
+// over the threads gets) and as the mean of the slots' rates (what a job whose threads claim
+// tasks as they go, as the kt kernels do, can get); the percentages compare means. Cores of
+// one host can differ (on a shared virtual host a core's sibling may be busy elsewhere), so
+// the tile peak's line is followed by every slot's rate and the CPUs the slots ran on, which
+// also shows a core doubled up or a slot that migrated. Figures, in TFLOP/s per thread:
 //   tile peak    products into four independent accumulator tiles, no loads (operands
 //                loaded once): the figure PERF.md calls the AMX peak, with real data.
 //   load-bound   the same products in the 2x2 step every tile-register-blocked bf16 GEMM
@@ -123,7 +126,15 @@ struct SlotTimes {
   std::vector<double> seconds;
   std::vector<int> cpu_start, cpu_end;
   double slowest() const { return *std::max_element(seconds.begin(), seconds.end()); }
-  double fastest() const { return *std::min_element(seconds.begin(), seconds.end()); }
+  // Per-thread rates of `work` done by every slot: the slowest slot's (what a job split
+  // evenly gets), and the mean over the slots (what a job whose threads claim its tasks as
+  // they go can get: its faster cores take more of them).
+  double slowest_rate(double work) const { return work / slowest(); }
+  double mean_rate(double work) const {
+    double sum = 0;
+    for (double secs : seconds) sum += work / secs;
+    return sum / seconds.size();
+  }
 };
 
 template <typename F>
@@ -152,11 +163,6 @@ SlotTimes best_slots(int threads, int rounds, const F& fn) {
     if (run.slowest() < best.slowest()) best = std::move(run);
   }
   return best;
-}
-
-template <typename F>
-double best_seconds(int threads, int rounds, const F& fn) {
-  return best_slots(threads, rounds, fn).slowest();
 }
 
 // "cpus 0,1,2,... " of a run, and the CPUs on which two slots ran at once (none expected:
@@ -222,26 +228,31 @@ int main(int argc, char** argv) {
   std::vector<Buffers> buf(max_threads);
   const kt::KernelSet& k = *kt::select_kernels(kt::Isa::kAmx, kt::WeightFormat::kBF16);
 
-  std::printf("%-8s %-12s %10s %12s %12s\n", "threads", "figure", "TFLOP/s/thr", "% tile peak", "% load-bound");
+  std::printf("%-8s %-12s %13s %13s %12s %12s\n", "threads", "figure", "slowest slot", "slots' mean",
+              "% tile peak", "% load-bound");
+  std::printf("%-8s %-12s %13s %13s %12s %12s\n", "", "", "TFLOP/s/thr", "TFLOP/s/thr", "(means)", "(means)");
   for (int threads : counts) {
     const int64_t steps = 1 << 20;
-    const double flop = 4 * kFlopPerProduct * steps;
+    const double tflop = 4 * kFlopPerProduct * steps / 1e12;
     kt::run_on_each_slot(threads, [&](int t) { operands[t].assign(kL2Steps * kStepElems); });
-    auto tflops = [&](auto steps_fn) { return flop / best_seconds(threads, 5, steps_fn) / 1e12; };
-    const SlotTimes peak_run =
-        best_slots(threads, 5, [&](int64_t t) { tile_steps<Operands::kNone>(steps, operands[t].data()); });
-    const double peak = flop / peak_run.slowest() / 1e12;
-    const double bound = tflops([&](int64_t t) { tile_steps<Operands::kL1>(steps, operands[t].data()); });
-    const double l2 = tflops([&](int64_t t) { tile_steps<Operands::kL2>(steps, operands[t].data()); });
-    auto report = [&](const char* figure, double tf) {
-      std::printf("%-8d %-12s %10.3f %11.1f%% %11.1f%%\n", threads, figure, tf, 100 * tf / peak, 100 * tf / bound);
+    auto steps_from = [&](auto from) {
+      return best_slots(threads, 5, [&](int64_t t) { tile_steps<decltype(from)::value>(steps, operands[t].data()); });
     };
-    report("tile peak", peak);
-    std::printf("         fastest slot %.3f TFLOP/s (the slowest %.0f%% of it)\n", flop / peak_run.fastest() / 1e12,
-                100 * peak_run.fastest() / peak_run.slowest());
-    print_placement(peak_run);
-    report("load-bound", bound);
-    report("L2 operands", l2);
+    const SlotTimes peak = steps_from(std::integral_constant<Operands, Operands::kNone>());
+    const SlotTimes bound = steps_from(std::integral_constant<Operands, Operands::kL1>());
+    const SlotTimes l2 = steps_from(std::integral_constant<Operands, Operands::kL2>());
+    auto report = [&](const char* figure, const SlotTimes& run, double work) {
+      const double mean = run.mean_rate(work);
+      std::printf("%-8d %-12s %13.3f %13.3f %11.1f%% %11.1f%%\n", threads, figure, run.slowest_rate(work), mean,
+                  100 * mean / peak.mean_rate(tflop), 100 * mean / bound.mean_rate(tflop));
+    };
+    report("tile peak", peak, tflop);
+    std::string per_slot;
+    for (double secs : peak.seconds) per_slot += " " + std::to_string(tflop / secs).substr(0, 5);
+    std::printf("         TFLOP/s of each slot:%s (all %.1f)\n", per_slot.c_str(), threads * peak.mean_rate(tflop));
+    print_placement(peak);
+    report("load-bound", bound, tflop);
+    report("L2 operands", l2, tflop);
     for (const GemmShape& s : shapes) {
       const int64_t lda = s.kp + 32, ldc = s.panels * kt::kPanelRows, wsize = s.panels * kt::kPanelRows * s.kp;
       const int64_t sets = std::max<int64_t>(2, kWeightBytes / (threads * wsize * 2));
@@ -251,33 +262,33 @@ int main(int argc, char** argv) {
         buf[t].c.assign(s.m * ldc);
       });
       const int64_t calls = 2 * sets;
-      const double secs = best_seconds(threads, 3, [&](int64_t t) {
+      const SlotTimes run = best_slots(threads, 3, [&](int64_t t) {
         for (int64_t i = 0; i < calls; ++i)
           k.panel_gemm(s.m, s.kp, buf[t].a.data(), lda, buf[t].w.data() + (i % sets) * wsize, s.panels,
                        buf[t].c.data(), ldc, false);
       });
-      const double tf = 2.0 * s.m * s.kp * s.panels * kt::kPanelRows * calls / secs / 1e12;
-      report((std::string("kt ") + s.name).c_str(), tf);
+      report((std::string("kt ") + s.name).c_str(), run, 2.0 * s.m * s.kp * s.panels * kt::kPanelRows * calls / 1e12);
     }
     constexpr int64_t kReadBytes = int64_t(2) << 30;
     const int64_t share = kt::round_up(kReadBytes / 2 / threads, 32);  // bf16 elements per thread
     std::vector<uint32_t> sums(threads);
     kt::run_on_each_slot(threads, [&](int t) { buf[t].w.assign(share); });
-    const double secs = best_seconds(threads, 3, [&](int64_t t) { sums[t] = read_all(buf[t].w.data(), share); });
-    std::printf("%-8d %-12s %10.1f GB/s (checksum %u)\n", threads, "read", 2.0 * share * threads / secs / 1e9,
-                sums[0]);
+    const SlotTimes read = best_slots(threads, 3, [&](int64_t t) { sums[t] = read_all(buf[t].w.data(), share); });
+    std::printf("%-8d %-12s %10.1f GB/s by the slowest slot, %.1f by the slots' mean (checksum %u)\n", threads, "read",
+                threads * read.slowest_rate(2e-9 * share), threads * read.mean_rate(2e-9 * share), sums[0]);
     constexpr int64_t kChunk = 16 * 256;  // int8 elements of one panel's 256-deep chunk
     const int64_t codes = share * 2 / kChunk * kChunk;  // int8 elements per thread: the same bytes
     std::vector<Buffer<uint16_t>> chunk_out(threads);
     kt::run_on_each_slot(threads, [&](int t) { chunk_out[t].assign(kChunk); });
     for (const bool from_memory : {true, false}) {
-      const double decode_secs = best_seconds(threads, 3, [&](int64_t t) {
+      const SlotTimes decode = best_slots(threads, 3, [&](int64_t t) {
         const auto* src = reinterpret_cast<const int8_t*>(buf[t].w.data());
         for (int64_t at = 0; at < codes; at += kChunk)
           kt::decode_panels_avx512(src + (from_memory ? at : 0), 256, 1, chunk_out[t].data());
       });
-      std::printf("%-8d %-12s %10.1f GB/s of int8\n", threads, from_memory ? "decode mem" : "decode L1",
-                  double(codes) * threads / decode_secs / 1e9);
+      std::printf("%-8d %-12s %10.1f GB/s of int8 by the slowest slot, %.1f by the slots' mean\n", threads,
+                  from_memory ? "decode mem" : "decode L1", threads * decode.slowest_rate(1e-9 * codes),
+                  threads * decode.mean_rate(1e-9 * codes));
     }
   }
   return 0;
