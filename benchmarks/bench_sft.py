@@ -137,12 +137,12 @@ def build_gpu_peft(cfg, rank: int, device: torch.device) -> nn.Module:
     return model
 
 
-def _gb(tensors) -> float:
-    return round(sum(t.numel() * t.element_size() for t in tensors) / 1e9, 2)
+def _gib(tensors) -> float:
+    return round(sum(t.numel() * t.element_size() for t in tensors) / 2**30, 2)
 
 
 def host_memory(trainer: Trainer) -> dict[str, float]:
-    """Where the host memory of a step goes, GB: the resident set now, the packed experts,
+    """Where the host memory of a step goes, GiB: the resident set now, the packed experts,
     and the trainable values and optimizer state that live in CPU memory (their gradients take
     the trainable values' bytes again from each backward to the optimizer step)."""
     import os
@@ -152,9 +152,9 @@ def host_memory(trainer: Trainer) -> dict[str, float]:
     params = [p for g in trainer.optimizer.param_groups for p in g["params"] if p.device.type == "cpu"]
     state = [v for p in params for v in trainer.optimizer.state.get(p, {}).values()
              if isinstance(v, torch.Tensor) and v.numel() > 1]
-    return {"rss_now_gb": round(rss / 1e9, 2),
-            "packed_experts_gb": round(sum(e.nbytes for e in kt_ops.experts.packed_experts_in(trainer.model)) / 1e9, 2),
-            "cpu_trainable_gb": _gb(params), "cpu_optimizer_state_gb": _gb(state)}
+    packed = sum(e.nbytes for e in kt_ops.experts.packed_experts_in(trainer.model))
+    return {"rss_now_gib": round(rss / 2**30, 2), "packed_experts_gib": round(packed / 2**30, 2),
+            "cpu_trainable_gib": _gib(params), "cpu_optimizer_state_gib": _gib(state)}
 
 
 def main() -> None:
@@ -227,10 +227,10 @@ def main() -> None:
               "optimizer_s": round(statistics.median(optimizer_times), 3),
               "tokens_per_s": round(args.tokens_per_step / step_s, 1), "build_s": round(build_s, 1),
               "losses": [round(x, 4) for x in losses],
-              "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+              "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
               "trainable_params": sum(p.numel() for p in trainer.params), **memory}
     if device.type == "cuda":
-        result["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        result["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         result["gpu"] = torch.cuda.get_device_name()
     print(json.dumps(result), flush=True)
 

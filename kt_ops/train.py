@@ -385,7 +385,7 @@ class Trainer:
              "loss_last": self.losses[-1] if self.losses else None,
              "tokens": self.tokens, "train_seconds": round(self.train_seconds, 3),
              "tokens_per_s": self.tokens / self.train_seconds if self.train_seconds else None,
-             "peak_rss_gb": round(_peak_rss_gib(), 3), "device": str(self.device),
+             "peak_rss_gib": round(_peak_rss_gib(), 3), "device": str(self.device),
              "examples": len(self.examples), "model": self.args.model, "data": self.args.data,
              "experts_format": sorted({p.experts_format for p in packed_experts_in(self.model)})}
         if self.eval_examples:
@@ -395,7 +395,7 @@ class Trainer:
                 m["best"] = {"step": self.best_eval["step"], "eval_loss": self.best_eval["eval_loss"],
                              "adapter": os.path.join(self.args.out, BEST)}
         if self.device.type == "cuda":
-            m["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+            m["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         return m
 
     def finish(self, completed: bool) -> dict[str, Any]:

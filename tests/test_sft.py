@@ -226,7 +226,7 @@ def test_short_run_writes_every_output_and_stock_peft_loads_the_adapter(tmp_path
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert metrics == printed
     assert metrics["steps"] == 6 and metrics["completed"]
-    for key in ("loss_first", "loss_last", "tokens_per_s", "peak_rss_gb"):
+    for key in ("loss_first", "loss_last", "tokens_per_s", "peak_rss_gib"):
         assert metrics[key] > 0, key
     assert metrics["experts_format"] == ["bf16"]  # the built-in default's own
     with open(os.path.join(out, "loss.png"), "rb") as fh:
