@@ -167,6 +167,8 @@ def main() -> None:
     parser.add_argument("--tokens-per-step", type=int, default=4096)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                        help="two micro-batches in flight (kt-sft's --overlap; default: on with a GPU)")
     parser.add_argument("--experts-format", default="bf16", help="kt mode: the packed experts' weight format")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for the experts (default: torch's)")
     parser.add_argument("--profile", action="store_true",
@@ -188,7 +190,8 @@ def main() -> None:
     examples = random_examples(cfg.vocab_size, args.seq_len, steps * per_step)
     train_args = TrainArgs(out="unused", model="<in memory>", steps=steps, lr=1e-4, rank=args.rank,
                            alpha=2 * args.rank, max_tokens_per_step=args.tokens_per_step,
-                           grad_checkpointing=args.grad_checkpointing, progress=False, device=str(device))
+                           grad_checkpointing=args.grad_checkpointing, progress=False, device=str(device),
+                           overlap=args.overlap)
     trainer = Trainer(train_args, log=lambda m: None, model=model, examples=examples)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -221,7 +224,7 @@ def main() -> None:
     memory = host_memory(trainer)
     step_s = statistics.median(times)
     result = {"shape": args.shape, "mode": args.mode, "experts_format": args.experts_format,
-              "grad_checkpointing": args.grad_checkpointing,
+              "grad_checkpointing": args.grad_checkpointing, "overlap": trainer.lanes is not None,
               "layers": cfg.num_hidden_layers, "tokens_per_step": args.tokens_per_step, "seq_len": args.seq_len,
               "threads": torch.get_num_threads(), "step_s": round(step_s, 3),
               "optimizer_s": round(statistics.median(optimizer_times), 3),

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 2048)")
     t.add_argument("--grad-checkpointing", action="store_true", default=None,
                    help="recompute activations in the backward (less memory, about 30%% more time)")
+    t.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep two micro-batches in flight, one's experts on the CPU while the GPU runs the other's "
+                   "attention and routers (default: on when the model is on a GPU; needs >= 2 micro-batches per step)")
     t.add_argument("--target-modules", type=_modules,
                    help="also put PEFT LoRA on these modules, e.g. q_proj,k_proj,v_proj,o_proj")
     t.add_argument("--seed", type=int, help="seed for LoRA init and data order (default 0)")

@@ -34,6 +34,7 @@ from kt_ops.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_
 from kt_ops.evaluate import base_model, heldout_loss, summed_loss
 from kt_ops.experts import packed_experts_in
 from kt_ops.models.surgery import ExpertLoraConfig
+from kt_ops.overlap import Lanes, uses_randomness
 from kt_ops.run_state import CHECKPOINT, CheckpointError
 
 BEST = "best"  # folder of the adapter of the lowest held-out loss (--keep-best)
@@ -59,6 +60,7 @@ class TrainArgs:
     micro_batch_tokens: Optional[int] = None
     max_seq_len: int = 2048
     grad_checkpointing: bool = False
+    overlap: Optional[bool] = None  # two micro-batches in flight (kt_ops.overlap); None: on with a GPU
     target_modules: list[str] = field(default_factory=list)
     seed: int = 0
     warmup_steps: Optional[int] = None
@@ -243,6 +245,7 @@ class Trainer:
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         self.model = model
+        self.lanes = self._lanes(args.overlap)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.master = _MasterWeights(self.params)
         # fused: one kernel per device and dtype; the experts' LoRA (hundreds of millions of
@@ -277,19 +280,39 @@ class Trainer:
                     return
             epoch += 1
 
+    def _lanes(self, overlap: Optional[bool]) -> Optional[Lanes]:
+        if overlap is None:
+            overlap = self.device.type == "cuda"
+        if not overlap:
+            return None
+        random_part = uses_randomness(self.model)
+        if random_part is not None:
+            self.log(f"warning: {random_part} draws random numbers in training; the micro-batches run one at a "
+                     "time (no --overlap) so that a run repeats")
+            return None
+        return Lanes(self.device, self.model)
+
     def loss_and_backward(self, rows: list[list[int]]) -> tuple[float, int]:
         """Forward and backward of one step's rows; returns (mean loss over the step's
-        assistant tokens, tokens in the step). Gradients accumulate into ``.grad``."""
+        assistant tokens, tokens in the step). Gradients accumulate into ``.grad``. With
+        overlap, two rows are in flight at a time (:class:`kt_ops.overlap.Lanes`)."""
         batches = [sft_data.collate(self.examples, row) for row in rows]
         label_count = sum(int((b["labels"][0, 1:] != sft_data.IGNORE).sum()) for b in batches)
-        total, tokens = 0.0, 0
-        for b in batches:
+
+        def row_loss(b: dict[str, torch.Tensor]) -> float:
             b = {k: v.to(self.device) for k, v in b.items()}
             loss = summed_loss(self.model, b) / label_count
             loss.backward()
-            total += loss.item()
-            tokens += b["input_ids"].shape[1]
-        return total, tokens
+            return loss.item()
+
+        if self.lanes is not None and len(batches) > 1:
+            losses = self.lanes.run(row_loss, batches)
+        else:
+            losses = [row_loss(b) for b in batches]
+        total = 0.0
+        for loss in losses:  # summed in row order, whatever order the rows ran in
+            total += loss
+        return total, sum(b["input_ids"].shape[1] for b in batches)
 
     def optimizer_step(self) -> None:
         self.master.grads_to_masters()
