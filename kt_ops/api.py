@@ -232,6 +232,10 @@ class Gate:
 
 SWIGLU = Gate()
 
+# The expert id of a routing slot that :func:`moe_sft` leaves out (kt/moe_sft.h's kNoExpert): a
+# slot the caller computes elsewhere (another device's experts) or an empty one.
+NO_EXPERT = -1
+
 
 def _lora_args(lora: Optional[LoraTuple]) -> list[Optional[torch.Tensor]]:
     if lora is None:
@@ -268,7 +272,9 @@ def moe_sft(
 
     Args:
         x: ``[T, H]`` bf16 or fp32 hidden states (CPU).
-        topk_ids: ``[T, K]`` int32/int64 expert ids, each in ``[0, E)``.
+        topk_ids: ``[T, K]`` int32/int64 expert ids, each in ``[0, E)``, or
+            :data:`NO_EXPERT` (-1): the slot adds nothing and its weight's gradient is zero
+            (a slot the caller computes elsewhere).
         topk_weights: ``[T, K]`` fp32 or bf16 routing weights.
         experts: from :func:`pack_experts`.
         lora: ``None`` or ``(A_g, B_g, A_u, B_u, A_d, B_d)`` in PEFT layout, A ``[E, r, in]``

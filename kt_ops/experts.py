@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from kt_ops.api import PackedExperts, moe_sft, pack_experts
+from kt_ops.api import NO_EXPERT, PackedExperts, moe_sft, pack_experts
 from kt_ops.models.variants import ExpertsVariant, experts_variant
 from kt_ops.packed_weights import ExpertsLayout, PackedExpertWeight, packed_parameters, to_canonical
 
@@ -298,10 +298,9 @@ def kt_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index
         lora[4:] = [a, b if s == scaling else b * (s / scaling)]
     ids, weights = top_k_index.to(cpu), _to_device(top_k_weights, cpu)
     # Ids of num_experts or more are the interface's sentinels (a "no expert" routing slot, or
-    # an expert held elsewhere): they add nothing and pass no gradient to their weight.
-    sentinel = ids >= packed.num_experts
-    if bool(sentinel.any()):
-        ids, weights = ids.masked_fill(sentinel, 0), weights.masked_fill(sentinel, 0)
+    # an expert held elsewhere): the op's "no expert" id, which adds nothing and passes no
+    # gradient to its weight.
+    ids = ids.masked_fill(ids >= packed.num_experts, NO_EXPERT)
     y = moe_sft(_to_device(hidden_states, cpu), ids, weights, packed, lora, scaling, gate=variant.kernel_gate,
                 gate_up_bias=gate_up_bias, down_bias=down_bias)
     return _to_device(y, hidden_states.device)

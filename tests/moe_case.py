@@ -81,6 +81,7 @@ def make_case(
     clamped_share: Optional[float] = None,
     weight_format: str = "bf16",
     w8a8: bool = False,
+    unrouted_share: float = 0.0,
 ) -> MoeCase:
     """A layer with O(1) activations. Experts at or past ``used_experts`` get no tokens;
     ``numa_nodes`` is passed to pack_experts (0: one slice per NUMA node of this machine);
@@ -90,7 +91,8 @@ def make_case(
     reference's dequantized weights (fp32), the truth the kernels are held to. A format with
     quantization groups (int4, in groups of INT4_TEST_GROUP) needs H and I divisible by the
     group: for it they become :func:`format_sizes`'. ``w8a8`` (int8 only) makes the case run
-    with W8A8 numerics, against :func:`kt_ops.reference.moe_sft_w8a8_reference`."""
+    with W8A8 numerics, against :func:`kt_ops.reference.moe_sft_w8a8_reference`.
+    ``unrouted_share`` of the routing slots (drawn at random) get id -1: no expert."""
     hidden, intermediate = format_sizes(weight_format, hidden, intermediate)
     gen = torch.Generator().manual_seed(seed)
 
@@ -103,6 +105,8 @@ def make_case(
     pool = used_experts or experts
     scores = torch.rand(tokens, pool, generator=gen)
     topk_ids = scores.topk(top_k, dim=1).indices.to(ids_dtype)  # distinct experts per token
+    if unrouted_share:
+        topk_ids[torch.rand(tokens, top_k, generator=gen) < unrouted_share] = -1
     topk_weights = torch.rand(tokens, top_k, generator=gen).to(weights_dtype).requires_grad_()
     x = randn(tokens, hidden).to(dtype).requires_grad_()
     lora = None

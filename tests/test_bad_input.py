@@ -231,11 +231,12 @@ def test_pack_experts_checks_the_format(fmt, group_size, message, device):
         torch.ops.kt.pack_experts(*[t.to(device) for t in w], 1, fmt, group_size)
 
 
-@pytest.mark.parametrize("bad_id", [-1, E])
+@pytest.mark.parametrize("bad_id", [-2, E])
 def test_expert_id_out_of_range(case, bad_id):
     ids = case.topk_ids.clone()
     ids[3, 1] = bad_id
-    msg = f"kt.moe_sft_forward: topk_ids must be in [0, {E}) (the number of experts), got {bad_id} at [3, 1]"
+    msg = (f"kt.moe_sft_forward: topk_ids must be in [0, {E}) (the number of experts) or -1 (no expert), got "
+           f"{bad_id} at [3, 1]")
     with pytest.raises(RuntimeError, match=re.escape(msg)):
         call(case, topk_ids=ids)
 

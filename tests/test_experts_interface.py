@@ -188,8 +188,8 @@ def test_sentinel_expert_ids_add_nothing(qwen3, monkeypatch):
     """Ids of num_experts (a "no expert" routing slot, or an expert held elsewhere) are
     skipped by the interface's implementations (and by the eager code of the newer
     transformers): the kt experts add nothing for them and pass no gradient to their routing
-    weights. The reference is the eager experts on the slots that are not sentinels (a
-    sentinel slot turned into expert 0 with weight 0 there)."""
+    weights (the op's NO_EXPERT slots). The reference is the eager experts on the slots that are
+    not sentinels (a sentinel slot turned into expert 0 with weight 0 there)."""
     monkeypatch.setenv("KT_OPS_MAX_ISA", "avx2")
     experts = experts_of(qwen3)[0]
     e, h = experts.num_experts, qwen3.config.hidden_size

@@ -17,6 +17,10 @@ CASES = {
     "k8_rank1": (33, 17, 8, 8, 7, 1, {"ids_dtype": torch.int32}),
     "k1": (130, 100, 10, 1, 7, 16, {"weights_dtype": torch.bfloat16}),
     "idle_experts": (64, 32, 12, 2, 7, 8, {"used_experts": 4}),
+    # Slots of id -1 (computed elsewhere): nothing added, no gradient to their weights.
+    "unrouted_slots": (70, 45, 6, 2, 33, 8, {"unrouted_share": 0.3}),
+    "unrouted_slots_biases_two_slices": (64, 96, 6, 3, 17, 8, {"unrouted_share": 0.4, "biases": True,
+                                                               "numa_nodes": 2}),
     "t513_rank16": (96, 64, 16, 4, 513, 16, {}),
     "t513_rank64_odd": (40, 72, 5, 3, 513, 64, {"ids_dtype": torch.int32}),
     "bf16_lora": (48, 40, 4, 2, 33, 8, {"lora_dtype": torch.bfloat16, "weights_dtype": torch.bfloat16}),

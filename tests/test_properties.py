@@ -120,7 +120,7 @@ def build(c: Call):
     fault = c.fault
     if fault == "expert_id":
         if t:
-            ids[c.seed % t, c.seed % k] = e if c.seed % 2 else -1
+            ids[c.seed % t, c.seed % k] = e if c.seed % 2 else -2
         else:
             fault = None  # no row to put a bad id in: the call is a valid one
     weights = torch.rand(t, k, generator=g)

@@ -132,6 +132,10 @@ void backward_impl(const KernelSet& k, int threads, const MoeBackwardArgs& args)
     std::vector<float> gu(plain_swiglu ? 0 : 2 * I);
     for (int64_t j = 0; j < K; ++j) {
       const int64_t pair = t * K + j, row = route.row_of_pair[pair];
+      if (row < 0) {
+        args.grad_weights[pair] = 0.f;
+        continue;
+      }
       const float* q = ws.q_rows + row * ip;
       Act* fused = ws.grad_gu + row * ws.ld_grad_gu;
       Act* z = ws.z_rows + row * I;
@@ -217,6 +221,7 @@ void backward_impl(const KernelSet& k, int threads, const MoeBackwardArgs& args)
   parallel_for(T, threads, [&](int64_t t) {
     std::vector<float> dx(H, 0.f);
     for (int64_t j = 0; j < K; ++j) {
+      if (route.row_of_pair[t * K + j] < 0) continue;
       for (int64_t sl = 0; sl < c.S; ++sl) {
         const float* part = ws.dx_partial + (sl * rows + route.row_of_pair[t * K + j]) * hp;
         for (int64_t col = 0; col < H; ++col) dx[col] += part[col];

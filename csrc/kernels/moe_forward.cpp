@@ -29,6 +29,12 @@ void forward_impl(const KernelSet& k, int threads, const MoeForwardArgs& args) {
   const W8A8Kernels* w8a8 = k.w8a8;
   const Int8Rows q(k, c, route.rows());  // W8A8: x, then z
   const DType act = k.activations;
+  // Unrouted pairs are never computed; their saved activations are zeros, not stale memory.
+  const std::vector<float> zeros(2 * I, 0.f);
+  for (int64_t pair : route.unrouted) {
+    store_f32(args.gate_up_act, args.act_dtype, pair * 2 * I, 2 * I, zeros.data());
+    std::fill(args.lora_act + pair * l.width, args.lora_act + (pair + 1) * l.width, 0.f);
+  }
   timer.mark("route");
 
   // Phase 1, per expert: gather its tokens (W8A8: and quantize them), pack its LoRA operands,
@@ -161,6 +167,7 @@ void forward_impl(const KernelSet& k, int threads, const MoeForwardArgs& args) {
   parallel_for(c.T, threads, [&](int64_t t) {
     std::vector<float> y(H, 0.f);
     for (int64_t j = 0; j < K; ++j) {
+      if (route.row_of_pair[t * K + j] < 0) continue;
       const float wt = args.weights[t * K + j];
       if (w.down_bias) {
         const float* b = w.down_bias + args.ids[t * K + j] * H;

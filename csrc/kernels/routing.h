@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "kt/bf16.h"
+#include "kt/moe_sft.h"
 #include "kt/packing.h"
 #include "kt/thread_pool.h"
 
@@ -27,7 +28,8 @@ struct Routing {
   std::vector<int64_t> pairs;        // pair indices grouped by expert
   std::vector<int64_t> first_row;    // [E + 1] buffer rows; experts padded to kRowAlign
   std::vector<int64_t> active;       // experts with at least one pair
-  std::vector<int64_t> row_of_pair;  // [pairs] each pair's expert-sorted row
+  std::vector<int64_t> row_of_pair;  // [pairs] each pair's expert-sorted row; -1 if unrouted
+  std::vector<int64_t> unrouted;     // pairs of id kNoExpert, ascending
 
   Routing(const int64_t* ids, int64_t n_pairs, int64_t experts);
   int64_t count(int64_t e) const { return first[e + 1] - first[e]; }

@@ -94,9 +94,9 @@ struct KernelInputs {
     const int64_t* p = ids.data_ptr<int64_t>();
     const int64_t n = ids.numel();
     for (int64_t i = 0; i < n; ++i) {
-      KT_CHECK(p[i] >= 0 && p[i] < dims.experts, "kt.", op, ": topk_ids must be in [0, ",
-                  dims.experts, ") (the number of experts), got ", p[i], " at [", i / dims.top_k,
-                  ", ", i % dims.top_k, "]");
+      KT_CHECK((p[i] >= 0 && p[i] < dims.experts) || p[i] == kt::kNoExpert, "kt.", op,
+               ": topk_ids must be in [0, ", dims.experts, ") (the number of experts) or ", kt::kNoExpert,
+               " (no expert), got ", p[i], " at [", i / dims.top_k, ", ", i % dims.top_k, "]");
     }
   }
 };

@@ -6,7 +6,8 @@
 //   g = x Wg^T + bg + s (x Ag^T) Bg^T,  u = x Wu^T + bu + s (x Au^T) Bu^T,  z = gate(g, u)
 //   h = z Wd^T + bd + s (z Ad^T) Bd^T,  y_t = sum_j w h
 // where gate is kt/gate.h's (silu(g) * u unless the experts say otherwise) and the biases
-// bg, bu, bd are zero unless given.
+// bg, bu, bd are zero unless given. A pair of id kNoExpert adds nothing (its saved
+// activations are zero and its weight's gradient is zero).
 #pragma once
 
 #include <cstdint>
@@ -16,6 +17,10 @@
 #include "kt/kernels.h"
 
 namespace kt {
+
+// The expert id of a routing slot that names no expert here (the caller computes that slot
+// elsewhere, or it is empty).
+constexpr int64_t kNoExpert = -1;
 
 struct MoeDims {
   int64_t tokens;        // T
@@ -58,7 +63,7 @@ struct MoeForwardArgs {
   MoeDims dims;
   const void* x;         // [T, H], act_dtype
   DType act_dtype;       // dtype of x, y and gate_up_act
-  const int64_t* ids;    // [T, K], each in [0, E)
+  const int64_t* ids;    // [T, K], each in [0, E) or kNoExpert
   const float* weights;  // [T, K]
   MoeWeights w;
   void* y;               // out [T, H], act_dtype
