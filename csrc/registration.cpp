@@ -51,9 +51,10 @@ TORCH_LIBRARY(kt, m) {
         "int numa_nodes=0, int group_size=0) -> Tensor[]");
 
   // Inverse of pack_experts: the bf16 w_gate, w_up [E, I, H] and w_down [E, H, I] held by
-  // experts (for a quantized format, the dequantized weights rounded to bf16), which must hold hidden_size H and intermediate_size I (the Meta kernel sizes the
-  // outputs from them).
-  m.def("unpack_experts(Tensor[] experts, int hidden_size, int intermediate_size) -> "
+  // experts (for a quantized format, the dequantized weights rounded to bf16), which must hold
+  // hidden_size H and intermediate_size I (the Meta kernel sizes the outputs from them); with
+  // expert_ids, those experts' weights only, in that order ([len(expert_ids), ...]).
+  m.def("unpack_experts(Tensor[] experts, int hidden_size, int intermediate_size, int[]? expert_ids=None) -> "
         "(Tensor w_gate, Tensor w_up, Tensor w_down)");
 
   // Routed experts forward on `experts` (the list kt.pack_experts made), with optional LoRA per

@@ -130,11 +130,13 @@ class PackedExperts:
         """S, the slices of the intermediate dimension (one per NUMA node)."""
         return self.gate_up.shape[0]
 
-    def unpack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def unpack(self, experts: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The bf16 weights these were packed from: ``(w_gate [E, I, H], w_up [E, I, H],
         w_down [E, H, I])``, new tensors (packing bf16 is a lossless permutation; a quantized
-        format gives its dequantized weights rounded to bf16)."""
-        return torch.ops.kt.unpack_experts(list(self.tensors), self.hidden_size, self.intermediate_size)
+        format gives its dequantized weights rounded to bf16). With ``experts`` (ids in
+        ``[0, E)``), those experts' weights only, in that order: ``[len(experts), ...]``."""
+        ids = None if experts is None else [int(e) for e in experts]
+        return torch.ops.kt.unpack_experts(list(self.tensors), self.hidden_size, self.intermediate_size, ids)
 
     @property
     def nbytes(self) -> int:

@@ -398,6 +398,31 @@ def test_unpack_experts_inverts_pack_experts():
         assert all(torch.equal(a, b) for a, b in zip(packed.unpack(), w))
 
 
+@pytest.mark.parametrize("fmt", kt_ops.weight_formats())
+def test_unpack_experts_of_chosen_ids_are_those_experts_of_the_whole_unpack(fmt):
+    g = torch.Generator().manual_seed(1)
+    e, i, h = 5, 64, 128
+    w = [torch.randn(*s, generator=g).bfloat16() for s in [(e, i, h), (e, i, h), (e, h, i)]]
+    packed = kt_ops.pack_experts(*w, numa_nodes=2, format=fmt)
+    whole = packed.unpack()
+    for ids in ([3, 0], [4], [], [2, 2, 1]):
+        chosen = packed.unpack(ids)
+        for part, full in zip(chosen, whole):
+            assert part.shape == (len(ids), *full.shape[1:])
+            assert torch.equal(part, full[ids])
+        meta = torch.ops.kt.unpack_experts([t.to("meta") for t in packed.tensors], h, i, ids)
+        assert [tuple(t.shape) for t in meta] == [tuple(t.shape) for t in chosen]
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_unpack_experts_refuses_ids_of_no_packed_expert(device):
+    w = [torch.zeros(2, 64, 32).bfloat16(), torch.zeros(2, 64, 32).bfloat16(), torch.zeros(2, 32, 64).bfloat16()]
+    p = kt_ops.pack_experts(*w, numa_nodes=1)
+    with pytest.raises(RuntimeError, match=re.escape("kt.unpack_experts: expert_ids must be in [0, 2) (the packed "
+                                                     "experts), got 2 at [1]")):
+        torch.ops.kt.unpack_experts([t.to(device) for t in p.tensors], 32, 64, [0, 2])
+
+
 def test_unpack_experts_checks_its_sizes_against_the_layout():
     w = [torch.zeros(2, 64, 32).bfloat16(), torch.zeros(2, 64, 32).bfloat16(), torch.zeros(2, 32, 64).bfloat16()]
     p = kt_ops.pack_experts(*w, numa_nodes=1)

@@ -59,6 +59,7 @@ def test_opcheck_unpack_experts(numa_nodes, weight_format):
     w = [torch.randn(*s, generator=g).bfloat16() for s in [(3, i, h), (3, i, h), (3, h, i)]]
     experts = torch.ops.kt.pack_experts(*w, numa_nodes, weight_format, 0)
     torch.library.opcheck(torch.ops.kt.unpack_experts.default, (experts, h, i))
+    torch.library.opcheck(torch.ops.kt.unpack_experts.default, (experts, h, i, [2, 0]))
 
 
 @pytest.mark.parametrize("weight_format, w8a8", NUMERICS, ids=NUMERICS_IDS)

@@ -144,8 +144,8 @@ void unpack_expert_slice(const ExpertLayout& layout, const bf16* gate_up, const 
   const int64_t H = layout.hidden, I = layout.intermediate, is = layout.slice_width();
   const int64_t c0 = s * is, cols = layout.slice_columns(s);
   if (cols <= 0) return;
-  unpack_gate_up(gate_up + layout.gate_up_offset(s, e), cols, H, w_gate + (e * I + c0) * H, w_up + (e * I + c0) * H);
-  unpack_weight(down + layout.down_offset(s, e), H, cols, I, is, w_down + e * H * I + c0);
+  unpack_gate_up(gate_up + layout.gate_up_offset(s, e), cols, H, w_gate + c0 * H, w_up + c0 * H);
+  unpack_weight(down + layout.down_offset(s, e), H, cols, I, is, w_down + c0);
 }
 
 void pack_expert_slice_int8_codes(const ExpertLayout& layout, const Int8Slice& codes, int64_t e, int64_t s,
@@ -201,12 +201,12 @@ void unpack_expert_slice_int8(const ExpertLayout& layout, const int8_t* gate_up,
   for (int64_t r = 0; r < cols; ++r) {
     const float sg = gu_scale[gate_up_column(r, false)], su = gu_scale[gate_up_column(r, true)];
     for (int64_t c = 0; c < H; ++c) {
-      w_gate[(e * I + c0 + r) * H + c] = f32_to_bf16(g[r * H + c] * sg);
-      w_up[(e * I + c0 + r) * H + c] = f32_to_bf16(u[r * H + c] * su);
+      w_gate[(c0 + r) * H + c] = f32_to_bf16(g[r * H + c] * sg);
+      w_up[(c0 + r) * H + c] = f32_to_bf16(u[r * H + c] * su);
     }
   }
   for (int64_t h = 0; h < H; ++h)
-    for (int64_t c = 0; c < cols; ++c) w_down[(e * H + h) * I + c0 + c] = f32_to_bf16(d[h * cols + c] * d_scale[h]);
+    for (int64_t c = 0; c < cols; ++c) w_down[h * I + c0 + c] = f32_to_bf16(d[h * cols + c] * d_scale[h]);
 }
 
 
@@ -323,8 +323,8 @@ void unpack_decoded_slice(const ExpertLayout& layout, int64_t e, int64_t s,
   if (cols <= 0) return;
   std::vector<bf16> gu(2 * is * hp), d(hp * is);
   decode(gu.data(), d.data());
-  unpack_gate_up(gu.data(), cols, H, w_gate + (e * I + c0) * H, w_up + (e * I + c0) * H);
-  unpack_weight(d.data(), H, cols, I, is, w_down + e * H * I + c0);
+  unpack_gate_up(gu.data(), cols, H, w_gate + c0 * H, w_up + c0 * H);
+  unpack_weight(d.data(), H, cols, I, is, w_down + c0);
 }
 
 void unpack_expert_slice_int4(const ExpertLayout& layout, const uint8_t* gate_up, const uint8_t* down,

@@ -42,8 +42,10 @@ std::vector<at::Tensor> pack_expert_codes_meta(const at::Tensor& w_gate, const a
 
 using UnpackResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // w_gate, w_up, w_down
 
-UnpackResult unpack_experts_cpu(at::TensorList experts, int64_t hidden_size, int64_t intermediate_size);
-UnpackResult unpack_experts_meta(at::TensorList experts, int64_t hidden_size, int64_t intermediate_size);
+UnpackResult unpack_experts_cpu(at::TensorList experts, int64_t hidden_size, int64_t intermediate_size,
+                                at::OptionalIntArrayRef expert_ids);
+UnpackResult unpack_experts_meta(at::TensorList experts, int64_t hidden_size, int64_t intermediate_size,
+                                 at::OptionalIntArrayRef expert_ids);
 
 // The arguments kt.moe_sft_forward takes and kt.moe_sft_backward takes after grad_y.
 #define KT_MOE_FORWARD_PARAMS                                                                              \

@@ -286,8 +286,8 @@ namespace {
 
 // The sizes unpack_experts' outputs take, checked against the packed tensors' shapes (and, on
 // the CPU, against the values of layout).
-ExpertShape check_unpack_args(at::TensorList experts, int64_t hidden, int64_t intermediate, bool require_cpu,
-                              kt::WeightFormat* format_out) {
+ExpertShape check_unpack_args(at::TensorList experts, int64_t hidden, int64_t intermediate,
+                              at::OptionalIntArrayRef expert_ids, bool require_cpu, kt::WeightFormat* format_out) {
   constexpr const char* op = "unpack_experts";
   KT_CHECK(hidden > 0 && intermediate > 0, "kt.", op, ": hidden_size and intermediate_size must be positive, got ",
            hidden, " and ", intermediate);
@@ -315,6 +315,13 @@ ExpertShape check_unpack_args(at::TensorList experts, int64_t hidden, int64_t in
            describe(down));
   check_scales(op, experts, f, slices, experts_count, width, hidden);
   *format_out = format;
+  if (expert_ids.has_value()) {
+    for (size_t i = 0; i < expert_ids->size(); ++i) {
+      const int64_t e = (*expert_ids)[i];
+      KT_CHECK(e >= 0 && experts_count > e, "kt.", op, ": expert_ids must be in [0, ", experts_count,
+               ") (the packed experts), got ", e, " at [", i, "]");
+    }
+  }
   if (require_cpu) {
     const kt::ExpertLayout& packed = p.sizes;
     KT_CHECK(packed.hidden == hidden && packed.intermediate == intermediate && packed.experts == gate_up.size(1) &&
@@ -323,7 +330,8 @@ ExpertShape check_unpack_args(at::TensorList experts, int64_t hidden, int64_t in
              packed.intermediate, " in ", packed.slices, " slices; the call gives H = ", hidden, ", I = ", intermediate,
              " and gate_up ", describe(gate_up));
   }
-  return {experts_count, c10::SymInt(intermediate), c10::SymInt(hidden)};
+  const c10::SymInt count = expert_ids.has_value() ? c10::SymInt(static_cast<int64_t>(expert_ids->size())) : experts_count;
+  return {count, c10::SymInt(intermediate), c10::SymInt(hidden)};
 }
 
 UnpackResult allocate_unpacked(const ExpertShape& s, const at::TensorOptions& opts) {
@@ -334,9 +342,10 @@ UnpackResult allocate_unpacked(const ExpertShape& s, const at::TensorOptions& op
 
 }  // namespace
 
-UnpackResult unpack_experts_cpu(at::TensorList experts, int64_t hidden_size, int64_t intermediate_size) {
+UnpackResult unpack_experts_cpu(at::TensorList experts, int64_t hidden_size, int64_t intermediate_size,
+                                at::OptionalIntArrayRef expert_ids) {
   kt::WeightFormat format;
-  const ExpertShape s = check_unpack_args(experts, hidden_size, intermediate_size, true, &format);
+  const ExpertShape s = check_unpack_args(experts, hidden_size, intermediate_size, expert_ids, true, &format);
   const bool scaled = format_tensors(format).scales != kt::WeightScales::kNone;
   const at::Tensor gu_scale = scaled ? experts[3].contiguous() : at::Tensor(),
                    d_scale = scaled ? experts[4].contiguous() : at::Tensor();
@@ -347,19 +356,21 @@ UnpackResult unpack_experts_cpu(at::TensorList experts, int64_t hidden_size, int
   auto* g_out = reinterpret_cast<kt::bf16*>(w_gate.data_ptr());
   auto* u_out = reinterpret_cast<kt::bf16*>(w_up.data_ptr());
   auto* d_out = reinterpret_cast<kt::bf16*>(w_down.data_ptr());
-  std::vector<int64_t> range_first{0, slices * E};
+  const int64_t count = w_gate.size(0), I = intermediate_size, H = hidden_size;
+  std::vector<int64_t> range_first{0, slices * count};
   kt::parallel_for_ranges(range_first, at::get_num_threads(), [&](int64_t task) {
-    const int64_t e = task % E, sl = task / E;
+    const int64_t out = task % count, sl = task / count, e = expert_ids.has_value() ? (*expert_ids)[out] : out;
     kt::format_info(format).unpack_slice(layout_, gu.data_ptr(), dn.data_ptr(),
-                                         scaled ? gu_scale.data_ptr() : nullptr,
-                                         scaled ? d_scale.data_ptr() : nullptr, e, sl, g_out, u_out, d_out);
+                                         scaled ? gu_scale.data_ptr() : nullptr, scaled ? d_scale.data_ptr() : nullptr,
+                                         e, sl, g_out + out * I * H, u_out + out * I * H, d_out + out * H * I);
   });
   return {w_gate, w_up, w_down};
 }
 
-UnpackResult unpack_experts_meta(at::TensorList experts, int64_t hidden_size, int64_t intermediate_size) {
+UnpackResult unpack_experts_meta(at::TensorList experts, int64_t hidden_size, int64_t intermediate_size,
+                                 at::OptionalIntArrayRef expert_ids) {
   kt::WeightFormat format;
-  return allocate_unpacked(check_unpack_args(experts, hidden_size, intermediate_size, false, &format),
+  return allocate_unpacked(check_unpack_args(experts, hidden_size, intermediate_size, expert_ids, false, &format),
                            experts[0].options().dtype(at::kBFloat16));
 }
 

@@ -176,8 +176,9 @@ inline bool decode_layout(const int64_t* in, ExpertLayout* layout, int64_t* form
 void pack_expert_slice(const ExpertLayout& layout, const bf16* w_gate, const bf16* w_up,
                        const bf16* w_down, int64_t e, int64_t s, bf16* gate_up, bf16* down);
 
-// Inverse of pack_expert_slice: writes expert e's slice s of w_gate, w_up [E, I, H] and
-// w_down [E, H, I] from the packed tensors.
+// Inverse of pack_expert_slice: writes expert e's slice s of its own weights w_gate, w_up
+// [I, H] and w_down [H, I] (the expert's block of the [E, ...] tensors, or a tensor of
+// selected experts) from the packed tensors. So do the formats' unpack_expert_slice_* below.
 void unpack_expert_slice(const ExpertLayout& layout, const bf16* gate_up, const bf16* down, int64_t e,
                          int64_t s, bf16* w_gate, bf16* w_up, bf16* w_down);
 
@@ -226,7 +227,7 @@ void pack_expert_slice_int4(const ExpertLayout& layout, const bf16* w_gate, cons
                             int64_t e, int64_t s, int64_t group, uint8_t* gate_up, uint8_t* down, bf16* gate_up_scale,
                             bf16* down_scale);
 
-// Expert e's slice s of w_gate, w_up [E, I, H] and w_down [E, H, I] from its panels as bf16:
+// Expert e's slice s of its w_gate, w_up [I, H] and w_down [H, I] from its panels as bf16:
 // decode(gate_up, down) writes the slice's 2 is / 16 gate/up panels (depth hp) and hp / 16
 // down panels (depth is) as packed bf16, for a format whose kernels decode panels.
 void unpack_decoded_slice(const ExpertLayout& layout, int64_t e, int64_t s,

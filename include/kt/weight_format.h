@@ -45,7 +45,8 @@ enum class WeightScales {
 
 // Packs expert e's slice s of w_gate, w_up [E, I, H] and w_down [E, H, I] (bf16) into the
 // format's gate_up, down and scales (null for a format without), quantizing in groups of
-// `group` where the format has groups; and the inverse, the dequantized bf16 weights.
+// `group` where the format has groups; and the inverse, the dequantized bf16 weights of expert
+// e's slice s written into that expert's own w_gate, w_up [I, H] and w_down [H, I].
 using PackSliceFn = void (*)(const ExpertLayout& layout, const uint16_t* w_gate, const uint16_t* w_up,
                              const uint16_t* w_down, int64_t e, int64_t s, int64_t group, void* gate_up, void* down,
                              void* gate_up_scale, void* down_scale);

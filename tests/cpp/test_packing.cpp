@@ -157,7 +157,8 @@ TEST(Int8Experts, PackUnpackAgainstTheRowQuantization) {
     std::vector<bf16> g2(g.size()), u2(u.size()), d2(d.size());
     for (int64_t s = 0; s < slices; ++s)
       for (int64_t e = 0; e < E; ++e)
-        kt::unpack_expert_slice_int8(layout, gu.data(), dn.data(), gs.data(), ds.data(), e, s, g2.data(), u2.data(), d2.data());
+        kt::unpack_expert_slice_int8(layout, gu.data(), dn.data(), gs.data(), ds.data(), e, s, g2.data() + e * I * H,
+                                     u2.data() + e * I * H, d2.data() + e * H * I);
     std::vector<int8_t> q(std::max(H, I));
     for (int64_t e = 0; e < E; ++e) {
       for (int64_t r = 0; r < I; ++r) {
