@@ -12,13 +12,15 @@ from kt_ops.api import (NO_EXPERT, Gate, PackedExperts, experts_formats, isa, mo
                         weight_formats)
 from kt_ops.adapters import load_adapter, save_adapter
 from kt_ops.experts import KtExperts, register_experts_implementation
+from kt_ops.gpu_share import choose_gpu_experts, count_routing, share_experts, shared_experts
 from kt_ops.models.families import supported_families
 from kt_ops.models.surgery import ExpertLoraConfig, patch_model
 from kt_ops.weights import checkpoint_experts_format, load_experts, load_model
 
-__all__ = ["NO_EXPERT", "ExpertLoraConfig", "Gate", "KtExperts", "PackedExperts", "checkpoint_experts_format", "experts_formats", "isa", "load_adapter",
-           "load_experts", "load_model", "moe_sft", "pack_expert_codes", "pack_experts", "patch_model", "save_adapter", "supported_families", "topology",
-           "weight_formats"]
+__all__ = ["NO_EXPERT", "ExpertLoraConfig", "Gate", "KtExperts", "PackedExperts", "checkpoint_experts_format",
+           "choose_gpu_experts", "count_routing", "experts_formats", "isa", "load_adapter", "load_experts", "load_model",
+           "moe_sft", "pack_expert_codes", "pack_experts", "patch_model", "save_adapter", "share_experts",
+           "shared_experts", "supported_families", "topology", "weight_formats"]
 __version__ = "0.1.0"
 
 register_experts_implementation()  # experts_implementation="kt" in transformers

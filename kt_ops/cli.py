@@ -30,6 +30,15 @@ def _positive(kind):
     return parse
 
 
+def _size(text: str) -> int:
+    from kt_ops.gpu_share import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _modules(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
@@ -85,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="keep two micro-batches in flight, one's experts on the CPU while the GPU runs the other's "
                    "attention and routers (default: on when the model is on a GPU; needs >= 2 micro-batches per step)")
+    t.add_argument("--gpu-experts-budget", type=_size,
+                   help="hold the most-routed experts (counted over the first step's batches) on the GPU within "
+                   "this much GPU memory, e.g. 16GiB, and compute their tokens there while the CPU computes the "
+                   "rest (default 0: every expert on the CPU)")
     t.add_argument("--target-modules", type=_modules,
                    help="also put PEFT LoRA on these modules, e.g. q_proj,k_proj,v_proj,o_proj")
     t.add_argument("--seed", type=int, help="seed for LoRA init and data order (default 0)")

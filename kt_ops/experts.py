@@ -1,6 +1,6 @@
 """The routed experts computed by ``torch.ops.kt`` on the CPU: the "kt" implementation of
-transformers' experts interface, KtExperts (the drop-in module for models of one's own), and the
-crossing between a CUDA device and the CPU."""
+transformers' experts interface and KtExperts (the drop-in module for models of one's own),
+both with an optional share of their experts on the GPU (:mod:`kt_ops.gpu_share`)."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from kt_ops.api import NO_EXPERT, PackedExperts, moe_sft, pack_experts
+from kt_ops.api import NO_EXPERT, SWIGLU, Gate, PackedExperts, moe_sft, pack_experts
+from kt_ops.devices import to_device
+from kt_ops.gpu_share import shared_experts_of
 from kt_ops.models.variants import ExpertsVariant, experts_variant
 from kt_ops.packed_weights import ExpertsLayout, PackedExpertWeight, packed_parameters, to_canonical
 
@@ -19,39 +21,6 @@ FUSED_LORA = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B")
 
 
 PER_EXPERT_LORA = ("lora_gate_A", "lora_gate_B", "lora_up_A", "lora_up_B", "lora_down_A", "lora_down_B")
-
-
-class _ViaPinnedMemory(torch.autograd.Function):
-    """Moves a tensor between a CUDA device and the CPU through page-locked staging buffers
-    (asynchronous DMA rather than a pageable copy); the gradient goes back the same way."""
-
-    @staticmethod
-    def forward(ctx, t: torch.Tensor, device: torch.device) -> torch.Tensor:
-        ctx.source = t.device
-        return _copy_via_pinned(t, device)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _copy_via_pinned(grad, ctx.source), None
-
-
-def _copy_via_pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    if device.type == "cpu":
-        staged.copy_(t, non_blocking=True)
-        torch.cuda.current_stream(t.device).synchronize()  # the CPU reads it next
-        return staged
-    staged.copy_(t)
-    # The caching host allocator keeps the staging buffer until the copy has run.
-    return staged.to(device, non_blocking=True)
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if t.device == device:
-        return t
-    if "cuda" in (t.device.type, device.type):
-        return _ViaPinnedMemory.apply(t, device)
-    return t.to(device)
 
 
 class KtExperts(nn.Module):
@@ -144,10 +113,8 @@ class KtExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        cpu = torch.device("cpu")
-        y = moe_sft(_to_device(hidden_states, cpu), top_k_index.cpu(), _to_device(top_k_weights, cpu),
-                    self.packed, self.lora_tensors(), self.scaling)
-        return _to_device(y, hidden_states.device)
+        return routed_experts(self, self.packed, hidden_states, top_k_index, top_k_weights, self.lora_tensors(),
+                              self.scaling)
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
@@ -195,7 +162,7 @@ def _canonical_biases(module: nn.Module, layout: ExpertsLayout, device: torch.de
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """The module's (gate/up bias [E, 2I], gate columns then up columns; down bias [E, H]) on
     ``device``."""
-    gate_up, down = (_to_device(getattr(module, name), device) for name in EXPERT_BIASES)
+    gate_up, down = (to_device(getattr(module, name), device) for name in EXPERT_BIASES)
     if not layout.concatenated:
         gate_up = torch.cat([gate_up[:, 0::2], gate_up[:, 1::2]], dim=1)
     return gate_up, down
@@ -214,6 +181,16 @@ def packed_experts_in(model: nn.Module) -> list[PackedExperts]:
         if isinstance(packed, PackedExperts):
             found.setdefault(id(packed), packed)
     return list(found.values())
+
+
+def held_packed_experts(module: nn.Module) -> Optional[PackedExperts]:
+    """The packed experts an experts module of transformers' experts interface holds (through
+    :func:`use_packed_experts`), or None."""
+    if parametrize.is_parametrized(module, "gate_up_proj"):
+        gate_up = module.parametrizations["gate_up_proj"].original
+    else:
+        gate_up = module._parameters.get("gate_up_proj")
+    return gate_up.packed if isinstance(gate_up, PackedExpertWeight) else None
 
 
 def packed_experts_of(module: nn.Module, layout: ExpertsLayout, numa_nodes: int = 0,
@@ -289,21 +266,47 @@ def kt_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index
     scaling = gate_up[2] if gate_up else down[2] if down else 1.0
     lora = [None] * 6
     if gate_up is not None:
-        a, b, _ = (_to_device(t, cpu) if isinstance(t, torch.Tensor) else t for t in gate_up)
+        a, b, _ = (to_device(t, cpu) if isinstance(t, torch.Tensor) else t for t in gate_up)
         i = packed.intermediate_size
         b_gate, b_up = (b[:, :i], b[:, i:]) if layout.concatenated else (b[:, 0::2], b[:, 1::2])
         lora[:4] = [a, b_gate, a, b_up]
     if down is not None:
-        a, b, s = (_to_device(t, cpu) if isinstance(t, torch.Tensor) else t for t in down)
+        a, b, s = (to_device(t, cpu) if isinstance(t, torch.Tensor) else t for t in down)
         lora[4:] = [a, b if s == scaling else b * (s / scaling)]
-    ids, weights = top_k_index.to(cpu), _to_device(top_k_weights, cpu)
-    # Ids of num_experts or more are the interface's sentinels (a "no expert" routing slot, or
-    # an expert held elsewhere): the op's "no expert" id, which adds nothing and passes no
-    # gradient to its weight.
-    ids = ids.masked_fill(ids >= packed.num_experts, NO_EXPERT)
-    y = moe_sft(_to_device(hidden_states, cpu), ids, weights, packed, lora, scaling, gate=variant.kernel_gate,
-                gate_up_bias=gate_up_bias, down_bias=down_bias)
-    return _to_device(y, hidden_states.device)
+    return routed_experts(self, packed, hidden_states, top_k_index, top_k_weights, lora, scaling,
+                          gate=variant.kernel_gate, gate_up_bias=gate_up_bias, down_bias=down_bias)
+
+
+def routed_experts(module: nn.Module, packed: PackedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                   top_k_weights: torch.Tensor, lora: list, scaling: float, *, gate: Gate = SWIGLU,
+                   gate_up_bias: Optional[torch.Tensor] = None,
+                   down_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The output of an experts module whose experts are ``packed``: :func:`kt_ops.moe_sft` on
+    the CPU for every routing slot, or, where the module holds a share of its experts on the
+    GPU (:mod:`kt_ops.gpu_share`), the share's slots there and the rest on the CPU, summed. The
+    result comes back in the device and dtype of ``hidden_states``. Ids of ``num_experts`` or
+    more are the experts interface's sentinels (a "no expert" slot, or an expert held
+    elsewhere): they add nothing and pass no gradient to their weight."""
+    cpu = torch.device("cpu")
+    ids = top_k_index.masked_fill(top_k_index >= packed.num_experts, NO_EXPERT)
+
+    def on_cpu(x_cpu: torch.Tensor, cpu_ids: torch.Tensor) -> torch.Tensor:
+        return moe_sft(x_cpu, cpu_ids, to_device(top_k_weights, cpu), packed, lora, scaling, gate=gate,
+                       gate_up_bias=gate_up_bias, down_bias=down_bias)
+
+    share = shared_experts_of(module)
+    if share is None:
+        return to_device(on_cpu(to_device(hidden_states, cpu), ids.to(cpu)), hidden_states.device)
+    routing = share.route(ids)
+    cpu_work = routing.cpu_has_work or not len(routing.pairs)
+    # x crosses to the CPU before the share's kernels are queued, so that the copy waits for
+    # nothing else, and the GPU computes the share while the CPU computes the rest.
+    x_cpu = to_device(hidden_states, cpu) if cpu_work else None
+    y = share.forward(hidden_states, top_k_weights, routing, lora, scaling, gate, gate_up_bias, down_bias)
+    if x_cpu is not None:
+        y_cpu = to_device(on_cpu(x_cpu, routing.cpu_ids), share.device).float()
+        y = y_cpu if y is None else y + y_cpu
+    return to_device(y.to(hidden_states.dtype), hidden_states.device)
 
 
 def register_experts_implementation() -> bool:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from kt_ops import data as sft_data
-from kt_ops import run_state
+from kt_ops import gpu_share, run_state
 from kt_ops.files import replacing, write_json
 from kt_ops.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
 from kt_ops.evaluate import base_model, heldout_loss, summed_loss
@@ -61,6 +61,7 @@ class TrainArgs:
     max_seq_len: int = 2048
     grad_checkpointing: bool = False
     overlap: Optional[bool] = None  # two micro-batches in flight (kt_ops.overlap); None: on with a GPU
+    gpu_experts_budget: int = 0  # bytes of GPU memory for a share of the experts (kt_ops.gpu_share)
     target_modules: list[str] = field(default_factory=list)
     seed: int = 0
     warmup_steps: Optional[int] = None
@@ -80,7 +81,7 @@ class TrainArgs:
     # and the data are compared by content (Trainer.fingerprints), not by path.
     IDENTITY = ("rank", "alpha", "lr", "epochs", "steps", "max_tokens_per_step",
                 "micro_batch_tokens", "max_seq_len", "target_modules", "seed", "warmup_steps", "weight_decay",
-                "max_grad_norm", "dtype", "experts_format", "eval_fraction", "keep_best")
+                "max_grad_norm", "dtype", "experts_format", "eval_fraction", "keep_best", "gpu_experts_budget")
 
 
 class Interrupted(Exception):
@@ -245,6 +246,7 @@ class Trainer:
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         self.model = model
+        self.gpu_experts = self._share_experts(resumed[1] if resumed is not None else None)
         self.lanes = self._lanes(args.overlap)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.master = _MasterWeights(self.params)
@@ -279,6 +281,43 @@ class Trainer:
                 if step >= self.total_steps:
                     return
             epoch += 1
+
+    def _share_experts(self, resumed_state: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        """With --gpu-experts-budget, holds the most-routed experts on the device (a resumed run:
+        the ones its checkpoint names; else counted over the first step's rows, forward only)
+        and returns what metrics.json records of them."""
+        budget = self.args.gpu_experts_budget
+        if budget < 0:
+            raise ValueError(f"kt-sft: --gpu-experts-budget must be >= 0 bytes, got {budget}")
+        if not budget:
+            return None
+        if self.device.type != "cuda":
+            self.log(f"warning: --gpu-experts-budget on {self.device}: the share is computed by PyTorch on the "
+                     "same CPU as the kt kernels (a check of the split, not a speed-up)")
+        dtype = getattr(torch, self.args.dtype)
+        counts = None
+        if resumed_state is not None and "gpu_experts" in resumed_state:
+            selection = _read_selection(resumed_state["gpu_experts"])
+        else:
+            with gpu_share.count_routing(self.model) as routing, torch.no_grad():
+                for row in next(self.planned_steps(0)):
+                    batch = sft_data.collate(self.examples, row)
+                    self.model(input_ids=batch["input_ids"].to(self.device))
+            counts = routing.counts
+            selection = gpu_share.choose_gpu_experts(self.model, budget, counts, dtype)
+        held = gpu_share.share_experts(self.model, selection, self.device, dtype, progress=self.args.progress)
+        shared = sum(len(ids) for ids in selection.values())
+        total = sum(gpu_share.packed_experts(m).num_experts for m in gpu_share.experts_modules(self.model).values())
+        record = {"experts": shared, "of": total, "bytes": held, "budget_bytes": budget, "selection": selection}
+        line = f"kt-sft: {shared} of {total} experts ({gpu_share.format_size(held)}) held on {self.device}"
+        if counts is not None:
+            routed = sum(int(c.sum()) for c in counts.values())
+            covered = sum(int(counts[name][ids].sum()) for name, ids in selection.items())
+            record["routed_share"] = round(covered / routed, 4) if routed else None
+            if routed:
+                line += f", {covered / routed:.1%} of the first step's routing slots"
+        self.log(line)
+        return record
 
     def _lanes(self, overlap: Optional[bool]) -> Optional[Lanes]:
         if overlap is None:
@@ -417,6 +456,8 @@ class Trainer:
             if self.args.keep_best and self.evals:
                 m["best"] = {"step": self.best_eval["step"], "eval_loss": self.best_eval["eval_loss"],
                              "adapter": os.path.join(self.args.out, BEST)}
+        if self.gpu_experts is not None:
+            m["gpu_experts"] = {k: v for k, v in self.gpu_experts.items() if k != "selection"}
         if self.device.type == "cuda":
             m["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         return m
@@ -448,6 +489,8 @@ class Trainer:
                  "train_seconds": self.train_seconds, "optimizer": optimizer,
                  "scheduler": self.scheduler.state_dict(), "rng": rng, "args": dataclasses.asdict(self.args),
                  "fingerprints": self.fingerprints}
+        if self.gpu_experts is not None:
+            state["gpu_experts"] = self.gpu_experts["selection"]
         run_state.write_checkpoint(self.args.out, lambda path: save_adapter(self.model, path), state, tensors)
 
     def _read_checkpoint(self, path: str) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
@@ -505,6 +548,15 @@ class Trainer:
         self.evals = _read_evals(state.get("evals", []), step, where)
         self.step, self.losses, self.tokens, self.train_seconds = step, [float(v) for v in losses], tokens, float(seconds)
         self.log(f"kt-sft: resumed from {checkpoint} at step {self.step} of {self.total_steps}")
+
+
+def _read_selection(selection: Any) -> dict[str, list[int]]:
+    """A checkpoint's GPU share, checked for form (share_experts checks it against the model)."""
+    if not (isinstance(selection, dict) and all(
+            isinstance(k, str) and isinstance(v, list) and all(isinstance(e, int) and not isinstance(e, bool) for e in v)
+            for k, v in selection.items())):
+        raise CheckpointError("kt-sft: the checkpoint's \"gpu_experts\" is not {module path: [expert ids]}")
+    return selection
 
 
 def _read_evals(evals: Any, step: int, where: str) -> list[dict[str, Any]]:

@@ -272,7 +272,8 @@ def _expert_keys(family: Family) -> tuple[re.Pattern, re.Pattern]:
     return per_expert, fused
 
 
-def _progress(items: list, desc: str, unit: str, enabled: bool):
+def progress_bar(items: list, desc: str, unit: str, enabled: bool):
+    """``items``, shown as a tqdm bar of ``desc`` counted in ``unit`` when ``enabled``."""
     if not enabled:
         return items
     from tqdm.auto import tqdm
@@ -468,7 +469,7 @@ def _load_experts(ckpt: _Checkpoint, family: Family, shapes: dict[int, tuple[int
     experts_format = experts_format or _stored_format(ckpt, [n for names in names_of.values() for n in names])
 
     out: dict[int, PackedExperts] = {}
-    for layer in _progress(wanted, "packing experts", "layer", progress):
+    for layer in progress_bar(wanted, "packing experts", "layer", progress):
         e, h, i = shapes[layer]
         kind, prefix = plans[layer]
         stored = _stored_format(ckpt, names_of[layer]) if kind == "per_expert" else "bf16"
@@ -649,7 +650,7 @@ def _load_into(model: nn.Module, checkpoint_dir: str, family: Family, dtype: tor
     experts = _load_experts(ckpt, family, expert_shapes(model), None, numa_nodes, experts_format, progress, caller)
 
     state = {}
-    for name in _progress(names, "loading weights", "tensor", progress):
+    for name in progress_bar(names, "loading weights", "tensor", progress):
         t = ckpt.read(name)
         if t.dtype in _FP8:
             t = _dequantize(t, ckpt.read(name + "_scale_inv"))
