@@ -4,6 +4,7 @@ same model trained with plain transformers + PEFT entirely on the GPU.
     python benchmarks/bench_sft.py --shape deepseek-v2-lite --mode kt
     python benchmarks/bench_sft.py --shape deepseek-v2-lite --mode gpu-peft
     python benchmarks/bench_sft.py --shape qwen3-30b-a3b --mode kt --grad-checkpointing
+    python benchmarks/bench_sft.py --shape qwen3-30b-a3b --mode kt --grad-checkpointing --gpu-experts-budget 16GiB
 
 Both modes run kt_ops.train.Trainer's step (same packed rows of random token sequences, the
 second half of each sequence labelled; LoRA rank 16 on every routed expert's gate/up/down,
@@ -29,6 +30,8 @@ from torch import nn
 
 import kt_ops
 from kt_ops.data import IGNORE, Example
+from kt_ops import timeline
+from kt_ops.gpu_share import experts_modules, parse_size
 from kt_ops.shapes import model_shape
 from kt_ops.train import TrainArgs, Trainer, reuse_freed_memory
 
@@ -169,8 +172,14 @@ def main() -> None:
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                         help="two micro-batches in flight (kt-sft's --overlap; default: on with a GPU)")
+    parser.add_argument("--gpu-experts-budget", type=parse_size, default=0,
+                        help="kt mode: hold the most-routed experts on the GPU within this much memory, e.g. 16GiB "
+                        "(kt-sft's --gpu-experts-budget)")
     parser.add_argument("--experts-format", default="bf16", help="kt mode: the packed experts' weight format")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for the experts (default: torch's)")
+    parser.add_argument("--timeline", metavar="PNG",
+                        help="record one extra step and draw when the CPU experts, GPU kernels, copies and optimizer "
+                        "ran (kt_ops.timeline), with the GPU's idle share in the JSON line")
     parser.add_argument("--profile", action="store_true",
                         help="profile one extra step with torch.profiler and print where its time went")
     args = parser.parse_args()
@@ -185,13 +194,13 @@ def main() -> None:
     model = (build_kt(cfg, shape, args.rank, device, args.experts_format) if args.mode == "kt"
              else build_gpu_peft(cfg, args.rank, device))
     build_s = time.perf_counter() - t0
-    steps = args.warmup + args.steps + args.profile  # the profiled step is extra and untimed
+    steps = args.warmup + args.steps + args.profile + bool(args.timeline)  # the profiled / drawn steps are untimed
     per_step = args.tokens_per_step // args.seq_len
     examples = random_examples(cfg.vocab_size, args.seq_len, steps * per_step)
     train_args = TrainArgs(out="unused", model="<in memory>", steps=steps, lr=1e-4, rank=args.rank,
                            alpha=2 * args.rank, max_tokens_per_step=args.tokens_per_step,
                            grad_checkpointing=args.grad_checkpointing, progress=False, device=str(device),
-                           overlap=args.overlap)
+                           overlap=args.overlap, gpu_experts_budget=args.gpu_experts_budget)
     trainer = Trainer(train_args, log=lambda m: None, model=model, examples=examples)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -201,7 +210,15 @@ def main() -> None:
         return time.perf_counter()
 
     times, optimizer_times, losses = [], [], []
+    drawn = None
     for n, rows in enumerate(trainer.planned_steps()):
+        if args.timeline and n == args.warmup + args.steps:
+            with timeline.record_step(layers=len(experts_modules(trainer.model))) as drawn:
+                loss, _ = trainer.loss_and_backward(rows)
+                trainer.optimizer_step()
+            drawn.plot(args.timeline, f"kt-sft step, {args.shape}, {args.tokens_per_step} tokens")
+            losses.append(loss)
+            continue
         profiler = None
         if args.profile and n == steps - 1:
             activities = [torch.profiler.ProfilerActivity.CPU]
@@ -232,6 +249,12 @@ def main() -> None:
               "losses": [round(x, 4) for x in losses],
               "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
               "trainable_params": sum(p.numel() for p in trainer.params), **memory}
+    if drawn is not None:
+        result["timeline"] = {"png": args.timeline, "step_s": round(drawn.seconds, 3),
+                              **{f"{lane.replace(' ', '_')}_busy_share": round(drawn.busy(lane) / drawn.seconds, 3)
+                                 for lane in timeline.LANES}}
+    if trainer.gpu_experts is not None:
+        result["gpu_experts"] = {k: v for k, v in trainer.gpu_experts.items() if k != "selection"}
     if device.type == "cuda":
         result["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         result["gpu"] = torch.cuda.get_device_name()
