@@ -146,11 +146,15 @@ class GpuExperts:
     def _rows(self, t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
         """The shared experts' rows of a per-expert tensor ``t`` [E, ...] (a LoRA factor or a
         bias, wherever it lives) on this device in ``dtype``; autograd carries their gradients
-        back to ``t``."""
+        back to ``t``. The rows are cast before they cross (the products take them in ``dtype``
+        and give their gradients in it), so half the bytes cross for bf16; a share of every
+        expert takes ``t`` whole."""
         if t is None:
             return None
-        ids = self._ids_on.get(t.device)
-        return to_device(t.index_select(0, ids if ids is not None else self.ids.to(t.device)), self.device).to(dtype)
+        if len(self.ids) < self.num_experts:
+            ids = self._ids_on.get(t.device)
+            t = t.index_select(0, ids if ids is not None else self.ids.to(t.device))
+        return to_device(t.to(dtype), self.device).contiguous()  # grouped_mm takes dense factors
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, routing: SharedRouting,
                 lora: Sequence[Optional[torch.Tensor]], scaling: float, gate: Gate,
