@@ -228,17 +228,22 @@ def _train(ns: argparse.Namespace) -> int:
     args = train_args(ns)
     reuse_freed_memory()
     trainer = Trainer(args, log=lambda m: print(m, file=sys.stderr))
-    print(f"kt-sft: {len(trainer.examples)} examples, {trainer.total_steps} steps of <= {args.max_tokens_per_step} "
-          f"tokens, model on {trainer.device} (experts on the CPU), writing to {args.out}", file=sys.stderr)
+    say = trainer.log  # rank 0 speaks for a job of several ranks
+    ranks = f", {trainer.ranks.world} ranks" if trainer.ranks is not None else ""
+    say(f"kt-sft: {len(trainer.examples)} examples, {trainer.total_steps} steps of <= {args.max_tokens_per_step} "
+        f"tokens, model on {trainer.device} (experts on the CPU){ranks}, writing to {args.out}")
     try:
         metrics = trainer.train()
     except Interrupted as e:
-        print(f"kt-sft: stopped at step {trainer.step}; resume with: kt-sft train --resume {args.out}", file=sys.stderr)
+        say(f"kt-sft: stopped at step {trainer.step}; resume with: kt-sft train --resume {args.out}")
         return 128 + e.signum
-    print(json.dumps(metrics, indent=2))
+    finally:
+        trainer.close()
+    if trainer.is_main:
+        print(json.dumps(metrics, indent=2))
     if not metrics["completed"]:
-        print(f"kt-sft: stopped at step {trainer.step} of {trainer.total_steps}; resume with: kt-sft train --resume "
-              f"{args.out}", file=sys.stderr)
+        say(f"kt-sft: stopped at step {trainer.step} of {trainer.total_steps}; resume with: kt-sft train --resume "
+            f"{args.out}")
     return 0
 
 

@@ -193,6 +193,20 @@ def held_packed_experts(module: nn.Module) -> Optional[PackedExperts]:
     return gate_up.packed if isinstance(gate_up, PackedExpertWeight) else None
 
 
+def install_packed_experts(module: nn.Module, packed: PackedExperts) -> None:
+    """Makes an experts module that holds packed experts (a KtExperts, or one of transformers'
+    experts interface after :func:`use_packed_experts`) compute with ``packed`` instead, the
+    same experts held elsewhere (in shared memory, say); its parameters stay the same objects."""
+    if isinstance(module, KtExperts):
+        module.packed = packed
+        return
+    for name in ("gate_up_proj", "down_proj"):
+        stand_in = _base_parameter(module, name)
+        if not isinstance(stand_in, PackedExpertWeight):
+            raise TypeError(f"kt_ops: {type(module).__name__}.{name} holds no packed experts")
+        stand_in.packed, stand_in._serialized = packed, None
+
+
 def packed_experts_of(module: nn.Module, layout: ExpertsLayout, numa_nodes: int = 0,
                       dtype: Optional[torch.dtype] = None, experts_format: str = "bf16") -> PackedExperts:
     """The packed experts of an experts module of transformers' experts interface, of weight

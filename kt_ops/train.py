@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from kt_ops import data as sft_data
-from kt_ops import gpu_share, run_state
+from kt_ops import distributed, gpu_share, run_state
 from kt_ops.files import replacing, write_json
 from kt_ops.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
 from kt_ops.evaluate import base_model, heldout_loss, summed_loss
@@ -82,6 +83,18 @@ class TrainArgs:
     IDENTITY = ("rank", "alpha", "lr", "epochs", "steps", "max_tokens_per_step",
                 "micro_batch_tokens", "max_seq_len", "target_modules", "seed", "warmup_steps", "weight_decay",
                 "max_grad_norm", "dtype", "experts_format", "eval_fraction", "keep_best", "gpu_experts_budget")
+
+
+class _RowLoss(nn.Module):
+    """The summed loss of a packed row (:func:`kt_ops.evaluate.summed_loss`) as a module's
+    forward: what DistributedDataParallel wraps, since it syncs only what its own forward ran."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return summed_loss(self.model, batch)
 
 
 class Interrupted(Exception):
@@ -212,7 +225,10 @@ class Trainer:
         if resumed is not None:
             self._check_same_run(*resumed)
         _seed_everything(args.seed)
-        self.device = resolve_device(args.device)
+        # Under torchrun: this rank's GPU and cores, before the first kt op (kt_ops.distributed).
+        self.ranks, self.device = distributed.join_job(resolve_device(args.device))
+        if self.ranks is not None and not self.ranks.main:
+            log = self.log = lambda m: None  # rank 0 speaks for the job
         max_len = min(args.max_seq_len, self.tokens_per_row)
         warn = lambda m: log(f"warning: {m}")  # noqa: E731
         tokenizer = (transformers.AutoTokenizer.from_pretrained(args.model)
@@ -235,7 +251,9 @@ class Trainer:
         if model is None:
             lora = ExpertLoraConfig(args.rank, args.alpha, target_modules=tuple(args.target_modules))
             model = load_model(args.model, config=lora, dtype=getattr(torch, args.dtype), device=self.device,
-                               experts_format=args.experts_format, progress=args.progress)
+                               experts_format=args.experts_format, progress=args.progress and self.is_main)
+        elif self.ranks is not None:
+            distributed.share_packed_experts(model)  # load_model shares them by itself
         if args.grad_checkpointing:
             # Non-reentrant, as transformers 5.x's default (4.x defaults to reentrant, which with frozen
             # embeddings sees no input that needs a gradient and drops the backward).
@@ -247,6 +265,7 @@ class Trainer:
         model.train()
         self.model = model
         self.gpu_experts = self._share_experts(resumed[1] if resumed is not None else None)
+        self.row_loss = self._row_loss(model)
         self.lanes = self._lanes(args.overlap)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.master = _MasterWeights(self.params)
@@ -263,8 +282,26 @@ class Trainer:
         self.train_seconds = 0.0
         if resumed is not None:
             self._load_checkpoint(*resumed)
-        elif args.overwrite:
+        elif args.overwrite and self.is_main:
             _clear_previous_run(args.out)
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the run's files: the only one, or rank 0 of a job."""
+        return self.ranks is None or self.ranks.main
+
+    def _row_loss(self, model: nn.Module) -> nn.Module:
+        """What computes a row's summed loss: the model itself, or in a job of several ranks a
+        DistributedDataParallel over it, which sums the gradients of the modules outside the
+        experts over the ranks (the experts' LoRA is summed by kt_ops.distributed, beside
+        the packed experts it is left out of DDP with)."""
+        row_loss = _RowLoss(model)
+        if self.ranks is None:
+            return row_loss
+        from torch.nn.parallel import DistributedDataParallel
+
+        distributed.ignore_experts_in_ddp(row_loss)
+        return DistributedDataParallel(row_loss, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def _plan(self, epoch: int) -> list[list[list[int]]]:
         return sft_data.plan_epoch(self.lengths, self.args.seed, epoch, self.args.max_tokens_per_step,
@@ -299,11 +336,15 @@ class Trainer:
         if resumed_state is not None and "gpu_experts" in resumed_state:
             selection = _read_selection(resumed_state["gpu_experts"])
         else:
+            rows = next(self.planned_steps(0))
             with gpu_share.count_routing(self.model) as routing, torch.no_grad():
-                for row in next(self.planned_steps(0)):
+                for row in self.ranks.mine(rows) if self.ranks is not None else rows:
                     batch = sft_data.collate(self.examples, row)
                     self.model(input_ids=batch["input_ids"].to(self.device))
             counts = routing.counts
+            if self.ranks is not None:  # every rank holds the same experts, counted over the whole step
+                for c in counts.values():
+                    self.ranks.sum_(c)
             selection = gpu_share.choose_gpu_experts(self.model, budget, counts, dtype)
         held = gpu_share.share_experts(self.model, selection, self.device, dtype, progress=self.args.progress)
         shared = sum(len(ids) for ids in selection.values())
@@ -321,8 +362,11 @@ class Trainer:
 
     def _lanes(self, overlap: Optional[bool]) -> Optional[Lanes]:
         if overlap is None:
-            overlap = self.device.type == "cuda"
+            overlap = self.device.type == "cuda" and self.ranks is None
         if not overlap:
+            return None
+        if self.ranks is not None:
+            self.log("warning: --overlap is off in a job of several ranks (DDP runs one backward at a time)")
             return None
         random_part = uses_randomness(self.model)
         if random_part is not None:
@@ -334,24 +378,37 @@ class Trainer:
     def loss_and_backward(self, rows: list[list[int]]) -> tuple[float, int]:
         """Forward and backward of one step's rows; returns (mean loss over the step's
         assistant tokens, tokens in the step). Gradients accumulate into ``.grad``. With
-        overlap, two rows are in flight at a time (:class:`kt_ops.overlap.Lanes`)."""
+        overlap, two rows are in flight at a time (:class:`kt_ops.overlap.Lanes`). In a job of
+        several ranks each rank takes every world-th row and the gradients are summed over the
+        ranks (a rank left without a row runs one with its loss weighted 0, to take part)."""
         batches = [sft_data.collate(self.examples, row) for row in rows]
         label_count = sum(int((b["labels"][0, 1:] != sft_data.IGNORE).sum()) for b in batches)
+        tokens = sum(b["input_ids"].shape[1] for b in batches)
+        # DDP averages over the ranks: each rank's share of the sum is scaled up to cancel it.
+        world = self.ranks.world if self.ranks is not None else 1
+        mine = self.ranks.mine(batches) if self.ranks is not None else batches
+        weights = [world] * len(mine) if mine else [0]
+        mine = mine or batches[:1]
 
-        def row_loss(b: dict[str, torch.Tensor]) -> float:
+        def row_loss(b: dict[str, torch.Tensor], weight: int = 1, last: bool = True) -> float:
             b = {k: v.to(self.device) for k, v in b.items()}
-            loss = summed_loss(self.model, b) / label_count
-            loss.backward()
-            return loss.item()
+            sync = contextlib.nullcontext() if last or self.ranks is None else self.row_loss.no_sync()
+            with sync:
+                loss = self.row_loss(b) / label_count
+                (loss * weight).backward()
+            return loss.item() if weight else 0.0
 
-        if self.lanes is not None and len(batches) > 1:
-            losses = self.lanes.run(row_loss, batches)
+        if self.lanes is not None and len(mine) > 1:
+            losses = self.lanes.run(row_loss, mine)
         else:
-            losses = [row_loss(b) for b in batches]
+            losses = [row_loss(b, w, last=i == len(mine) - 1) for i, (b, w) in enumerate(zip(mine, weights))]
         total = 0.0
         for loss in losses:  # summed in row order, whatever order the rows ran in
             total += loss
-        return total, sum(b["input_ids"].shape[1] for b in batches)
+        if self.ranks is not None:
+            distributed.sync_expert_gradients(self.model, group=self.ranks.cpu_group)
+            total = self.ranks.sum([total])[0]
+        return total, tokens
 
     def optimizer_step(self) -> None:
         self.master.grads_to_masters()
@@ -372,7 +429,7 @@ class Trainer:
         args = self.args
         stop_at = self.total_steps if args.stop_after is None else min(self.total_steps, self.step + args.stop_after)
         signals = _SignalFlag(self.log)
-        bar = _bar(self.total_steps, self.step, args.progress)
+        bar = _bar(self.total_steps, self.step, args.progress and self.is_main)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         # The signal handlers stay until every output is written: a SIGTERM while they are
@@ -404,10 +461,11 @@ class Trainer:
                     bar.set_postfix(self._postfix(loss))
                     if self.eval_examples and (self.step % self.eval_every == 0 or self.step == self.total_steps):
                         self.evaluate(bar)
-                    if signals.signum is not None:
+                    signum = self._agreed_signal(signals.signum)
+                    if signum is not None:
                         signals.finishing = True
                         self.finish(completed=False)
-                        raise Interrupted(signals.signum)
+                        raise Interrupted(signum)
                     if args.save_every and self.step % args.save_every == 0 and self.step < self.total_steps:
                         self.save_checkpoint()
             finally:
@@ -416,6 +474,24 @@ class Trainer:
             return self.finish(completed=self.step >= self.total_steps)
         finally:
             signals.restore()
+
+    def close(self) -> None:
+        """Leaves the job's process group (in a job of several ranks, once training is over)."""
+        if self.ranks is not None and torch.distributed.is_initialized():
+            # DDP's reducer goes first: released last, with the process group, its gloo threads
+            # would wait for the interpreter lock its release holds.
+            torch.distributed.barrier()
+            self.row_loss = None
+            gc.collect()
+            torch.distributed.destroy_process_group()
+
+    def _agreed_signal(self, signum: Optional[int]) -> Optional[int]:
+        """The signal to stop on after this step: this process's, or in a job of several ranks
+        the largest any rank got (all ranks stop at the same step)."""
+        if self.ranks is None:
+            return signum
+        agreed = self.ranks.largest(signum or 0)
+        return None if agreed == 0 else signum or agreed
 
     def _postfix(self, loss: float) -> dict[str, str]:
         postfix = {"loss": f"{loss:.4f}", "tok_s": f"{self.tokens / self.train_seconds:,.0f}"}
@@ -435,7 +511,7 @@ class Trainer:
         result = heldout_loss(self.model, self.eval_examples, self.tokens_per_row, self.device)
         record = {"step": self.step, "eval_loss": result.loss, "eval_perplexity": result.perplexity}
         self.evals.append(record)
-        if self.args.keep_best and self.best_eval is record:
+        if self.args.keep_best and self.best_eval is record and self.is_main:
             save_adapter(self.model, os.path.join(self.args.out, BEST))
         if bar is not None:
             bar.set_postfix(self._postfix(self.losses[-1]) if self.losses else {"eval_loss": f"{result.loss:.4f}"})
@@ -449,7 +525,8 @@ class Trainer:
              "tokens_per_s": self.tokens / self.train_seconds if self.train_seconds else None,
              "peak_rss_gib": round(_peak_rss_gib(), 3), "device": str(self.device),
              "examples": len(self.examples), "model": self.args.model, "data": self.args.data,
-             "experts_format": sorted({p.experts_format for p in packed_experts_in(self.model)})}
+             "experts_format": sorted({p.experts_format for p in packed_experts_in(self.model)}),
+             "ranks": self.ranks.world if self.ranks is not None else 1}
         if self.eval_examples:
             m.update(eval=self.evals, eval_examples=len(self.eval_examples),
                      eval_loss_last=self.evals[-1]["eval_loss"] if self.evals else None)
@@ -465,11 +542,13 @@ class Trainer:
     def finish(self, completed: bool) -> dict[str, Any]:
         """Writes the adapter, metrics.json, loss.png (with --eval-fraction, the held-out
         records as heldout.jsonl) and the resumable checkpoint, each file whole (a kill leaves
-        the previous version of each)."""
+        the previous version of each). In a job of several ranks, rank 0 writes them."""
+        metrics = self.metrics(completed)
+        if not self.is_main:
+            return metrics
         out = self.args.out
         os.makedirs(out, exist_ok=True)
         save_adapter(self.model, out)
-        metrics = self.metrics(completed)
         write_json(os.path.join(out, "metrics.json"), metrics)
         with replacing(os.path.join(out, "loss.png")) as tmp:
             _plot_losses(self.losses, self.evals, tmp)
@@ -480,7 +559,10 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Adapter + optimizer + schedule + step + RNG state in ``<out>/checkpoint`` as data
-        (JSON and safetensors), replaced atomically (see :mod:`kt_ops.run_state`)."""
+        (JSON and safetensors), replaced atomically (see :mod:`kt_ops.run_state`); by rank 0
+        alone in a job of several ranks (every rank holds the same state)."""
+        if not self.is_main:
+            return
         optimizer, tensors = run_state.optimizer_to_data(self.optimizer.state_dict())
         rng, rng_tensors = run_state.rng_to_data()
         tensors.update(rng_tensors)

@@ -7,12 +7,13 @@ import os
 import re
 import struct
 from collections import defaultdict
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
 
 from kt_ops.api import PackedExperts, check_weight_format, pack_expert_codes, pack_experts
+from kt_ops.distributed import host_shared_experts
 from kt_ops.files import read_json
 from kt_ops.int4_checkpoints import pack_quantized_group, unpack_int4
 from kt_ops.models.families import ARCHITECTURES, Family, experts_shape, family_of, interface_experts, moe_layers
@@ -418,7 +419,10 @@ def _stored_format(ckpt: _Checkpoint, names: list[str]) -> str:
 
 def _load_experts(ckpt: _Checkpoint, family: Family, shapes: dict[int, tuple[int, int, int]],
                   layers: Optional[list[int]], numa_nodes: int, experts_format: Optional[str], progress: bool,
-                  caller: str) -> dict[int, PackedExperts]:
+                  caller: str, keep: Callable[[int, PackedExperts], PackedExperts] = lambda layer, packed: packed
+                  ) -> dict[int, PackedExperts]:
+    """The packed experts of ``layers`` (default: all), each layer passed through ``keep`` as
+    it is packed (kt_ops.distributed moves it into memory the host's ranks share)."""
     gate, up, down = family.expert_linears
     per_expert, fused = _expert_keys(family)
     experts_of: dict[int, set[int]] = defaultdict(set)
@@ -474,7 +478,8 @@ def _load_experts(ckpt: _Checkpoint, family: Family, shapes: dict[int, tuple[int
         kind, prefix = plans[layer]
         stored = _stored_format(ckpt, names_of[layer]) if kind == "per_expert" else "bf16"
         if experts_format == stored and stored in ("fp8", "int4"):
-            out[layer] = _pack_codes_layer(ckpt, prefix, family, (e, h, i), stored, numa_nodes, layer, caller)
+            out[layer] = keep(layer, _pack_codes_layer(ckpt, prefix, family, (e, h, i), stored, numa_nodes, layer,
+                                                       caller))
             continue
         w_gate, w_up, w_down = (torch.empty(s, dtype=torch.bfloat16) for s in [(e, i, h), (e, i, h), (e, h, i)])
         for x in range(e):
@@ -485,8 +490,9 @@ def _load_experts(ckpt: _Checkpoint, family: Family, shapes: dict[int, tuple[int
             else:
                 for proj, w in ((gate, w_gate), (up, w_up), (down, w_down)):
                     ckpt.read_weight(f"{prefix}{x}.{proj}.weight", w[x])
-        out[layer] = pack_experts(w_gate, w_up, w_down, numa_nodes, format=experts_format)
-        del w_gate, w_up, w_down
+        packed = pack_experts(w_gate, w_up, w_down, numa_nodes, format=experts_format)
+        del w_gate, w_up, w_down  # before keep, which may copy the packed layer elsewhere
+        out[layer] = keep(layer, packed)
     return out
 
 
@@ -647,7 +653,10 @@ def _load_into(model: nn.Module, checkpoint_dir: str, family: Family, dtype: tor
         targets[name] = target
     if unexpected:
         raise KeyError(f"{caller}: the model has no place for checkpoint tensor(s) {unexpected[:5]}")
-    experts = _load_experts(ckpt, family, expert_shapes(model), None, numa_nodes, experts_format, progress, caller)
+    shapes = expert_shapes(model)
+    # Once per host where a process group runs several ranks on it (kt_ops.distributed).
+    experts = host_shared_experts(lambda keep: _load_experts(ckpt, family, shapes, None, numa_nodes, experts_format,
+                                                             progress, caller, keep))
 
     state = {}
     for name in progress_bar(names, "loading weights", "tensor", progress):

@@ -1,0 +1,349 @@
+"""Several ranks (torchrun, torch.distributed): one copy of the packed experts per host, each rank
+computing on cores of its own, the experts' LoRA kept beside them and its gradients summed over
+the ranks, and the dense modules under stock DDP or FSDP2.
+
+- **One copy per host.** Local rank 0 reads and packs the experts (:func:`kt_ops.load_model`
+  does this by itself when the process group is up) and writes each layer's tensors into a file
+  in shared memory (``/dev/shm``); every rank of the host maps the files (``MAP_SHARED``) and
+  rank 0 drops its private copy. The files are unlinked as soon as every rank has mapped them:
+  the pages live as long as a mapping does, and a job that dies leaves nothing behind.
+- **Cores.** :func:`use_own_cores` gives each local rank a contiguous share of the CPUs the host
+  lets the job use (before the first kt call: the kernels' thread pool pins its workers to the
+  cores it finds then), so the ranks' expert calls run side by side instead of contending.
+- **DDP and FSDP2.** The packed experts' stand-in parameters and the experts' LoRA live in CPU
+  memory, which neither wrapper can mix with GPU parameters: :func:`expert_parameters` names
+  them, :func:`ignore_experts_in_ddp` and :func:`fsdp_ignored_params` leave them out through the
+  wrappers' own mechanisms, and :func:`sync_expert_gradients` sums the LoRA's gradients over the
+  ranks (call it after the backward, before clipping or stepping).
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from kt_ops.api import PackedExperts
+
+_HOST_GROUPS: dict[tuple[int, int], Optional[dist.ProcessGroup]] = {}  # (world, local world) -> this rank's
+
+
+def local_world_size() -> int:
+    """Ranks on this host: torchrun's ``LOCAL_WORLD_SIZE`` (1 outside a launcher)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def host_group() -> Optional[dist.ProcessGroup]:
+    """The process group of this host's ranks (torchrun numbers a host's ranks consecutively),
+    or None when no process group is up or the host runs one rank. Every rank must call it the
+    first time (it creates the groups)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    world, local = dist.get_world_size(), local_world_size()
+    if local <= 1:
+        return None
+    if world % local:
+        raise ValueError(f"kt_ops.distributed: {world} ranks do not split into hosts of LOCAL_WORLD_SIZE={local}")
+    key = (world, local)
+    if key not in _HOST_GROUPS:
+        # CPU tensors cross in these collectives: gloo, whatever the default group's backend.
+        _HOST_GROUPS[key] = dist.new_subgroups(group_size=local, backend="gloo")[0]
+    return _HOST_GROUPS[key]
+
+
+def use_own_cores(rank: Optional[int] = None, ranks: Optional[int] = None) -> list[int]:
+    """Restricts this process to its local rank's share of the CPUs it may use (contiguous
+    groups, in the order the OS numbers them) and sizes torch's threads to it; returns the
+    CPUs. Call it before the first kt op: the kernels' thread pool pins its workers to the
+    cores it finds then. ``rank`` / ``ranks`` default to torchrun's LOCAL_RANK and
+    LOCAL_WORLD_SIZE."""
+    rank = local_rank() if rank is None else rank
+    ranks = local_world_size() if ranks is None else ranks
+    cpus = sorted(os.sched_getaffinity(0))
+    if ranks > len(cpus):
+        raise ValueError(f"kt_ops.use_own_cores: {ranks} ranks on this host, but the job may use {len(cpus)} CPUs")
+    share = len(cpus) // ranks
+    mine = cpus[rank * share:(rank + 1) * share]
+    os.sched_setaffinity(0, mine)
+    torch.set_num_threads(len(mine))
+    return mine
+
+
+# ---------------------------------------------------------------- one copy of the experts per host
+
+def _shared_directory() -> str:
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    return os.path.join(base, f"kt_ops-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+
+
+def _map(path: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8).view(dtype).view(shape)
+
+
+class _HostPublisher:
+    """Local rank 0's side of :func:`host_shared_experts`: each packed layer written to shared
+    memory as it is made, and its private tensors replaced by the mapped ones."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.described: dict[int, dict] = {}
+
+    def publish(self, key: int, packed: PackedExperts) -> PackedExperts:
+        tensors = []
+        for i, t in enumerate(packed.tensors):
+            path = os.path.join(self.directory, f"{key}.{i}")
+            with open(path, "wb") as f:
+                f.write(t.contiguous().flatten().view(torch.uint8).numpy().data)
+            tensors.append(_map(path, t.dtype, tuple(t.shape)))
+        self.described[key] = _describe(packed)
+        return _rebuilt(packed, tensors)
+
+
+def _describe(packed: PackedExperts) -> dict:
+    return {"format": packed.format, "intermediate_size": packed.intermediate_size,
+            "hidden_size": packed.hidden_size, "group_size": packed.group_size, "w8a8": packed.w8a8,
+            "tensors": [(str(t.dtype).removeprefix("torch."), tuple(t.shape)) for t in packed.tensors]}
+
+
+def _rebuilt(packed: PackedExperts, tensors: list[torch.Tensor]) -> PackedExperts:
+    return PackedExperts(tuple(tensors), packed.format, packed.intermediate_size, packed.hidden_size,
+                         packed.group_size, packed.w8a8)
+
+
+def _received(directory: str, key: int, d: dict) -> PackedExperts:
+    tensors = [_map(os.path.join(directory, f"{key}.{i}"), getattr(torch, dtype), tuple(shape))
+               for i, (dtype, shape) in enumerate(d["tensors"])]
+    return PackedExperts(tuple(tensors), d["format"], d["intermediate_size"], d["hidden_size"], d["group_size"],
+                         d["w8a8"])
+
+
+def host_shared_experts(load: Callable[[Callable[[int, PackedExperts], PackedExperts]], dict[int, PackedExperts]]
+                        ) -> dict[int, PackedExperts]:
+    """``{layer: PackedExperts}`` held once per host. ``load(keep)`` makes the experts, passing
+    each layer through ``keep(layer, packed)`` as it is packed and returning what keep returned:
+    on one rank per host (or outside a process group) keep returns the layer as it is; with
+    several, local rank 0 alone runs ``load`` and keep moves each layer into shared memory, and
+    the host's other ranks map what it wrote. An error on local rank 0 is raised on every rank
+    of the host. Every rank of the host must call this at the same point."""
+    group = host_group()
+    if group is None:
+        return load(lambda key, packed: packed)
+    leader = dist.get_global_rank(group, 0)
+    directory = [_shared_directory() if dist.get_rank() == leader else None]
+    dist.broadcast_object_list(directory, src=leader, group=group)
+    directory = directory[0]
+    outcome: list = [None]
+    experts: dict[int, PackedExperts] = {}
+    if dist.get_rank() == leader:
+        os.makedirs(directory, mode=0o700)
+        publisher = _HostPublisher(directory)
+        try:
+            experts = load(publisher.publish)
+            outcome = [("ok", publisher.described)]
+        except Exception as e:  # noqa: BLE001 - re-raised here and on the host's other ranks
+            outcome = [("error", (type(e).__name__, str(e)))]
+            error = e
+    dist.broadcast_object_list(outcome, src=leader, group=group)
+    try:
+        status, payload = outcome[0]
+        if status == "error":
+            if dist.get_rank() == leader:
+                raise error
+            kind, message = payload
+            raise {"KeyError": KeyError, "ValueError": ValueError}.get(kind, RuntimeError)(
+                f"{message} (raised on local rank 0, which loads the experts for this host)")
+        if dist.get_rank() != leader:
+            experts = {key: _received(directory, key, d) for key, d in payload.items()}
+    finally:
+        dist.barrier(group=group)  # every rank has mapped the files (or given up): they can go
+        if dist.get_rank() == leader:
+            shutil.rmtree(directory, ignore_errors=True)
+    return experts
+
+
+def share_packed_experts(model: nn.Module) -> int:
+    """Makes the experts a model already holds (packed on every rank, e.g. by
+    :func:`kt_ops.patch_model`) one copy per host: local rank 0's are moved into shared memory
+    and every rank of the host computes with them, its own copy released. Returns the bytes
+    now shared. A collective over the host's ranks; a no-op on one rank per host."""
+    from kt_ops.experts import install_packed_experts
+    from kt_ops.gpu_share import experts_modules, packed_experts
+
+    modules = list(experts_modules(model).values())
+    if host_group() is None:
+        return 0
+    shared = host_shared_experts(
+        lambda keep: {i: keep(i, packed_experts(m)) for i, m in enumerate(modules)})
+    for i, module in enumerate(modules):
+        install_packed_experts(module, shared[i])
+    return sum(p.nbytes for p in shared.values())
+
+
+# ---------------------------------------------------------------- DDP, FSDP2, the experts' LoRA
+
+def expert_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters of ``model``'s kt experts, by name: the packed experts' stand-ins and the
+    experts' LoRA (PEFT's ``target_parameters`` LoRA on them, or KtExperts' own). They live in
+    CPU memory, beside the packed experts."""
+    from kt_ops.gpu_share import experts_modules
+
+    experts = set(map(id, experts_modules(model).values()))
+
+    def innermost(module: nn.Module) -> nn.Module:
+        while "base_layer" in module._modules:
+            module = module._modules["base_layer"]
+        return module
+
+    out = {}
+    for name, module in model.named_modules():
+        if id(innermost(module)) not in experts:
+            continue
+        for pname, p in module.named_parameters(recurse=True):
+            if not pname.startswith("base_layer.") or id(module) in experts:
+                out[f"{name}.{pname}" if name else pname] = p
+    return out
+
+
+def expert_lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The experts' trainable LoRA parameters, in model order."""
+    return [p for p in expert_parameters(model).values() if p.requires_grad]
+
+
+def ignore_experts_in_ddp(model: nn.Module) -> list[str]:
+    """Leaves ``model``'s kt expert parameters out of a DistributedDataParallel made of it
+    afterwards (DDP's parameters-to-ignore list), so DDP neither broadcasts the packed experts
+    nor mixes the CPU-resident LoRA into its GPU buckets; returns their names. Sum the LoRA's
+    gradients with :func:`sync_expert_gradients`."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    names = list(expert_parameters(model))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    return names
+
+
+def fsdp_ignored_params(model: nn.Module) -> set[nn.Parameter]:
+    """``ignored_params`` for ``torch.distributed.fsdp.fully_shard`` on ``model`` or a module of
+    it: the kt expert parameters, which stay whole on every rank, in CPU memory."""
+    return set(expert_parameters(model).values())
+
+
+def sync_expert_gradients(model: nn.Module, group: Optional[dist.ProcessGroup] = None,
+                          average: bool = True, bucket_bytes: int = 64 << 20) -> None:
+    """Sums (``average``: and divides by the ranks, as DDP does) the gradients of the experts'
+    LoRA over ``group``'s ranks (default: all), in buckets of about ``bucket_bytes``; a
+    parameter without a gradient counts as zeros. Call it on every rank after the backward
+    and before clipping or the optimizer step."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size(group)
+    if world == 1:
+        return
+    params = expert_lora_parameters(model)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    bucket: list[torch.Tensor] = []
+
+    def flush() -> None:
+        if not bucket:
+            return
+        flat = torch.cat([g.flatten().float() for g in bucket])
+        dist.all_reduce(flat, group=group)
+        if average:
+            flat /= world
+        start = 0
+        for g in bucket:
+            g.copy_(flat[start:start + g.numel()].view_as(g))
+            start += g.numel()
+        bucket.clear()
+
+    size = 0
+    for p in params:
+        bucket.append(p.grad)
+        size += p.grad.numel() * 4
+        if size >= bucket_bytes:
+            flush()
+            size = 0
+    flush()
+
+
+def broadcast_expert_lora(model: nn.Module, src: int = 0, group: Optional[dist.ProcessGroup] = None) -> None:
+    """Gives every rank rank ``src``'s values of the experts' LoRA (which DDP, told to ignore
+    them, does not broadcast)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return
+    with torch.no_grad():
+        for p in expert_lora_parameters(model):
+            dist.broadcast(p.data, src=src, group=group)
+
+
+# ---------------------------------------------------------------- a job's ranks (kt-sft under torchrun)
+
+class Ranks:
+    """This process's place in a job of several ranks, and the few collectives the trainer
+    needs on host values (over gloo, whatever carries the GPUs' traffic)."""
+
+    def __init__(self, rank: int, world: int, cpu_group: Optional[dist.ProcessGroup]):
+        self.rank, self.world, self.cpu_group = rank, world, cpu_group
+
+    @property
+    def main(self) -> bool:
+        """Rank 0, which writes the job's files and speaks for it."""
+        return self.rank == 0
+
+    def mine(self, items: list) -> list:
+        """This rank's share of ``items`` (every world-th, from its rank)."""
+        return items[self.rank::self.world]
+
+    def sum(self, values: list[float]) -> list[float]:
+        """``values`` summed over the ranks, elementwise (float64)."""
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, group=self.cpu_group)
+        return t.tolist()
+
+    def largest(self, value: int) -> int:
+        """The largest of the ranks' ``value``."""
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.cpu_group)
+        return int(t)
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor summed over the ranks, in place."""
+        dist.all_reduce(t, group=self.cpu_group)
+        return t
+
+
+def join_job(device: torch.device, timeout_s: float = 1800.0) -> tuple[Optional[Ranks], torch.device]:
+    """Under a launcher that starts several ranks (torchrun's ``WORLD_SIZE`` > 1): joins the
+    job's process group (NCCL for a CUDA device, gloo otherwise; a rank that dies or stops
+    answering fails the others' collectives within ``timeout_s``), gives this rank its own
+    cores (:func:`use_own_cores`) and, for CUDA, the GPU of its local rank. Returns
+    ``(Ranks, device)``, or ``(None, device)`` for a single process."""
+    import datetime
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None, device
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)
+    use_own_cores()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    host_group()  # made now, by every rank, before any rank needs it
+    return Ranks(dist.get_rank(), dist.get_world_size(), cpu_group), device
