@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hold the most-routed experts (counted over the first step's batches) on the GPU within "
                    "this much GPU memory, e.g. 16GiB, and compute their tokens there while the CPU computes the "
                    "rest (default 0: every expert on the CPU)")
+    t.add_argument("--shard-experts", action="store_true", default=None,
+                   help="under torchrun across several hosts: each host holds only its share of every layer's experts "
+                   "(by id; for models whose experts do not fit one host), and tokens cross to their experts' host")
     t.add_argument("--target-modules", type=_modules,
                    help="also put PEFT LoRA on these modules, e.g. q_proj,k_proj,v_proj,o_proj")
     t.add_argument("--seed", type=int, help="seed for LoRA init and data order (default 0)")

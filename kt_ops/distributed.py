@@ -345,5 +345,8 @@ def join_job(device: torch.device, timeout_s: float = 1800.0) -> tuple[Optional[
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_s))
     cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
-    host_group()  # made now, by every rank, before any rank needs it
+    from kt_ops.expert_parallel import expert_parallel_group
+
+    host_group()  # made now, by every rank, before any rank needs them
+    expert_parallel_group()
     return Ranks(dist.get_rank(), dist.get_world_size(), cpu_group), device

@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 
 from kt_ops.api import NO_EXPERT, SWIGLU, Gate, PackedExperts, moe_sft, pack_experts
 from kt_ops.devices import to_device
+from kt_ops.expert_parallel import ExpertShard, sharded_experts
 from kt_ops.gpu_share import shared_experts_of
 from kt_ops.models.variants import ExpertsVariant, experts_variant
 from kt_ops.packed_weights import ExpertsLayout, PackedExpertWeight, packed_parameters, to_canonical
@@ -183,14 +184,26 @@ def packed_experts_in(model: nn.Module) -> list[PackedExperts]:
     return list(found.values())
 
 
-def held_packed_experts(module: nn.Module) -> Optional[PackedExperts]:
-    """The packed experts an experts module of transformers' experts interface holds (through
-    :func:`use_packed_experts`), or None."""
+def _stand_in(module: nn.Module) -> Optional[PackedExpertWeight]:
     if parametrize.is_parametrized(module, "gate_up_proj"):
         gate_up = module.parametrizations["gate_up_proj"].original
     else:
         gate_up = module._parameters.get("gate_up_proj")
-    return gate_up.packed if isinstance(gate_up, PackedExpertWeight) else None
+    return gate_up if isinstance(gate_up, PackedExpertWeight) else None
+
+
+def held_packed_experts(module: nn.Module) -> Optional[PackedExperts]:
+    """The packed experts an experts module of transformers' experts interface holds (through
+    :func:`use_packed_experts`), or None."""
+    stand_in = _stand_in(module)
+    return None if stand_in is None else stand_in.packed
+
+
+def expert_shard_of(module: nn.Module) -> Optional[ExpertShard]:
+    """Which of its experts an experts module holds on this host, when they are spread over
+    hosts (:mod:`kt_ops.expert_parallel`); None when it holds them all."""
+    stand_in = _stand_in(module)
+    return None if stand_in is None else stand_in.shard
 
 
 def install_packed_experts(module: nn.Module, packed: PackedExperts) -> None:
@@ -225,24 +238,27 @@ def packed_experts_of(module: nn.Module, layout: ExpertsLayout, numa_nodes: int 
     return packed
 
 
-def _install(module: nn.Module, packed: PackedExperts, layout: ExpertsLayout, dtype: torch.dtype) -> None:
-    for name, param in zip(("gate_up_proj", "down_proj"), packed_parameters(packed, layout, dtype)):
+def _install(module: nn.Module, packed: PackedExperts, layout: ExpertsLayout, dtype: torch.dtype,
+             shard: Optional[ExpertShard] = None) -> None:
+    for name, param in zip(("gate_up_proj", "down_proj"), packed_parameters(packed, layout, dtype, shard)):
         _set_base_parameter(module, name, param)
 
 
 def use_packed_experts(module: nn.Module, packed: Optional[PackedExperts] = None, numa_nodes: int = 0,
-                       dtype: Optional[torch.dtype] = None, experts_format: str = "bf16") -> None:
+                       dtype: Optional[torch.dtype] = None, experts_format: str = "bf16",
+                       shard: Optional[ExpertShard] = None) -> None:
     """Makes an experts module of transformers' experts interface hold its weights packed:
     ``packed`` (from :func:`kt_ops.load_experts`; the module's own weights are then never
     read, so they may be on the meta device; the caller has checked their sizes against the
-    module's), or its own weights packed now in ``experts_format``. The stand-ins show as ``dtype`` (default: the
-    module's weights' dtype). Raises ValueError, changing nothing, for a variant the kt
-    kernels cannot compute."""
+    module's), or its own weights packed now in ``experts_format``. The stand-ins show as
+    ``dtype`` (default: the module's weights' dtype). With ``shard``, ``packed`` holds this
+    host's share of the experts (:mod:`kt_ops.expert_parallel`). Raises ValueError, changing
+    nothing, for a variant the kt kernels cannot compute."""
     layout = _layout(supported_variant(module))
     if packed is None:
         packed_experts_of(module, layout, numa_nodes, dtype, experts_format)
         return
-    _install(module, packed, layout, dtype or _base_parameter(module, "gate_up_proj").dtype)
+    _install(module, packed, layout, dtype or _base_parameter(module, "gate_up_proj").dtype, shard)
 
 
 def _lora_factors(module: nn.Module, name: str, transposed: bool
@@ -297,14 +313,21 @@ def routed_experts(module: nn.Module, packed: PackedExperts, hidden_states: torc
                    down_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The output of an experts module whose experts are ``packed``: :func:`kt_ops.moe_sft` on
     the CPU for every routing slot, or, where the module holds a share of its experts on the
-    GPU (:mod:`kt_ops.gpu_share`), the share's slots there and the rest on the CPU, summed. The
+    GPU (:mod:`kt_ops.gpu_share`), the share's slots there and the rest on the CPU, summed;
+    where the experts are spread over hosts, each slot on its expert's host
+    (:mod:`kt_ops.expert_parallel`). The
     result comes back in the device and dtype of ``hidden_states``. Ids of ``num_experts`` or
     more are the experts interface's sentinels (a "no expert" slot, or an expert held
     elsewhere): they add nothing and pass no gradient to their weight."""
     cpu = torch.device("cpu")
-    ids = top_k_index.masked_fill(top_k_index >= packed.num_experts, NO_EXPERT)
+    shard = expert_shard_of(module)
+    total = packed.num_experts if shard is None else shard.total
+    ids = top_k_index.masked_fill(top_k_index >= total, NO_EXPERT)
 
     def on_cpu(x_cpu: torch.Tensor, cpu_ids: torch.Tensor) -> torch.Tensor:
+        if shard is not None:
+            return sharded_experts(shard, packed, x_cpu, cpu_ids, to_device(top_k_weights, cpu), lora, scaling, gate,
+                                   gate_up_bias, down_bias)
         return moe_sft(x_cpu, cpu_ids, to_device(top_k_weights, cpu), packed, lora, scaling, gate=gate,
                        gate_up_bias=gate_up_bias, down_bias=down_bias)
 

@@ -307,10 +307,15 @@ def share_experts(model: nn.Module, selection: dict[str, Sequence[int]], device:
     anything changes. Returns the bytes the shares hold."""
     from kt_ops.weights import progress_bar
 
+    from kt_ops.experts import expert_shard_of
+
     modules = experts_modules(model)
     for name, ids in selection.items():
         if name not in modules:
             raise ValueError(f"kt_ops.share_experts: {name!r} is no experts module of the model")
+        if expert_shard_of(modules[name]) is not None:
+            raise ValueError(f"kt_ops.share_experts: {name}'s experts are spread over hosts (shard_experts); a share "
+                             "of them on the GPU is not supported with that")
         e = packed_experts(modules[name]).num_experts
         bad = [i for i in ids if not (isinstance(i, int) and 0 <= i < e)]
         if bad or not ids:

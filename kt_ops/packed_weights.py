@@ -27,6 +27,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from kt_ops.api import PackedExperts, pack_experts
+from kt_ops.expert_parallel import ExpertShard
 
 aten = torch.ops.aten
 
@@ -75,11 +76,13 @@ class PackedExpertWeight(torch.Tensor):
     role: str
     experts_layout: ExpertsLayout
     deltas: tuple
+    shard: Optional[ExpertShard]  # the layer's experts when ``packed`` holds this host's share of them
 
     @staticmethod
     def __new__(cls, packed: PackedExperts, role: str, layout: ExpertsLayout, dtype: torch.dtype,
-                deltas: tuple = ()):
-        e, h, i = packed.num_experts, packed.hidden_size, packed.intermediate_size
+                deltas: tuple = (), shard: Optional[ExpertShard] = None):
+        e = shard.total if shard is not None else packed.num_experts
+        h, i = packed.hidden_size, packed.intermediate_size
         shape = {"gate_up": (e, 2 * i, h), "down": (e, h, i)}[role]
         if layout.transposed:
             shape = (shape[0], shape[2], shape[1])
@@ -87,8 +90,9 @@ class PackedExpertWeight(torch.Tensor):
                                                    requires_grad=False)
 
     def __init__(self, packed: PackedExperts, role: str, layout: ExpertsLayout, dtype: torch.dtype,
-                 deltas: tuple = ()):
+                 deltas: tuple = (), shard: Optional[ExpertShard] = None):
         self.packed, self.role, self.experts_layout, self.deltas = packed, role, layout, tuple(deltas)
+        self.shard = shard
         self._serialized: Optional[torch.Tensor] = None
 
     # Serialisers (safetensors, transformers' save_pretrained) read a tensor's storage and data
@@ -111,7 +115,7 @@ class PackedExpertWeight(torch.Tensor):
         if id(self) in memo:
             return memo[id(self)]
         out = PackedExpertWeight(copy.deepcopy(self.packed, memo), self.role, self.experts_layout, self.dtype,
-                                 copy.deepcopy(self.deltas, memo))
+                                 copy.deepcopy(self.deltas, memo), self.shard)
         if isinstance(self, torch.nn.Parameter):
             out = torch.nn.Parameter(out, requires_grad=self.requires_grad)
         memo[id(self)] = out
@@ -124,10 +128,13 @@ class PackedExpertWeight(torch.Tensor):
 
     def _like(self, dtype: Optional[torch.dtype] = None, deltas: Optional[tuple] = None) -> "PackedExpertWeight":
         return PackedExpertWeight(self.packed, self.role, self.experts_layout, dtype or self.dtype,
-                                  self.deltas if deltas is None else deltas)
+                                  self.deltas if deltas is None else deltas, self.shard)
 
     def dense(self) -> torch.Tensor:
         """The values as an ordinary tensor (the experts' size in memory)."""
+        if self.shard is not None and self.shard.count != self.shard.total:
+            raise ValueError(f"kt_ops: this host holds experts [{self.shard.first}, {self.shard.first + self.shard.count}) "
+                             f"of this layer's {self.shard.total}; the others' weights are on other hosts")
         gate_up, down = from_canonical(*self.packed.unpack(), self.experts_layout)
         out = (gate_up if self.role == "gate_up" else down).to(self.dtype)
         for lhs, rhs, alpha in self.deltas:
@@ -163,6 +170,7 @@ class PackedExpertWeight(torch.Tensor):
         if func is aten.set_.source_Tensor and isinstance(first, cls) and isinstance(args[1], cls):
             src = args[1]  # torch's parametrize sets a parameter to itself when it registers it
             first.packed, first.role, first.experts_layout, first.deltas = src.packed, src.role, src.experts_layout, src.deltas
+            first.shard = src.shard
             return first
         if func in (aten.copy_.default, aten.add_.Tensor, aten.sub_.Tensor) and isinstance(first, cls):
             other = args[1].dense() if isinstance(args[1], cls) else args[1]
@@ -182,8 +190,9 @@ class PackedExpertWeight(torch.Tensor):
         return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
 
 
-def packed_parameters(packed: PackedExperts, layout: ExpertsLayout, dtype: torch.dtype
-                      ) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
-    """Frozen ``(gate_up_proj, down_proj)`` parameters standing for ``packed``."""
-    return tuple(torch.nn.Parameter(PackedExpertWeight(packed, role, layout, dtype), requires_grad=False)
+def packed_parameters(packed: PackedExperts, layout: ExpertsLayout, dtype: torch.dtype,
+                      shard: Optional[ExpertShard] = None) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+    """Frozen ``(gate_up_proj, down_proj)`` parameters standing for ``packed`` (this host's
+    share of the layer's experts, with ``shard``: the parameters show them all)."""
+    return tuple(torch.nn.Parameter(PackedExpertWeight(packed, role, layout, dtype, shard=shard), requires_grad=False)
                  for role in ("gate_up", "down"))

@@ -63,6 +63,7 @@ class TrainArgs:
     grad_checkpointing: bool = False
     overlap: Optional[bool] = None  # two micro-batches in flight (kt_ops.overlap); None: on with a GPU
     gpu_experts_budget: int = 0  # bytes of GPU memory for a share of the experts (kt_ops.gpu_share)
+    shard_experts: bool = False  # each host of a job holds its share of the experts (kt_ops.expert_parallel)
     target_modules: list[str] = field(default_factory=list)
     seed: int = 0
     warmup_steps: Optional[int] = None
@@ -224,6 +225,9 @@ class Trainer:
                              "eval_data": args.eval_data and _file_sha256(args.eval_data)}
         if resumed is not None:
             self._check_same_run(*resumed)
+        if args.shard_experts and args.gpu_experts_budget:
+            raise ValueError("kt-sft: --gpu-experts-budget and --shard-experts do not go together (a share of the "
+                             "experts on the GPU needs every expert on the host)")
         _seed_everything(args.seed)
         # Under torchrun: this rank's GPU and cores, before the first kt op (kt_ops.distributed).
         self.ranks, self.device = distributed.join_job(resolve_device(args.device))
@@ -251,7 +255,10 @@ class Trainer:
         if model is None:
             lora = ExpertLoraConfig(args.rank, args.alpha, target_modules=tuple(args.target_modules))
             model = load_model(args.model, config=lora, dtype=getattr(torch, args.dtype), device=self.device,
-                               experts_format=args.experts_format, progress=args.progress and self.is_main)
+                               experts_format=args.experts_format, progress=args.progress and self.is_main,
+                               shard_experts=args.shard_experts)
+        elif args.shard_experts:
+            raise ValueError("kt-sft: --shard-experts spreads the experts over hosts as they are loaded: give --model")
         elif self.ranks is not None:
             distributed.share_packed_experts(model)  # load_model shares them by itself
         if args.grad_checkpointing:

@@ -14,6 +14,7 @@ from torch import nn
 
 from kt_ops.api import PackedExperts, check_weight_format, pack_expert_codes, pack_experts
 from kt_ops.distributed import host_shared_experts
+from kt_ops.expert_parallel import ExpertShard
 from kt_ops.files import read_json
 from kt_ops.int4_checkpoints import pack_quantized_group, unpack_int4
 from kt_ops.models.families import ARCHITECTURES, Family, experts_shape, family_of, interface_experts, moe_layers
@@ -419,10 +420,11 @@ def _stored_format(ckpt: _Checkpoint, names: list[str]) -> str:
 
 def _load_experts(ckpt: _Checkpoint, family: Family, shapes: dict[int, tuple[int, int, int]],
                   layers: Optional[list[int]], numa_nodes: int, experts_format: Optional[str], progress: bool,
-                  caller: str, keep: Callable[[int, PackedExperts], PackedExperts] = lambda layer, packed: packed
-                  ) -> dict[int, PackedExperts]:
+                  caller: str, keep: Callable[[int, PackedExperts], PackedExperts] = lambda layer, packed: packed,
+                  experts_held: Callable[[int], range] = range) -> dict[int, PackedExperts]:
     """The packed experts of ``layers`` (default: all), each layer passed through ``keep`` as
-    it is packed (kt_ops.distributed moves it into memory the host's ranks share)."""
+    it is packed (kt_ops.distributed moves it into memory the host's ranks share); of a layer
+    of E experts, those of ``experts_held(E)`` (kt_ops.expert_parallel: this host's share)."""
     gate, up, down = family.expert_linears
     per_expert, fused = _expert_keys(family)
     experts_of: dict[int, set[int]] = defaultdict(set)
@@ -476,31 +478,33 @@ def _load_experts(ckpt: _Checkpoint, family: Family, shapes: dict[int, tuple[int
     for layer in progress_bar(wanted, "packing experts", "layer", progress):
         e, h, i = shapes[layer]
         kind, prefix = plans[layer]
+        held = experts_held(e)
         stored = _stored_format(ckpt, names_of[layer]) if kind == "per_expert" else "bf16"
         if experts_format == stored and stored in ("fp8", "int4"):
-            out[layer] = keep(layer, _pack_codes_layer(ckpt, prefix, family, (e, h, i), stored, numa_nodes, layer,
+            out[layer] = keep(layer, _pack_codes_layer(ckpt, prefix, family, held, (h, i), stored, numa_nodes, layer,
                                                        caller))
             continue
-        w_gate, w_up, w_down = (torch.empty(s, dtype=torch.bfloat16) for s in [(e, i, h), (e, i, h), (e, h, i)])
-        for x in range(e):
+        n = len(held)
+        w_gate, w_up, w_down = (torch.empty(s, dtype=torch.bfloat16) for s in [(n, i, h), (n, i, h), (n, h, i)])
+        for slot, x in enumerate(held):
             if kind == "fused":  # gate_up_proj[x] holds expert x's gate rows, then its up rows
-                ckpt.read_weight(prefix + "gate_up_proj", w_gate[x], first=2 * x * i * h)
-                ckpt.read_weight(prefix + "gate_up_proj", w_up[x], first=(2 * x + 1) * i * h)
-                ckpt.read_weight(prefix + "down_proj", w_down[x], first=x * h * i)
+                ckpt.read_weight(prefix + "gate_up_proj", w_gate[slot], first=2 * x * i * h)
+                ckpt.read_weight(prefix + "gate_up_proj", w_up[slot], first=(2 * x + 1) * i * h)
+                ckpt.read_weight(prefix + "down_proj", w_down[slot], first=x * h * i)
             else:
                 for proj, w in ((gate, w_gate), (up, w_up), (down, w_down)):
-                    ckpt.read_weight(f"{prefix}{x}.{proj}.weight", w[x])
+                    ckpt.read_weight(f"{prefix}{x}.{proj}.weight", w[slot])
         packed = pack_experts(w_gate, w_up, w_down, numa_nodes, format=experts_format)
         del w_gate, w_up, w_down  # before keep, which may copy the packed layer elsewhere
         out[layer] = keep(layer, packed)
     return out
 
 
-def _pack_codes_layer(ckpt: _Checkpoint, prefix: str, family: Family, shape: tuple[int, int, int], fmt: str,
-                      numa_nodes: int, layer: int, caller: str) -> PackedExperts:
-    """One layer of per-expert fp8 or int4 weights packed in that format from their codes and
-    scales as stored: no bf16 copy, no rounding."""
-    e, h, i = shape
+def _pack_codes_layer(ckpt: _Checkpoint, prefix: str, family: Family, held: range, sizes: tuple[int, int],
+                      fmt: str, numa_nodes: int, layer: int, caller: str) -> PackedExperts:
+    """Experts ``held`` of one layer of per-expert fp8 or int4 weights packed in that format
+    from their codes and scales as stored: no bf16 copy, no rounding."""
+    e, (h, i) = len(held), sizes
     gate, up, down = family.expert_linears
     matrices = [(i, h), (i, h), (h, i)]
     if fmt == "fp8":
@@ -509,14 +513,14 @@ def _pack_codes_layer(ckpt: _Checkpoint, prefix: str, family: Family, shape: tup
     else:
         codes = [torch.empty((e, n, k), dtype=torch.int8) for n, k in matrices]
         scales = [torch.empty((e, n, k // ckpt.int4_group), dtype=torch.bfloat16) for n, k in matrices]
-    for x in range(e):
+    for slot, x in enumerate(held):
         for proj, c, sc in zip((gate, up, down), codes, scales):
             name = f"{prefix}{x}.{proj}.weight"
             if fmt == "fp8":
-                ckpt.read(name, c[x])
-                sc[x].copy_(ckpt.read(name + "_scale_inv"))
+                ckpt.read(name, c[slot])
+                sc[slot].copy_(ckpt.read(name + "_scale_inv"))
             else:
-                c[x], sc[x] = ckpt.read_int4(name, c.shape[-1])
+                c[slot], sc[slot] = ckpt.read_int4(name, c.shape[-1])
     try:
         return pack_expert_codes(*codes, scales, numa_nodes, format=fmt,
                                  group_size=ckpt.int4_group if fmt == "int4" else 0)
@@ -528,7 +532,7 @@ def load_model(checkpoint_dir: Union[str, os.PathLike], lora_rank: Optional[int]
                lora_alpha: Optional[float] = None, *, config: Any = None,
                adapter: Union[str, os.PathLike, None] = None, dtype: torch.dtype = torch.bfloat16,
                device: Union[str, torch.device, None] = None, numa_nodes: int = 0,
-               experts_format: Optional[str] = None, progress: bool = True) -> nn.Module:
+               experts_format: Optional[str] = None, progress: bool = True, shard_experts: bool = False) -> nn.Module:
     """A causal LM from a Hugging Face checkpoint directory with its routed experts on the kt
     kernels and LoRA on them (:func:`kt_ops.patch_model`), built without ever holding the
     bf16 routed experts in full.
@@ -548,6 +552,11 @@ def load_model(checkpoint_dir: Union[str, os.PathLike], lora_rank: Optional[int]
     packed in ``experts_format`` (:func:`kt_ops.experts_formats`; None, the default: the
     checkpoint's own, :func:`checkpoint_experts_format`); a format the checkpoint does not hold
     is made layer by layer as it is read, so the bf16 experts are never held whole.
+
+    Under a process group (torchrun), the experts are read and packed once per host and shared
+    by the host's ranks (:mod:`kt_ops.distributed`); with ``shard_experts`` each host holds
+    only its share of each layer's experts, by id, and tokens cross to their experts' hosts
+    (:mod:`kt_ops.expert_parallel`; a family kt_ops streams, on transformers' experts interface).
 
     Returns what :func:`kt_ops.patch_model` returns (a ``PeftModel`` on transformers 5.x).
     Raises KeyError naming checkpoint tensors the model has no place for, or model tensors
@@ -573,20 +582,25 @@ def load_model(checkpoint_dir: Union[str, os.PathLike], lora_rank: Optional[int]
         raise ValueError(f"{caller}: found no routed experts kt_ops can run in {checkpoint_dir}: its model type is "
                          f"none of {', '.join(sorted(ARCHITECTURES))} and its experts do not use transformers' "
                          "experts interface")
+    if shard_experts and (family is None or not interface):
+        raise ValueError(f"{caller}: shard_experts needs a family kt_ops streams from its checkpoint, on transformers' "
+                         f"experts interface; {checkpoint_dir} is not")
     if family is None:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=dtype)
         experts = None
     else:
-        experts = _load_into(model, checkpoint_dir, family, dtype, device, numa_nodes, experts_format, progress, caller)
+        experts = _load_into(model, checkpoint_dir, family, dtype, device, numa_nodes, experts_format, progress, caller,
+                             shard_experts)
     # Repacks (an in-place write of the experts' stand-ins) keep the format the experts have.
     experts_format = next(iter(experts.values())).experts_format if experts else (experts_format or "bf16")
     if interface:
         import peft
 
         lora = expert_lora_config(model, resolve_lora_config(lora_rank, lora_alpha, config))
-        use_kt_experts(model, experts=experts, numa_nodes=numa_nodes, experts_format=experts_format)
+        use_kt_experts(model, experts=experts, numa_nodes=numa_nodes, experts_format=experts_format,
+                       sharded=shard_experts)
         _check_complete(model, caller)
         # PEFT makes each LoRA tensor where its base parameter is: the experts' in CPU memory.
         model = peft.get_peft_model(model.to(device), lora)
@@ -626,9 +640,10 @@ def _check_complete(model: nn.Module, caller: str) -> None:
 
 def _load_into(model: nn.Module, checkpoint_dir: str, family: Family, dtype: torch.dtype, device: torch.device,
                numa_nodes: int, experts_format: Optional[str], progress: bool,
-               caller: str) -> dict[int, PackedExperts]:
-    """Streams the checkpoint's expert tensors into packed experts (returned) and its other
-    tensors into ``model``'s empty parameters, on ``device``."""
+               caller: str, shard_experts: bool = False) -> dict[int, PackedExperts]:
+    """Streams the checkpoint's expert tensors into packed experts (returned; with
+    ``shard_experts``, this host's share of each layer's) and its other tensors into
+    ``model``'s empty parameters, on ``device``."""
     ckpt = _Checkpoint(checkpoint_dir, caller)
     per_expert, fused = _expert_keys(family)
     wanted = {n: t for n, t in model.state_dict().items()}
@@ -655,8 +670,9 @@ def _load_into(model: nn.Module, checkpoint_dir: str, family: Family, dtype: tor
         raise KeyError(f"{caller}: the model has no place for checkpoint tensor(s) {unexpected[:5]}")
     shapes = expert_shapes(model)
     # Once per host where a process group runs several ranks on it (kt_ops.distributed).
+    held = (lambda e: ExpertShard.of_this_host(e).experts) if shard_experts else range
     experts = host_shared_experts(lambda keep: _load_experts(ckpt, family, shapes, None, numa_nodes, experts_format,
-                                                             progress, caller, keep))
+                                                             progress, caller, keep, held))
 
     state = {}
     for name in progress_bar(names, "loading weights", "tensor", progress):

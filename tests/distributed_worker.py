@@ -3,10 +3,11 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py MODE OUT [CHECKPOINT]
 
 MODE: ``ddp`` or ``fsdp`` (a tiny Qwen3-MoE on the kt experts, its experts shared on the host,
-each rank one row of a two-row batch; writes the loss and every gradient), ``load`` (kt_ops.load_model
-of CHECKPOINT; writes the packed experts and how many layers this rank packed), ``load_error``
-(load_model of a CHECKPOINT whose experts are missing). Every rank writes OUT/rank{r}.json and,
-where there are tensors, OUT/rank{r}.safetensors."""
+each rank one row of a batch of a row per rank; writes the loss and every gradient), ``load``
+(kt_ops.load_model of CHECKPOINT; writes the packed experts and how many layers this rank
+packed), ``sharded`` (load_model of CHECKPOINT with its experts spread over the hosts, then a
+row per rank under DDP, as ``ddp``). Every rank writes OUT/rank{r}.json and, where there are
+tensors, OUT/rank{r}.safetensors."""
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ import kt_ops  # noqa: E402
 from kt_ops import distributed  # noqa: E402
 from kt_ops.gpu_share import experts_modules, packed_experts  # noqa: E402
 
-ROWS = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+ROWS = torch.randint(3, 96, (4, 9), generator=torch.Generator().manual_seed(1))  # a row per rank, up to 4
 
 
 def mapping_of(ptr: int) -> dict:
@@ -91,16 +92,43 @@ def load(checkpoint: str, out: dict, tensors: dict) -> None:
         out["logits_sum"] = float(model(input_ids=ROWS).logits.double().sum())
 
 
+def sharded(checkpoint: str, rank: int, out: dict, tensors: dict) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    model = kt_ops.load_model(checkpoint, config=kt_ops.ExpertLoraConfig(4, 8, target_modules=("o_proj",)),
+                              dtype=torch.float32, progress=False, shard_experts=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+    out["held"] = [packed_experts(m).num_experts for m in experts_modules(model).values()]
+    distributed.ignore_experts_in_ddp(model)
+    wrapped = DistributedDataParallel(model)
+    loss = wrapped(input_ids=ROWS[rank:rank + 1], labels=ROWS[rank:rank + 1]).loss
+    loss.backward()
+    distributed.sync_expert_gradients(model)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            tensors[name] = p.grad.detach().contiguous()
+
+
 def main() -> None:
     mode, out_dir = sys.argv[1], sys.argv[2]
     os.environ["KT_OPS_MAX_ISA"] = "avx2"  # fp32 GEMM inputs: comparisons at fp32 tolerance
     dist.init_process_group("gloo")
     distributed.host_group()
+    if mode == "sharded":
+        from kt_ops.expert_parallel import expert_parallel_group
+
+        expert_parallel_group()
     rank = dist.get_rank()
     out, tensors = {"rank": rank}, {}
     try:
         if mode in ("ddp", "fsdp"):
             train_one_row(mode, rank, out, tensors)
+        elif mode == "sharded":
+            sharded(sys.argv[3], rank, out, tensors)
         else:
             load(sys.argv[3], out, tensors)
     except Exception as e:  # noqa: BLE001 - what the test checks

@@ -21,7 +21,9 @@ from moe_case import assert_close
 
 pytest.importorskip("transformers.integrations.moe", reason="transformers 4.x has no experts interface")
 
-HERE = os.path.dirname(__file__)
+HERE = os.path.dirname(os.path.abspath(__file__))
+# The ranks import this checkout's kt_ops and the tests' helpers, as the tests here do.
+PYTHONPATH = os.pathsep.join([HERE, os.path.dirname(HERE)])
 WORKER = os.path.join(HERE, "distributed_worker.py")
 RANKS = 2
 
@@ -30,7 +32,7 @@ def torchrun(*args, timeout=600, env=None, **kw) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node 2 ARGS`` (a free port of its own)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(RANKS), *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": HERE, **(env or {})}, **kw)
+                          env={**os.environ, "PYTHONPATH": PYTHONPATH, **(env or {})}, **kw)
 
 
 def run_worker(tmp_path, mode, checkpoint=None):
@@ -56,7 +58,8 @@ def test_ddp_and_fsdp2_give_the_one_process_gradients_with_the_experts_once_on_t
     # The one-process reference: both rows at once.
     monkeypatch.setenv("KT_OPS_MAX_ISA", "avx2")
     model = distributed_worker.tiny_kt_model()
-    model(input_ids=distributed_worker.ROWS, labels=distributed_worker.ROWS).loss.backward()
+    rows = distributed_worker.ROWS[:RANKS]
+    model(input_ids=rows, labels=rows).loss.backward()
     want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     for got in tensors:
         assert got.keys() == want.keys()
@@ -103,6 +106,65 @@ def test_an_error_loading_the_experts_reaches_every_rank(checkpoint, tmp_path):
     assert "local rank 0, which loads the experts" in results[1]["error"]
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_hosts(*args, ranks_per_host=1, timeout=600):
+    """``args`` under torchrun as a job of two hosts of ``ranks_per_host`` ranks each, both on
+    this machine (two agents meeting at one rendezvous); returns the two agents' results."""
+    port = free_port()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
+               str(ranks_per_host), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", *args]
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
+    agents = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+              for _ in range(2)]
+    try:
+        return [subprocess.CompletedProcess(command, a.wait(timeout), *a.communicate()) for a in agents]
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                a.kill()
+
+
+@pytest.mark.parametrize("ranks_per_host", [1, 2])
+def test_experts_spread_over_two_hosts_give_the_one_process_gradients(ranks_per_host, checkpoint, tmp_path,
+                                                                      monkeypatch):
+    """Each host holds half of every layer's experts (once, shared by its ranks); tokens cross to
+    their experts' host and back. Against one process with every expert, on the same rows."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for done in two_hosts(WORKER, "sharded", str(out), str(checkpoint), ranks_per_host=ranks_per_host):
+        assert done.returncode == 0, done.stderr[-3000:]
+    ranks = 2 * ranks_per_host
+    results = [json.load(open(out / f"rank{r}.json")) for r in range(ranks)]
+    assert all("error" not in r for r in results), results
+    import distributed_worker
+
+    monkeypatch.setenv("KT_OPS_MAX_ISA", "avx2")
+    torch.manual_seed(0)
+    model = kt_ops.load_model(checkpoint, config=kt_ops.ExpertLoraConfig(4, 8, target_modules=("o_proj",)),
+                              dtype=torch.float32, progress=False)
+    total = len(next(iter(kt_ops.load_experts(checkpoint, progress=False).values())).gate_up[0])
+    assert all(r["held"] == [total // 2] * len(r["held"]) for r in results)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+    rows = distributed_worker.ROWS[:ranks]
+    model(input_ids=rows, labels=rows).loss.backward()
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for r in range(ranks):
+        got = load_file(out / f"rank{r}.safetensors")
+        assert got.keys() == want.keys()
+        for name, g in want.items():
+            assert_close(name, got[name], g, torch.float32)
+
+
 # ---------------------------------------------------------------- kt-sft under torchrun
 
 TRAIN = ["-m", "kt_ops", "train", "--steps", "4", "--max-tokens-per-step", "512", "--micro-batch-tokens", "256",
@@ -113,7 +175,7 @@ def kt_sft(out, *extra, ranks=True):
     if ranks:
         return torchrun(*TRAIN, "--out", str(out), *extra)
     return subprocess.run([sys.executable, *TRAIN, "--out", str(out), *extra], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env={**os.environ, "PYTHONPATH": PYTHONPATH})
 
 
 def adapters_equal(a, b):
@@ -142,12 +204,30 @@ def test_kt_sft_under_torchrun_trains_as_one_process_and_resumes(tmp_path):
     adapters_equal(two, halves)
 
 
+def test_kt_sft_with_experts_spread_over_two_hosts_trains_as_one_process(tmp_path):
+    """The gradients agree to fp32 rounding (the test above); after a few AdamW steps, which
+    move every weight by about the learning rate whatever its gradient's size, the losses agree
+    to that rounding's effect."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    done = kt_sft(one, "--dtype", "float32", ranks=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for done in two_hosts(*TRAIN, "--out", str(two), "--dtype", "float32", "--shard-experts"):
+        assert done.returncode == 0, done.stderr[-3000:]
+    m1, m2 = (json.load(open(d / "metrics.json")) for d in (one, two))
+    assert m2["ranks"] == 2 and m2["tokens"] == m1["tokens"]
+    for key in ("loss_first", "loss_last", "eval_loss_last"):
+        assert m2[key] == pytest.approx(m1[key], rel=2e-3), key
+    # Before any step: the same function, a token's parts from the two hosts summed in another order.
+    assert m2["loss_first"] == pytest.approx(m1["loss_first"], rel=1e-4)
+
+
 def test_a_rank_that_dies_takes_the_job_down(tmp_path):
     out = tmp_path / "run"
     job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                             str(RANKS), *TRAIN[:3], "--out", str(out), "--steps", "400",
                             "--max-tokens-per-step", "512", "--micro-batch-tokens", "256", "--device", "cpu",
-                            "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONPATH": PYTHONPATH})
     try:
         victim = None
         deadline = time.time() + 300

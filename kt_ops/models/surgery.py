@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from kt_ops.api import PackedExperts, check_weight_format, pack_experts
+from kt_ops.expert_parallel import ExpertShard
 from kt_ops.experts import EXPERTS_IMPLEMENTATION, KtExperts, supported_variant, use_packed_experts
 from kt_ops.models.families import (ROUTER, experts_shape, expert_weights, family_of, interface_experts, moe_layers,
                                     router_of)
@@ -165,13 +166,14 @@ def _given_experts(experts: dict[int, PackedExperts], name: str, shape: tuple[in
 
 
 def use_kt_experts(model: nn.Module, *, experts: Optional[dict[int, PackedExperts]] = None,
-                   numa_nodes: int = 0, experts_format: str = "bf16") -> dict[str, nn.Module]:
+                   numa_nodes: int = 0, experts_format: str = "bf16", sharded: bool = False) -> dict[str, nn.Module]:
     """Packs the experts of every experts module of transformers' experts interface in
     ``model`` in ``experts_format`` (or takes ``experts`` from :func:`kt_ops.load_experts` for
     them) and sets the
     "kt" experts implementation; no LoRA. Returns ``{module path: experts module}``. Every
     module is checked (a variant the kernels cannot compute, missing or mis-sized experts)
-    before the first is changed.
+    before the first is changed. ``sharded``: ``experts`` hold this host's share of each
+    layer's experts (:mod:`kt_ops.expert_parallel`), which compute with the other hosts'.
 
     The packed weights show as float32 parameters whatever the model's dtype. PEFT casts the
     LoRA factors to the dtype of the parameter they adapt on every forward; as float32 they
@@ -181,13 +183,18 @@ def use_kt_experts(model: nn.Module, *, experts: Optional[dict[int, PackedExpert
     layers = interface_experts(model)
     if not layers:
         raise ValueError("kt_ops.patch_model: found no experts module of transformers' experts interface")
-    given = {}
+    given, shards = {}, {}
     for name, module in layers.items():
         supported_variant(module)
+        e, h, i = interface_experts_shape(module)
+        if sharded:  # experts: this host's share of each layer's (kt_ops.expert_parallel)
+            shards[name] = ExpertShard.of_this_host(e)
+            e = shards[name].count
         if experts is not None:
-            given[name] = _given_experts(experts, name, interface_experts_shape(module))
+            given[name] = _given_experts(experts, name, (e, h, i))
     for name, module in layers.items():
-        use_packed_experts(module, given.get(name), numa_nodes, dtype=torch.float32, experts_format=experts_format)
+        use_packed_experts(module, given.get(name), numa_nodes, dtype=torch.float32, experts_format=experts_format,
+                           shard=shards.get(name))
     model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
     return layers
 
