@@ -171,6 +171,7 @@ def host_shared_experts(load: Callable[[Callable[[int, PackedExperts], PackedExp
         dist.barrier(group=group)  # every rank has mapped the files (or given up): they can go
         if dist.get_rank() == leader:
             shutil.rmtree(directory, ignore_errors=True)
+        dist.barrier(group=group)  # and they are gone when any rank goes on
     return experts
 
 
