@@ -57,6 +57,11 @@ TORCH_LIBRARY(kt, m) {
   m.def("unpack_experts(Tensor[] experts, int hidden_size, int intermediate_size, int[]? expert_ids=None) -> "
         "(Tensor w_gate, Tensor w_up, Tensor w_down)");
 
+  // Copies packed experts (the list kt.pack_experts made) into `out`, tensors of their dtypes
+  // and shapes (shared memory not yet written, say), each NUMA slice of gate_up and down placed
+  // on its node before it is written, as kt.pack_experts places them.
+  m.def("copy_packed_experts(Tensor[] experts, Tensor(a!)[] out) -> ()");
+
   // Routed experts forward on `experts` (the list kt.pack_experts made), with optional LoRA per
   // projection: lora is empty (none) or [A_gate, B_gate, A_up, B_up, A_down, B_down] with A
   // [E, r, in] and B [E, out, r], any pair None; intermediate_size must be the I the experts
@@ -94,6 +99,7 @@ TORCH_LIBRARY_IMPL(kt, CPU, m) {
   m.impl("pack_experts", &kt_ops::pack_experts_cpu);
   m.impl("pack_expert_codes", &kt_ops::pack_expert_codes_cpu);
   m.impl("unpack_experts", &kt_ops::unpack_experts_cpu);
+  m.impl("copy_packed_experts", &kt_ops::copy_packed_experts_cpu);
   m.impl("moe_sft_forward", &kt_ops::moe_sft_forward_cpu);
   m.impl("moe_sft_backward", &kt_ops::moe_sft_backward_cpu);
 }
@@ -102,6 +108,7 @@ TORCH_LIBRARY_IMPL(kt, CUDA, m) {
   m.impl("pack_experts", &kt_ops::pack_experts_cpu);
   m.impl("pack_expert_codes", &kt_ops::pack_expert_codes_cpu);
   m.impl("unpack_experts", &kt_ops::unpack_experts_cpu);
+  m.impl("copy_packed_experts", &kt_ops::copy_packed_experts_cpu);
   m.impl("moe_sft_forward", &kt_ops::moe_sft_forward_cpu);
   m.impl("moe_sft_backward", &kt_ops::moe_sft_backward_cpu);
 }
@@ -110,6 +117,7 @@ TORCH_LIBRARY_IMPL(kt, Meta, m) {
   m.impl("pack_experts", &kt_ops::pack_experts_meta);
   m.impl("pack_expert_codes", &kt_ops::pack_expert_codes_meta);
   m.impl("unpack_experts", &kt_ops::unpack_experts_meta);
+  m.impl("copy_packed_experts", &kt_ops::copy_packed_experts_meta);
   m.impl("moe_sft_forward", &kt_ops::moe_sft_forward_meta);
   m.impl("moe_sft_backward", &kt_ops::moe_sft_backward_meta);
 }

@@ -23,8 +23,8 @@ GATES = {"swiglu": {}, "gpt_oss": {"gate": Gate(alpha=1.702, limit=0.75, up_offs
 
 
 def test_every_op_is_covered():
-    tested = {"kt::pack_experts", "kt::pack_expert_codes", "kt::unpack_experts", "kt::moe_sft_forward",
-              "kt::moe_sft_backward"}
+    tested = {"kt::pack_experts", "kt::pack_expert_codes", "kt::unpack_experts", "kt::copy_packed_experts",
+              "kt::moe_sft_forward", "kt::moe_sft_backward"}
     ops = {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("kt::")}
     assert ops == tested | set(OPCHECK_EXEMPT), ops
 
@@ -60,6 +60,15 @@ def test_opcheck_unpack_experts(numa_nodes, weight_format):
     experts = torch.ops.kt.pack_experts(*w, numa_nodes, weight_format, 0)
     torch.library.opcheck(torch.ops.kt.unpack_experts.default, (experts, h, i))
     torch.library.opcheck(torch.ops.kt.unpack_experts.default, (experts, h, i, [2, 0]))
+
+
+@pytest.mark.parametrize("weight_format", kt_ops.weight_formats())
+def test_opcheck_copy_packed_experts(weight_format):
+    g = torch.Generator().manual_seed(0)
+    h, i = format_sizes(weight_format, 70, 96 if weight_format == "int4" else 45)
+    w = [torch.randn(*s, generator=g).bfloat16() for s in [(3, i, h), (3, i, h), (3, h, i)]]
+    experts = torch.ops.kt.pack_experts(*w, 2, weight_format, 0)
+    torch.library.opcheck(torch.ops.kt.copy_packed_experts.default, (experts, [torch.empty_like(t) for t in experts]))
 
 
 @pytest.mark.parametrize("weight_format, w8a8", NUMERICS, ids=NUMERICS_IDS)

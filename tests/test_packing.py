@@ -273,3 +273,31 @@ def test_packing_codes_on_meta_has_the_shapes_of_cpu(fmt):
                                           32 if fmt == "int4" else 0)
     for a, b in zip(cpu, meta):
         assert a.shape == b.shape and a.dtype == b.dtype and b.device.type == "meta"
+
+
+@pytest.mark.parametrize("fmt", kt_ops.weight_formats())
+@pytest.mark.parametrize("numa_nodes", [1, 2])
+def test_copy_packed_experts_copies_every_tensor(fmt, numa_nodes):
+    """What kt_ops.distributed writes into shared memory: the same packed experts."""
+    packed = kt_ops.pack_experts(*_weights(3, 64, 96, seed=4), numa_nodes=numa_nodes, format=fmt)
+    out = [torch.full_like(t, 7) for t in packed.tensors]
+    torch.ops.kt.copy_packed_experts(list(packed.tensors), out)
+    assert all(torch.equal(a, b) for a, b in zip(out, packed.tensors))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda out: out[:2], "out must hold as many tensors as experts (3), got 2"),
+    (lambda out: [out[0][:, :1].contiguous(), *out[1:]], "out[0] must be a contiguous tensor of the dtype and shape"),
+    (lambda out: [out[0].float(), *out[1:]], "out[0] must be a contiguous tensor of the dtype and shape"),
+    (lambda out: [out[0], out[1].transpose(2, 3), out[2]], "out[1] must be a contiguous tensor"),
+])
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_copy_packed_experts_refuses_other_outputs_and_writes_nothing(edit, message, device):
+    import re
+
+    packed = kt_ops.pack_experts(*_weights(2, 64, 64), numa_nodes=1)
+    out = [torch.zeros_like(t) for t in packed.tensors]
+    bad = [t.to(device) for t in edit(out)]
+    with pytest.raises(RuntimeError, match=re.escape("kt.copy_packed_experts: " + message)):
+        torch.ops.kt.copy_packed_experts([t.to(device) for t in packed.tensors], bad)
+    assert all(not t.any() for t in out)

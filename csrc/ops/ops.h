@@ -47,6 +47,9 @@ UnpackResult unpack_experts_cpu(at::TensorList experts, int64_t hidden_size, int
 UnpackResult unpack_experts_meta(at::TensorList experts, int64_t hidden_size, int64_t intermediate_size,
                                  at::OptionalIntArrayRef expert_ids);
 
+void copy_packed_experts_cpu(at::TensorList experts, at::TensorList out);
+void copy_packed_experts_meta(at::TensorList experts, at::TensorList out);
+
 // The arguments kt.moe_sft_forward takes and kt.moe_sft_backward takes after grad_y.
 #define KT_MOE_FORWARD_PARAMS                                                                              \
   const at::Tensor &x, const at::Tensor &topk_ids, const at::Tensor &topk_weights, at::TensorList experts, \
