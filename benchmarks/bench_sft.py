@@ -31,7 +31,8 @@ from torch import nn
 import kt_ops
 from kt_ops.data import IGNORE, Example
 from kt_ops import timeline
-from kt_ops.gpu_share import experts_modules, parse_size
+from kt_ops.experts import experts_modules
+from kt_ops.gpu_share import parse_size
 from kt_ops.shapes import model_shape
 from kt_ops.train import TrainArgs, Trainer, reuse_freed_memory
 

@@ -238,10 +238,10 @@ def _train(ns: argparse.Namespace) -> int:
     try:
         metrics = trainer.train()
     except Interrupted as e:
+        trainer.close()
         say(f"kt-sft: stopped at step {trainer.step}; resume with: kt-sft train --resume {args.out}")
         return 128 + e.signum
-    finally:
-        trainer.close()
+    trainer.close()
     if trainer.is_main:
         print(json.dumps(metrics, indent=2))
     if not metrics["completed"]:

@@ -18,6 +18,7 @@ the ranks, and the dense modules under stock DDP or FSDP2.
 """
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import shutil
@@ -32,6 +33,7 @@ from torch import nn
 from kt_ops.api import PackedExperts
 
 _HOST_GROUPS: dict[tuple[int, int], Optional[dist.ProcessGroup]] = {}  # (world, local world) -> this rank's
+_CPU_GROUPS: dict[int, Optional[dist.ProcessGroup]] = {}  # world -> every rank over gloo (None: the default is)
 
 
 def local_world_size() -> int:
@@ -56,26 +58,58 @@ def host_group() -> Optional[dist.ProcessGroup]:
         raise ValueError(f"kt_ops.distributed: {world} ranks do not split into hosts of LOCAL_WORLD_SIZE={local}")
     key = (world, local)
     if key not in _HOST_GROUPS:
-        # CPU tensors cross in these collectives: gloo, whatever the default group's backend.
-        _HOST_GROUPS[key] = dist.new_subgroups(group_size=local, backend="gloo")[0]
+        # CPU tensors cross in these collectives: gloo, whatever the default group's backend. The
+        # host's other ranks wait in one while local rank 0 reads and packs a model's experts.
+        _HOST_GROUPS[key] = dist.new_subgroups(group_size=local, backend="gloo",
+                                               timeout=datetime.timedelta(hours=6))[0]
     return _HOST_GROUPS[key]
 
 
+def _cores(cpus: list[int]) -> list[list[int]]:
+    """``cpus`` grouped by physical core (a core's hardware threads together), the cores in the
+    order of their NUMA node, package and id (from sysfs; each CPU its own core where it says
+    nothing)."""
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for cpu in cpus:
+        base = f"/sys/devices/system/cpu/cpu{cpu}"
+        try:
+            core = int(open(f"{base}/topology/core_id").read())
+            package = int(open(f"{base}/topology/physical_package_id").read())
+            node = next((int(n[4:]) for n in os.listdir(base) if n.startswith("node") and n[4:].isdigit()), 0)
+        except (OSError, ValueError):
+            node, package, core = 0, 0, cpu
+        groups.setdefault((node, package, core), []).append(cpu)
+    return [groups[key] for key in sorted(groups)]
+
+
+def cpu_group() -> Optional[dist.ProcessGroup]:
+    """Every rank of the job over gloo, for collectives of CPU tensors (the experts' LoRA, host
+    values): None where the default group is gloo already. Every rank must call it the first
+    time (it creates the group)."""
+    if dist.get_backend() == "gloo":
+        return None
+    world = dist.get_world_size()
+    if world not in _CPU_GROUPS:
+        _CPU_GROUPS[world] = dist.new_group(backend="gloo")
+    return _CPU_GROUPS[world]
+
+
 def use_own_cores(rank: Optional[int] = None, ranks: Optional[int] = None) -> list[int]:
-    """Restricts this process to its local rank's share of the CPUs it may use (contiguous
-    groups, in the order the OS numbers them) and sizes torch's threads to it; returns the
-    CPUs. Call it before the first kt op: the kernels' thread pool pins its workers to the
-    cores it finds then. ``rank`` / ``ranks`` default to torchrun's LOCAL_RANK and
+    """Restricts this process to its local rank's share of the cores it may use (whole cores,
+    hardware threads included, in consecutive runs by NUMA node, so that a rank's cores share a
+    node where the count allows) and sizes torch's threads to them; returns its CPUs. Call it
+    before the first kt op: the kernels' thread pool pins its workers to the cores the calling
+    thread may use then. ``rank`` / ``ranks`` default to torchrun's LOCAL_RANK and
     LOCAL_WORLD_SIZE."""
     rank = local_rank() if rank is None else rank
     ranks = local_world_size() if ranks is None else ranks
-    cpus = sorted(os.sched_getaffinity(0))
-    if ranks > len(cpus):
-        raise ValueError(f"kt_ops.use_own_cores: {ranks} ranks on this host, but the job may use {len(cpus)} CPUs")
-    share = len(cpus) // ranks
-    mine = cpus[rank * share:(rank + 1) * share]
+    cores = _cores(sorted(os.sched_getaffinity(0)))
+    if ranks > len(cores):
+        raise ValueError(f"kt_ops.use_own_cores: {ranks} ranks on this host, but the job may use {len(cores)} cores")
+    share = len(cores) // ranks
+    mine = [cpu for core in cores[rank * share:(rank + 1) * share] for cpu in core]
     os.sched_setaffinity(0, mine)
-    torch.set_num_threads(len(mine))
+    torch.set_num_threads(share)
     return mine
 
 
@@ -106,8 +140,10 @@ class _HostPublisher:
         for i, t in enumerate(packed.tensors):
             path = os.path.join(self.directory, f"{key}.{i}")
             with open(path, "wb") as f:
-                f.write(t.contiguous().flatten().view(torch.uint8).numpy().data)
+                f.truncate(t.nbytes)
             tensors.append(_map(path, t.dtype, tuple(t.shape)))
+        # Written through the mapping by the op that places each NUMA slice on its node first.
+        torch.ops.kt.copy_packed_experts(list(packed.tensors), tensors)
         self.described[key] = _describe(packed)
         return _rebuilt(packed, tensors)
 
@@ -136,42 +172,49 @@ def host_shared_experts(load: Callable[[Callable[[int, PackedExperts], PackedExp
     each layer through ``keep(layer, packed)`` as it is packed and returning what keep returned:
     on one rank per host (or outside a process group) keep returns the layer as it is; with
     several, local rank 0 alone runs ``load`` and keep moves each layer into shared memory, and
-    the host's other ranks map what it wrote. An error on local rank 0 is raised on every rank
-    of the host. Every rank of the host must call this at the same point."""
+    the host's other ranks map what it wrote. An error on local rank 0 (interruptions too) is
+    raised on every rank of the host. Every rank of the host must call this at the same point;
+    the others wait for local rank 0's loading up to the host group's timeout (hours)."""
     group = host_group()
     if group is None:
         return load(lambda key, packed: packed)
-    leader = dist.get_global_rank(group, 0)
-    directory = [_shared_directory() if dist.get_rank() == leader else None]
-    dist.broadcast_object_list(directory, src=leader, group=group)
+    leader = dist.get_rank() == dist.get_global_rank(group, 0)
+    directory = [_shared_directory() if leader else None]
+    dist.broadcast_object_list(directory, src=dist.get_global_rank(group, 0), group=group)
     directory = directory[0]
-    outcome: list = [None]
     experts: dict[int, PackedExperts] = {}
-    if dist.get_rank() == leader:
-        os.makedirs(directory, mode=0o700)
-        publisher = _HostPublisher(directory)
-        try:
-            experts = load(publisher.publish)
-            outcome = [("ok", publisher.described)]
-        except Exception as e:  # noqa: BLE001 - re-raised here and on the host's other ranks
-            outcome = [("error", (type(e).__name__, str(e)))]
-            error = e
-    dist.broadcast_object_list(outcome, src=leader, group=group)
     try:
+        outcome: list = [None]
+        error: Optional[BaseException] = None
+        if leader:
+            try:
+                os.makedirs(directory, mode=0o700)
+                publisher = _HostPublisher(directory)
+                experts = load(publisher.publish)
+                outcome = [("ok", publisher.described)]
+            except BaseException as e:  # noqa: BLE001 - raised here and, named, on the host's other ranks
+                outcome, error = [("error", (type(e).__name__, str(e)))], e
+        dist.broadcast_object_list(outcome, src=dist.get_global_rank(group, 0), group=group)
         status, payload = outcome[0]
+        if error is not None:
+            raise error
         if status == "error":
-            if dist.get_rank() == leader:
-                raise error
             kind, message = payload
             raise {"KeyError": KeyError, "ValueError": ValueError}.get(kind, RuntimeError)(
                 f"{message} (raised on local rank 0, which loads the experts for this host)")
-        if dist.get_rank() != leader:
-            experts = {key: _received(directory, key, d) for key, d in payload.items()}
+        failure = None
+        if not leader:
+            try:
+                experts = {key: _received(directory, key, d) for key, d in payload.items()}
+            except BaseException as e:  # noqa: BLE001 - raised once the leader need not wait for this rank
+                failure = e
+        dist.barrier(group=group)  # every rank has mapped the files (or failed to): they can go
+        if failure is not None:
+            raise failure
     finally:
-        dist.barrier(group=group)  # every rank has mapped the files (or given up): they can go
-        if dist.get_rank() == leader:
+        if leader:
             shutil.rmtree(directory, ignore_errors=True)
-        dist.barrier(group=group)  # and they are gone when any rank goes on
+    dist.barrier(group=group)  # and they are gone when any rank goes on
     return experts
 
 
@@ -180,14 +223,13 @@ def share_packed_experts(model: nn.Module) -> int:
     :func:`kt_ops.patch_model`) one copy per host: local rank 0's are moved into shared memory
     and every rank of the host computes with them, its own copy released. Returns the bytes
     now shared. A collective over the host's ranks; a no-op on one rank per host."""
-    from kt_ops.experts import install_packed_experts
-    from kt_ops.gpu_share import experts_modules, packed_experts
+    from kt_ops.experts import experts_modules, held_packed_experts, install_packed_experts
 
     modules = list(experts_modules(model).values())
     if host_group() is None:
         return 0
     shared = host_shared_experts(
-        lambda keep: {i: keep(i, packed_experts(m)) for i, m in enumerate(modules)})
+        lambda keep: {i: keep(i, held_packed_experts(m)) for i, m in enumerate(modules)})
     for i, module in enumerate(modules):
         install_packed_experts(module, shared[i])
     return sum(p.nbytes for p in shared.values())
@@ -199,7 +241,7 @@ def expert_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters of ``model``'s kt experts, by name: the packed experts' stand-ins and the
     experts' LoRA (PEFT's ``target_parameters`` LoRA on them, or KtExperts' own). They live in
     CPU memory, beside the packed experts."""
-    from kt_ops.gpu_share import experts_modules
+    from kt_ops.experts import experts_modules
 
     experts = set(map(id, experts_modules(model).values()))
 
@@ -244,11 +286,12 @@ def fsdp_ignored_params(model: nn.Module) -> set[nn.Parameter]:
 def sync_expert_gradients(model: nn.Module, group: Optional[dist.ProcessGroup] = None,
                           average: bool = True, bucket_bytes: int = 64 << 20) -> None:
     """Sums (``average``: and divides by the ranks, as DDP does) the gradients of the experts'
-    LoRA over ``group``'s ranks (default: all), in buckets of about ``bucket_bytes``; a
-    parameter without a gradient counts as zeros. Call it on every rank after the backward
-    and before clipping or the optimizer step."""
+    LoRA over ``group``'s ranks (default: all, over gloo: :func:`cpu_group`), in buckets of
+    about ``bucket_bytes``; a parameter without a gradient counts as zeros. Call it on every
+    rank after the backward and before clipping or the optimizer step."""
     if not (dist.is_available() and dist.is_initialized()):
         return
+    group = group if group is not None else cpu_group()
     world = dist.get_world_size(group)
     if world == 1:
         return
@@ -283,8 +326,11 @@ def sync_expert_gradients(model: nn.Module, group: Optional[dist.ProcessGroup] =
 
 def broadcast_expert_lora(model: nn.Module, src: int = 0, group: Optional[dist.ProcessGroup] = None) -> None:
     """Gives every rank rank ``src``'s values of the experts' LoRA (which DDP, told to ignore
-    them, does not broadcast)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+    them, does not broadcast), over ``group`` (default: all ranks over gloo)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    group = group if group is not None else cpu_group()
+    if dist.get_world_size(group) == 1:
         return
     with torch.no_grad():
         for p in expert_lora_parameters(model):
@@ -331,10 +377,9 @@ def join_job(device: torch.device, timeout_s: float = 1800.0) -> tuple[Optional[
     """Under a launcher that starts several ranks (torchrun's ``WORLD_SIZE`` > 1): joins the
     job's process group (NCCL for a CUDA device, gloo otherwise; a rank that dies or stops
     answering fails the others' collectives within ``timeout_s``), gives this rank its own
-    cores (:func:`use_own_cores`) and, for CUDA, the GPU of its local rank. Returns
+    cores (:func:`use_own_cores`) and, for a CUDA device, the GPU of its local rank (whatever
+    index ``device`` names: torchrun's ranks take a GPU each). Returns
     ``(Ranks, device)``, or ``(None, device)`` for a single process."""
-    import datetime
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return None, device
@@ -345,9 +390,8 @@ def join_job(device: torch.device, timeout_s: float = 1800.0) -> tuple[Optional[
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_s))
-    cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     from kt_ops.expert_parallel import expert_parallel_group
 
-    host_group()  # made now, by every rank, before any rank needs them
-    expert_parallel_group()
-    return Ranks(dist.get_rank(), dist.get_world_size(), cpu_group), device
+    # Made now, by every rank, before any rank needs them.
+    group, _, _ = cpu_group(), host_group(), expert_parallel_group()
+    return Ranks(dist.get_rank(), dist.get_world_size(), group), device

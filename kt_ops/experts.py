@@ -13,7 +13,6 @@ from torch.nn.utils import parametrize
 from kt_ops.api import NO_EXPERT, SWIGLU, Gate, PackedExperts, moe_sft, pack_experts
 from kt_ops.devices import to_device
 from kt_ops.expert_parallel import ExpertShard, sharded_experts
-from kt_ops.gpu_share import shared_experts_of
 from kt_ops.models.variants import ExpertsVariant, experts_variant
 from kt_ops.packed_weights import ExpertsLayout, PackedExpertWeight, packed_parameters, to_canonical
 
@@ -173,30 +172,36 @@ def _layout(variant: ExpertsVariant) -> ExpertsLayout:
     return ExpertsLayout(variant.concatenated, variant.transposed)
 
 
-def packed_experts_in(model: nn.Module) -> list[PackedExperts]:
-    """Every distinct PackedExperts a model's experts compute with: those of its KtExperts
-    modules and of the packed stand-ins of transformers' experts interface, in model order."""
-    found: dict[int, PackedExperts] = {}
-    for holder in [*model.modules(), *model.parameters()]:
-        packed = getattr(holder, "packed", None)
-        if isinstance(packed, PackedExperts):
-            found.setdefault(id(packed), packed)
-    return list(found.values())
-
-
 def _stand_in(module: nn.Module) -> Optional[PackedExpertWeight]:
-    if parametrize.is_parametrized(module, "gate_up_proj"):
-        gate_up = module.parametrizations["gate_up_proj"].original
-    else:
-        gate_up = module._parameters.get("gate_up_proj")
+    """The packed stand-in of a module's ``gate_up_proj`` (:func:`use_packed_experts`), or None."""
+    if not (parametrize.is_parametrized(module, "gate_up_proj") or "gate_up_proj" in module._parameters):
+        return None
+    gate_up = _base_parameter(module, "gate_up_proj")
     return gate_up if isinstance(gate_up, PackedExpertWeight) else None
 
 
 def held_packed_experts(module: nn.Module) -> Optional[PackedExperts]:
-    """The packed experts an experts module of transformers' experts interface holds (through
-    :func:`use_packed_experts`), or None."""
+    """The packed experts a module computes with: a KtExperts', or those an experts module of
+    transformers' experts interface holds (:func:`use_packed_experts`); None for any other."""
+    if isinstance(module, KtExperts):
+        return module.packed
     stand_in = _stand_in(module)
     return None if stand_in is None else stand_in.packed
+
+
+def experts_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Module path -> routed-experts module computed by the kt kernels (KtExperts, and the
+    experts of transformers' experts interface holding packed weights), in model order."""
+    return {name: m for name, m in model.named_modules() if held_packed_experts(m) is not None}
+
+
+def packed_experts_in(model: nn.Module) -> list[PackedExperts]:
+    """Every distinct PackedExperts a model's experts compute with, in model order."""
+    found: dict[int, PackedExperts] = {}
+    for module in experts_modules(model).values():
+        packed = held_packed_experts(module)
+        found.setdefault(id(packed), packed)
+    return list(found.values())
 
 
 def expert_shard_of(module: nn.Module) -> Optional[ExpertShard]:
@@ -324,24 +329,27 @@ def routed_experts(module: nn.Module, packed: PackedExperts, hidden_states: torc
     total = packed.num_experts if shard is None else shard.total
     ids = top_k_index.masked_fill(top_k_index >= total, NO_EXPERT)
 
-    def on_cpu(x_cpu: torch.Tensor, cpu_ids: torch.Tensor) -> torch.Tensor:
+    def on_cpu(x_cpu: torch.Tensor, cpu_ids: torch.Tensor, weights_cpu: torch.Tensor) -> torch.Tensor:
         if shard is not None:
-            return sharded_experts(shard, packed, x_cpu, cpu_ids, to_device(top_k_weights, cpu), lora, scaling, gate,
-                                   gate_up_bias, down_bias)
-        return moe_sft(x_cpu, cpu_ids, to_device(top_k_weights, cpu), packed, lora, scaling, gate=gate,
-                       gate_up_bias=gate_up_bias, down_bias=down_bias)
+            return sharded_experts(shard, packed, x_cpu, cpu_ids, weights_cpu, lora, scaling, gate, gate_up_bias,
+                                   down_bias)
+        return moe_sft(x_cpu, cpu_ids, weights_cpu, packed, lora, scaling, gate=gate, gate_up_bias=gate_up_bias,
+                       down_bias=down_bias)
+
+    from kt_ops.gpu_share import shared_experts_of  # the share's room builds on this one
 
     share = shared_experts_of(module)
     if share is None:
-        return to_device(on_cpu(to_device(hidden_states, cpu), ids.to(cpu)), hidden_states.device)
+        y = on_cpu(to_device(hidden_states, cpu), ids.to(cpu), to_device(top_k_weights, cpu))
+        return to_device(y, hidden_states.device)
     routing = share.route(ids)
     cpu_work = routing.cpu_has_work or not len(routing.pairs)
-    # x crosses to the CPU before the share's kernels are queued, so that the copy waits for
-    # nothing else, and the GPU computes the share while the CPU computes the rest.
-    x_cpu = to_device(hidden_states, cpu) if cpu_work else None
+    # x and the weights cross to the CPU before the share's kernels are queued, so that the
+    # copies wait for nothing else, and the GPU computes the share while the CPU computes the rest.
+    crossed = (to_device(hidden_states, cpu), to_device(top_k_weights, cpu)) if cpu_work else None
     y = share.forward(hidden_states, top_k_weights, routing, lora, scaling, gate, gate_up_bias, down_bias)
-    if x_cpu is not None:
-        y_cpu = to_device(on_cpu(x_cpu, routing.cpu_ids), share.device).float()
+    if crossed is not None:
+        y_cpu = to_device(on_cpu(crossed[0], routing.cpu_ids, crossed[1]), share.device).float()
         y = y_cpu if y is None else y + y_cpu
     return to_device(y.to(hidden_states.dtype), hidden_states.device)
 

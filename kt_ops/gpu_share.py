@@ -28,6 +28,7 @@ from torch import nn
 
 from kt_ops.api import NO_EXPERT, Gate, PackedExperts
 from kt_ops.devices import to_device
+from kt_ops.experts import expert_shard_of, experts_modules, held_packed_experts
 from kt_ops.reference import gate_reference
 
 # The attribute of an experts module that holds its share (a GpuExperts), like ``packed``
@@ -204,21 +205,12 @@ def shared_experts_of(module: nn.Module) -> Optional[GpuExperts]:
 
 # ---------------------------------------------------------------- choosing and placing a share
 
-def experts_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Module path -> routed-experts module computed by the kt kernels (the experts of
-    transformers' experts interface holding packed weights, and KtExperts), in model order."""
-    from kt_ops.experts import KtExperts, held_packed_experts
-
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, KtExperts) or held_packed_experts(m) is not None}
-
-
 class RoutingCounts:
     """Routed slots per expert of every experts module of a model, while counting (see
     :func:`count_routing`): ``counts[name]`` int64 [E]."""
 
     def __init__(self, modules: dict[str, nn.Module]):
-        self.counts = {name: torch.zeros(packed_experts(m).num_experts, dtype=torch.int64) for name, m in modules.items()}
+        self.counts = {name: torch.zeros(held_packed_experts(m).num_experts, dtype=torch.int64) for name, m in modules.items()}
         self._hooks = [m.register_forward_pre_hook(self._hook(name), with_kwargs=True) for name, m in modules.items()]
 
     def _hook(self, name: str):
@@ -251,16 +243,9 @@ def count_routing(model: nn.Module) -> Iterator[RoutingCounts]:
         counts.remove()
 
 
-def packed_experts(module: nn.Module) -> PackedExperts:
-    """The packed experts of an experts module of :func:`experts_modules`."""
-    from kt_ops.experts import KtExperts, held_packed_experts
-
-    return module.packed if isinstance(module, KtExperts) else held_packed_experts(module)
-
-
 def expert_bytes(module: nn.Module, dtype: torch.dtype) -> int:
     """GPU bytes one expert of ``module`` takes in a share of ``dtype``: its gate, up and down."""
-    packed = packed_experts(module)
+    packed = held_packed_experts(module)
     return 3 * packed.hidden_size * packed.intermediate_size * torch.empty(0, dtype=dtype).element_size()
 
 
@@ -280,7 +265,7 @@ def choose_gpu_experts(model: nn.Module, budget: int, counts: Optional[dict[str,
                          f"model (it has {len(modules)}, e.g. {next(iter(modules), None)!r})")
     ranked = []
     for order, (name, module) in enumerate(modules.items()):
-        e = packed_experts(module).num_experts
+        e = held_packed_experts(module).num_experts
         c = counts.get(name)
         if c is not None and tuple(c.shape) != (e,):
             raise ValueError(f"kt_ops.choose_gpu_experts: counts[{name!r}] has shape {tuple(c.shape)}, the module has "
@@ -302,12 +287,11 @@ def share_experts(model: nn.Module, selection: dict[str, Sequence[int]], device:
                   dtype: torch.dtype = torch.bfloat16, progress: bool = False) -> int:
     """Holds the experts of ``selection`` (``{module path: [expert ids]}``, as
     :func:`choose_gpu_experts` returns it) on ``device`` in ``dtype`` and computes their routing
-    slots there from now on; the other experts of each layer stay on the CPU's kt kernels. A
-    layer missing from ``selection`` loses any share it had. Everything is checked before
-    anything changes. Returns the bytes the shares hold."""
+    slots there from now on; the other experts of each layer stay on the CPU's kt kernels. The
+    selection is checked before anything changes; the shares it replaces are dropped before the
+    new ones are made (so they need not fit beside them), and if making one fails (out of GPU
+    memory, say) no layer keeps a share. Returns the bytes the shares hold."""
     from kt_ops.weights import progress_bar
-
-    from kt_ops.experts import expert_shard_of
 
     modules = experts_modules(model)
     for name, ids in selection.items():
@@ -316,21 +300,24 @@ def share_experts(model: nn.Module, selection: dict[str, Sequence[int]], device:
         if expert_shard_of(modules[name]) is not None:
             raise ValueError(f"kt_ops.share_experts: {name}'s experts are spread over hosts (shard_experts); a share "
                              "of them on the GPU is not supported with that")
-        e = packed_experts(modules[name]).num_experts
+        e = held_packed_experts(modules[name]).num_experts
         bad = [i for i in ids if not (isinstance(i, int) and 0 <= i < e)]
         if bad or not ids:
             raise ValueError(f"kt_ops.share_experts: {name}: expert ids must be a non-empty list of ints in [0, {e}), "
                              f"got {bad[0] if bad else 'none'}")
     device = torch.device(device)
-    for name, module in modules.items():
-        if name not in selection:
-            setattr(module, SHARE_ATTRIBUTE, None)
-    total = 0
-    for name in progress_bar(list(selection), "experts to the GPU", "layer", progress):
-        share = GpuExperts(packed_experts(modules[name]), selection[name], device, dtype)
+    for module in modules.values():  # the old shares' memory first, for the new ones to take
+        setattr(module, SHARE_ATTRIBUTE, None)
+    shares = {}
+    try:
+        for name in progress_bar(list(selection), "experts to the GPU", "layer", progress):
+            shares[name] = GpuExperts(held_packed_experts(modules[name]), selection[name], device, dtype)
+    except BaseException:
+        shares.clear()  # out of memory, say: no layer keeps a share, none half-made
+        raise
+    for name, share in shares.items():
         setattr(modules[name], SHARE_ATTRIBUTE, share)
-        total += share.nbytes
-    return total
+    return sum(share.nbytes for share in shares.values())
 
 
 def shared_experts(model: nn.Module) -> dict[str, list[int]]:

@@ -125,8 +125,9 @@ def _spans(events, start_us: float, layers: int) -> list[Span]:
 @contextlib.contextmanager
 def record_step(layers: int = 0) -> Iterator[StepTimeline]:
     """Records what runs inside the block (one training step, say) into the StepTimeline it
-    yields, filled when the block ends; ``layers``, the model's layer count, numbers the kt
-    ops by layer (forward calls in layer order, backward calls in reverse, per thread). With a
+    yields, filled when the block ends; ``layers``, the model's MoE layer count, numbers the kt
+    ops by layer (forward calls in layer order, backward calls in reverse, per thread: a layer
+    whose slots all went to a GPU share makes no call, and the numbers after it shift). With a
     GPU, the block's end waits for the device."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     cuda = torch.cuda.is_available()

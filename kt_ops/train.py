@@ -33,7 +33,7 @@ from kt_ops import distributed, gpu_share, run_state
 from kt_ops.files import replacing, write_json
 from kt_ops.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
 from kt_ops.evaluate import base_model, heldout_loss, summed_loss
-from kt_ops.experts import packed_experts_in
+from kt_ops.experts import experts_modules, held_packed_experts, packed_experts_in
 from kt_ops.models.surgery import ExpertLoraConfig
 from kt_ops.overlap import Lanes, uses_randomness
 from kt_ops.run_state import CHECKPOINT, CheckpointError
@@ -272,6 +272,8 @@ class Trainer:
         model.train()
         self.model = model
         self.gpu_experts = self._share_experts(resumed[1] if resumed is not None else None)
+        if self.ranks is not None:  # DDP, which leaves them out, broadcasts the rest from rank 0
+            distributed.broadcast_expert_lora(model, group=self.ranks.cpu_group)
         self.row_loss = self._row_loss(model)
         self.lanes = self._lanes(args.overlap)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -353,9 +355,10 @@ class Trainer:
                 for c in counts.values():
                     self.ranks.sum_(c)
             selection = gpu_share.choose_gpu_experts(self.model, budget, counts, dtype)
-        held = gpu_share.share_experts(self.model, selection, self.device, dtype, progress=self.args.progress)
+        held = gpu_share.share_experts(self.model, selection, self.device, dtype,
+                                       progress=self.args.progress and self.is_main)
         shared = sum(len(ids) for ids in selection.values())
-        total = sum(gpu_share.packed_experts(m).num_experts for m in gpu_share.experts_modules(self.model).values())
+        total = sum(held_packed_experts(m).num_experts for m in experts_modules(self.model).values())
         record = {"experts": shared, "of": total, "bytes": held, "budget_bytes": budget, "selection": selection}
         line = f"kt-sft: {shared} of {total} experts ({gpu_share.format_size(held)}) held on {self.device}"
         if counts is not None:
@@ -387,15 +390,19 @@ class Trainer:
         assistant tokens, tokens in the step). Gradients accumulate into ``.grad``. With
         overlap, two rows are in flight at a time (:class:`kt_ops.overlap.Lanes`). In a job of
         several ranks each rank takes every world-th row and the gradients are summed over the
-        ranks (a rank left without a row runs one with its loss weighted 0, to take part)."""
+        ranks."""
         batches = [sft_data.collate(self.examples, row) for row in rows]
         label_count = sum(int((b["labels"][0, 1:] != sft_data.IGNORE).sum()) for b in batches)
         tokens = sum(b["input_ids"].shape[1] for b in batches)
         # DDP averages over the ranks: each rank's share of the sum is scaled up to cancel it.
         world = self.ranks.world if self.ranks is not None else 1
         mine = self.ranks.mine(batches) if self.ranks is not None else batches
-        weights = [world] * len(mine) if mine else [0]
-        mine = mine or batches[:1]
+        weights = [world] * len(mine)
+        # A rank left without a row runs one weighted 0, to take part in DDP's sums; with the
+        # experts spread over hosts every forward is an exchange, so every rank runs as many.
+        rows_each = -(-len(batches) // world) if self.args.shard_experts else 1
+        pad = max(rows_each - len(mine), 0)
+        mine, weights = mine + batches[:1] * pad, weights + [0] * pad
 
         def row_loss(b: dict[str, torch.Tensor], weight: int = 1, last: bool = True) -> float:
             b = {k: v.to(self.device) for k, v in b.items()}
@@ -483,7 +490,9 @@ class Trainer:
             signals.restore()
 
     def close(self) -> None:
-        """Leaves the job's process group (in a job of several ranks, once training is over)."""
+        """Leaves the job's process group, in a job of several ranks whose training ended on
+        every rank (finished, or stopped by a signal they agreed on); after an error, a rank
+        leaves it to the process's end (a barrier could meet another rank's collective)."""
         if self.ranks is not None and torch.distributed.is_initialized():
             # DDP's reducer goes first: released last, with the process group, its gloo threads
             # would wait for the interpreter lock its release holds.

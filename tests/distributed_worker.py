@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import kt_ops  # noqa: E402
 from kt_ops import distributed  # noqa: E402
-from kt_ops.gpu_share import experts_modules, packed_experts  # noqa: E402
+from kt_ops.experts import experts_modules, held_packed_experts  # noqa: E402
 
 ROWS = torch.randint(3, 96, (4, 9), generator=torch.Generator().manual_seed(1))  # a row per rank, up to 4
 
@@ -51,7 +51,7 @@ def tiny_kt_model():
 def train_one_row(mode: str, rank: int, out: dict, tensors: dict) -> None:
     model = tiny_kt_model()
     out["shared_bytes"] = distributed.share_packed_experts(model)
-    first = packed_experts(next(iter(experts_modules(model).values())))
+    first = held_packed_experts(next(iter(experts_modules(model).values())))
     out["mapping"] = mapping_of(first.gate_up.data_ptr())
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -84,7 +84,7 @@ def load(checkpoint: str, out: dict, tensors: dict) -> None:
     model = kt_ops.load_model(checkpoint, 4, 8, progress=False)
     out["packed_layers"] = len(packed_layers)
     for i, module in enumerate(experts_modules(model).values()):
-        p = packed_experts(module)
+        p = held_packed_experts(module)
         out.setdefault("mappings", []).append(mapping_of(p.gate_up.data_ptr()))
         for j, t in enumerate(p.tensors):
             tensors[f"{i}.{j}"] = t.contiguous()
@@ -102,7 +102,7 @@ def sharded(checkpoint: str, rank: int, out: dict, tensors: dict) -> None:
         for name, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
-    out["held"] = [packed_experts(m).num_experts for m in experts_modules(model).values()]
+    out["held"] = [held_packed_experts(m).num_experts for m in experts_modules(model).values()]
     distributed.ignore_experts_in_ddp(model)
     wrapped = DistributedDataParallel(model)
     loss = wrapped(input_ids=ROWS[rank:rank + 1], labels=ROWS[rank:rank + 1]).loss
@@ -116,6 +116,7 @@ def sharded(checkpoint: str, rank: int, out: dict, tensors: dict) -> None:
 def main() -> None:
     mode, out_dir = sys.argv[1], sys.argv[2]
     os.environ["KT_OPS_MAX_ISA"] = "avx2"  # fp32 GEMM inputs: comparisons at fp32 tolerance
+    cpus = distributed.use_own_cores()  # before the first kt op, as kt-sft does
     dist.init_process_group("gloo")
     distributed.host_group()
     if mode == "sharded":
@@ -123,7 +124,7 @@ def main() -> None:
 
         expert_parallel_group()
     rank = dist.get_rank()
-    out, tensors = {"rank": rank}, {}
+    out, tensors = {"rank": rank, "cpus": cpus, "topology": kt_ops.topology()}, {}
     try:
         if mode in ("ddp", "fsdp"):
             train_one_row(mode, rank, out, tensors)

@@ -55,6 +55,11 @@ def test_ddp_and_fsdp2_give_the_one_process_gradients_with_the_experts_once_on_t
     assert maps[0]["inode"] == maps[1]["inode"] and all(m["shared"] for m in maps)
     assert all("kt_ops-" in m["path"] and m["path"].endswith("(deleted)") for m in maps)
     assert results[0]["shared_bytes"] > 0
+    # Each rank on cores of its own, which the kernels' topology (and so their pool) reports.
+    assert not set(results[0]["cpus"]) & set(results[1]["cpus"])
+    for r in results:
+        listed = {int(c) for c in r["topology"].rpartition("{")[2].rstrip("}").split(",")}
+        assert listed and listed <= set(r["cpus"]), r["topology"]
     # The one-process reference: both rows at once.
     monkeypatch.setenv("KT_OPS_MAX_ISA", "avx2")
     model = distributed_worker.tiny_kt_model()
@@ -207,11 +212,13 @@ def test_kt_sft_under_torchrun_trains_as_one_process_and_resumes(tmp_path):
 def test_kt_sft_with_experts_spread_over_two_hosts_trains_as_one_process(tmp_path):
     """The gradients agree to fp32 rounding (the test above); after a few AdamW steps, which
     move every weight by about the learning rate whatever its gradient's size, the losses agree
-    to that rounding's effect."""
+    to that rounding's effect. Rows of at most 170 tokens make steps of three or more rows, which
+    two ranks cannot share evenly: one runs a row weighted 0, every forward being an exchange."""
     one, two = tmp_path / "one", tmp_path / "two"
-    done = kt_sft(one, "--dtype", "float32", ranks=False)
+    rows = ["--micro-batch-tokens", "170", "--dtype", "float32"]
+    done = kt_sft(one, *rows, ranks=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    for done in two_hosts(*TRAIN, "--out", str(two), "--dtype", "float32", "--shard-experts"):
+    for done in two_hosts(*TRAIN, "--out", str(two), *rows, "--shard-experts"):
         assert done.returncode == 0, done.stderr[-3000:]
     m1, m2 = (json.load(open(d / "metrics.json")) for d in (one, two))
     assert m2["ranks"] == 2 and m2["tokens"] == m1["tokens"]

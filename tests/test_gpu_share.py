@@ -16,6 +16,7 @@ import torch
 import kt_ops
 from hf_families import VOCAB, tiny_model
 from kt_ops import gpu_share
+from kt_ops.experts import experts_modules, held_packed_experts
 from kt_ops.cli import build_parser, main, train_args
 from kt_ops.train import TrainArgs, Trainer
 from moe_case import assert_close
@@ -58,7 +59,7 @@ def counted(model, ids):
 
 
 def per_expert_bytes(model, dtype=torch.float32):
-    return gpu_share.expert_bytes(next(iter(gpu_share.experts_modules(model).values())), dtype)
+    return gpu_share.expert_bytes(next(iter(experts_modules(model).values())), dtype)
 
 
 def assert_same_training(got, want, dtype=torch.float32):
@@ -193,7 +194,7 @@ def test_counting_sees_every_routing_slot_and_stops_with_the_block():
 
 def test_the_most_routed_experts_are_chosen_first_across_layers():
     model = patched("qwen3_moe")
-    names = list(gpu_share.experts_modules(model))
+    names = list(experts_modules(model))
     e = len(counted(model, tokens())[names[0]])
     one = per_expert_bytes(model, torch.bfloat16)
     counts = {names[0]: torch.zeros(e, dtype=torch.int64), names[1]: torch.zeros(e, dtype=torch.int64)}
@@ -217,7 +218,7 @@ def test_the_most_routed_experts_are_chosen_first_across_layers():
 def test_choosing_refuses_counts_that_do_not_fit_the_model(counts, message):
     model = patched("qwen3_moe")
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        gpu_share.choose_gpu_experts(model, 10**9, counts(list(gpu_share.experts_modules(model))))
+        gpu_share.choose_gpu_experts(model, 10**9, counts(list(experts_modules(model))))
     with pytest.raises(ValueError, match="budget must be >= 0 bytes"):
         gpu_share.choose_gpu_experts(model, -1)
 
@@ -230,7 +231,7 @@ def test_choosing_refuses_counts_that_do_not_fit_the_model(counts, message):
 ])
 def test_bad_selections_are_refused_and_change_nothing(selection, message):
     model = patched("qwen3_moe")
-    names = list(gpu_share.experts_modules(model))
+    names = list(experts_modules(model))
     gpu_share.share_experts(model, {names[1]: [2, 3]}, "cpu")
     with pytest.raises(ValueError, match=message):
         gpu_share.share_experts(model, selection(names[0]), "cpu")
@@ -239,13 +240,13 @@ def test_bad_selections_are_refused_and_change_nothing(selection, message):
 
 def test_a_new_selection_replaces_the_old_and_holds_the_dequantized_weights():
     model = kt_ops.patch_model(tiny_model("qwen3_moe"), 4, 8, experts_format="int8")
-    names = list(gpu_share.experts_modules(model))
+    names = list(experts_modules(model))
     gpu_share.share_experts(model, {names[0]: [1]}, "cpu")
     held = gpu_share.share_experts(model, {names[1]: [3, 0]}, "cpu", torch.bfloat16)
     assert gpu_share.shared_experts(model) == {names[1]: [0, 3]}
-    share = gpu_share.shared_experts_of(gpu_share.experts_modules(model)[names[1]])
+    share = gpu_share.shared_experts_of(experts_modules(model)[names[1]])
     assert held == share.nbytes == 2 * per_expert_bytes(model, torch.bfloat16)
-    w_gate, w_up, w_down = gpu_share.packed_experts(gpu_share.experts_modules(model)[names[1]]).unpack([0, 3])
+    w_gate, w_up, w_down = held_packed_experts(experts_modules(model)[names[1]]).unpack([0, 3])
     assert torch.equal(share.gate_up, torch.cat([w_gate, w_up], dim=1)) and torch.equal(share.down, w_down)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kt_ops import timeline
-from kt_ops.gpu_share import experts_modules
+from kt_ops.experts import experts_modules
 from kt_ops.timeline import CPU_EXPERTS, GPU_KERNELS, OPTIMIZER, Span, StepTimeline
 from kt_ops.train import TrainArgs, Trainer
 

@@ -36,6 +36,21 @@ def test_topology_lists_cpus_this_process_may_use():
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_a_process_held_to_some_cpus_gets_only_those():
+    """A taskset, or a rank's share of a host (kt_ops.distributed.use_own_cores): the kernels'
+    topology, and so the pool's pinning, keeps to the CPUs the loading thread may use."""
+    cpu = max(os.sched_getaffinity(0))
+    out = run_python(f"""
+        import os
+        os.sched_setaffinity(0, {{{cpu}}})
+        import kt_ops
+        print(kt_ops.topology())
+    """)
+    assert out.returncode == 0, out.stderr
+    assert listed_cpus(out.stdout) == [cpu], out.stdout
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
 def test_workers_are_pinned_to_listed_cores():
     """After a parallel call the pool's worker is bound to exactly one listed core; with
     KT_OPS_PIN_THREADS=0 no thread is."""

@@ -24,6 +24,12 @@ Topology Topology::load(const char* synthetic) {
                                 synthetic + "\" (example: \"pack:2 numa:1 core:4 pu:1\")");
   if (hwloc_topology_load(t) != 0) throw std::runtime_error("kt_ops: hwloc_topology_load failed");
   out.this_system_ = hwloc_topology_is_thissystem(t);
+  // The CPUs the loading thread may run on (its affinity: a taskset, or a rank's share of a
+  // host); hwloc itself narrows the machine only by cgroup. Every CPU of a synthetic topology.
+  std::shared_ptr<hwloc_bitmap_s> allowed(hwloc_bitmap_alloc_full(), hwloc_bitmap_free);
+  if (out.this_system_ && hwloc_get_cpubind(t, allowed.get(), HWLOC_CPUBIND_THREAD) != 0)
+    hwloc_bitmap_fill(allowed.get());
+  std::shared_ptr<hwloc_bitmap_s> unit_allowed(hwloc_bitmap_alloc(), hwloc_bitmap_free);
 
   // NUMA nodes without CPUs (memory-only nodes) get no threads and no weight slice.
   const int n_nodes = hwloc_get_nbobjs_by_type(t, HWLOC_OBJ_NUMANODE);
@@ -35,8 +41,11 @@ Topology Topology::load(const char* synthetic) {
     if (hwloc_get_nbobjs_inside_cpuset_by_type(t, node->cpuset, unit) <= 0) unit = HWLOC_OBJ_PU;
     std::vector<int> cpus;
     const int n_units = hwloc_get_nbobjs_inside_cpuset_by_type(t, node->cpuset, unit);
-    for (int j = 0; j < n_units; ++j)
-      cpus.push_back(hwloc_bitmap_first(hwloc_get_obj_inside_cpuset_by_type(t, node->cpuset, unit, j)->cpuset));
+    for (int j = 0; j < n_units; ++j) {
+      hwloc_bitmap_and(unit_allowed.get(), hwloc_get_obj_inside_cpuset_by_type(t, node->cpuset, unit, j)->cpuset,
+                       allowed.get());
+      if (!hwloc_bitmap_iszero(unit_allowed.get())) cpus.push_back(hwloc_bitmap_first(unit_allowed.get()));
+    }
     if (cpus.empty()) continue;
     out.node_cpus_.push_back(std::move(cpus));
     out.node_os_index_.push_back(node->os_index);
@@ -44,7 +53,10 @@ Topology Topology::load(const char* synthetic) {
   if (out.node_cpus_.empty()) {  // no NUMA information at all: one node of every PU
     std::vector<int> cpus;
     const int n_pus = hwloc_get_nbobjs_by_type(t, HWLOC_OBJ_PU);
-    for (int j = 0; j < n_pus; ++j) cpus.push_back(hwloc_get_obj_by_type(t, HWLOC_OBJ_PU, j)->os_index);
+    for (int j = 0; j < n_pus; ++j) {
+      const hwloc_obj_t pu = hwloc_get_obj_by_type(t, HWLOC_OBJ_PU, j);
+      if (hwloc_bitmap_isset(allowed.get(), pu->os_index)) cpus.push_back(pu->os_index);
+    }
     out.node_cpus_.push_back(cpus.empty() ? std::vector<int>{0} : cpus);
     out.node_os_index_.push_back(0);
   }

@@ -12,7 +12,8 @@ namespace kt {
 
 class Topology {
  public:
-  // The machine this process runs on, restricted to the CPUs it may use; or, when
+  // The machine this process runs on, restricted to the CPUs the calling thread may run on
+  // (its affinity: a taskset, or a rank's share of the host); or, when
   // `synthetic` is non-null, an hwloc synthetic description such as "pack:2 numa:1 core:4
   // pu:1" (tests of multi-node behaviour on one-node machines). A synthetic topology only
   // shapes the work split: nothing is pinned or bound with it. Throws on a bad description.
