@@ -15,6 +15,9 @@ the ranks, and the dense modules under stock DDP or FSDP2.
   them, :func:`ignore_experts_in_ddp` and :func:`fsdp_ignored_params` leave them out through the
   wrappers' own mechanisms, and :func:`sync_expert_gradients` sums the LoRA's gradients over the
   ranks (call it after the backward, before clipping or stepping).
+- **The experts' LoRA once per host** (:class:`HostExpertLora`, what kt-sft does): its values in
+  shared memory too, each local rank stepping its share of the tensors and keeping only that
+  share's optimizer state.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from kt_ops.api import PackedExperts
 
 _HOST_GROUPS: dict[tuple[int, int], Optional[dist.ProcessGroup]] = {}  # (world, local world) -> this rank's
 _CPU_GROUPS: dict[int, Optional[dist.ProcessGroup]] = {}  # world -> every rank over gloo (None: the default is)
+_OWN_CORES: Optional[list[int]] = None  # this process's share of the host's cores, once chosen
 
 
 def local_world_size() -> int:
@@ -100,7 +104,10 @@ def use_own_cores(rank: Optional[int] = None, ranks: Optional[int] = None) -> li
     node where the count allows) and sizes torch's threads to them; returns its CPUs. Call it
     before the first kt op: the kernels' thread pool pins its workers to the cores the calling
     thread may use then. ``rank`` / ``ranks`` default to torchrun's LOCAL_RANK and
-    LOCAL_WORLD_SIZE."""
+    LOCAL_WORLD_SIZE. A second call returns the first one's CPUs."""
+    global _OWN_CORES
+    if _OWN_CORES is not None:
+        return _OWN_CORES
     rank = local_rank() if rank is None else rank
     ranks = local_world_size() if ranks is None else ranks
     cores = _cores(sorted(os.sched_getaffinity(0)))
@@ -110,6 +117,7 @@ def use_own_cores(rank: Optional[int] = None, ranks: Optional[int] = None) -> li
     mine = [cpu for core in cores[rank * share:(rank + 1) * share] for cpu in core]
     os.sched_setaffinity(0, mine)
     torch.set_num_threads(share)
+    _OWN_CORES = mine
     return mine
 
 
@@ -128,42 +136,46 @@ def _map(path: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 class _HostPublisher:
-    """Local rank 0's side of :func:`host_shared_experts`: each packed layer written to shared
-    memory as it is made, and its private tensors replaced by the mapped ones."""
+    """Local rank 0's side of :func:`_host_shared`: what it makes written to shared memory as it
+    is made, and its private tensors replaced by the mapped ones."""
 
     def __init__(self, directory: str):
         self.directory = directory
         self.described: dict[int, dict] = {}
 
-    def publish(self, key: int, packed: PackedExperts) -> PackedExperts:
-        tensors = []
-        for i, t in enumerate(packed.tensors):
+    def _files(self, key: int, tensors: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        mapped = []
+        for i, t in enumerate(tensors):
             path = os.path.join(self.directory, f"{key}.{i}")
             with open(path, "wb") as f:
                 f.truncate(t.nbytes)
-            tensors.append(_map(path, t.dtype, tuple(t.shape)))
+            mapped.append(_map(path, t.dtype, tuple(t.shape)))
+        self.described[key] = {"tensors": [(str(t.dtype).removeprefix("torch."), tuple(t.shape)) for t in tensors]}
+        return mapped
+
+    def publish(self, key: int, packed: PackedExperts) -> PackedExperts:
+        tensors = self._files(key, packed.tensors)
         # Written through the mapping by the op that places each NUMA slice on its node first.
         torch.ops.kt.copy_packed_experts(list(packed.tensors), tensors)
-        self.described[key] = _describe(packed)
-        return _rebuilt(packed, tensors)
+        self.described[key]["experts"] = {
+            "format": packed.format, "intermediate_size": packed.intermediate_size, "hidden_size": packed.hidden_size,
+            "group_size": packed.group_size, "w8a8": packed.w8a8}
+        return PackedExperts(tuple(tensors), packed.format, packed.intermediate_size, packed.hidden_size,
+                             packed.group_size, packed.w8a8)
+
+    def publish_tensor(self, key: int, t: torch.Tensor) -> torch.Tensor:
+        (mapped,) = self._files(key, (t,))
+        return mapped.copy_(t)
 
 
-def _describe(packed: PackedExperts) -> dict:
-    return {"format": packed.format, "intermediate_size": packed.intermediate_size,
-            "hidden_size": packed.hidden_size, "group_size": packed.group_size, "w8a8": packed.w8a8,
-            "tensors": [(str(t.dtype).removeprefix("torch."), tuple(t.shape)) for t in packed.tensors]}
-
-
-def _rebuilt(packed: PackedExperts, tensors: list[torch.Tensor]) -> PackedExperts:
-    return PackedExperts(tuple(tensors), packed.format, packed.intermediate_size, packed.hidden_size,
-                         packed.group_size, packed.w8a8)
-
-
-def _received(directory: str, key: int, d: dict) -> PackedExperts:
+def _received(directory: str, key: int, d: dict):
     tensors = [_map(os.path.join(directory, f"{key}.{i}"), getattr(torch, dtype), tuple(shape))
                for i, (dtype, shape) in enumerate(d["tensors"])]
-    return PackedExperts(tuple(tensors), d["format"], d["intermediate_size"], d["hidden_size"], d["group_size"],
-                         d["w8a8"])
+    if "experts" not in d:
+        return tensors[0]
+    e = d["experts"]
+    return PackedExperts(tuple(tensors), e["format"], e["intermediate_size"], e["hidden_size"], e["group_size"],
+                         e["w8a8"])
 
 
 def host_shared_experts(load: Callable[[Callable[[int, PackedExperts], PackedExperts]], dict[int, PackedExperts]]
@@ -178,11 +190,28 @@ def host_shared_experts(load: Callable[[Callable[[int, PackedExperts], PackedExp
     group = host_group()
     if group is None:
         return load(lambda key, packed: packed)
+    return _host_shared(lambda publisher: load(publisher.publish), group)
+
+
+def host_shared_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of ``tensors`` (local rank 0's values) in memory every rank of the host maps,
+    writable by all (a write is seen by every rank of the host); the tensors themselves outside
+    a process group or on one rank per host. A collective over the host's ranks."""
+    group = host_group()
+    if group is None:
+        return list(tensors)
+    shared = _host_shared(lambda publisher: {i: publisher.publish_tensor(i, t) for i, t in enumerate(tensors)}, group)
+    return [shared[i] for i in range(len(tensors))]
+
+
+def _host_shared(make: Callable[["_HostPublisher"], dict], group: dist.ProcessGroup) -> dict:
+    """What ``make(publisher)`` returns on local rank 0, which publishes it into shared memory,
+    and on the host's other ranks the same, mapped from there (see host_shared_experts)."""
     leader = dist.get_rank() == dist.get_global_rank(group, 0)
     directory = [_shared_directory() if leader else None]
     dist.broadcast_object_list(directory, src=dist.get_global_rank(group, 0), group=group)
     directory = directory[0]
-    experts: dict[int, PackedExperts] = {}
+    made: dict = {}
     try:
         outcome: list = [None]
         error: Optional[BaseException] = None
@@ -190,7 +219,7 @@ def host_shared_experts(load: Callable[[Callable[[int, PackedExperts], PackedExp
             try:
                 os.makedirs(directory, mode=0o700)
                 publisher = _HostPublisher(directory)
-                experts = load(publisher.publish)
+                made = make(publisher)
                 outcome = [("ok", publisher.described)]
             except BaseException as e:  # noqa: BLE001 - raised here and, named, on the host's other ranks
                 outcome, error = [("error", (type(e).__name__, str(e)))], e
@@ -201,11 +230,11 @@ def host_shared_experts(load: Callable[[Callable[[int, PackedExperts], PackedExp
         if status == "error":
             kind, message = payload
             raise {"KeyError": KeyError, "ValueError": ValueError}.get(kind, RuntimeError)(
-                f"{message} (raised on local rank 0, which loads the experts for this host)")
+                f"{message} (raised on local rank 0, which makes them for this host)")
         failure = None
         if not leader:
             try:
-                experts = {key: _received(directory, key, d) for key, d in payload.items()}
+                made = {key: _received(directory, key, d) for key, d in payload.items()}
             except BaseException as e:  # noqa: BLE001 - raised once the leader need not wait for this rank
                 failure = e
         dist.barrier(group=group)  # every rank has mapped the files (or failed to): they can go
@@ -215,7 +244,7 @@ def host_shared_experts(load: Callable[[Callable[[int, PackedExperts], PackedExp
         if leader:
             shutil.rmtree(directory, ignore_errors=True)
     dist.barrier(group=group)  # and they are gone when any rank goes on
-    return experts
+    return made
 
 
 def share_packed_experts(model: nn.Module) -> int:
@@ -395,3 +424,71 @@ def join_job(device: torch.device, timeout_s: float = 1800.0) -> tuple[Optional[
     # Made now, by every rank, before any rank needs them.
     group, _, _ = cpu_group(), host_group(), expert_parallel_group()
     return Ranks(dist.get_rank(), dist.get_world_size(), group), device
+
+
+# ---------------------------------------------------------------- the experts' LoRA once per host
+
+def _owners(sizes: list[int], ranks: int) -> list[int]:
+    """Consecutive runs of tensors of ``sizes`` elements, one run per rank, as even in elements
+    as whole tensors allow: each tensor's rank by where its middle falls."""
+    total = sum(sizes) or 1
+    owners, before = [], 0
+    for n in sizes:
+        owners.append(min(ranks - 1, int((before + n / 2) * ranks / total)))
+        before += n
+    return owners
+
+
+class HostExpertLora:
+    """The experts' LoRA held and stepped once per host.
+
+    Its values move into memory the host's ranks share (local rank 0's; every rank's are equal
+    after :func:`broadcast_expert_lora`), and each local rank steps its share of the tensors in
+    place, keeping the optimizer state of that share only; the host's ranks meet after a step,
+    before a forward reads them. The gradients stay per rank and are summed over all ranks
+    before the step (:func:`sync_expert_gradients`), so every host steps alike. A collective of
+    the host's ranks to make."""
+
+    def __init__(self, model: nn.Module):
+        self.group = host_group()
+        self.params = expert_lora_parameters(model)
+        shared = host_shared_tensors([p.detach() for p in self.params])
+        for p, values in zip(self.params, shared):
+            p.data = values
+        self.rank = dist.get_rank(self.group)
+        self.owner = {id(p): o for p, o in zip(self.params, _owners([p.numel() for p in self.params],
+                                                                      dist.get_world_size(self.group)))}
+
+    def steps(self, p: torch.Tensor) -> bool:
+        """Whether this rank steps ``p``: its share of the experts' LoRA, and every other tensor."""
+        return self.owner.get(id(p), self.rank) == self.rank
+
+    def after_step(self) -> None:
+        """Every rank of the host has stepped its share (or written the values it loaded)."""
+        dist.barrier(group=self.group)
+
+    def gather_state(self, state: dict[int, dict]) -> dict[int, dict]:
+        """The optimizer state of every tensor of the experts' LoRA, by index in :attr:`params`,
+        from ``state`` (this rank's, by the same index, for its share): each share's owner sends
+        it to the host's other ranks. A collective of the host's ranks."""
+        out = {}
+        for k, p in enumerate(self.params):
+            src = dist.get_global_rank(self.group, self.owner[id(p)])
+            mine = self.owner[id(p)] == self.rank
+            header = [None]
+            if mine:
+                entry = state.get(k, {})
+                header = [{key: (("tensor", str(v.dtype).removeprefix("torch."), tuple(v.shape))
+                                 if isinstance(v, torch.Tensor) else ("value", v)) for key, v in entry.items()}]
+            dist.broadcast_object_list(header, src=src, group=self.group)
+            entry = {}
+            for key, (kind, *rest) in header[0].items():
+                if kind == "value":
+                    entry[key] = rest[0]
+                    continue
+                t = state[k][key].contiguous() if mine else torch.empty(rest[1], dtype=getattr(torch, rest[0]))
+                dist.broadcast(t, src=src, group=self.group)
+                entry[key] = t
+            if entry:
+                out[k] = entry
+        return out

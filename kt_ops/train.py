@@ -278,9 +278,15 @@ class Trainer:
         self.lanes = self._lanes(args.overlap)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.master = _MasterWeights(self.params)
+        # Several ranks on a host: the experts' LoRA once per host, each rank stepping its share.
+        self.expert_lora = (distributed.HostExpertLora(model)
+                            if self.ranks is not None and distributed.host_group() is not None else None)
+        self.stepped = [i for i, p in enumerate(self.master.optimized(self.params))
+                        if self.expert_lora is None or self.expert_lora.steps(p)]
         # fused: one kernel per device and dtype; the experts' LoRA (hundreds of millions of
         # fp32 values on a large model) is updated in CPU memory.
-        self.optimizer = torch.optim.AdamW(self.master.optimized(self.params), lr=args.lr,
+        optimized = self.master.optimized(self.params)
+        self.optimizer = torch.optim.AdamW([optimized[i] for i in self.stepped], lr=args.lr,
                                            weight_decay=args.weight_decay, fused=True)
         warmup = args.warmup_steps if args.warmup_steps is not None else min(10, self.total_steps // 10)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup_cosine(warmup, self.total_steps))
@@ -430,11 +436,39 @@ class Trainer:
         if self.args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(masters, self.args.max_grad_norm)
         self.optimizer.step()
+        if self.expert_lora is not None:
+            self.expert_lora.after_step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         for p in self.params:
             p.grad = None
         self.master.masters_to_params()
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's state_dict as one optimizer over every trained tensor would give it
+        (the checkpoint's form, whatever the ranks): with the experts' LoRA stepped in shares,
+        each share's state gathered from its rank (a collective of the host's ranks)."""
+        local = self.optimizer.state_dict()
+        if self.expert_lora is None:
+            return local
+        state = {self.stepped[i]: v for i, v in local["state"].items()}
+        optimized = self.master.optimized(self.params)
+        position = {id(p): i for i, p in enumerate(optimized)}
+        lora = self.expert_lora.params
+        shares = self.expert_lora.gather_state({k: state[position[id(p)]] for k, p in enumerate(lora)
+                                                if position[id(p)] in state})
+        state.update({position[id(lora[k])]: v for k, v in shares.items()})
+        group = {k: v for k, v in local["param_groups"][0].items() if k != "params"}
+        return {"state": dict(sorted(state.items())), "param_groups": [{**group, "params": list(range(len(optimized)))}]}
+
+    def _local_optimizer_state(self, full: dict[str, Any]) -> dict[str, Any]:
+        """The part of a checkpoint's optimizer state (:meth:`_optimizer_state`'s form) that this
+        rank's optimizer holds."""
+        if self.expert_lora is None:
+            return full
+        local = {i: full["state"][g] for i, g in enumerate(self.stepped) if g in full["state"]}
+        group = {k: v for k, v in full["param_groups"][0].items() if k != "params"}
+        return {"state": local, "param_groups": [{**group, "params": list(range(len(self.stepped)))}]}
 
     def train(self) -> dict[str, Any]:
         """Runs to the last step (or ``stop_after`` steps of this run), writing the outputs;
@@ -561,6 +595,7 @@ class Trainer:
         the previous version of each). In a job of several ranks, rank 0 writes them."""
         metrics = self.metrics(completed)
         if not self.is_main:
+            self.save_checkpoint()  # its share of the optimizer state, to rank 0
             return metrics
         out = self.args.out
         os.makedirs(out, exist_ok=True)
@@ -576,10 +611,12 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Adapter + optimizer + schedule + step + RNG state in ``<out>/checkpoint`` as data
         (JSON and safetensors), replaced atomically (see :mod:`kt_ops.run_state`); by rank 0
-        alone in a job of several ranks (every rank holds the same state)."""
+        alone in a job of several ranks (every rank holds the same state, but for the shares of the
+        experts' LoRA each steps: every rank calls this, and sends its share)."""
+        full_state = self._optimizer_state()
         if not self.is_main:
             return
-        optimizer, tensors = run_state.optimizer_to_data(self.optimizer.state_dict())
+        optimizer, tensors = run_state.optimizer_to_data(full_state)
         rng, rng_tensors = run_state.rng_to_data()
         tensors.update(rng_tensors)
         tensors.update({f"master.{i}": t for i, t in enumerate(self.master.state_dict())})
@@ -637,11 +674,13 @@ class Trainer:
             loaded = load_adapter(self.model, checkpoint)
             if loaded is not self.model:
                 raise ValueError(f"kt-sft: the checkpoint in {checkpoint} has LoRA on modules outside --target-modules")
-            self.optimizer.load_state_dict(optimizer)
+            self.optimizer.load_state_dict(self._local_optimizer_state(optimizer))
             self.scheduler.load_state_dict(scheduler)
             self.master.load_state_dict(masters)
         except (KeyError, TypeError, RuntimeError) as e:
             raise CheckpointError(f"kt-sft: {checkpoint} does not fit this run ({type(e).__name__}: {e})") from None
+        if self.expert_lora is not None:
+            self.expert_lora.after_step()  # every rank wrote the same values into the shared LoRA
         run_state.rng_from_data(run_state.field(state, "rng", dict, where), tensors, where)
         self.evals = _read_evals(state.get("evals", []), step, where)
         self.step, self.losses, self.tokens, self.train_seconds = step, [float(v) for v in losses], tokens, float(seconds)

@@ -6,8 +6,10 @@ MODE: ``ddp`` or ``fsdp`` (a tiny Qwen3-MoE on the kt experts, its experts share
 each rank one row of a batch of a row per rank; writes the loss and every gradient), ``load``
 (kt_ops.load_model of CHECKPOINT; writes the packed experts and how many layers this rank
 packed), ``sharded`` (load_model of CHECKPOINT with its experts spread over the hosts, then a
-row per rank under DDP, as ``ddp``). Every rank writes OUT/rank{r}.json and, where there are
-tensors, OUT/rank{r}.safetensors."""
+row per rank under DDP, as ``ddp``), ``trainer`` (kt-sft's Trainer on the built-in default, one
+step: which share of the experts' LoRA this rank steps and holds optimizer state for, and the
+LoRA after the step). Every rank writes OUT/rank{r}.json and, where there are tensors,
+OUT/rank{r}.safetensors."""
 import json
 import os
 import sys
@@ -113,6 +115,21 @@ def sharded(checkpoint: str, rank: int, out: dict, tensors: dict) -> None:
             tensors[name] = p.grad.detach().contiguous()
 
 
+def trainer_step(out_dir: str, out: dict, tensors: dict) -> None:
+    from kt_ops.train import TrainArgs, Trainer
+
+    trainer = Trainer(TrainArgs(out=os.path.join(out_dir, "run"), steps=2, max_tokens_per_step=512,
+                                micro_batch_tokens=256, device="cpu", progress=False), log=lambda m: None)
+    lora = trainer.expert_lora
+    out["stepped"] = [k for k, p in enumerate(lora.params) if lora.steps(p)]
+    out["lora_mapping"] = mapping_of(lora.params[0].data_ptr())
+    trainer.loss_and_backward(next(trainer.planned_steps()))
+    trainer.optimizer_step()
+    out["with_state"] = [k for k, p in enumerate(lora.params) if trainer.optimizer.state.get(p)]
+    tensors.update({f"lora.{k}": p.detach().clone() for k, p in enumerate(lora.params)})
+    trainer.close()
+
+
 def main() -> None:
     mode, out_dir = sys.argv[1], sys.argv[2]
     os.environ["KT_OPS_MAX_ISA"] = "avx2"  # fp32 GEMM inputs: comparisons at fp32 tolerance
@@ -130,6 +147,8 @@ def main() -> None:
             train_one_row(mode, rank, out, tensors)
         elif mode == "sharded":
             sharded(sys.argv[3], rank, out, tensors)
+        elif mode == "trainer":
+            trainer_step(out_dir, out, tensors)
         else:
             load(sys.argv[3], out, tensors)
     except Exception as e:  # noqa: BLE001 - what the test checks
@@ -138,7 +157,8 @@ def main() -> None:
         json.dump(out, f)
     if tensors:
         save_file(tensors, os.path.join(out_dir, f"rank{rank}.safetensors"))
-    dist.destroy_process_group()
+    if dist.is_initialized():  # the Trainer leaves it itself
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ def test_an_error_loading_the_experts_reaches_every_rank(checkpoint, tmp_path):
     results, _ = run_worker(out, "load", checkpoint)
     assert "missing key model.layers.1.mlp.experts.3.up_proj.weight" in results[0]["error"]
     assert results[1]["error"].startswith("KeyError") and "experts.3.up_proj" in results[1]["error"]
-    assert "local rank 0, which loads the experts" in results[1]["error"]
+    assert "local rank 0, which makes them for this host" in results[1]["error"]
 
 
 def free_port() -> int:
@@ -168,6 +168,18 @@ def test_experts_spread_over_two_hosts_give_the_one_process_gradients(ranks_per_
         assert got.keys() == want.keys()
         for name, g in want.items():
             assert_close(name, got[name], g, torch.float32)
+
+
+def test_the_experts_lora_is_held_once_per_host_and_each_rank_steps_a_share(tmp_path):
+    results, tensors = run_worker(tmp_path, "trainer")
+    assert all("error" not in r for r in results), results
+    stepped = [set(r["stepped"]) for r in results]
+    everything = set(range(len(tensors[0])))
+    assert stepped[0] and stepped[1] and not stepped[0] & stepped[1] and stepped[0] | stepped[1] == everything
+    assert [set(r["with_state"]) for r in results] == stepped  # optimizer state only for its share
+    maps = [r["lora_mapping"] for r in results]
+    assert maps[0]["inode"] == maps[1]["inode"] and all(m["shared"] for m in maps)
+    assert all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0])
 
 
 # ---------------------------------------------------------------- kt-sft under torchrun
