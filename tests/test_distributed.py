@@ -216,9 +216,16 @@ def test_kt_sft_under_torchrun_trains_as_one_process_and_resumes(tmp_path):
 
     done = kt_sft(halves, "--stop-after", "2")
     assert done.returncode == 0, done.stderr[-3000:]
+    shutil.copytree(halves, tmp_path / "halves_alone")
     done = torchrun("-m", "kt_ops", "train", "--resume", str(halves), "--no-progress")
     assert done.returncode == 0, done.stderr[-3000:]
     adapters_equal(two, halves)
+    # The checkpoint holds every share of the optimizer state: one process resumes it as well.
+    done = subprocess.run([sys.executable, "-m", "kt_ops", "train", "--resume", str(tmp_path / "halves_alone"),
+                           "--no-progress"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": PYTHONPATH})
+    assert done.returncode == 0, done.stderr[-3000:]
+    adapters_equal(two, tmp_path / "halves_alone")
 
 
 def test_kt_sft_with_experts_spread_over_two_hosts_trains_as_one_process(tmp_path):
