@@ -228,6 +228,23 @@ def test_kt_sft_under_torchrun_trains_as_one_process_and_resumes(tmp_path):
     adapters_equal(two, tmp_path / "halves_alone")
 
 
+def test_kt_sft_under_torchrun_with_checkpointing_and_accumulation_trains_as_one_process(tmp_path):
+    """Activation checkpointing (non-reentrant, the experts' state kept outside it) and four
+    rows a step, two per rank (accumulated under DDP's no_sync, summed on the last). The ranks
+    add the rows' gradients in another order than one process, so the runs agree to rounding:
+    the losses, as in the test of two hosts below."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    extra = ["--grad-checkpointing", "--micro-batch-tokens", "128", "--dtype", "float32"]
+    done = kt_sft(one, *extra, ranks=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = kt_sft(two, *extra)
+    assert done.returncode == 0, done.stderr[-3000:]
+    m1, m2 = (json.load(open(d / "metrics.json")) for d in (one, two))
+    assert m2["loss_first"] == pytest.approx(m1["loss_first"], rel=1e-5)
+    for key in ("loss_last", "eval_loss_last"):
+        assert m2[key] == pytest.approx(m1[key], rel=2e-3), key
+
+
 def test_kt_sft_with_experts_spread_over_two_hosts_trains_as_one_process(tmp_path):
     """The gradients agree to fp32 rounding (the test above); after a few AdamW steps, which
     move every weight by about the learning rate whatever its gradient's size, the losses agree
