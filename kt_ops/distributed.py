@@ -386,9 +386,7 @@ class Ranks:
 
     def sum(self, values: list[float]) -> list[float]:
         """``values`` summed over the ranks, elementwise (float64)."""
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t, group=self.cpu_group)
-        return t.tolist()
+        return self.sum_(torch.tensor(values, dtype=torch.float64)).tolist()
 
     def largest(self, value: int) -> int:
         """The largest of the ranks' ``value``."""

@@ -281,11 +281,10 @@ class Trainer:
         # Several ranks on a host: the experts' LoRA once per host, each rank stepping its share.
         self.expert_lora = (distributed.HostExpertLora(model)
                             if self.ranks is not None and distributed.host_group() is not None else None)
-        self.stepped = [i for i, p in enumerate(self.master.optimized(self.params))
-                        if self.expert_lora is None or self.expert_lora.steps(p)]
+        optimized = self.master.optimized(self.params)
+        self.stepped = [i for i, p in enumerate(optimized) if self.expert_lora is None or self.expert_lora.steps(p)]
         # fused: one kernel per device and dtype; the experts' LoRA (hundreds of millions of
         # fp32 values on a large model) is updated in CPU memory.
-        optimized = self.master.optimized(self.params)
         self.optimizer = torch.optim.AdamW([optimized[i] for i in self.stepped], lr=args.lr,
                                            weight_decay=args.weight_decay, fused=True)
         warmup = args.warmup_steps if args.warmup_steps is not None else min(10, self.total_steps // 10)

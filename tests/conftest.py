@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 import torch
@@ -14,6 +15,16 @@ OPCHECK_EXEMPT = {
     "kt::topology": "no tensor arguments or results (tests/test_topology.py tests it)",
     "kt::weight_formats": "no tensor arguments or results (tests/test_packing.py tests it)",
 }
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """The built-in tiny Qwen3-MoE (per-expert tensors) copied to a directory of its own."""
+    from kt_ops import default
+
+    path = tmp_path / "model"
+    shutil.copytree(default.model_dir(), path)
+    return path
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import load_file
 
 import kt_ops
-from kt_ops import default
 from moe_case import assert_close
 
 pytest.importorskip("transformers.integrations.moe", reason="transformers 4.x has no experts interface")
@@ -72,13 +71,6 @@ def test_ddp_and_fsdp2_give_the_one_process_gradients_with_the_experts_once_on_t
             assert_close(name, got[name], g, torch.float32)
     if mode == "ddp":  # per layer: two stand-ins and the LoRA of two PEFT wrappers
         assert results[0]["ignored"] == 6 * len(model.get_base_model().model.layers)
-
-
-@pytest.fixture
-def checkpoint(tmp_path):
-    path = tmp_path / "model"
-    shutil.copytree(default.model_dir(), path)
-    return path
 
 
 def test_load_model_packs_the_experts_once_per_host(checkpoint, tmp_path):

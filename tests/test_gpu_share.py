@@ -6,7 +6,6 @@ before anything changes, and kt-sft's --gpu-experts-budget (counted, recorded, r
 
 The share's device is the CPU here unless a GPU is present: the split and the grouped
 computation are the same code on either device."""
-import copy
 import json
 import os
 

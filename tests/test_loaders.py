@@ -3,7 +3,6 @@ of the model changes), expert checkpoints (every tensor's shape and dtype agains
 corrupt files named), JSONL data (every bad line reported, only an unusable file stops)."""
 import json
 import re
-import shutil
 import struct
 
 import pytest
@@ -127,14 +126,6 @@ def test_generate_names_a_malformed_adapter_config(saved, capsys):
 
 
 # ---------------------------------------------------------------- expert checkpoints
-
-@pytest.fixture
-def checkpoint(tmp_path):
-    """The built-in tiny Qwen3-MoE (per-expert tensors) copied to a directory of its own."""
-    path = tmp_path / "model"
-    shutil.copytree(default.model_dir(), path)
-    return path
-
 
 def edit_tensors(path, edit):
     tensors = load_file(path / "model.safetensors")
